@@ -1,0 +1,333 @@
+//! Admission: the one path every agent message takes onto the bus. Given an authenticated
+//! [`Caller`] and the JSON the agent sent, it validates the payload into a domain type, binds the
+//! identity to the token, stamps the server-owned fields, derives a dedupe id, publishes onto the
+//! verified subject and returns only once JetStream acknowledged the write.
+//!
+//! The HTTP door calls it today; any other door must call the same functions.
+
+use bytes::Bytes;
+use chrono::{DateTime, SubsecRound as _, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
+
+use crate::auth::Caller;
+use crate::bus::{Ack, PublishFailure, Publisher, subjects};
+use crate::directory::{Directory, LookupError};
+use crate::domain::{
+    AgentId, AgentProfile, Event, FieldError, Heartbeat, Registration, RegistrationOrigin,
+    ReportedStatus, TaskId, TaskResult, optional_string, required_string,
+};
+
+/// Why a message was not admitted. Each variant has one HTTP status (see `http::error`).
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    /// 400 `INVALID_PAYLOAD`: a field is missing, mistyped or out of range.
+    #[error("{0}")]
+    InvalidPayload(FieldError),
+    /// 400 `MISSING_AGENT_ID`: a heartbeat without `agent_id`.
+    #[error("agent_id is required")]
+    MissingAgentId,
+    /// 400 `INVALID_IDEMPOTENCY_KEY`.
+    #[error("Idempotency-Key must be 1 to 128 visible ASCII characters")]
+    InvalidIdempotencyKey,
+    /// 403 `IDENTITY_MISMATCH`: the body names another agent than the token.
+    #[error("token is for agent {caller:?} but the request is for {claimed:?}")]
+    IdentityMismatch { caller: String, claimed: String },
+    /// 404 `AGENT_NOT_FOUND`: a heartbeat from an agent that never registered.
+    #[error("Agent not registered")]
+    AgentNotFound,
+    /// 503: the registration lookup could not be answered.
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// The publish failed; the variant says how.
+    #[error(transparent)]
+    Publish(#[from] PublishFailure),
+}
+
+impl From<FieldError> for AdmissionError {
+    fn from(err: FieldError) -> Self {
+        Self::InvalidPayload(err)
+    }
+}
+
+/// What the caller gets back after an admitted write.
+#[derive(Debug, Clone, Serialize)]
+pub struct Receipt<T> {
+    pub id: T,
+    pub received_at: DateTime<Utc>,
+    pub ack: Ack,
+}
+
+const MAX_TYPE_LEN: usize = 256;
+const MAX_TRACE_ID_LEN: usize = 128;
+const MAX_STATUS_LEN: usize = 64;
+const MAX_KEY_LEN: usize = 128;
+
+#[derive(Clone)]
+pub struct Admission {
+    publisher: Publisher,
+    directory: Directory,
+}
+
+impl Admission {
+    pub fn new(publisher: Publisher, directory: Directory) -> Self {
+        Self {
+            publisher,
+            directory,
+        }
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// `register`: `{agent_id, name, base_url, capabilities[]}`.
+    pub async fn register(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Receipt<AgentId>, AdmissionError> {
+        let agent_id = parse_agent_id(body)?;
+        let profile = AgentProfile::parse(body)?;
+        bind(caller, &agent_id)?;
+        let now = now();
+        let msg_id = dedupe_id("reg", &agent_id, idempotency_key, || {
+            digest(&(&profile.name, &profile.base_url, &profile.capabilities))
+        })?;
+        let registration = Registration {
+            agent_id: agent_id.clone(),
+            profile,
+            origin: RegistrationOrigin::Agent,
+            received_at: now,
+        };
+        let ack = self
+            .publish(subjects::registration(&agent_id), &msg_id, &registration)
+            .await?;
+        Ok(Receipt {
+            id: agent_id,
+            received_at: now,
+            ack,
+        })
+    }
+
+    /// `heartbeat`: `{agent_id, status?: "online"|"degraded", details?}`.
+    pub async fn heartbeat(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Receipt<AgentId>, AdmissionError> {
+        let agent_id = match body.get("agent_id") {
+            None | Some(Value::Null) => return Err(AdmissionError::MissingAgentId),
+            Some(Value::String(s)) if s.is_empty() => return Err(AdmissionError::MissingAgentId),
+            Some(_) => parse_agent_id(body)?,
+        };
+        let status = match body.get("status") {
+            None | Some(Value::Null) => ReportedStatus::Online,
+            Some(Value::String(s)) if s == "online" => ReportedStatus::Online,
+            Some(Value::String(s)) if s == "degraded" => ReportedStatus::Degraded,
+            Some(_) => {
+                return Err(FieldError::new("status", "must be \"online\" or \"degraded\"").into());
+            }
+        };
+        let details = body.get("details").filter(|v| !v.is_null()).cloned();
+        bind(caller, &agent_id)?;
+        if !self.directory.is_known(&agent_id).await? {
+            return Err(AdmissionError::AgentNotFound);
+        }
+        let now = now();
+        let msg_id = dedupe_id("hb", &agent_id, idempotency_key, || {
+            // Without a key, repeats of the same heartbeat within one second are one heartbeat.
+            format!("{}:{:?}", now.timestamp(), status)
+        })?;
+        let heartbeat = Heartbeat {
+            agent_id: agent_id.clone(),
+            status,
+            details,
+            received_at: now,
+        };
+        let ack = self
+            .publish(subjects::heartbeat(&agent_id), &msg_id, &heartbeat)
+            .await?;
+        Ok(Receipt {
+            id: agent_id,
+            received_at: now,
+            ack,
+        })
+    }
+
+    /// `tasks/{task_id}/callback`: `{status, result?, error?, trace_id?}`.
+    pub async fn task_result(
+        &self,
+        caller: &Caller,
+        task_id: &str,
+        body: &Map<String, Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Receipt<TaskId>, AdmissionError> {
+        let task_id =
+            TaskId::parse(task_id).map_err(|reason| FieldError::new("task_id", reason))?;
+        if let Some(named) = body.get("task_id").filter(|v| !v.is_null()) {
+            if named.as_str() != Some(task_id.as_str()) {
+                return Err(
+                    FieldError::new("task_id", "differs from the task id in the path").into(),
+                );
+            }
+        }
+        if let Some(named) = body.get("agent_id").filter(|v| !v.is_null()) {
+            bind(
+                caller,
+                &parse_agent_id(body).map_err(|_| mismatch(caller, named))?,
+            )?;
+        }
+        let status = required_string(body, "status", MAX_STATUS_LEN)?;
+        if !status
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(
+                FieldError::new("status", "may contain only letters, digits, '-' and '_'").into(),
+            );
+        }
+        let result = body.get("result").filter(|v| !v.is_null()).cloned();
+        let error = body.get("error").filter(|v| !v.is_null()).cloned();
+        let trace_id = optional_string(body, "trace_id", MAX_TRACE_ID_LEN)?;
+        let now = now();
+        let msg_id = dedupe_id("task", &caller.agent_id, idempotency_key, || {
+            format!("{task_id}:{}", digest(&(&status, &result, &error)))
+        })?;
+        let record = TaskResult {
+            task_id: task_id.clone(),
+            status,
+            result,
+            error,
+            trace_id,
+            reported_by: caller.agent_id.clone(),
+            received_at: now,
+        };
+        let ack = self
+            .publish(subjects::task_result(&task_id), &msg_id, &record)
+            .await?;
+        Ok(Receipt {
+            id: task_id,
+            received_at: now,
+            ack,
+        })
+    }
+
+    /// `events`: `{event_id, type, source, data, time, trace_id?}`. `event_id` is the dedupe
+    /// id, scoped to the emitting agent so one agent cannot suppress another's events.
+    pub async fn event(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Receipt<String>, AdmissionError> {
+        let event_id = required_string(body, "event_id", MAX_KEY_LEN)?;
+        if !is_visible_ascii(&event_id) {
+            return Err(FieldError::new("event_id", "must be visible ASCII without spaces").into());
+        }
+        let kind = required_string(body, "type", MAX_TYPE_LEN)?;
+        let source = required_string(body, "source", MAX_KEY_LEN)?;
+        let source = AgentId::parse(&source).map_err(|reason| FieldError::new("source", reason))?;
+        let data = match body.get("data") {
+            Some(data) => data.clone(),
+            None => return Err(FieldError::new("data", "is required").into()),
+        };
+        let time = required_string(body, "time", 64)?;
+        let time = DateTime::parse_from_rfc3339(&time)
+            .map_err(|_| FieldError::new("time", "must be an RFC 3339 timestamp"))?
+            .with_timezone(&Utc);
+        let trace_id = optional_string(body, "trace_id", MAX_TRACE_ID_LEN)?;
+        bind(caller, &source)?;
+        let now = now();
+        let msg_id = format!("event:{}:{event_id}", caller.agent_id);
+        let event = Event {
+            event_id: event_id.clone(),
+            kind,
+            source,
+            data,
+            time,
+            trace_id,
+            emitted_by: caller.agent_id.clone(),
+            received_at: now,
+        };
+        let ack = self
+            .publish(subjects::event(&caller.agent_id), &msg_id, &event)
+            .await?;
+        Ok(Receipt {
+            id: event_id,
+            received_at: now,
+            ack,
+        })
+    }
+
+    async fn publish<T: Serialize>(
+        &self,
+        subject: String,
+        msg_id: &str,
+        message: &T,
+    ) -> Result<Ack, AdmissionError> {
+        let payload = Bytes::from(serde_json::to_vec(message).expect("domain types serialize"));
+        Ok(self
+            .publisher
+            .publish(subject, msg_id, payload, None)
+            .await?)
+    }
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
+
+fn parse_agent_id(body: &Map<String, Value>) -> Result<AgentId, FieldError> {
+    let raw = required_string(body, "agent_id", MAX_KEY_LEN)?;
+    AgentId::parse(&raw).map_err(|reason| FieldError::new("agent_id", reason))
+}
+
+fn mismatch(caller: &Caller, claimed: &Value) -> AdmissionError {
+    AdmissionError::IdentityMismatch {
+        caller: caller.agent_id.to_string(),
+        claimed: claimed.to_string(),
+    }
+}
+
+/// The token speaks for one agent; the body must not name another.
+fn bind(caller: &Caller, claimed: &AgentId) -> Result<(), AdmissionError> {
+    if &caller.agent_id == claimed {
+        Ok(())
+    } else {
+        Err(AdmissionError::IdentityMismatch {
+            caller: caller.agent_id.to_string(),
+            claimed: claimed.to_string(),
+        })
+    }
+}
+
+fn is_visible_ascii(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The dedupe id: the client's `Idempotency-Key` when it sent one, else one derived from the
+/// content so that a retry of the same request maps to the same id.
+fn dedupe_id(
+    kind: &str,
+    agent: &AgentId,
+    idempotency_key: Option<&str>,
+    derive: impl FnOnce() -> String,
+) -> Result<String, AdmissionError> {
+    match idempotency_key {
+        Some(key) if key.is_empty() || key.len() > MAX_KEY_LEN || !is_visible_ascii(key) => {
+            Err(AdmissionError::InvalidIdempotencyKey)
+        }
+        Some(key) => Ok(format!("{kind}:{agent}:key:{key}")),
+        None => Ok(format!("{kind}:{agent}:{}", derive())),
+    }
+}
+
+/// A short, stable digest of some JSON-serializable content.
+fn digest<T: Serialize>(content: &T) -> String {
+    let bytes = serde_json::to_vec(content).expect("serializable");
+    let hash = Sha256::digest(&bytes);
+    hex::encode(&hash[..16])
+}

@@ -1,0 +1,233 @@
+//! Wiring: build the application from [`Settings`] (embedded or external NATS, provisioning,
+//! listener), then run every configured role until a shutdown signal, and stop in order:
+//! stop accepting, drain in-flight requests, let workers finish their message, flush the
+//! connection, stop the embedded server.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use async_nats::Client;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Admission;
+use crate::auth::Verifier;
+use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
+use crate::bus::{self, Publisher, provision, subjects};
+use crate::config::{NatsAuth, NatsTarget, Role, Settings};
+use crate::directory::Directory;
+use crate::http::{self, AppState};
+use crate::stats::Stats;
+use crate::workers;
+
+/// Room for our own fields and headers on top of the largest accepted body.
+const ENVELOPE_OVERHEAD: usize = 16 * 1024;
+
+pub struct Application {
+    settings: Settings,
+    listener: Option<TcpListener>,
+    embedded: Option<EmbeddedNats>,
+    client: Client,
+    publisher: Publisher,
+}
+
+impl Application {
+    /// Starts (or connects to) NATS, provisions streams and buckets, binds the HTTP listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let max_payload = (settings.body_limit + ENVELOPE_OVERHEAD).max(1 << 20);
+        let (embedded, urls, auth) = match &settings.nats {
+            NatsTarget::Embedded(embedded) => {
+                let server =
+                    EmbeddedNats::start(embedded, settings.streams.durability, max_payload).await?;
+                let auth = NatsAuth::UserPassword(BRIDGE_USER.into(), server.password().into());
+                let urls = vec![server.url().to_owned()];
+                (Some(server), urls, auth)
+            }
+            NatsTarget::External { urls, auth } => {
+                if settings.streams.durability == crate::config::Durability::Fsync {
+                    tracing::warn!(
+                        "DURABILITY=fsync with NATS_URL: the bridge cannot see the server's \
+                         sync_interval; configure `jetstream {{ sync_interval: always }}` on every \
+                         server (see README, Durability)"
+                    );
+                }
+                (None, urls.clone(), auth.clone())
+            }
+        };
+        let client = bus::connect(&urls, &auth).await?;
+        bus::wait_connected(&client).await;
+        let server_max = client.server_info().max_payload;
+        if settings.body_limit + ENVELOPE_OVERHEAD > server_max {
+            anyhow::bail!(
+                "invalid BODY_LIMIT: {} bytes plus {} bytes of envelope exceeds the NATS server's \
+                 max_payload of {} bytes; lower BODY_LIMIT or raise max_payload",
+                settings.body_limit,
+                ENVELOPE_OVERHEAD,
+                server_max
+            );
+        }
+        let publisher = Publisher::new(client.clone(), settings.publish_timeout);
+        provision::provision(publisher.jetstream(), &settings.streams).await?;
+        let listener = if settings.runs(Role::Ingress) {
+            let listener = TcpListener::bind(settings.http_addr)
+                .await
+                .with_context(|| format!("HTTP_ADDR: cannot listen on {}", settings.http_addr))?;
+            Some(listener)
+        } else {
+            None
+        };
+        Ok(Self {
+            settings,
+            listener,
+            embedded,
+            client,
+            publisher,
+        })
+    }
+
+    /// The bound HTTP address, when this process runs the ingress.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The embedded server, when there is one.
+    pub fn embedded(&self) -> Option<&EmbeddedNats> {
+        self.embedded.as_ref()
+    }
+
+    /// Runs until `shutdown` completes, then stops gracefully.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            settings,
+            listener,
+            embedded,
+            client,
+            publisher,
+        } = self;
+        let js = publisher.jetstream().clone();
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let agents_stream = js
+            .get_stream(subjects::AGENTS_STREAM)
+            .await
+            .context("opening the agents stream")?;
+        let bucket = js
+            .get_key_value(subjects::AGENTS_BUCKET)
+            .await
+            .context("opening the agents bucket")?;
+
+        if settings.runs(Role::Registry) {
+            let (publisher, stream, bucket, registry, stop) = (
+                publisher.clone(),
+                agents_stream.clone(),
+                bucket.clone(),
+                settings.registry.clone(),
+                stop.clone(),
+            );
+            tasks.spawn(async move {
+                workers::registry::run(publisher, stream, bucket, registry, stop)
+                    .await
+                    .context("registry worker")
+            });
+        }
+
+        if let Some(listener) = listener {
+            let directory = Directory::new(agents_stream, settings.publish_timeout);
+            tasks.spawn({
+                let (directory, stop) = (directory.clone(), stop.clone());
+                async move {
+                    directory.follow(bucket, stop).await;
+                    Ok(())
+                }
+            });
+            let tasks_stream = js
+                .get_stream(subjects::TASKS_STREAM)
+                .await
+                .context("opening the tasks stream")?;
+            let state = AppState::new(http::Inner {
+                admission: Admission::new(publisher.clone(), directory),
+                verifier: Verifier::new(&settings.auth),
+                stats: Arc::new(Stats::new()),
+                tasks: tasks_stream,
+                client: client.clone(),
+                js: js.clone(),
+                body_limit: settings.body_limit,
+                lookup_timeout: settings.publish_timeout,
+            });
+            let app = http::router(state);
+            let stop = stop.clone();
+            tracing::info!(addr = %listener.local_addr()?, "HTTP ingress listening");
+            tasks.spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .context("HTTP server")
+            });
+        }
+
+        tokio::select! {
+            () = shutdown => tracing::info!("shutdown requested; draining"),
+            Some(result) = tasks.join_next() => {
+                // A role ended on its own: that is a failure; stop the rest.
+                stop.cancel();
+                let outcome = result.context("role task panicked").and_then(|r| r);
+                tracing::error!(error = ?outcome.as_ref().err(), "a role stopped unexpectedly");
+                finish(tasks, &settings, client, embedded).await;
+                return outcome.and(Err(anyhow::anyhow!("a role stopped unexpectedly")));
+            }
+        }
+        stop.cancel();
+        finish(tasks, &settings, client, embedded).await;
+        Ok(())
+    }
+}
+
+async fn finish(
+    mut tasks: JoinSet<anyhow::Result<()>>,
+    settings: &Settings,
+    client: Client,
+    embedded: Option<EmbeddedNats>,
+) {
+    let drained = tokio::time::timeout(settings.shutdown_timeout, async {
+        while let Some(result) = tasks.join_next().await {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::error!(error = ?err, "role failed while stopping"),
+                Err(err) => tracing::error!(error = %err, "role panicked while stopping"),
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("SHUTDOWN_TIMEOUT passed; abandoning unfinished work");
+        tasks.abort_all();
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.drain()).await;
+    if let Some(server) = embedded {
+        server.stop().await;
+    }
+    tracing::info!("stopped");
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

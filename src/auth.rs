@@ -1,0 +1,172 @@
+//! JWT verification and minting: HS256 only, `aud` and `exp` required, `nbf` honoured, a small
+//! leeway, a bound on token length. Both doors call [`Verifier::verify`]; the result is a
+//! [`Caller`], the only identity the rest of the code trusts.
+
+use std::time::Duration;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ADMIN_SCOPE, AUDIENCE, AuthSettings, Secret};
+use crate::domain::AgentId;
+
+/// The claims we read. Unknown claims are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub agent_id: String,
+    pub aud: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub agent_id: AgentId,
+    scopes: Vec<String>,
+}
+
+impl Caller {
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.has_scope(ADMIN_SCOPE)
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer …` header.
+    #[error("Authorization header with Bearer token required")]
+    Missing,
+    /// The token was valid once but its `exp` has passed.
+    #[error("JWT token expired")]
+    Expired,
+    /// Anything else: bad signature, wrong algorithm, missing claims, not yet valid, too long.
+    #[error("Invalid JWT token")]
+    Invalid(String),
+}
+
+/// Verifies bearer tokens against the shared secret.
+#[derive(Clone)]
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    max_token_bytes: usize,
+}
+
+impl Verifier {
+    pub fn new(settings: &AuthSettings) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "aud"]);
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = settings.leeway.as_secs();
+        Self {
+            key: DecodingKey::from_secret(settings.secret.expose()),
+            validation,
+            max_token_bytes: settings.max_token_bytes,
+        }
+    }
+
+    /// Verifies the value of an `Authorization` header (or `None` when it was absent).
+    pub fn verify_header(&self, header: Option<&[u8]>) -> Result<Caller, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        if header.len() > self.max_token_bytes + 7 {
+            return Err(AuthError::Invalid(format!(
+                "token longer than {} bytes",
+                self.max_token_bytes
+            )));
+        }
+        let header = std::str::from_utf8(header)
+            .map_err(|_| AuthError::Invalid("authorization header is not UTF-8".into()))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or(AuthError::Missing)?
+            .trim();
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        self.verify(token)
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::Invalid(format!(
+                "token longer than {} bytes",
+                self.max_token_bytes
+            )));
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                kind => AuthError::Invalid(describe(kind)),
+            },
+        )?;
+        let claims = data.claims;
+        let agent_id = AgentId::parse(&claims.agent_id)
+            .map_err(|e| AuthError::Invalid(format!("agent_id claim {e}")))?;
+        Ok(Caller {
+            agent_id,
+            scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
+        })
+    }
+}
+
+/// A short, safe description of why a token failed: never the token itself.
+fn describe(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::InvalidSignature => "invalid signature".into(),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            "algorithm not allowed: only HS256 is accepted".into()
+        }
+        ErrorKind::MissingRequiredClaim(claim) => format!("missing required claim {claim}"),
+        ErrorKind::InvalidAudience => "wrong audience".into(),
+        ErrorKind::ImmatureSignature => "token not yet valid (nbf)".into(),
+        ErrorKind::InvalidToken => "malformed token".into(),
+        ErrorKind::Base64(_) => "malformed token (base64)".into(),
+        ErrorKind::Json(_) | ErrorKind::Utf8(_) => "malformed token (claims)".into(),
+        _ => "token rejected".into(),
+    }
+}
+
+/// Mints a token, for `auto-com-center token`, the start-up script and tests.
+pub fn mint(secret: &Secret, agent_id: &AgentId, scope: &str, ttl: Duration) -> String {
+    let now = now_secs();
+    let claims = Claims {
+        agent_id: agent_id.as_str().to_owned(),
+        aud: AUDIENCE.to_owned(),
+        exp: now + ttl.as_secs().max(1),
+        iat: Some(now),
+        nbf: None,
+        iss: Some("auto-com-center".to_owned()),
+        scope: scope.trim().to_owned(),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.expose()),
+    )
+    .expect("HS256 encoding of plain claims cannot fail")
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

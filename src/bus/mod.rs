@@ -1,0 +1,200 @@
+//! Everything that touches NATS: subject names, stream/KV provisioning, the embedded server,
+//! the connection, and publish-and-ack with dedupe ids and a bounded wait.
+
+pub mod embedded;
+pub mod provision;
+pub mod subjects;
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::connection::State;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{Client, ConnectOptions, HeaderMap, ServerAddr};
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::config::NatsAuth;
+
+/// Opens a client that reconnects forever with capped exponential backoff. Returns at once;
+/// the connection may still be on its way (see [`wait_connected`]).
+pub async fn connect(urls: &[String], auth: &NatsAuth) -> anyhow::Result<Client> {
+    let addrs = urls
+        .iter()
+        .map(|u| u.parse::<ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("NATS_URL: cannot parse server address")?;
+    let mut options = ConnectOptions::new()
+        .name("auto-com-center")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .ping_interval(Duration::from_secs(10))
+        .reconnect_delay_callback(reconnect_delay)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+    options = match auth {
+        NatsAuth::None => options,
+        NatsAuth::UserPassword(user, password) => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        NatsAuth::CredsFile(path) => options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("NATS_CREDS: cannot read {}", path.display()))?,
+    };
+    options.connect(addrs).await.context("connecting to NATS")
+}
+
+/// 0 ms, then 50 ms doubling to at most 2 s between attempts.
+fn reconnect_delay(attempt: usize) -> Duration {
+    if attempt == 0 {
+        return Duration::ZERO;
+    }
+    let exp = attempt.min(10) as u32;
+    Duration::from_millis(50u64.saturating_mul(2u64.pow(exp))).min(Duration::from_secs(2))
+}
+
+/// Waits until the client is connected, logging while it waits.
+pub async fn wait_connected(client: &Client) {
+    let mut waited = 0u32;
+    while client.connection_state() != State::Connected {
+        if waited % 50 == 49 {
+            tracing::warn!("still waiting for NATS");
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Where JetStream stored a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ack {
+    pub stream: String,
+    pub seq: u64,
+    /// True when the dedupe id was already stored within the duplicate window.
+    pub duplicate: bool,
+}
+
+/// Why a publish did not produce an ack. Each kind maps to one HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishFailure {
+    /// Not connected, timed out or no stream answered: try again later (503).
+    #[error("the message bus is unavailable: {0}")]
+    Unavailable(String),
+    /// Bigger than the server's max payload (413).
+    #[error("message exceeds the bus's maximum payload")]
+    TooLarge,
+    /// The stream is at its limit and refuses new messages (`discard: new`) (503).
+    #[error("the stream refused the message: {0}")]
+    StreamFull(String),
+    /// Any other refusal (500): a bug or a misconfigured server.
+    #[error("the bus refused the message: {0}")]
+    Rejected(String),
+}
+
+/// Publishes and waits for the JetStream acknowledgement, never longer than `timeout`.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    client: Client,
+    timeout: Duration,
+}
+
+impl Publisher {
+    pub fn new(client: Client, timeout: Duration) -> Self {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .max_ack_inflight(65_536)
+            .build(client.clone());
+        Self {
+            js,
+            client,
+            timeout,
+        }
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Stores `payload` on `subject` with dedupe id `msg_id` and returns where it landed.
+    pub async fn publish(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Bytes,
+        headers: Option<HeaderMap>,
+    ) -> Result<Ack, PublishFailure> {
+        if self.client.connection_state() != State::Connected {
+            return Err(PublishFailure::Unavailable("not connected".into()));
+        }
+        let mut message = PublishMessage::build().payload(payload).message_id(msg_id);
+        if let Some(headers) = headers {
+            for (name, values) in headers.iter() {
+                for value in values {
+                    message = message.header(name.clone(), value.clone());
+                }
+            }
+        }
+        let attempt = async {
+            let ack = self.js.send_publish(subject, message).await?;
+            ack.await
+        };
+        let ack = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))?
+            .map_err(classify)?;
+        Ok(Ack {
+            stream: ack.stream,
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+}
+
+/// Maps an async-nats publish error to what it means for the caller, by kind and server error
+/// code, never by message text.
+fn classify(err: jetstream::context::PublishError) -> PublishFailure {
+    match err.kind() {
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::StreamNotFound
+        | PublishErrorKind::MaxAckPending => PublishFailure::Unavailable(err.kind().to_string()),
+        PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
+        PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence
+        | PublishErrorKind::Other => {
+            let server = err
+                .source()
+                .and_then(|s| s.downcast_ref::<jetstream::Error>());
+            match server.map(jetstream::Error::error_code) {
+                Some(
+                    ErrorCode::STREAM_STORE_FAILED
+                    | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+                    | ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
+                    | ErrorCode::INSUFFICIENT_RESOURCES,
+                ) => {
+                    PublishFailure::StreamFull(server.map(ToString::to_string).unwrap_or_default())
+                }
+                Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishFailure::TooLarge,
+                Some(ErrorCode::CLUSTER_NOT_AVAILABLE | ErrorCode::CLUSTER_NO_PEERS) => {
+                    PublishFailure::Unavailable(err.to_string())
+                }
+                _ => PublishFailure::Rejected(err.to_string()),
+            }
+        }
+    }
+}

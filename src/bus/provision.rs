@@ -1,0 +1,113 @@
+//! Streams and KV buckets, created or updated idempotently at start with explicit settings:
+//! file storage, `discard: new` with bounded size and age (a full stream refuses writes rather
+//! than dropping old ones), a duplicate window for dedupe, limits retention.
+//!
+//! Every replica computes the same configuration from the same settings, so several replicas
+//! starting at once converge: whoever creates first wins and the others' update is a no-op.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::Context;
+use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+
+use super::subjects::{self, AGENTS_BUCKET};
+use crate::config::StreamSettings;
+
+/// The streams the bridge owns.
+pub const STREAMS: &[&str] = &[
+    subjects::AGENTS_STREAM,
+    subjects::TASKS_STREAM,
+    subjects::EVENTS_STREAM,
+    subjects::DEAD_LETTER_STREAM,
+];
+
+/// The configuration of one of our streams.
+pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        description: Some("owned by auto-com-center".to_owned()),
+        subjects: subjects::subjects_of(name),
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::New,
+        max_bytes: settings.max_bytes,
+        max_age: settings.max_age,
+        max_messages: -1,
+        max_messages_per_subject: -1,
+        duplicate_window: settings.duplicate_window,
+        num_replicas: settings.replicas,
+        // Reads of the last message per subject (task state, registration lookups) go to the
+        // leader, so they see every acknowledged write.
+        allow_direct: false,
+        deny_delete: true,
+        deny_purge: false,
+        ..Default::default()
+    }
+}
+
+pub fn agents_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: AGENTS_BUCKET.to_owned(),
+        description: "agent registry view, maintained by the registry worker".to_owned(),
+        history: 5,
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        max_bytes: settings.max_bytes,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates every stream and bucket. Retries briefly when another replica races us.
+pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Result<()> {
+    for name in STREAMS {
+        let config = stream_config(name, settings);
+        retry(|| async {
+            js.create_or_update_stream(config.clone())
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        })
+        .await
+        .with_context(|| format!("creating or updating stream {name}"))?;
+    }
+    retry(|| async {
+        js.create_or_update_key_value(agents_bucket_config(settings))
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from)
+    })
+    .await
+    .with_context(|| format!("creating or updating KV bucket {AGENTS_BUCKET}"))?;
+    Ok(())
+}
+
+/// True when every stream and bucket exists (for `/health/ready`).
+pub async fn present(js: &Context) -> bool {
+    for name in STREAMS {
+        if js.get_stream_no_info(name).await.is_err() {
+            return false;
+        }
+    }
+    js.get_key_value(AGENTS_BUCKET).await.is_ok()
+}
+
+async fn retry<F, Fut>(mut attempt: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut last = None;
+    for n in 0..5u32 {
+        match attempt().await {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                tracing::debug!(error = %err, attempt = n, "provisioning attempt failed, retrying");
+                last = Some(err);
+                tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(n))).await;
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}

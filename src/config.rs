@@ -1,0 +1,678 @@
+//! Settings: every knob has a flag and an environment variable, is shown by `--help`, and is
+//! validated once at start-up into a typed [`Settings`].
+//!
+//! Raw flags arrive as strings in [`ServeArgs`]; [`Settings::from_args`] turns them into typed
+//! values or refuses with a [`ConfigError`] that names the setting, so a typo never reaches the
+//! running service. Defaults live here and only here; the README table is written from them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::{AgentId, AgentProfile};
+
+/// The shortest shared secret we accept: HS256 with fewer than 32 bytes of key is guessable.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The JWT audience every token must carry.
+pub const AUDIENCE: &str = "auto-com-center";
+
+/// The scope that unlocks operator routes such as `GET /orchestrator/agents`.
+pub const ADMIN_SCOPE: &str = "orchestrator.admin";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "auto-com-center",
+    version,
+    about = "A message-bus bridge: agents register, heartbeat, report task results and emit events \
+             over HTTP; everything is stored durably on NATS JetStream."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the bridge: HTTP ingress and workers, with an embedded nats-server unless NATS_URL is set.
+    Serve(Box<ServeArgs>),
+    /// Mint an HS256 token for an agent and print it.
+    Token(TokenArgs),
+}
+
+/// The shared secret, wrapped so that it never prints.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A setting that failed validation. Displays as one line naming the environment variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {setting}: {message}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(setting: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            setting,
+            message: message.into(),
+        }
+    }
+}
+
+/// How hard the bus works to keep an acknowledged write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    /// The server fsyncs before it acknowledges (`sync_interval: always`): survives power loss.
+    Fsync,
+    /// Acknowledged from the page cache (or a quorum in a cluster): survives process crashes, and
+    /// node loss with 3 replicas, but not power loss of a single node.
+    #[value(alias = "replicated")]
+    Interval,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The parts of the bridge one process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Role {
+    /// The HTTP door: authenticate, validate, publish-and-ack.
+    Ingress,
+    /// The agent registry: applies registrations and heartbeats to the agents KV, sweeps stale agents.
+    Registry,
+}
+
+#[derive(Debug, Args)]
+pub struct SecretArg {
+    /// HS256 shared secret, at least 32 bytes. Never logged.
+    #[arg(long, env = "SHARED_SECRET", hide_env_values = true)]
+    pub shared_secret: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub secret: SecretArg,
+    /// The agent the token speaks for (the `agent_id` claim).
+    #[arg(long)]
+    pub agent_id: String,
+    /// Space-separated scopes, for example "orchestrator.admin".
+    #[arg(long, default_value = "")]
+    pub scope: String,
+    /// Lifetime in seconds (or a duration such as 1h).
+    #[arg(long, default_value = "3600")]
+    pub ttl: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub secret: SecretArg,
+
+    /// Address the HTTP ingress listens on.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+
+    /// Comma-separated roles this process runs: ingress, registry.
+    #[arg(long, env = "ROLES", default_value = "ingress,registry")]
+    pub roles: String,
+
+    /// NATS server URL(s), comma-separated for a cluster. Unset: start an embedded nats-server.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// NATS user name for NATS_URL.
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password for NATS_URL. Never logged.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+
+    /// NATS credentials file (JWT + NKey) for NATS_URL.
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// The nats-server binary for the embedded server (default: found on PATH).
+    #[arg(long, env = "NATS_SERVER_BIN")]
+    pub nats_server_bin: Option<PathBuf>,
+
+    /// Data directory of the embedded server (JetStream store, generated config and credentials).
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Client port of the embedded server on 127.0.0.1 (0 picks a free port).
+    #[arg(long, env = "EMBEDDED_NATS_PORT", default_value = "4222")]
+    pub embedded_nats_port: u16,
+
+    /// Durability mode: fsync (fsync before every ack) or interval (ack from page cache/quorum).
+    #[arg(long, env = "DURABILITY", value_enum, default_value = "fsync")]
+    pub durability: Durability,
+
+    /// Replicas per stream and KV bucket (3 on a 3-node cluster).
+    #[arg(long, env = "STREAM_REPLICAS", default_value = "1")]
+    pub stream_replicas: usize,
+
+    /// Oldest message a stream keeps.
+    #[arg(long, env = "STREAM_MAX_AGE", default_value = "7d")]
+    pub stream_max_age: String,
+
+    /// Largest size of each stream; a full stream refuses writes (discard new).
+    #[arg(long, env = "STREAM_MAX_BYTES", default_value = "1GiB")]
+    pub stream_max_bytes: String,
+
+    /// Window in which a repeated dedupe id is recognised and not stored again.
+    #[arg(long, env = "DUPLICATE_WINDOW", default_value = "2m")]
+    pub duplicate_window: String,
+
+    /// Pre-registered agents, JSON: {"agent_id": {"name", "base_url", "capabilities": []}}.
+    #[arg(long, env = "REGISTERED_AGENTS")]
+    pub registered_agents: Option<String>,
+
+    /// An agent without a heartbeat for this long is marked offline.
+    #[arg(long, env = "AGENT_STALE_AFTER", default_value = "5m")]
+    pub agent_stale_after: String,
+
+    /// How often the registry looks for stale agents.
+    #[arg(long, env = "AGENT_SWEEP_INTERVAL", default_value = "60s")]
+    pub agent_sweep_interval: String,
+
+    /// Largest accepted request body (never above the NATS server's max payload).
+    #[arg(long, env = "BODY_LIMIT", default_value = "256KiB")]
+    pub body_limit: String,
+
+    /// Longest wait for JetStream to acknowledge a write before answering 503.
+    #[arg(long, env = "PUBLISH_TIMEOUT", default_value = "5s")]
+    pub publish_timeout: String,
+
+    /// Longest wait for in-flight requests and workers on shutdown.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s")]
+    pub shutdown_timeout: String,
+
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[arg(long, env = "JWT_LEEWAY", default_value = "5s")]
+    pub jwt_leeway: String,
+
+    /// Longest accepted bearer token in bytes.
+    #[arg(long, env = "MAX_TOKEN_BYTES", default_value = "8192")]
+    pub max_token_bytes: usize,
+
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone)]
+pub enum NatsTarget {
+    /// Start and supervise a local nats-server.
+    Embedded(EmbeddedSettings),
+    /// Connect to servers someone else runs.
+    External { urls: Vec<String>, auth: NatsAuth },
+}
+
+#[derive(Clone, Default)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    UserPassword(String, String),
+    CredsFile(PathBuf),
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::UserPassword(user, _) => write!(f, "UserPassword({user}, ***)"),
+            Self::CredsFile(path) => write!(f, "CredsFile({})", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedSettings {
+    pub binary: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub port: u16,
+}
+
+/// Stream limits applied to every stream the bridge owns.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub durability: Durability,
+    pub replicas: usize,
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    pub duplicate_window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub secret: Secret,
+    pub leeway: Duration,
+    pub max_token_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    pub stale_after: Duration,
+    pub sweep_interval: Duration,
+    pub preregistered: BTreeMap<AgentId, AgentProfile>,
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub http_addr: SocketAddr,
+    pub roles: Vec<Role>,
+    pub nats: NatsTarget,
+    pub streams: StreamSettings,
+    pub auth: AuthSettings,
+    pub registry: RegistrySettings,
+    pub body_limit: usize,
+    pub publish_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Settings {
+    pub fn runs(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let secret = parse_secret(&args.secret)?;
+        let http_addr = args.http_addr.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::new(
+                "HTTP_ADDR",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080 ({e})",
+                    args.http_addr
+                ),
+            )
+        })?;
+        let roles = parse_roles(&args.roles)?;
+        let nats = match args.nats_url.as_deref().map(str::trim) {
+            None | Some("") => NatsTarget::Embedded(EmbeddedSettings {
+                binary: args.nats_server_bin.clone(),
+                data_dir: args.data_dir.clone(),
+                port: args.embedded_nats_port,
+            }),
+            Some(list) => {
+                let urls = parse_nats_urls(list)?;
+                let auth = match (&args.nats_user, &args.nats_password, &args.nats_creds) {
+                    (_, _, Some(path)) if args.nats_user.is_some() => {
+                        return Err(ConfigError::new(
+                            "NATS_CREDS",
+                            format!(
+                                "set either NATS_CREDS ({}) or NATS_USER/NATS_PASSWORD, not both",
+                                path.display()
+                            ),
+                        ));
+                    }
+                    (_, _, Some(path)) => NatsAuth::CredsFile(path.clone()),
+                    (Some(user), Some(pass), None) => {
+                        NatsAuth::UserPassword(user.clone(), pass.clone())
+                    }
+                    (Some(_), None, None) => {
+                        return Err(ConfigError::new(
+                            "NATS_PASSWORD",
+                            "NATS_USER is set but NATS_PASSWORD is not",
+                        ));
+                    }
+                    (None, Some(_), None) => {
+                        return Err(ConfigError::new(
+                            "NATS_USER",
+                            "NATS_PASSWORD is set but NATS_USER is not",
+                        ));
+                    }
+                    (None, None, None) => NatsAuth::None,
+                };
+                NatsTarget::External { urls, auth }
+            }
+        };
+        if !(1..=5).contains(&args.stream_replicas) {
+            return Err(ConfigError::new(
+                "STREAM_REPLICAS",
+                format!("must be between 1 and 5, got {}", args.stream_replicas),
+            ));
+        }
+        let max_bytes = parse_bytes("STREAM_MAX_BYTES", &args.stream_max_bytes)?;
+        let streams = StreamSettings {
+            durability: args.durability,
+            replicas: args.stream_replicas,
+            max_age: parse_duration("STREAM_MAX_AGE", &args.stream_max_age)?,
+            max_bytes: i64::try_from(max_bytes)
+                .map_err(|_| ConfigError::new("STREAM_MAX_BYTES", "too large"))?,
+            duplicate_window: parse_duration("DUPLICATE_WINDOW", &args.duplicate_window)?,
+        };
+        if streams.duplicate_window > streams.max_age {
+            return Err(ConfigError::new(
+                "DUPLICATE_WINDOW",
+                "must not be longer than STREAM_MAX_AGE",
+            ));
+        }
+        let body_limit = parse_bytes("BODY_LIMIT", &args.body_limit)?;
+        if body_limit < 1024 {
+            return Err(ConfigError::new("BODY_LIMIT", "must be at least 1KiB"));
+        }
+        if args.max_token_bytes < 64 {
+            return Err(ConfigError::new(
+                "MAX_TOKEN_BYTES",
+                "must be at least 64 bytes",
+            ));
+        }
+        let registry = RegistrySettings {
+            stale_after: parse_duration("AGENT_STALE_AFTER", &args.agent_stale_after)?,
+            sweep_interval: parse_duration("AGENT_SWEEP_INTERVAL", &args.agent_sweep_interval)?,
+            preregistered: parse_registered_agents(args.registered_agents.as_deref())?,
+        };
+        tracing_subscriber::EnvFilter::try_new(&args.log_level)
+            .map_err(|e| ConfigError::new("LOG_LEVEL", e.to_string()))?;
+        Ok(Self {
+            http_addr,
+            roles,
+            nats,
+            streams,
+            auth: AuthSettings {
+                secret,
+                leeway: parse_duration("JWT_LEEWAY", &args.jwt_leeway)?,
+                max_token_bytes: args.max_token_bytes,
+            },
+            registry,
+            body_limit,
+            publish_timeout: parse_duration("PUBLISH_TIMEOUT", &args.publish_timeout)?,
+            shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,
+            log_format: args.log_format,
+            log_level: args.log_level.clone(),
+        })
+    }
+}
+
+pub fn parse_secret(arg: &SecretArg) -> Result<Secret, ConfigError> {
+    match arg.shared_secret.as_deref() {
+        None | Some("") => Err(ConfigError::new(
+            "SHARED_SECRET",
+            format!(
+                "not set; export SHARED_SECRET with at least {MIN_SECRET_BYTES} random bytes (for example: openssl rand -hex 32)"
+            ),
+        )),
+        Some(s) if s.len() < MIN_SECRET_BYTES => Err(ConfigError::new(
+            "SHARED_SECRET",
+            format!("must be at least {MIN_SECRET_BYTES} bytes, got {}", s.len()),
+        )),
+        Some(s) => Ok(Secret(s.to_owned())),
+    }
+}
+
+fn parse_roles(raw: &str) -> Result<Vec<Role>, ConfigError> {
+    let mut roles = Vec::new();
+    for name in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let role = Role::from_str(name, true).map_err(|_| {
+            ConfigError::new(
+                "ROLES",
+                format!("unknown role {name:?}; known roles: ingress, registry"),
+            )
+        })?;
+        if !roles.contains(&role) {
+            roles.push(role);
+        }
+    }
+    if roles.is_empty() {
+        return Err(ConfigError::new("ROLES", "name at least one role"));
+    }
+    Ok(roles)
+}
+
+fn parse_nats_urls(list: &str) -> Result<Vec<String>, ConfigError> {
+    let mut urls = Vec::new();
+    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let with_scheme = if raw.contains("://") {
+            raw.to_owned()
+        } else {
+            format!("nats://{raw}")
+        };
+        let parsed = url::Url::parse(&with_scheme)
+            .map_err(|e| ConfigError::new("NATS_URL", format!("{raw:?} is not a URL ({e})")))?;
+        if !matches!(parsed.scheme(), "nats" | "tls" | "ws" | "wss") {
+            return Err(ConfigError::new(
+                "NATS_URL",
+                format!("{raw:?}: scheme must be nats, tls, ws or wss"),
+            ));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(ConfigError::new("NATS_URL", format!("{raw:?} has no host")));
+        }
+        urls.push(with_scheme);
+    }
+    if urls.is_empty() {
+        return Err(ConfigError::new("NATS_URL", "no URL given"));
+    }
+    Ok(urls)
+}
+
+fn parse_registered_agents(
+    raw: Option<&str>,
+) -> Result<BTreeMap<AgentId, AgentProfile>, ConfigError> {
+    let Some(raw) = raw.map(str::trim).filter(|s| !s.is_empty()) else {
+        return Ok(BTreeMap::new());
+    };
+    let value: serde_json::Value = serde_json::from_str(raw)
+        .map_err(|e| ConfigError::new("REGISTERED_AGENTS", format!("not valid JSON: {e}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(ConfigError::new(
+            "REGISTERED_AGENTS",
+            "must be a JSON object {agent_id: {name, base_url, capabilities}}",
+        ));
+    };
+    let mut agents = BTreeMap::new();
+    for (id, profile) in map {
+        let agent_id = AgentId::parse(&id)
+            .map_err(|e| ConfigError::new("REGISTERED_AGENTS", format!("agent id {id:?}: {e}")))?;
+        let serde_json::Value::Object(fields) = profile else {
+            return Err(ConfigError::new(
+                "REGISTERED_AGENTS",
+                format!("agent {id:?}: expected an object with name, base_url, capabilities"),
+            ));
+        };
+        let profile = AgentProfile::parse(&fields)
+            .map_err(|e| ConfigError::new("REGISTERED_AGENTS", format!("agent {id:?}: {e}")))?;
+        agents.insert(agent_id, profile);
+    }
+    Ok(agents)
+}
+
+/// Parses `500ms`, `90s`, `5m`, `7d`; a bare number is seconds.
+pub fn parse_duration(setting: &'static str, raw: &str) -> Result<Duration, ConfigError> {
+    let raw = raw.trim();
+    let parsed = match raw.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(raw),
+    };
+    let value = parsed.map_err(|e| {
+        ConfigError::new(
+            setting,
+            format!("{raw:?} is not a duration like 500ms, 90s, 5m ({e})"),
+        )
+    })?;
+    if value.is_zero() {
+        return Err(ConfigError::new(setting, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+/// Parses `262144`, `256KiB`, `1MiB`, `1GiB` (also `KB`/`MB`/`GB`, read as powers of 1024).
+pub fn parse_bytes(setting: &'static str, raw: &str) -> Result<usize, ConfigError> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
+            return Err(ConfigError::new(
+                setting,
+                format!("{raw:?} is not a size like 262144, 256KiB or 1GiB"),
+            ));
+        }
+    };
+    let number = digits.parse::<usize>().map_err(|_| {
+        ConfigError::new(
+            setting,
+            format!("{raw:?} is not a size like 262144, 256KiB or 1GiB"),
+        )
+    })?;
+    number
+        .checked_mul(multiplier)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ConfigError::new(setting, format!("{raw:?} is out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["auto-com-center", "serve"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Serve(args) => *args,
+            Command::Token(_) => unreachable!(),
+        }
+    }
+
+    const SECRET: &str = "--shared-secret=0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_missing_secret_is_refused_by_name() {
+        let err = Settings::from_args(&ServeArgs {
+            secret: SecretArg {
+                shared_secret: None,
+            },
+            ..args(&[])
+        })
+        .unwrap_err();
+        assert_eq!(err.setting, "SHARED_SECRET");
+    }
+
+    #[test]
+    fn a_short_secret_is_refused_by_name() {
+        let err = Settings::from_args(&args(&["--shared-secret=short"])).unwrap_err();
+        assert_eq!(err.setting, "SHARED_SECRET");
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let settings = Settings::from_args(&args(&[SECRET])).unwrap();
+        assert_eq!(settings.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(settings.body_limit, 256 * 1024);
+        assert_eq!(settings.streams.durability, Durability::Fsync);
+        assert_eq!(settings.registry.stale_after, Duration::from_secs(300));
+        assert!(matches!(settings.nats, NatsTarget::Embedded(_)));
+        assert!(settings.runs(Role::Ingress) && settings.runs(Role::Registry));
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let cases: &[(&str, &str)] = &[
+            ("--http-addr=localhost", "HTTP_ADDR"),
+            ("--registered-agents={not json", "REGISTERED_AGENTS"),
+            ("--registered-agents=[]", "REGISTERED_AGENTS"),
+            (
+                r#"--registered-agents={"a.b":{"name":"x","base_url":"http://x","capabilities":[]}}"#,
+                "REGISTERED_AGENTS",
+            ),
+            (
+                r#"--registered-agents={"a":{"name":"x","base_url":"not a url","capabilities":[]}}"#,
+                "REGISTERED_AGENTS",
+            ),
+            ("--agent-stale-after=soon", "AGENT_STALE_AFTER"),
+            ("--body-limit=lots", "BODY_LIMIT"),
+            ("--roles=ingress,cook", "ROLES"),
+            ("--nats-url=http://x:4222", "NATS_URL"),
+            ("--stream-replicas=7", "STREAM_REPLICAS"),
+        ];
+        for (flag, setting) in cases {
+            let err = Settings::from_args(&args(&[SECRET, flag])).unwrap_err();
+            assert_eq!(err.setting, *setting, "{flag}: {err}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_bytes("X", "256KiB").unwrap(), 262_144);
+        assert_eq!(parse_bytes("X", "1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("X", "1000").unwrap(), 1000);
+        assert_eq!(
+            parse_duration("X", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_duration("X", "90").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("X", "7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert!(parse_duration("X", "0s").is_err());
+    }
+
+    #[test]
+    fn registered_agents_parse() {
+        let settings = Settings::from_args(&args(&[
+            SECRET,
+            r#"--registered-agents={"pilot":{"name":"Pilot","base_url":"https://pilot.example","capabilities":["a","b"]}}"#,
+        ]))
+        .unwrap();
+        let (id, profile) = settings.registry.preregistered.iter().next().unwrap();
+        assert_eq!(id.as_str(), "pilot");
+        assert_eq!(profile.capabilities.len(), 2);
+    }
+
+    #[test]
+    fn external_nats_takes_a_cluster_list() {
+        let settings =
+            Settings::from_args(&args(&[SECRET, "--nats-url=a:4222, nats://b:4222"])).unwrap();
+        let NatsTarget::External { urls, .. } = settings.nats else {
+            panic!("expected external");
+        };
+        assert_eq!(urls, ["nats://a:4222", "nats://b:4222"]);
+    }
+
+    #[test]
+    fn the_secret_never_prints() {
+        let settings = Settings::from_args(&args(&[SECRET])).unwrap();
+        assert!(!format!("{settings:?}").contains("0123456789abcdef"));
+    }
+}

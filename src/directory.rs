@@ -1,0 +1,153 @@
+//! The ingress's read model of the agents KV bucket: a watcher keeps an in-memory copy that
+//! `GET /orchestrator/agents`, `/health` and the heartbeat existence check read without a round
+//! trip. The registry worker is the only writer of the bucket; this side only reads.
+//!
+//! The copy trails the bucket by the time a KV update takes to arrive (milliseconds). Where that
+//! matters — a heartbeat right after its registration — [`Directory::is_known`] falls back to the
+//! registration stream, which already holds every acknowledged registration.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{Operation, Store};
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::subjects;
+use crate::domain::{AgentId, AgentRecord, AgentStatus};
+
+/// Agent counts for `/health`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AgentCounts {
+    pub total: usize,
+    pub online: usize,
+    pub offline: usize,
+    pub degraded: usize,
+}
+
+/// The existence check could not be answered.
+#[derive(Debug, thiserror::Error)]
+#[error("agent lookup failed: {0}")]
+pub struct LookupError(pub String);
+
+#[derive(Clone)]
+pub struct Directory {
+    agents: Arc<RwLock<HashMap<AgentId, AgentRecord>>>,
+    registrations: Stream,
+    lookup_timeout: Duration,
+}
+
+impl Directory {
+    pub fn new(registrations: Stream, lookup_timeout: Duration) -> Self {
+        Self {
+            agents: Arc::default(),
+            registrations,
+            lookup_timeout,
+        }
+    }
+
+    /// Every agent, sorted by id.
+    pub fn list(&self) -> Vec<AgentRecord> {
+        let agents = self.agents.read().expect("not poisoned");
+        let mut list: Vec<_> = agents.values().cloned().collect();
+        list.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        list
+    }
+
+    pub fn counts(&self) -> AgentCounts {
+        let agents = self.agents.read().expect("not poisoned");
+        let mut counts = AgentCounts {
+            total: agents.len(),
+            ..AgentCounts::default()
+        };
+        for record in agents.values() {
+            match record.status {
+                AgentStatus::Online => counts.online += 1,
+                AgentStatus::Offline => counts.offline += 1,
+                AgentStatus::Degraded => counts.degraded += 1,
+            }
+        }
+        counts
+    }
+
+    /// True when the agent is registered: in the view, or (read-your-writes) with a stored
+    /// registration the view has not caught up with yet.
+    pub async fn is_known(&self, agent: &AgentId) -> Result<bool, LookupError> {
+        if self
+            .agents
+            .read()
+            .expect("not poisoned")
+            .contains_key(agent)
+        {
+            return Ok(true);
+        }
+        let subject = subjects::registration(agent);
+        let lookup = self.registrations.get_last_raw_message_by_subject(&subject);
+        match tokio::time::timeout(self.lookup_timeout, lookup).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Ok(Err(err)) => Err(LookupError(err.to_string())),
+            Err(_) => Err(LookupError("timed out".into())),
+        }
+    }
+
+    /// Follows the bucket until `stop` fires, re-watching from scratch after any interruption.
+    pub async fn follow(self, bucket: Store, stop: CancellationToken) {
+        loop {
+            let watch = tokio::select! {
+                () = stop.cancelled() => return,
+                watch = bucket.watch_with_history(">") => watch,
+            };
+            match watch {
+                Ok(mut entries) => {
+                    let mut fresh: Option<HashMap<AgentId, AgentRecord>> = Some(HashMap::new());
+                    loop {
+                        let next = tokio::select! {
+                            () = stop.cancelled() => return,
+                            next = entries.next() => next,
+                        };
+                        let entry = match next {
+                            Some(Ok(entry)) => entry,
+                            Some(Err(err)) => {
+                                tracing::warn!(error = %err, "agents watch interrupted");
+                                break;
+                            }
+                            None => break,
+                        };
+                        let Ok(agent) = AgentId::parse(&entry.key) else {
+                            continue;
+                        };
+                        // While replaying history, build a fresh map so deleted agents vanish.
+                        let mut live = self.agents.write().expect("not poisoned");
+                        let target = fresh.as_mut().unwrap_or(&mut live);
+                        match entry.operation {
+                            Operation::Put => match serde_json::from_slice(&entry.value) {
+                                Ok(record) => {
+                                    target.insert(agent, record);
+                                }
+                                Err(err) => {
+                                    tracing::warn!(agent_id = %agent, error = %err, "unreadable agent record");
+                                }
+                            },
+                            Operation::Delete | Operation::Purge => {
+                                target.remove(&agent);
+                            }
+                        }
+                        if entry.delta == 0 {
+                            if let Some(map) = fresh.take() {
+                                *live = map;
+                            }
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot watch the agents bucket"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Validated domain types: what an agent sent, after it was parsed and found valid, plus the
+//! records the workers keep. Parse, don't validate: the door turns JSON into these types once, and
+//! everything past the door (the bus, the workers) sees only valid values.
+//!
+//! Ids that become NATS subject tokens or KV keys ([`AgentId`], [`TaskId`]) are limited to
+//! `[A-Za-z0-9_-]`, so `.`, `*`, `>` and whitespace can never inject a subject.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Why a field was refused. Displays as `field: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+const MAX_ID_LEN: usize = 128;
+
+fn parse_token(raw: &str) -> Result<(), String> {
+    if raw.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if raw.len() > MAX_ID_LEN {
+        return Err(format!("must be at most {MAX_ID_LEN} characters"));
+    }
+    if !raw
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err("may contain only letters, digits, '-' and '_'".into());
+    }
+    Ok(())
+}
+
+macro_rules! token_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(raw: &str) -> Result<Self, String> {
+                parse_token(raw).map(|()| Self(raw.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let raw = String::deserialize(d)?;
+                Self::parse(&raw).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+token_type!(
+    /// An agent's id: safe as a subject token and a KV key.
+    AgentId
+);
+token_type!(
+    /// A task's id: safe as a subject token.
+    TaskId
+);
+
+/// The descriptive part of an agent: what it calls itself, where it lives, what it can do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentProfile {
+    pub name: String,
+    pub base_url: String,
+    pub capabilities: Vec<String>,
+}
+
+const MAX_NAME_LEN: usize = 256;
+const MAX_CAPABILITIES: usize = 256;
+const MAX_CAPABILITY_LEN: usize = 128;
+
+impl AgentProfile {
+    /// Reads `name`, `base_url` and `capabilities` from a JSON object. Any other key is ignored.
+    pub fn parse(body: &Map<String, Value>) -> Result<Self, FieldError> {
+        let name = required_string(body, "name", MAX_NAME_LEN)?;
+        let base_url = required_string(body, "base_url", 2048)?;
+        let url = url::Url::parse(&base_url)
+            .map_err(|e| FieldError::new("base_url", format!("not a URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(FieldError::new(
+                "base_url",
+                "must be an http or https URL with a host",
+            ));
+        }
+        let capabilities = match body.get("capabilities") {
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                return Err(FieldError::new(
+                    "capabilities",
+                    "must be an array of strings",
+                ));
+            }
+            None => return Err(FieldError::new("capabilities", "is required")),
+        };
+        if capabilities.len() > MAX_CAPABILITIES {
+            return Err(FieldError::new(
+                "capabilities",
+                format!("at most {MAX_CAPABILITIES} entries"),
+            ));
+        }
+        let capabilities = capabilities
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(s) if !s.trim().is_empty() && s.len() <= MAX_CAPABILITY_LEN => {
+                    Ok(s.clone())
+                }
+                _ => Err(FieldError::new(
+                    format!("capabilities[{i}]"),
+                    format!(
+                        "must be a non-empty string of at most {MAX_CAPABILITY_LEN} characters"
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name,
+            base_url,
+            capabilities,
+        })
+    }
+}
+
+/// What an agent may say about itself in a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportedStatus {
+    Online,
+    Degraded,
+}
+
+/// The registry's view of an agent's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStatus {
+    Online,
+    Offline,
+    Degraded,
+}
+
+impl From<ReportedStatus> for AgentStatus {
+    fn from(status: ReportedStatus) -> Self {
+        match status {
+            ReportedStatus::Online => Self::Online,
+            ReportedStatus::Degraded => Self::Degraded,
+        }
+    }
+}
+
+/// Where a registration came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationOrigin {
+    /// The agent registered itself.
+    Agent,
+    /// `REGISTERED_AGENTS` named it: known, but not yet seen.
+    Config,
+}
+
+/// A registration as stored on the bus (`acc.agents.registered.<agent_id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    pub agent_id: AgentId,
+    #[serde(flatten)]
+    pub profile: AgentProfile,
+    pub origin: RegistrationOrigin,
+    /// Stamped by the server that accepted it.
+    pub received_at: DateTime<Utc>,
+}
+
+/// A heartbeat as stored on the bus (`acc.agents.heartbeat.<agent_id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub agent_id: AgentId,
+    pub status: ReportedStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// A task result as stored on the bus (`acc.tasks.result.<task_id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task_id: TaskId,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The authenticated agent that reported it.
+    pub reported_by: AgentId,
+    pub received_at: DateTime<Utc>,
+}
+
+/// An event as stored on the bus (`acc.events.<agent_id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: AgentId,
+    pub data: Value,
+    pub time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The authenticated agent that emitted it.
+    pub emitted_by: AgentId,
+    pub received_at: DateTime<Utc>,
+}
+
+/// A status transition, published by the registry (`acc.agents.status.<agent_id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub agent_id: AgentId,
+    /// `None` when the agent was not known before.
+    pub from: Option<AgentStatus>,
+    pub to: AgentStatus,
+    pub at: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// One agent in the agents KV bucket: the registry's materialised view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub agent_id: AgentId,
+    #[serde(flatten)]
+    pub profile: AgentProfile,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub status: AgentStatus,
+    /// When `status` was last set; older messages arriving late do not overwrite it.
+    pub status_at: DateTime<Utc>,
+}
+
+/// Reads a required, non-blank string of bounded length.
+pub fn required_string(
+    body: &Map<String, Value>,
+    field: &str,
+    max_len: usize,
+) -> Result<String, FieldError> {
+    match body.get(field) {
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err(FieldError::new(field, "must not be empty"))
+        }
+        Some(Value::String(s)) if s.len() > max_len => Err(FieldError::new(
+            field,
+            format!("must be at most {max_len} characters"),
+        )),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Null) | None => Err(FieldError::new(field, "is required")),
+        Some(_) => Err(FieldError::new(field, "must be a string")),
+    }
+}
+
+/// Reads an optional string of bounded length; `null` counts as absent.
+pub fn optional_string(
+    body: &Map<String, Value>,
+    field: &str,
+    max_len: usize,
+) -> Result<Option<String>, FieldError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => required_string(body, field, max_len).map(Some),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ids_that_could_inject_a_subject_are_refused() {
+        for bad in ["a.b", "a*", "a>", "a b", "", "a\tb", "ä", &"x".repeat(129)] {
+            assert!(AgentId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["agent-1", "student_pilot", "A9"] {
+            assert!(AgentId::parse(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn profiles_need_every_field_with_the_right_type() {
+        let ok = json!({"name": "n", "base_url": "https://x.example", "capabilities": ["a"]});
+        assert!(AgentProfile::parse(ok.as_object().unwrap()).is_ok());
+        let cases = [
+            (json!({"base_url": "https://x", "capabilities": []}), "name"),
+            (json!({"name": "n", "capabilities": []}), "base_url"),
+            (
+                json!({"name": "n", "base_url": "ftp://x", "capabilities": []}),
+                "base_url",
+            ),
+            (
+                json!({"name": "n", "base_url": "https://x"}),
+                "capabilities",
+            ),
+            (
+                json!({"name": "n", "base_url": "https://x", "capabilities": "a"}),
+                "capabilities",
+            ),
+            (
+                json!({"name": "n", "base_url": "https://x", "capabilities": [1]}),
+                "capabilities[0]",
+            ),
+            (
+                json!({"name": 5, "base_url": "https://x", "capabilities": []}),
+                "name",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = AgentProfile::parse(body.as_object().unwrap()).unwrap_err();
+            assert_eq!(err.field, field, "{body}");
+        }
+    }
+}

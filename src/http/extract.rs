@@ -1,0 +1,100 @@
+//! Extractors that refuse bad requests with the JSON envelope, never axum's plain-text bodies:
+//! [`Authenticated`] (the bearer token) and [`JsonObject`] (content type, size limit, syntax).
+
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{HeaderMap, header, request::Parts};
+use serde_json::{Map, Value};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::Caller;
+
+/// The verified caller of this request.
+pub struct Authenticated(pub Caller);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let caller = state.verifier.verify_header(header)?;
+        Ok(Self(caller))
+    }
+}
+
+/// A JSON object body: `Content-Type: application/json`, at most `BODY_LIMIT` bytes.
+pub struct JsonObject(pub Map<String, Value>);
+
+impl FromRequest<AppState> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let limit = state.body_limit;
+        let too_large = || ApiError::PayloadTooLarge(format!("the limit is {limit} bytes"));
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        let body: Body = req.into_body();
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
+            if is_length_limit(&err) {
+                too_large()
+            } else {
+                ApiError::InvalidJson(format!("could not read the body: {err}"))
+            }
+        })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(Self(map)),
+            Ok(_) => Err(ApiError::InvalidJson(
+                "the body must be a JSON object".into(),
+            )),
+            Err(err) => Err(ApiError::InvalidJson(err.to_string())),
+        }
+    }
+}
+
+fn is_length_limit(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.len() > 5
+            && essence[..essence.len() - 5]
+                .to_ascii_lowercase()
+                .starts_with("application/")
+            && essence.to_ascii_lowercase().ends_with("+json"))
+}
+
+/// The optional `Idempotency-Key` header. A header that is not text is passed on as an empty
+/// key so admission refuses it with `INVALID_IDEMPOTENCY_KEY`.
+pub fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap_or(""))
+}

@@ -1,0 +1,19 @@
+//! auto-com-center: a message-bus bridge. Agents register, heartbeat, report task results and
+//! emit events over HTTP; each message is authenticated, validated, stamped and stored on NATS
+//! JetStream before the agent gets its 200; workers consume the streams.
+//!
+//! Where a heartbeat goes: [`http`] → [`admission`] → [`bus`] → [`workers::registry`].
+
+pub mod admission;
+pub mod app;
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod directory;
+pub mod domain;
+pub mod http;
+pub mod stats;
+pub mod telemetry;
+pub mod workers;
+
+pub use app::Application;

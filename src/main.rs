@@ -1,0 +1,57 @@
+//! The `auto-com-center` binary: parse the command line, start logging, hand over to the library.
+
+use std::process::ExitCode;
+
+use auto_com_center::config::{self, Cli, Command, Settings};
+use auto_com_center::domain::AgentId;
+use auto_com_center::{Application, app, auth, telemetry};
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token(args) => {
+            let minted = config::parse_secret(&args.secret)
+                .map_err(|e| e.to_string())
+                .and_then(|secret| {
+                    let agent = AgentId::parse(&args.agent_id)
+                        .map_err(|e| format!("invalid --agent-id: {e}"))?;
+                    let ttl =
+                        config::parse_duration("--ttl", &args.ttl).map_err(|e| e.to_string())?;
+                    Ok(auth::mint(&secret, &agent, &args.scope, ttl))
+                });
+            match minted {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Serve(args) => {
+            let settings = match Settings::from_args(&args) {
+                Ok(settings) => settings,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            telemetry::init(settings.log_format, &settings.log_level);
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let result = runtime.block_on(async {
+                let app = Application::build(settings).await?;
+                app.run_until_stopped(app::shutdown_signal()).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! The registry worker: applies registrations and heartbeats to the agents KV bucket, sweeps
+//! agents without heartbeats to `offline`, and publishes every status transition on the bus.
+//!
+//! Applying a message is idempotent and order-tolerant: each record remembers when its status was
+//! set (`status_at`) and `last_seen` only moves forward, so a redelivered or late message changes
+//! nothing it should not. Writes are compare-and-set on the KV revision, so several registry
+//! replicas can share the durable consumer. A transition is published before the record is
+//! written, with a dedupe id derived from its cause, so a crash in between re-publishes the same
+//! id and the stream stores it once.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::Message;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKind};
+use async_nats::jetstream::stream::Stream;
+use bytes::Bytes;
+use chrono::{DateTime, SubsecRound as _, Utc};
+use futures::TryStreamExt as _;
+use sha2::{Digest as _, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::{HandleError, Handler, MAX_DELIVER, backoff, consume};
+use crate::bus::{Publisher, subjects};
+use crate::config::RegistrySettings;
+use crate::domain::{
+    AgentId, AgentRecord, AgentStatus, Heartbeat, Registration, RegistrationOrigin, StatusChange,
+};
+
+/// Runs the registry until `stop` fires: pre-registers configured agents, then consumes and sweeps.
+pub async fn run(
+    publisher: Publisher,
+    agents_stream: Stream,
+    bucket: Store,
+    settings: RegistrySettings,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer = durable_consumer(&agents_stream).await?;
+    let registry = Registry {
+        publisher: publisher.clone(),
+        bucket,
+        settings,
+    };
+    registry.preregister().await?;
+    let sweeper = {
+        let registry = registry.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { registry.sweep_forever(stop).await })
+    };
+    consume(
+        consumer,
+        subjects::AGENTS_STREAM,
+        subjects::REGISTRY_CONSUMER,
+        publisher,
+        stop,
+        registry,
+    )
+    .await;
+    let _ = sweeper.await;
+    Ok(())
+}
+
+/// The registry's durable consumer: registrations and heartbeats, explicit ack, bounded redelivery.
+pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(subjects::REGISTRY_CONSUMER.to_owned()),
+            description: Some("applies registrations and heartbeats to the agents KV".into()),
+            filter_subjects: vec![
+                subjects::REGISTRATIONS.to_owned(),
+                subjects::HEARTBEATS.to_owned(),
+            ],
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: MAX_DELIVER,
+            backoff: backoff(),
+            max_ack_pending: 1_000,
+            ..Default::default()
+        })
+        .await
+        .context("creating the registry consumer")
+}
+
+#[derive(Clone)]
+struct Registry {
+    publisher: Publisher,
+    bucket: Store,
+    settings: RegistrySettings,
+}
+
+/// A record and the transition that produced it, if any.
+type Outcome = (AgentRecord, Option<(Option<AgentStatus>, &'static str)>);
+
+impl Handler for Registry {
+    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let subject = message.subject.as_str();
+        if subject.starts_with("acc.agents.registered.") {
+            let registration: Registration = parse(&message.payload)?;
+            let agent = registration.agent_id.clone();
+            self.apply(&agent, &format!("status:{agent}:{seq}"), |current| {
+                Ok(on_registration(current, &registration))
+            })
+            .await
+        } else if subject.starts_with("acc.agents.heartbeat.") {
+            let heartbeat: Heartbeat = parse(&message.payload)?;
+            let agent = heartbeat.agent_id.clone();
+            self.apply(&agent, &format!("status:{agent}:{seq}"), |current| {
+                on_heartbeat(current, &heartbeat)
+            })
+            .await
+        } else {
+            Err(HandleError::Permanent(format!(
+                "registry does not handle subject {subject}"
+            )))
+        }
+    }
+}
+
+impl Registry {
+    /// Read–compute–publish–CAS, retried on a lost race.
+    async fn apply<F>(
+        &self,
+        agent: &AgentId,
+        transition_id: &str,
+        compute: F,
+    ) -> Result<(), HandleError>
+    where
+        F: Fn(Option<&AgentRecord>) -> Result<Outcome, HandleError> + Send + Sync,
+    {
+        for _ in 0..10 {
+            let (current, revision) = self.load(agent).await?;
+            let (next, transition) = compute(current.as_ref())?;
+            if current.as_ref() == Some(&next) {
+                return Ok(());
+            }
+            if let Some((from, reason)) = transition {
+                self.announce(&next, from, reason, transition_id).await?;
+            }
+            if self.store(agent, &next, revision).await? {
+                return Ok(());
+            }
+        }
+        Err(HandleError::Transient(
+            "lost the compare-and-set race 10 times".into(),
+        ))
+    }
+
+    async fn load(
+        &self,
+        agent: &AgentId,
+    ) -> Result<(Option<AgentRecord>, Option<u64>), HandleError> {
+        let entry = self
+            .bucket
+            .entry(agent.as_str())
+            .await
+            .map_err(|e| HandleError::Transient(format!("reading agent record: {e}")))?;
+        match entry {
+            Some(entry) if entry.operation == Operation::Put => {
+                let record = serde_json::from_slice(&entry.value).map_err(|e| {
+                    HandleError::Permanent(format!("stored agent record unreadable: {e}"))
+                })?;
+                Ok((Some(record), Some(entry.revision)))
+            }
+            Some(entry) => Ok((None, Some(entry.revision))),
+            None => Ok((None, None)),
+        }
+    }
+
+    /// Writes `record` if the key is still at `revision`. `Ok(false)` means someone else won.
+    async fn store(
+        &self,
+        agent: &AgentId,
+        record: &AgentRecord,
+        revision: Option<u64>,
+    ) -> Result<bool, HandleError> {
+        let value = Bytes::from(serde_json::to_vec(record).expect("records serialize"));
+        match revision {
+            Some(revision) => match self.bucket.update(agent.as_str(), value, revision).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(HandleError::Transient(format!("writing agent record: {e}"))),
+            },
+            None => match self.bucket.create(agent.as_str(), value).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(HandleError::Transient(format!("writing agent record: {e}"))),
+            },
+        }
+    }
+
+    async fn announce(
+        &self,
+        record: &AgentRecord,
+        from: Option<AgentStatus>,
+        reason: &str,
+        transition_id: &str,
+    ) -> Result<(), HandleError> {
+        let change = StatusChange {
+            agent_id: record.agent_id.clone(),
+            from,
+            to: record.status,
+            at: record.status_at,
+            reason: reason.to_owned(),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&change).expect("changes serialize"));
+        self.publisher
+            .publish(
+                subjects::status_change(&record.agent_id),
+                transition_id,
+                payload,
+                None,
+            )
+            .await
+            .map_err(|e| HandleError::Transient(format!("publishing status change: {e}")))?;
+        tracing::info!(agent_id = %record.agent_id, from = ?from, to = ?record.status, reason, "agent status changed");
+        Ok(())
+    }
+
+    /// Publishes a registration for each configured agent the bucket does not know as configured.
+    async fn preregister(&self) -> anyhow::Result<()> {
+        for (agent, profile) in &self.settings.preregistered {
+            let (current, _) = self.load(agent).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            if current.as_ref().is_some_and(|r| &r.profile == profile) {
+                continue;
+            }
+            let registration = Registration {
+                agent_id: agent.clone(),
+                profile: profile.clone(),
+                origin: RegistrationOrigin::Config,
+                received_at: Utc::now().trunc_subsecs(3),
+            };
+            let digest = Sha256::digest(serde_json::to_vec(profile).expect("profiles serialize"));
+            let payload = Bytes::from(serde_json::to_vec(&registration).expect("serializes"));
+            self.publisher
+                .publish(
+                    subjects::registration(agent),
+                    &format!("prereg:{agent}:{}", hex::encode(&digest[..16])),
+                    payload,
+                    None,
+                )
+                .await
+                .with_context(|| format!("pre-registering agent {agent}"))?;
+            tracing::info!(agent_id = %agent, "pre-registered agent from REGISTERED_AGENTS");
+        }
+        Ok(())
+    }
+
+    async fn sweep_forever(&self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(err) = self.sweep(Utc::now()).await {
+                tracing::warn!(error = %err, "stale-agent sweep failed; will retry");
+            }
+        }
+    }
+
+    /// Marks every agent whose last heartbeat is older than the threshold as offline.
+    async fn sweep(&self, now: DateTime<Utc>) -> anyhow::Result<()> {
+        let stale_after = chrono::Duration::from_std(self.settings.stale_after)?;
+        let keys: Vec<String> = self.bucket.keys().await?.try_collect().await?;
+        for key in keys {
+            let Ok(agent) = AgentId::parse(&key) else {
+                continue;
+            };
+            let (Some(record), revision) = self
+                .load(&agent)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            else {
+                continue;
+            };
+            if record.status == AgentStatus::Offline || now - record.last_seen <= stale_after {
+                continue;
+            }
+            let next = AgentRecord {
+                status: AgentStatus::Offline,
+                // The decision rests on `last_seen`: any heartbeat received after it wins.
+                status_at: record.last_seen,
+                ..record.clone()
+            };
+            let id = format!(
+                "status:{agent}:offline:{}",
+                record.last_seen.timestamp_millis()
+            );
+            self.announce(&next, Some(record.status), "stale", &id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // A lost race means a heartbeat just arrived: the agent is not stale after all.
+            self.store(&agent, &next, revision)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, HandleError> {
+    serde_json::from_slice(payload)
+        .map_err(|e| HandleError::Permanent(format!("unreadable payload: {e}")))
+}
+
+fn on_registration(current: Option<&AgentRecord>, registration: &Registration) -> Outcome {
+    let at = registration.received_at;
+    let Some(current) = current else {
+        let (status, reason) = match registration.origin {
+            RegistrationOrigin::Agent => (AgentStatus::Online, "registered"),
+            RegistrationOrigin::Config => (AgentStatus::Offline, "pre-registered"),
+        };
+        let record = AgentRecord {
+            agent_id: registration.agent_id.clone(),
+            profile: registration.profile.clone(),
+            registered_at: at,
+            last_seen: at,
+            status,
+            status_at: at,
+        };
+        return (record, Some((None, reason)));
+    };
+    let mut next = current.clone();
+    match registration.origin {
+        // Configuration describes an agent; it says nothing about whether it is up.
+        RegistrationOrigin::Config => next.profile = registration.profile.clone(),
+        RegistrationOrigin::Agent => {
+            if at >= current.registered_at {
+                next.profile = registration.profile.clone();
+                next.registered_at = at;
+            }
+            next.last_seen = next.last_seen.max(at);
+            if at >= current.status_at {
+                next.status = AgentStatus::Online;
+                next.status_at = at;
+            }
+        }
+    }
+    let transition =
+        (next.status != current.status).then_some((Some(current.status), "registered"));
+    (next, transition)
+}
+
+fn on_heartbeat(
+    current: Option<&AgentRecord>,
+    heartbeat: &Heartbeat,
+) -> Result<Outcome, HandleError> {
+    let Some(current) = current else {
+        // The ingress saw the registration in the stream; this worker has not applied it yet.
+        return Err(HandleError::Transient(format!(
+            "agent {} not in the registry yet",
+            heartbeat.agent_id
+        )));
+    };
+    let at = heartbeat.received_at;
+    let mut next = current.clone();
+    next.last_seen = next.last_seen.max(at);
+    if at >= current.status_at {
+        next.status = heartbeat.status.into();
+        next.status_at = at;
+    }
+    let transition = (next.status != current.status).then_some((Some(current.status), "heartbeat"));
+    Ok((next, transition))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{AgentProfile, ReportedStatus};
+
+    fn registration(at: i64) -> Registration {
+        Registration {
+            agent_id: AgentId::parse("a").unwrap(),
+            profile: AgentProfile {
+                name: "A".into(),
+                base_url: "https://a.example".into(),
+                capabilities: vec![],
+            },
+            origin: RegistrationOrigin::Agent,
+            received_at: DateTime::from_timestamp(at, 0).unwrap(),
+        }
+    }
+
+    fn heartbeat(at: i64, status: ReportedStatus) -> Heartbeat {
+        Heartbeat {
+            agent_id: AgentId::parse("a").unwrap(),
+            status,
+            details: None,
+            received_at: DateTime::from_timestamp(at, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn applying_a_message_twice_changes_nothing_the_second_time() {
+        let (first, t) = on_registration(None, &registration(10));
+        assert_eq!(t, Some((None, "registered")));
+        let (again, t) = on_registration(Some(&first), &registration(10));
+        assert_eq!(again, first);
+        assert_eq!(t, None);
+        let (beat, _) =
+            on_heartbeat(Some(&first), &heartbeat(20, ReportedStatus::Degraded)).unwrap();
+        let (beat_again, t) =
+            on_heartbeat(Some(&beat), &heartbeat(20, ReportedStatus::Degraded)).unwrap();
+        assert_eq!(beat_again, beat);
+        assert_eq!(t, None);
+    }
+
+    #[test]
+    fn a_late_heartbeat_neither_rewinds_last_seen_nor_overrides_a_newer_status() {
+        let (record, _) = on_registration(None, &registration(10));
+        let (degraded, t) =
+            on_heartbeat(Some(&record), &heartbeat(30, ReportedStatus::Degraded)).unwrap();
+        assert_eq!(t, Some((Some(AgentStatus::Online), "heartbeat")));
+        let (late, t) =
+            on_heartbeat(Some(&degraded), &heartbeat(20, ReportedStatus::Online)).unwrap();
+        assert_eq!(late.status, AgentStatus::Degraded);
+        assert_eq!(late.last_seen, degraded.last_seen);
+        assert_eq!(t, None);
+    }
+
+    #[test]
+    fn a_heartbeat_before_its_registration_is_retried() {
+        assert!(matches!(
+            on_heartbeat(None, &heartbeat(1, ReportedStatus::Online)),
+            Err(HandleError::Transient(_))
+        ));
+    }
+}
