@@ -93,6 +93,11 @@ impl Application {
         self.listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// A handle on the bridge's NATS connection (for inspection and tests).
+    pub fn nats_client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The embedded server, when there is one.
     pub fn embedded(&self) -> Option<&EmbeddedNats> {
         self.embedded.as_ref()

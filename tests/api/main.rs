@@ -1,1 +1,7 @@
+//! One integration-test binary: every test runs the real application against a real
+//! nats-server over a real socket. Modules group the tests by area.
 
+mod helpers;
+
+mod auth;
+mod contract;

