@@ -28,6 +28,7 @@ pub const ADMIN_SCOPE: &str = "orchestrator.admin";
 #[command(
     name = "auto-com-center",
     version,
+    args_override_self = true,
     about = "A message-bus bridge: agents register, heartbeat, report task results and emit events \
              over HTTP; everything is stored durably on NATS JetStream."
 )]

@@ -1,0 +1,138 @@
+//! The subject catalog in `subjects/` and the code agree; streams carry the durability settings
+//! of DESIGN.md §3; provisioning is idempotent when replicas race.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, StorageType};
+use auto_com_center::bus::provision::{self, STREAMS};
+use auto_com_center::bus::subjects::CATALOG;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+fn catalog() -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("subjects/catalog.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn the_catalog_file_lists_exactly_the_subjects_in_code() {
+    let file: BTreeSet<(String, String, Option<String>)> = catalog()["subjects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["subject"].as_str().unwrap().to_owned(),
+                row["stream"].as_str().unwrap().to_owned(),
+                row["schema"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    let code: BTreeSet<(String, String, Option<String>)> = CATALOG
+        .iter()
+        .map(|spec| {
+            (
+                spec.subject.to_owned(),
+                spec.stream.to_owned(),
+                spec.schema.map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(file, code);
+    let catalog = catalog();
+    let streams: BTreeSet<&str> = catalog["streams"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(streams, STREAMS.iter().copied().collect());
+    for row in catalog["subjects"].as_array().unwrap() {
+        assert!(row["producer"].is_string(), "{row}");
+        assert!(row["consumers"].is_array(), "{row}");
+    }
+}
+
+#[test]
+fn every_schema_compiles() {
+    let mut files: Vec<String> = CATALOG
+        .iter()
+        .filter_map(|spec| spec.schema.map(str::to_owned))
+        .collect();
+    files.push("agent_record.json".into());
+    for file in files {
+        let schema = load_schema(&file);
+        jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn streams_are_provisioned_with_explicit_durability_settings() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &[
+            "--stream-max-bytes=32MiB",
+            "--stream-max-age=2d",
+            "--duplicate-window=90s",
+        ],
+    )
+    .await;
+    for name in STREAMS {
+        let mut stream = app.js.get_stream(name).await.unwrap();
+        let config = stream.info().await.unwrap().config.clone();
+        assert_eq!(config.storage, StorageType::File, "{name}");
+        assert_eq!(config.discard, DiscardPolicy::New, "{name}");
+        assert_eq!(config.retention, RetentionPolicy::Limits, "{name}");
+        assert_eq!(config.max_bytes, 32 << 20, "{name}");
+        assert_eq!(config.max_age, Duration::from_secs(2 * 86_400), "{name}");
+        assert_eq!(config.duplicate_window, Duration::from_secs(90), "{name}");
+        assert_eq!(config.num_replicas, 1, "{name}");
+    }
+    let bucket = app.js.get_key_value("acc_agents").await.unwrap();
+    assert_eq!(
+        bucket.status().await.unwrap().info.config.storage,
+        StorageType::File
+    );
+}
+
+#[tokio::test]
+async fn replicas_provisioning_at_once_converge_and_a_changed_setting_is_applied() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client);
+    let base = settings(Some(&nats.url()), &[]).streams;
+    let runs = (0..4).map(|_| provision::provision(&js, &base));
+    for result in futures::future::join_all(runs).await {
+        result.expect("concurrent provisioning succeeds");
+    }
+    let changed = settings(Some(&nats.url()), &["--stream-max-age=3d"]).streams;
+    provision::provision(&js, &changed).await.unwrap();
+    let mut stream = js.get_stream("ACC_EVENTS").await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.max_age,
+        Duration::from_secs(3 * 86_400)
+    );
+}
+
+#[tokio::test]
+async fn the_agent_record_in_kv_matches_its_schema() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    app.register("agent-1").await;
+    let bucket = app.js.get_key_value("acc_agents").await.unwrap();
+    let value = eventually(Duration::from_secs(5), "the record", || async {
+        bucket.get("agent-1").await.unwrap()
+    })
+    .await;
+    let record: Value = serde_json::from_slice(&value).unwrap();
+    let validator = jsonschema::validator_for(&load_schema("agent_record.json")).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&record)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{record}: {errors:?}");
+    assert_eq!(record["status"], "online");
+}
