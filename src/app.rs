@@ -125,6 +125,10 @@ impl Application {
             .await
             .context("opening the agents bucket")?;
 
+        // Configured agents are on the bus before any role serves, whichever roles run here.
+        workers::registry::preregister(&publisher, &bucket, &settings.registry.preregistered)
+            .await?;
+
         if settings.runs(Role::Registry) {
             let (publisher, stream, bucket, registry, stop) = (
                 publisher.clone(),

@@ -269,6 +269,18 @@ pub struct AgentRecord {
     pub status: AgentStatus,
     /// When `status` was last set; older messages arriving late do not overwrite it.
     pub status_at: DateTime<Utc>,
+    /// A status change written with this record but not yet confirmed published. Whoever next
+    /// touches the record publishes it (under its dedupe id) and clears it, so a change is
+    /// announced only after it is stored, and at least once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingChange>,
+}
+
+/// A status change waiting to be published, with its dedupe id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingChange {
+    pub id: String,
+    pub change: StatusChange,
 }
 
 /// Reads a required, non-blank string of bounded length.

@@ -341,7 +341,7 @@ fn write_config(
     password: &str,
 ) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 
     let sync = match durability {
         // fsync before every acknowledgement.
@@ -364,6 +364,9 @@ fn write_config(
         .mode(0o600)
         .open(path)
         .with_context(|| format!("DATA_DIR: cannot write {}", path.display()))?;
+    // `mode` applies only when the file is created; a file left by someone else keeps its own.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("DATA_DIR: cannot restrict {}", path.display()))?;
     file.write_all(text.as_bytes())?;
     Ok(())
 }

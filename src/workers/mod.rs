@@ -19,12 +19,11 @@ use crate::bus::{Publisher, subjects};
 /// Deliveries before a message is dead-lettered.
 pub const MAX_DELIVER: i64 = 5;
 
-/// Redelivery delays, one per delivery after the first.
-pub fn backoff() -> Vec<Duration> {
-    [100, 500, 2_000, 5_000]
-        .into_iter()
-        .map(Duration::from_millis)
-        .collect()
+/// Delay before a message that failed for the n-th time (1-based) is delivered again.
+fn retry_delay(delivered: i64) -> Duration {
+    const DELAYS_MS: [u64; 4] = [100, 500, 2_000, 5_000];
+    let index = (delivered.max(1) as usize - 1).min(DELAYS_MS.len() - 1);
+    Duration::from_millis(DELAYS_MS[index])
 }
 
 /// Why a handler did not finish a message.
@@ -99,11 +98,9 @@ async fn settle(
         Ok(()) => message.ack().await,
         Err(HandleError::Transient(reason)) if delivered < MAX_DELIVER => {
             tracing::warn!(consumer, subject = %message.subject, delivered, reason, "handler failed; will retry");
-            let delay = backoff()
-                .get(delivered.saturating_sub(1) as usize)
-                .copied()
-                .unwrap_or(Duration::from_secs(5));
-            message.ack_with(AckKind::Nak(Some(delay))).await
+            message
+                .ack_with(AckKind::Nak(Some(retry_delay(delivered))))
+                .await
         }
         Err(err) => {
             let reason = err.to_string();

@@ -4,10 +4,11 @@
 //! Applying a message is idempotent and order-tolerant: each record remembers when its status was
 //! set (`status_at`) and `last_seen` only moves forward, so a redelivered or late message changes
 //! nothing it should not. Writes are compare-and-set on the KV revision, so several registry
-//! replicas can share the durable consumer. A transition is published before the record is
-//! written, with a dedupe id derived from its cause, so a crash in between re-publishes the same
-//! id and the stream stores it once.
+//! replicas can share the durable consumer. A status change is first stored in the record as
+//! `pending`, then published under a dedupe id derived from its cause, then cleared: it is
+//! announced only once it really happened, and a crash in between is finished by the next writer.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -21,14 +22,15 @@ use futures::TryStreamExt as _;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::{HandleError, Handler, MAX_DELIVER, backoff, consume};
+use super::{HandleError, Handler, MAX_DELIVER, consume};
 use crate::bus::{Publisher, subjects};
 use crate::config::RegistrySettings;
 use crate::domain::{
-    AgentId, AgentRecord, AgentStatus, Heartbeat, Registration, RegistrationOrigin, StatusChange,
+    AgentId, AgentProfile, AgentRecord, AgentStatus, Heartbeat, PendingChange, Registration,
+    RegistrationOrigin, StatusChange,
 };
 
-/// Runs the registry until `stop` fires: pre-registers configured agents, then consumes and sweeps.
+/// Runs the registry until `stop` fires: consumes registrations and heartbeats, and sweeps.
 pub async fn run(
     publisher: Publisher,
     agents_stream: Stream,
@@ -40,13 +42,13 @@ pub async fn run(
     let registry = Registry {
         publisher: publisher.clone(),
         bucket,
-        settings,
+        stale_after: settings.stale_after,
     };
-    registry.preregister().await?;
     let sweeper = {
         let registry = registry.clone();
         let stop = stop.clone();
-        tokio::spawn(async move { registry.sweep_forever(stop).await })
+        let every = settings.sweep_interval;
+        tokio::spawn(async move { registry.sweep_forever(every, stop).await })
     };
     consume(
         consumer,
@@ -61,7 +63,9 @@ pub async fn run(
     Ok(())
 }
 
-/// The registry's durable consumer: registrations and heartbeats, explicit ack, bounded redelivery.
+/// The registry's durable consumer: registrations and heartbeats, explicit ack, bounded
+/// redelivery. Retry delays come from the worker's naks; a `backoff` list here would replace
+/// `ack_wait` with its first entry and redeliver messages still waiting in the pull buffer.
 pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
     stream
         .create_consumer(pull::Config {
@@ -75,7 +79,6 @@ pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
             max_deliver: MAX_DELIVER,
-            backoff: backoff(),
             max_ack_pending: 1_000,
             ..Default::default()
         })
@@ -83,11 +86,50 @@ pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
         .context("creating the registry consumer")
 }
 
+/// Publishes a registration for each agent in `REGISTERED_AGENTS` whose configured profile the
+/// bucket does not already hold. Runs before any role serves, in every process, so a configured
+/// agent's first heartbeat is never refused; the dedupe id makes the replicas' copies one.
+pub async fn preregister(
+    publisher: &Publisher,
+    bucket: &Store,
+    agents: &BTreeMap<AgentId, AgentProfile>,
+) -> anyhow::Result<()> {
+    for (agent, profile) in agents {
+        let current = bucket
+            .get(agent.as_str())
+            .await
+            .with_context(|| format!("reading agent {agent}"))?
+            .and_then(|value| serde_json::from_slice::<AgentRecord>(&value).ok());
+        if current.is_some_and(|record| &record.profile == profile) {
+            continue;
+        }
+        let registration = Registration {
+            agent_id: agent.clone(),
+            profile: profile.clone(),
+            origin: RegistrationOrigin::Config,
+            received_at: Utc::now().trunc_subsecs(3),
+        };
+        let digest = Sha256::digest(serde_json::to_vec(profile).expect("profiles serialize"));
+        let payload = Bytes::from(serde_json::to_vec(&registration).expect("serializes"));
+        publisher
+            .publish(
+                subjects::registration(agent),
+                &format!("prereg:{agent}:{}", hex::encode(&digest[..16])),
+                payload,
+                None,
+            )
+            .await
+            .with_context(|| format!("pre-registering agent {agent}"))?;
+        tracing::info!(agent_id = %agent, "pre-registered agent from REGISTERED_AGENTS");
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
 struct Registry {
     publisher: Publisher,
     bucket: Store,
-    settings: RegistrySettings,
+    stale_after: Duration,
 }
 
 /// A record and the transition that produced it, if any.
@@ -119,8 +161,14 @@ impl Handler for Registry {
     }
 }
 
+/// A record as read from the bucket, with the revision to compare-and-set against.
+struct Loaded {
+    record: Option<AgentRecord>,
+    revision: Option<u64>,
+}
+
 impl Registry {
-    /// Read–compute–publish–CAS, retried on a lost race.
+    /// Read, compute, compare-and-set, then announce; retried when another writer wins.
     async fn apply<F>(
         &self,
         agent: &AgentId,
@@ -131,15 +179,20 @@ impl Registry {
         F: Fn(Option<&AgentRecord>) -> Result<Outcome, HandleError> + Send + Sync,
     {
         for _ in 0..10 {
-            let (current, revision) = self.load(agent).await?;
-            let (next, transition) = compute(current.as_ref())?;
-            if current.as_ref() == Some(&next) {
+            let Some(loaded) = self.load_settled(agent).await? else {
+                continue;
+            };
+            let (mut next, transition) = compute(loaded.record.as_ref())?;
+            if loaded.record.as_ref() == Some(&next) {
                 return Ok(());
             }
             if let Some((from, reason)) = transition {
-                self.announce(&next, from, reason, transition_id).await?;
+                next.pending = Some(pending_change(&next, from, reason, transition_id));
             }
-            if self.store(agent, &next, revision).await? {
+            if let Some(revision) = self.store(agent, &next, loaded.revision).await? {
+                if next.pending.is_some() {
+                    self.announce(agent, next, revision).await?;
+                }
                 return Ok(());
             }
         }
@@ -148,10 +201,7 @@ impl Registry {
         ))
     }
 
-    async fn load(
-        &self,
-        agent: &AgentId,
-    ) -> Result<(Option<AgentRecord>, Option<u64>), HandleError> {
+    async fn load(&self, agent: &AgentId) -> Result<Loaded, HandleError> {
         let entry = self
             .bucket
             .entry(agent.as_str())
@@ -162,94 +212,92 @@ impl Registry {
                 let record = serde_json::from_slice(&entry.value).map_err(|e| {
                     HandleError::Permanent(format!("stored agent record unreadable: {e}"))
                 })?;
-                Ok((Some(record), Some(entry.revision)))
+                Ok(Loaded {
+                    record: Some(record),
+                    revision: Some(entry.revision),
+                })
             }
-            Some(entry) => Ok((None, Some(entry.revision))),
-            None => Ok((None, None)),
+            Some(entry) => Ok(Loaded {
+                record: None,
+                revision: Some(entry.revision),
+            }),
+            None => Ok(Loaded {
+                record: None,
+                revision: None,
+            }),
         }
     }
 
-    /// Writes `record` if the key is still at `revision`. `Ok(false)` means someone else won.
+    /// Loads the record and first finishes any change a previous writer stored but may not have
+    /// published. `None` means another writer changed the record meanwhile: load again.
+    async fn load_settled(&self, agent: &AgentId) -> Result<Option<Loaded>, HandleError> {
+        let loaded = self.load(agent).await?;
+        match (loaded.record, loaded.revision) {
+            (Some(record), Some(revision)) if record.pending.is_some() => Ok(self
+                .announce(agent, record, revision)
+                .await?
+                .map(|(record, revision)| Loaded {
+                    record: Some(record),
+                    revision: Some(revision),
+                })),
+            (record, revision) => Ok(Some(Loaded { record, revision })),
+        }
+    }
+
+    /// Writes `record` if the key is still at `revision`; returns the new revision, or `None`
+    /// when someone else wrote first.
     async fn store(
         &self,
         agent: &AgentId,
         record: &AgentRecord,
         revision: Option<u64>,
-    ) -> Result<bool, HandleError> {
+    ) -> Result<Option<u64>, HandleError> {
         let value = Bytes::from(serde_json::to_vec(record).expect("records serialize"));
         match revision {
             Some(revision) => match self.bucket.update(agent.as_str(), value, revision).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
                 Err(e) => Err(HandleError::Transient(format!("writing agent record: {e}"))),
             },
             None => match self.bucket.create(agent.as_str(), value).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+                Ok(revision) => Ok(Some(revision)),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(HandleError::Transient(format!("writing agent record: {e}"))),
             },
         }
     }
 
+    /// Publishes the record's pending change under its dedupe id, then clears it. Returns the
+    /// cleared record and its revision, or `None` if another writer got there first.
     async fn announce(
         &self,
-        record: &AgentRecord,
-        from: Option<AgentStatus>,
-        reason: &str,
-        transition_id: &str,
-    ) -> Result<(), HandleError> {
-        let change = StatusChange {
-            agent_id: record.agent_id.clone(),
-            from,
-            to: record.status,
-            at: record.status_at,
-            reason: reason.to_owned(),
+        agent: &AgentId,
+        mut record: AgentRecord,
+        revision: u64,
+    ) -> Result<Option<(AgentRecord, u64)>, HandleError> {
+        let Some(pending) = record.pending.take() else {
+            return Ok(Some((record, revision)));
         };
-        let payload = Bytes::from(serde_json::to_vec(&change).expect("changes serialize"));
+        let payload = Bytes::from(serde_json::to_vec(&pending.change).expect("serializes"));
         self.publisher
-            .publish(
-                subjects::status_change(&record.agent_id),
-                transition_id,
-                payload,
-                None,
-            )
+            .publish(subjects::status_change(agent), &pending.id, payload, None)
             .await
             .map_err(|e| HandleError::Transient(format!("publishing status change: {e}")))?;
-        tracing::info!(agent_id = %record.agent_id, from = ?from, to = ?record.status, reason, "agent status changed");
-        Ok(())
+        tracing::info!(
+            agent_id = %agent,
+            from = ?pending.change.from,
+            to = ?pending.change.to,
+            reason = %pending.change.reason,
+            "agent status changed"
+        );
+        Ok(self
+            .store(agent, &record, Some(revision))
+            .await?
+            .map(|revision| (record, revision)))
     }
 
-    /// Publishes a registration for each configured agent the bucket does not know as configured.
-    async fn preregister(&self) -> anyhow::Result<()> {
-        for (agent, profile) in &self.settings.preregistered {
-            let (current, _) = self.load(agent).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            if current.as_ref().is_some_and(|r| &r.profile == profile) {
-                continue;
-            }
-            let registration = Registration {
-                agent_id: agent.clone(),
-                profile: profile.clone(),
-                origin: RegistrationOrigin::Config,
-                received_at: Utc::now().trunc_subsecs(3),
-            };
-            let digest = Sha256::digest(serde_json::to_vec(profile).expect("profiles serialize"));
-            let payload = Bytes::from(serde_json::to_vec(&registration).expect("serializes"));
-            self.publisher
-                .publish(
-                    subjects::registration(agent),
-                    &format!("prereg:{agent}:{}", hex::encode(&digest[..16])),
-                    payload,
-                    None,
-                )
-                .await
-                .with_context(|| format!("pre-registering agent {agent}"))?;
-            tracing::info!(agent_id = %agent, "pre-registered agent from REGISTERED_AGENTS");
-        }
-        Ok(())
-    }
-
-    async fn sweep_forever(&self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.settings.sweep_interval);
+    async fn sweep_forever(&self, every: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -264,23 +312,27 @@ impl Registry {
 
     /// Marks every agent whose last heartbeat is older than the threshold as offline.
     async fn sweep(&self, now: DateTime<Utc>) -> anyhow::Result<()> {
-        let stale_after = chrono::Duration::from_std(self.settings.stale_after)?;
+        let stale_after = chrono::Duration::from_std(self.stale_after)?;
         let keys: Vec<String> = self.bucket.keys().await?.try_collect().await?;
         for key in keys {
             let Ok(agent) = AgentId::parse(&key) else {
                 continue;
             };
-            let (Some(record), revision) = self
-                .load(&agent)
+            let loaded = self
+                .load_settled(&agent)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .map_err(anyhow::Error::msg)?;
+            let Some(Loaded {
+                record: Some(record),
+                revision,
+            }) = loaded
             else {
                 continue;
             };
             if record.status == AgentStatus::Offline || now - record.last_seen <= stale_after {
                 continue;
             }
-            let next = AgentRecord {
+            let mut next = AgentRecord {
                 status: AgentStatus::Offline,
                 // The decision rests on `last_seen`: any heartbeat received after it wins.
                 status_at: record.last_seen,
@@ -290,15 +342,37 @@ impl Registry {
                 "status:{agent}:offline:{}",
                 record.last_seen.timestamp_millis()
             );
-            self.announce(&next, Some(record.status), "stale", &id)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            next.pending = Some(pending_change(&next, Some(record.status), "stale", &id));
             // A lost race means a heartbeat just arrived: the agent is not stale after all.
-            self.store(&agent, &next, revision)
+            if let Some(revision) = self
+                .store(&agent, &next, revision)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(anyhow::Error::msg)?
+            {
+                self.announce(&agent, next, revision)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            }
         }
         Ok(())
+    }
+}
+
+fn pending_change(
+    record: &AgentRecord,
+    from: Option<AgentStatus>,
+    reason: &str,
+    id: &str,
+) -> PendingChange {
+    PendingChange {
+        id: id.to_owned(),
+        change: StatusChange {
+            agent_id: record.agent_id.clone(),
+            from,
+            to: record.status,
+            at: record.status_at,
+            reason: reason.to_owned(),
+        },
     }
 }
 
@@ -321,6 +395,7 @@ fn on_registration(current: Option<&AgentRecord>, registration: &Registration) -
             last_seen: at,
             status,
             status_at: at,
+            pending: None,
         };
         return (record, Some((None, reason)));
     };

@@ -155,8 +155,7 @@ impl TestApp {
     }
 
     pub async fn spawn_with(nats: &NatsServer, flags: &[&str]) -> Self {
-        let app = Self::start(settings(Some(&nats.url()), flags)).await;
-        app
+        Self::start(settings(Some(&nats.url()), flags)).await
     }
 
     /// Starts the application from `settings`; the inspection client connects to the same NATS.
@@ -398,5 +397,100 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl TestApp {
+    /// True while the application task has not ended (it ends only when stopped or on a failure).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|task| !task.is_finished())
+    }
+}
+
+/// Every environment variable a setting reads, scanned from `env = "..."` in `src/config.rs`,
+/// so that a new setting is covered without editing the tests.
+pub fn setting_env_vars() -> Vec<String> {
+    const MARK: &str = "env = \"";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config.rs");
+    let source = std::fs::read_to_string(&path).unwrap();
+    let mut names: Vec<String> = Vec::new();
+    let mut rest = source.as_str();
+    while let Some(at) = rest.find(MARK) {
+        rest = &rest[at + MARK.len()..];
+        let end = rest.find('"').expect("closing quote");
+        let name = rest[..end].to_owned();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+        rest = &rest[end..];
+    }
+    assert!(
+        names.iter().any(|n| n == "SHARED_SECRET"),
+        "scan of {} found no settings",
+        path.display()
+    );
+    names
+}
+
+/// The `auto-com-center` binary, with none of the settings' variables inherited from the
+/// environment the tests run in.
+pub fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_auto-com-center"));
+    for name in setting_env_vars() {
+        command.env_remove(name);
+    }
+    command
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_SERVICE_NAME")
+        .stdin(Stdio::null());
+    command
+}
+
+/// How a run of the binary ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Runs `command` to completion; kills it and panics if it is still running after `within`.
+pub fn run_to_end(command: &mut Command, within: Duration) -> Finished {
+    use std::io::Read as _;
+    let started = std::time::Instant::now();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the binary");
+    let collect = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = collect(Box::new(child.stdout.take().unwrap()));
+    let stderr = collect(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{command:?} still running after {within:?}; stderr: {}",
+                stderr.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+        elapsed: started.elapsed(),
     }
 }

