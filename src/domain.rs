@@ -42,7 +42,7 @@ fn parse_token(raw: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if raw.len() > MAX_ID_LEN {
-        return Err(format!("must be at most {MAX_ID_LEN} characters"));
+        return Err(format!("must be at most {MAX_ID_LEN} bytes"));
     }
     if !raw
         .bytes()
@@ -111,6 +111,9 @@ impl AgentProfile {
     pub fn parse(body: &Map<String, Value>) -> Result<Self, FieldError> {
         let name = required_string(body, "name", MAX_NAME_LEN)?;
         let base_url = required_string(body, "base_url", 2048)?;
+        if base_url.trim() != base_url || base_url.contains(char::is_whitespace) {
+            return Err(FieldError::new("base_url", "must not contain whitespace"));
+        }
         let url = url::Url::parse(&base_url)
             .map_err(|e| FieldError::new("base_url", format!("not a URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -144,9 +147,7 @@ impl AgentProfile {
                 }
                 _ => Err(FieldError::new(
                     format!("capabilities[{i}]"),
-                    format!(
-                        "must be a non-empty string of at most {MAX_CAPABILITY_LEN} characters"
-                    ),
+                    format!("must be a non-empty string of at most {MAX_CAPABILITY_LEN} bytes"),
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -295,7 +296,7 @@ pub fn required_string(
         }
         Some(Value::String(s)) if s.len() > max_len => Err(FieldError::new(
             field,
-            format!("must be at most {max_len} characters"),
+            format!("must be at most {max_len} bytes"),
         )),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Null) | None => Err(FieldError::new(field, "is required")),

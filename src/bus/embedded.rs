@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Durability, EmbeddedSettings};
 
-/// The oldest server we run: atomic batch publish and the stream settings we rely on.
+/// The oldest server we run: the issue pins 2.11 (multi-filter consumers, per-message TTL era
+/// stream settings, `sync_interval: always` behaving as documented).
 pub const MIN_VERSION: (u64, u64, u64) = (2, 11, 0);
 
 /// The user the bridge connects as.
@@ -349,7 +350,8 @@ fn write_config(
         // The server's default: acknowledged from the page cache, flushed every 2 minutes.
         Durability::Interval => "2m",
     };
-    let store = data_dir.join("jetstream");
+    // nats-server adds `jetstream/` under `store_dir` itself.
+    let store = data_dir;
     let text = format!(
         "# Written by auto-com-center on every start; edits are overwritten.\n\
          listen: 127.0.0.1:{port}\n\

@@ -1,5 +1,5 @@
 //! Workers: durable, explicit-ack JetStream consumers. [`consume`] is the loop every worker role
-//! shares — pull, handle one message, ack; on a transient failure, nak with backoff; on a
+//! shares — pull a batch, handle each message, ack; on a transient failure, nak with backoff; on a
 //! permanent one, or once `max_deliver` is spent, copy the message to the dead-letter stream with
 //! the reason and terminate it so the consumer keeps going.
 
@@ -16,8 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Publisher, subjects};
 
-/// Deliveries before a message is dead-lettered.
-pub const MAX_DELIVER: i64 = 5;
+/// A message whose handling fails on its fifth delivery is dead-lettered.
+pub const DEAD_LETTER_AFTER: i64 = 5;
+
+/// The server's bound on deliveries: above [`DEAD_LETTER_AFTER`], so that deliveries lost to a
+/// worker that crashed mid-batch do not use up the attempts a message gets to be handled.
+pub const MAX_DELIVER: i64 = 10;
 
 /// Delay before a message that failed for the n-th time (1-based) is delivered again.
 fn retry_delay(delivered: i64) -> Duration {
@@ -42,8 +46,17 @@ pub trait Handler: Send + Sync {
     fn handle(&self, message: &Message) -> impl Future<Output = Result<(), HandleError>> + Send;
 }
 
-/// Runs `handler` over every message of `consumer` until `stop` fires. The current message is
-/// always finished (acked, naked or dead-lettered) before returning.
+/// Messages asked for per pull request.
+const BATCH: usize = 64;
+/// How long one pull request waits for messages before it ends on its own.
+const BATCH_WAIT: Duration = Duration::from_millis(500);
+
+/// Runs `handler` over every message of `consumer` until `stop` fires.
+///
+/// Messages are pulled in bounded batches, and a batch is always handled to its end, even after
+/// `stop`: its pull request expires by itself within [`BATCH_WAIT`], so when this returns no
+/// request is left at the server that could deliver a message into a connection nobody reads,
+/// and a replica taking over gets every unfinished message at once.
 pub async fn consume<H: Handler>(
     consumer: PullConsumer,
     stream: &'static str,
@@ -52,13 +65,15 @@ pub async fn consume<H: Handler>(
     stop: CancellationToken,
     handler: H,
 ) {
-    loop {
-        let messages = tokio::select! {
-            () = stop.cancelled() => return,
-            messages = consumer.messages() => messages,
-        };
-        let mut messages = match messages {
-            Ok(messages) => messages,
+    while !stop.is_cancelled() {
+        let batch = consumer
+            .batch()
+            .max_messages(BATCH)
+            .expires(BATCH_WAIT)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
             Err(err) => {
                 tracing::warn!(consumer = name, error = %err, "cannot pull; retrying");
                 tokio::select! {
@@ -67,21 +82,17 @@ pub async fn consume<H: Handler>(
                 }
             }
         };
-        loop {
-            let next = tokio::select! {
-                () = stop.cancelled() => return,
-                next = messages.next() => next,
-            };
-            let message = match next {
-                Some(Ok(message)) => message,
-                Some(Err(err)) => {
-                    tracing::warn!(consumer = name, error = %err, "pull interrupted");
-                    continue;
+        while let Some(next) = batch.next().await {
+            match next {
+                Ok(message) => {
+                    let outcome = handler.handle(&message).await;
+                    settle(&publisher, stream, name, message, outcome).await;
                 }
-                None => break,
-            };
-            let outcome = handler.handle(&message).await;
-            settle(&publisher, stream, name, message, outcome).await;
+                Err(err) => {
+                    tracing::warn!(consumer = name, error = %err, "pull interrupted");
+                    break;
+                }
+            }
         }
     }
 }
@@ -96,7 +107,7 @@ async fn settle(
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     let result = match outcome {
         Ok(()) => message.ack().await,
-        Err(HandleError::Transient(reason)) if delivered < MAX_DELIVER => {
+        Err(HandleError::Transient(reason)) if delivered < DEAD_LETTER_AFTER => {
             tracing::warn!(consumer, subject = %message.subject, delivered, reason, "handler failed; will retry");
             message
                 .ack_with(AckKind::Nak(Some(retry_delay(delivered))))

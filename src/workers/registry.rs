@@ -77,7 +77,7 @@ pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
             ],
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             max_deliver: MAX_DELIVER,
             max_ack_pending: 1_000,
             ..Default::default()

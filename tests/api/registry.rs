@@ -414,3 +414,48 @@ async fn registered_agents_from_configuration_are_known_at_start() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_with_its_reason_and_the_registry_keeps_going() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    // Valid on the wire, impossible for the worker: not a registration.
+    let ack = app
+        .js
+        .publish(
+            "acc.agents.registered.poison",
+            "{\"not\": \"a registration\"}".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    app.register("after-poison").await;
+    wait_for_status(&app, "after-poison", "online", Duration::from_secs(10)).await;
+
+    let dead = eventually(Duration::from_secs(10), "a dead letter", || async {
+        let mut stream = app.js.get_stream("ACC_DEAD_LETTER").await.unwrap();
+        (stream.info().await.unwrap().state.messages == 1).then_some(stream)
+    })
+    .await;
+    let message = dead.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        message.subject.as_str(),
+        "acc.dead_letter.ACC_AGENTS.registry"
+    );
+    let reason = message
+        .headers
+        .get("Acc-Dead-Letter-Reason")
+        .unwrap()
+        .as_str();
+    assert!(reason.contains("unreadable payload"), "{reason}");
+    assert_eq!(
+        message
+            .headers
+            .get("Acc-Dead-Letter-Sequence")
+            .unwrap()
+            .as_str(),
+        ack.sequence.to_string()
+    );
+    assert_eq!(&message.payload[..], b"{\"not\": \"a registration\"}");
+}

@@ -1,0 +1,49 @@
+# auto-com-center: one image for every role (ingress, registry). The default command runs all of
+# them in one process; docker-compose.yml runs one role per container against a separate NATS
+# server. There is no nats-server in this image, so `serve` needs NATS_URL.
+
+# ---- build -------------------------------------------------------------------------------------
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+
+# Dependencies first, against placeholder sources, so that editing src/ does not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src tests/api \
+ && echo 'fn main() {}' > src/main.rs \
+ && touch src/lib.rs tests/api/main.rs \
+ && cargo build --release --locked \
+ && rm -rf src tests \
+      target/release/auto-com-center* \
+      target/release/deps/auto_com_center-* \
+      target/release/deps/libauto_com_center-* \
+      target/release/.fingerprint/auto-com-center-*
+
+COPY src ./src
+COPY tests ./tests
+RUN cargo build --release --locked \
+ && install -D -m 0755 target/release/auto-com-center /out/auto-com-center
+
+# ---- runtime -----------------------------------------------------------------------------------
+FROM debian:bookworm-slim
+
+# CA certificates for TLS to NATS (tls://) and to the OTLP endpoint.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# Never run as root. /data is the default DATA_DIR, owned by the service user.
+RUN groupadd --system --gid 10001 acc \
+ && useradd --system --uid 10001 --gid acc --home-dir /data --shell /usr/sbin/nologin acc \
+ && install -d -o acc -g acc -m 0750 /data
+
+COPY --from=build /out/auto-com-center /usr/local/bin/auto-com-center
+
+USER acc:acc
+WORKDIR /data
+
+# Inside a container the listener must not be limited to loopback.
+ENV HTTP_ADDR=0.0.0.0:8080
+EXPOSE 8080
+
+ENTRYPOINT ["auto-com-center"]
+CMD ["serve"]

