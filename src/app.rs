@@ -147,9 +147,9 @@ impl Application {
         if let Some(listener) = listener {
             let directory = Directory::new(agents_stream, settings.publish_timeout);
             tasks.spawn({
-                let (directory, stop) = (directory.clone(), stop.clone());
+                let (directory, client, stop) = (directory.clone(), client.clone(), stop.clone());
                 async move {
-                    directory.follow(bucket, stop).await;
+                    directory.follow(bucket, client, stop).await;
                     Ok(())
                 }
             });

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use async_nats::Client;
+use async_nats::connection::State;
 use async_nats::jetstream::kv::{Operation, Store};
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use futures::StreamExt as _;
@@ -93,8 +95,10 @@ impl Directory {
         }
     }
 
-    /// Follows the bucket until `stop` fires, re-watching from scratch after any interruption.
-    pub async fn follow(self, bucket: Store, stop: CancellationToken) {
+    /// Follows the bucket until `stop` fires, re-watching from scratch after any interruption,
+    /// including a reconnection of `client` (the watch would otherwise notice only after its
+    /// idle heartbeats went missing, seconds later).
+    pub async fn follow(self, bucket: Store, client: Client, stop: CancellationToken) {
         loop {
             let watch = tokio::select! {
                 () = stop.cancelled() => return,
@@ -103,10 +107,20 @@ impl Directory {
             match watch {
                 Ok(mut entries) => {
                     let mut fresh: Option<HashMap<AgentId, AgentRecord>> = Some(HashMap::new());
+                    let mut connection = tokio::time::interval(Duration::from_millis(200));
+                    let mut was_disconnected = false;
                     loop {
                         let next = tokio::select! {
                             () = stop.cancelled() => return,
                             next = entries.next() => next,
+                            _ = connection.tick() => {
+                                let connected = client.connection_state() == State::Connected;
+                                if connected && was_disconnected {
+                                    break;
+                                }
+                                was_disconnected |= !connected;
+                                continue;
+                            }
                         };
                         let entry = match next {
                             Some(Ok(entry)) => entry,
