@@ -368,17 +368,19 @@ pub fn assert_matches_schema(subject: &str, payload: &Value) {
         .iter()
         .find(|spec| subject_matches(spec.subject, subject))
         .unwrap_or_else(|| panic!("subject {subject} is not in the catalog"));
-    let Some(file) = spec.schema else { return };
-    let schema = load_schema(file);
-    let validator = jsonschema::validator_for(&schema).unwrap();
+    if let Some(file) = spec.schema {
+        assert_valid(file, payload);
+    }
+}
+
+/// Validates `value` against `subjects/schemas/<file>`.
+pub fn assert_valid(file: &str, value: &Value) {
+    let validator = jsonschema::validator_for(&load_schema(file)).unwrap();
     let errors: Vec<String> = validator
-        .iter_errors(payload)
+        .iter_errors(value)
         .map(|e| e.to_string())
         .collect();
-    assert!(
-        errors.is_empty(),
-        "{subject} payload {payload} violates {file}: {errors:?}"
-    );
+    assert!(errors.is_empty(), "{value} violates {file}: {errors:?}");
 }
 
 /// Polls `check` until it returns `Some`, or panics after `within`.
