@@ -82,13 +82,9 @@ fn is_json(headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    let essence = value.split(';').next().unwrap_or("").trim();
-    essence.eq_ignore_ascii_case("application/json")
-        || (essence.len() > 5
-            && essence[..essence.len() - 5]
-                .to_ascii_lowercase()
-                .starts_with("application/")
-            && essence.to_ascii_lowercase().ends_with("+json"))
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// The optional `Idempotency-Key` header. A header that is not text is passed on as an empty
