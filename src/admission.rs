@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::auth::Caller;
@@ -64,6 +64,15 @@ const MAX_TRACE_ID_LEN: usize = 128;
 const MAX_STATUS_LEN: usize = 64;
 const MAX_KEY_LEN: usize = 128;
 
+/// One of the four agent calls, whichever door it came through.
+#[derive(Debug, Clone, Copy)]
+pub enum Call<'a> {
+    Register,
+    Heartbeat,
+    TaskResult { task_id: &'a str },
+    Event,
+}
+
 #[derive(Clone)]
 pub struct Admission {
     publisher: Publisher,
@@ -80,6 +89,69 @@ impl Admission {
 
     pub fn directory(&self) -> &Directory {
         &self.directory
+    }
+
+    /// Admits one call and returns the success body every door answers with: the plan's body
+    /// plus where the message was stored.
+    pub async fn admit(
+        &self,
+        call: Call<'_>,
+        caller: &Caller,
+        body: &Map<String, Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, AdmissionError> {
+        let answer = match call {
+            Call::Register => {
+                let receipt = self.register(caller, body, idempotency_key).await?;
+                tracing::info!(agent_id = %receipt.id, seq = receipt.ack.seq, duplicate = receipt.ack.duplicate, "agent registered");
+                json!({
+                    "success": true,
+                    "agent_id": receipt.id,
+                    "message": "Agent registered successfully",
+                    "stream": receipt.ack.stream,
+                    "seq": receipt.ack.seq,
+                    "duplicate": receipt.ack.duplicate,
+                })
+            }
+            Call::Heartbeat => {
+                let receipt = self.heartbeat(caller, body, idempotency_key).await?;
+                json!({
+                    "success": true,
+                    "message": "Heartbeat received",
+                    "timestamp": receipt.received_at,
+                    "agent_id": receipt.id,
+                    "stream": receipt.ack.stream,
+                    "seq": receipt.ack.seq,
+                    "duplicate": receipt.ack.duplicate,
+                })
+            }
+            Call::TaskResult { task_id } => {
+                let receipt = self
+                    .task_result(caller, task_id, body, idempotency_key)
+                    .await?;
+                tracing::info!(task_id = %receipt.id, agent_id = %caller.agent_id, seq = receipt.ack.seq, "task result stored");
+                json!({
+                    "success": true,
+                    "task_id": receipt.id,
+                    "message": "Result received",
+                    "stream": receipt.ack.stream,
+                    "seq": receipt.ack.seq,
+                    "duplicate": receipt.ack.duplicate,
+                })
+            }
+            Call::Event => {
+                let receipt = self.event(caller, body).await?;
+                json!({
+                    "success": true,
+                    "event_id": receipt.id,
+                    "message": "Event received",
+                    "stream": receipt.ack.stream,
+                    "seq": receipt.ack.seq,
+                    "duplicate": receipt.ack.duplicate,
+                })
+            }
+        };
+        Ok(answer)
     }
 
     /// `register`: `{agent_id, name, base_url, capabilities[]}`.

@@ -121,6 +121,15 @@ impl ApiError {
         }
     }
 
+    /// The JSON envelope: `{success:false, error:{code, message, details?}}`.
+    pub fn body(&self) -> serde_json::Value {
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let Some(details) = self.details() {
+            error["details"] = details.into();
+        }
+        json!({ "success": false, "error": error })
+    }
+
     /// What the client may see beyond the message. Never internal causes.
     fn details(&self) -> Option<String> {
         use ApiError::*;

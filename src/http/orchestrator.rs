@@ -1,6 +1,6 @@
 //! `/orchestrator/*`: the agent calls (register, heartbeat, task callback, event), the task
-//! status read, and the admin agent list. Handlers are thin: extract, call admission, shape the
-//! plan's response body plus where the write was stored.
+//! status read, and the admin agent list. Handlers are thin: extract, then admission does the
+//! work and shapes the answer, the same for every door.
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use axum::extract::{Path, State, rejection::PathRejection};
@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{Authenticated, JsonObject, idempotency_key};
+use crate::admission::Call;
 use crate::bus::subjects;
 use crate::config::ADMIN_SCOPE;
 use crate::domain::{TaskId, TaskResult};
@@ -35,19 +36,9 @@ async fn register(
     headers: HeaderMap,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let receipt = state
-        .admission
-        .register(&caller, &body, idempotency_key(&headers))
-        .await?;
-    tracing::info!(agent_id = %receipt.id, seq = receipt.ack.seq, duplicate = receipt.ack.duplicate, "agent registered");
-    Ok(Json(json!({
-        "success": true,
-        "agent_id": receipt.id,
-        "message": "Agent registered successfully",
-        "stream": receipt.ack.stream,
-        "seq": receipt.ack.seq,
-        "duplicate": receipt.ack.duplicate,
-    })))
+    let key = idempotency_key(&headers);
+    let answer = state.admission.admit(Call::Register, &caller, &body, key);
+    Ok(Json(answer.await?))
 }
 
 async fn heartbeat(
@@ -56,19 +47,9 @@ async fn heartbeat(
     headers: HeaderMap,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let receipt = state
-        .admission
-        .heartbeat(&caller, &body, idempotency_key(&headers))
-        .await?;
-    Ok(Json(json!({
-        "success": true,
-        "message": "Heartbeat received",
-        "timestamp": receipt.received_at,
-        "agent_id": receipt.id,
-        "stream": receipt.ack.stream,
-        "seq": receipt.ack.seq,
-        "duplicate": receipt.ack.duplicate,
-    })))
+    let key = idempotency_key(&headers);
+    let answer = state.admission.admit(Call::Heartbeat, &caller, &body, key);
+    Ok(Json(answer.await?))
 }
 
 async fn task_callback(
@@ -79,19 +60,11 @@ async fn task_callback(
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let Path(task_id) = task_id.map_err(|e| ApiError::InvalidPayload(format!("task_id: {e}")))?;
-    let receipt = state
-        .admission
-        .task_result(&caller, &task_id, &body, idempotency_key(&headers))
-        .await?;
-    tracing::info!(task_id = %receipt.id, agent_id = %caller.agent_id, seq = receipt.ack.seq, "task result stored");
-    Ok(Json(json!({
-        "success": true,
-        "task_id": receipt.id,
-        "message": "Result received",
-        "stream": receipt.ack.stream,
-        "seq": receipt.ack.seq,
-        "duplicate": receipt.ack.duplicate,
-    })))
+    let key = idempotency_key(&headers);
+    let call = Call::TaskResult { task_id: &task_id };
+    Ok(Json(
+        state.admission.admit(call, &caller, &body, key).await?,
+    ))
 }
 
 async fn event(
@@ -99,15 +72,8 @@ async fn event(
     Authenticated(caller): Authenticated,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
-    let receipt = state.admission.event(&caller, &body).await?;
-    Ok(Json(json!({
-        "success": true,
-        "event_id": receipt.id,
-        "message": "Event received",
-        "stream": receipt.ack.stream,
-        "seq": receipt.ack.seq,
-        "duplicate": receipt.ack.duplicate,
-    })))
+    let answer = state.admission.admit(Call::Event, &caller, &body, None);
+    Ok(Json(answer.await?))
 }
 
 /// The latest stored result of a task, for the agent that reported it or an admin.
