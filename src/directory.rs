@@ -7,6 +7,7 @@
 //! registration stream, which already holds every acknowledged registration.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -107,18 +108,18 @@ impl Directory {
             match watch {
                 Ok(mut entries) => {
                     let mut fresh: Option<HashMap<AgentId, AgentRecord>> = Some(HashMap::new());
+                    let statistics = client.statistics();
+                    let connects = statistics.connects.load(Ordering::Relaxed);
                     let mut connection = tokio::time::interval(Duration::from_millis(200));
-                    let mut was_disconnected = false;
                     loop {
                         let next = tokio::select! {
                             () = stop.cancelled() => return,
                             next = entries.next() => next,
                             _ = connection.tick() => {
-                                let connected = client.connection_state() == State::Connected;
-                                if connected && was_disconnected {
+                                let reconnected = statistics.connects.load(Ordering::Relaxed) != connects;
+                                if reconnected && client.connection_state() == State::Connected {
                                     break;
                                 }
-                                was_disconnected |= !connected;
                                 continue;
                             }
                         };

@@ -50,6 +50,8 @@ pub trait Handler: Send + Sync {
 const BATCH: usize = 64;
 /// How long one pull request waits for messages before it ends on its own.
 const BATCH_WAIT: Duration = Duration::from_millis(500);
+/// How long past [`BATCH_WAIT`] a silent pull request is trusted before it is presumed lost.
+const BATCH_GRACE: Duration = Duration::from_millis(500);
 
 /// Runs `handler` over every message of `consumer` until `stop` fires.
 ///
@@ -82,7 +84,11 @@ pub async fn consume<H: Handler>(
                 }
             }
         };
-        while let Some(next) = batch.next().await {
+        // The server ends the request after BATCH_WAIT; a request lost with a dropped connection
+        // is given up a little after that (async-nats itself would wait 5 s more).
+        let mut deadline = tokio::time::Instant::now() + BATCH_WAIT + BATCH_GRACE;
+        while let Ok(Some(next)) = tokio::time::timeout_at(deadline, batch.next()).await {
+            deadline = tokio::time::Instant::now() + BATCH_WAIT + BATCH_GRACE;
             match next {
                 Ok(message) => {
                     let outcome = handler.handle(&message).await;
