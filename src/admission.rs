@@ -18,6 +18,7 @@ use crate::domain::{
     AgentId, AgentProfile, Event, FieldError, Heartbeat, Registration, RegistrationOrigin,
     ReportedStatus, TaskId, TaskResult, optional_string, required_string,
 };
+use crate::telemetry::with_trace_id;
 
 /// Why a message was not admitted. Each variant has one HTTP status (see `http::error`).
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +152,7 @@ impl Admission {
                 })
             }
         };
-        Ok(answer)
+        Ok(with_trace_id(answer))
     }
 
     /// `register`: `{agent_id, name, base_url, capabilities[]}`.
@@ -265,6 +266,7 @@ impl Admission {
         let result = body.get("result").filter(|v| !v.is_null()).cloned();
         let error = body.get("error").filter(|v| !v.is_null()).cloned();
         let trace_id = optional_string(body, "trace_id", MAX_TRACE_ID_LEN)?;
+        record_trace_id(trace_id.as_deref());
         let now = now();
         let msg_id = dedupe_id("task", &caller.agent_id, idempotency_key, || {
             format!("{task_id}:{}", digest(&(&status, &result, &error)))
@@ -311,6 +313,7 @@ impl Admission {
             .map_err(|_| FieldError::new("time", "must be an RFC 3339 timestamp"))?
             .with_timezone(&Utc);
         let trace_id = optional_string(body, "trace_id", MAX_TRACE_ID_LEN)?;
+        record_trace_id(trace_id.as_deref());
         bind(caller, &source)?;
         let now = now();
         let msg_id = format!("event:{}:{event_id}", caller.agent_id);
@@ -350,6 +353,13 @@ impl Admission {
 
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
+}
+
+/// Makes the caller's own `trace_id` searchable (`acc.trace_id`) on the request's span.
+fn record_trace_id(trace_id: Option<&str>) {
+    if let Some(trace_id) = trace_id {
+        tracing::Span::current().record("acc.trace_id", trace_id);
+    }
 }
 
 fn parse_agent_id(body: &Map<String, Value>) -> Result<AgentId, FieldError> {

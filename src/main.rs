@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use auto_com_center::config::{self, Cli, Command, Settings};
 use auto_com_center::domain::AgentId;
-use auto_com_center::{Application, app, auth, telemetry};
+use auto_com_center::telemetry::{self, OtelConfig};
+use auto_com_center::{Application, app, auth};
 use clap::Parser as _;
 
 fn main() -> ExitCode {
@@ -39,12 +40,33 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            telemetry::init(settings.log_format, &settings.log_level);
+            let otel = match OtelConfig::from_env() {
+                Ok(otel) => otel,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            // The gRPC exporter needs the runtime to exist when it is built.
+            let telemetry = {
+                let _runtime = runtime.enter();
+                telemetry::init(settings.log_format, &settings.log_level, &otel)
+            };
+            let telemetry = match telemetry {
+                Ok(telemetry) => telemetry,
+                Err(err) => {
+                    eprintln!("error: cannot set up trace export: {err:#}");
+                    return ExitCode::from(2);
+                }
+            };
             let result = runtime.block_on(async {
                 let app = Application::build(settings).await?;
                 app.run_until_stopped(app::shutdown_signal()).await
             });
+            if let Some(telemetry) = telemetry {
+                telemetry.shutdown();
+            }
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

@@ -1,21 +1,575 @@
-//! Logging: one `tracing` subscriber, text or JSON lines, filtered by `LOG_LEVEL`.
-//! Secrets never reach it: the shared secret and NATS password are wrapped types that print `***`,
-//! and no code logs a token.
+//! Logs and traces. One `tracing` subscriber writes log lines (text, or JSON objects that carry
+//! `trace_id` and `span_id`) and turns spans into OpenTelemetry spans. When
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans are batched and exported by OTLP (gRPC or
+//! HTTP/protobuf); when it is not, spans still get W3C trace ids (so responses and logs can be
+//! correlated) but nothing is recorded or exported.
+//!
+//! W3C trace context crosses every boundary through this module: [`extract`] reads it from HTTP
+//! or NATS headers, [`inject`] writes it into the NATS headers of every message we publish.
+//!
+//! Secrets never reach a log line: the shared secret and NATS password are wrapped types that
+//! print `***`, and no code logs a token.
 
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing).
-pub fn init(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_span_events(FmtSpan::NONE)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+/// Where and how spans are exported, from the standard OpenTelemetry variables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtelConfig {
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`; `None`: no export.
+    pub endpoint: Option<Endpoint>,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc` or `http/protobuf` (the default, as the spec says).
+    pub protocol: ExportProtocol,
+    /// `OTEL_SERVICE_NAME` (default `auto-com-center`).
+    pub service_name: String,
+    /// `OTEL_RESOURCE_ATTRIBUTES`: `key=value,key=value`.
+    pub resource_attributes: Vec<(String, String)>,
+    /// `OTEL_TRACES_SAMPLER` with `OTEL_TRACES_SAMPLER_ARG`.
+    pub sampler: SamplerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: HTTP export appends `/v1/traces`.
+    Base(String),
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: used as given.
+    Traces(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SamplerConfig {
+    AlwaysOn,
+    AlwaysOff,
+    TraceIdRatio(f64),
+    ParentBasedAlwaysOn,
+    ParentBasedAlwaysOff,
+    ParentBasedTraceIdRatio(f64),
+}
+
+impl SamplerConfig {
+    fn build(self) -> Sampler {
+        match self {
+            Self::AlwaysOn => Sampler::AlwaysOn,
+            Self::AlwaysOff => Sampler::AlwaysOff,
+            Self::TraceIdRatio(r) => Sampler::TraceIdRatioBased(r),
+            Self::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            Self::ParentBasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+            Self::ParentBasedTraceIdRatio(r) => {
+                Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(r)))
+            }
+        }
+    }
+}
+
+/// An `OTEL_*` variable that could not be used. Start-up refuses rather than guessing.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {variable}: {message}")]
+pub struct OtelConfigError {
+    pub variable: &'static str,
+    pub message: String,
+}
+
+impl OtelConfig {
+    /// No export at all: the default when no endpoint is configured.
+    pub fn disabled() -> Self {
+        Self {
+            endpoint: None,
+            protocol: ExportProtocol::HttpProtobuf,
+            service_name: "auto-com-center".into(),
+            resource_attributes: Vec::new(),
+            sampler: SamplerConfig::ParentBasedAlwaysOn,
+        }
+    }
+
+    /// Reads the standard variables through `lookup` (`std::env::var` in production).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, OtelConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut config = Self::disabled();
+        config.endpoint = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .map(Endpoint::Traces)
+            .or_else(|| get("OTEL_EXPORTER_OTLP_ENDPOINT").map(Endpoint::Base));
+        config.protocol = match get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .as_deref()
+        {
+            None | Some("http/protobuf") => ExportProtocol::HttpProtobuf,
+            Some("grpc") => ExportProtocol::Grpc,
+            Some(other) => {
+                return Err(OtelConfigError {
+                    variable: "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    message: format!("{other:?}: use grpc or http/protobuf"),
+                });
+            }
+        };
+        if let Some(name) = get("OTEL_SERVICE_NAME") {
+            config.service_name = name;
+        }
+        if let Some(attributes) = get("OTEL_RESOURCE_ATTRIBUTES") {
+            for pair in attributes.split(',').filter(|p| !p.trim().is_empty()) {
+                let (key, value) = pair.split_once('=').ok_or_else(|| OtelConfigError {
+                    variable: "OTEL_RESOURCE_ATTRIBUTES",
+                    message: format!("{pair:?} is not key=value"),
+                })?;
+                config
+                    .resource_attributes
+                    .push((key.trim().to_owned(), value.trim().to_owned()));
+            }
+        }
+        let ratio = || -> Result<f64, OtelConfigError> {
+            match get("OTEL_TRACES_SAMPLER_ARG") {
+                None => Ok(1.0),
+                Some(arg) => arg
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| OtelConfigError {
+                        variable: "OTEL_TRACES_SAMPLER_ARG",
+                        message: format!("{arg:?} is not a ratio between 0 and 1"),
+                    }),
+            }
+        };
+        if let Some(sampler) = get("OTEL_TRACES_SAMPLER") {
+            config.sampler = match sampler.as_str() {
+                "always_on" => SamplerConfig::AlwaysOn,
+                "always_off" => SamplerConfig::AlwaysOff,
+                "traceidratio" => SamplerConfig::TraceIdRatio(ratio()?),
+                "parentbased_always_on" => SamplerConfig::ParentBasedAlwaysOn,
+                "parentbased_always_off" => SamplerConfig::ParentBasedAlwaysOff,
+                "parentbased_traceidratio" => SamplerConfig::ParentBasedTraceIdRatio(ratio()?),
+                other => {
+                    return Err(OtelConfigError {
+                        variable: "OTEL_TRACES_SAMPLER",
+                        message: format!(
+                            "{other:?}: use always_on, always_off, traceidratio, \
+                             parentbased_always_on, parentbased_always_off or \
+                             parentbased_traceidratio"
+                        ),
+                    });
+                }
+            };
+        }
+        Ok(config)
+    }
+
+    pub fn from_env() -> Result<Self, OtelConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// The URL to hand the exporter: a signal-specific endpoint verbatim; for HTTP, the general
+    /// endpoint plus `/v1/traces`, as the OTLP specification says.
+    fn export_url(&self) -> Option<String> {
+        Some(match (self.endpoint.as_ref()?, self.protocol) {
+            (Endpoint::Traces(url), _) | (Endpoint::Base(url), ExportProtocol::Grpc) => url.clone(),
+            (Endpoint::Base(url), ExportProtocol::HttpProtobuf) => {
+                format!("{}/v1/traces", url.trim_end_matches('/'))
+            }
+        })
+    }
+}
+
+/// The installed telemetry. Keep it alive; [`Telemetry::shutdown`] flushes pending spans.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+impl Telemetry {
+    /// True when spans leave the process.
+    pub fn exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// Exports every finished span now (tests and shutdown).
+    pub fn flush(&self) {
+        if self.exporting {
+            let _ = self.provider.force_flush();
+        }
+    }
+
+    /// Flushes and stops the exporter. Bounded: an unreachable collector cannot hold up exit.
+    pub fn shutdown(self) {
+        if self.exporting {
+            let provider = self.provider;
+            let done = std::thread::spawn(move || {
+                let _ = provider.shutdown_with_timeout(Duration::from_secs(5));
+            });
+            let _ = done.join();
+        }
+    }
+}
+
+/// Installs the global subscriber writing to stderr. Returns `None` if one was already installed.
+pub fn init(
+    format: LogFormat,
+    filter: &str,
+    otel: &OtelConfig,
+) -> Result<Option<Telemetry>, anyhow::Error> {
+    init_with_writer(format, filter, otel, io::stderr)
+}
+
+/// [`init`] with another destination for log lines (tests capture them).
+pub fn init_with_writer<W>(
+    format: LogFormat,
+    filter: &str,
+    otel: &OtelConfig,
+    writer: W,
+) -> Result<Option<Telemetry>, anyhow::Error>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let mut resource = Resource::builder_empty().with_service_name(otel.service_name.clone());
+    for (key, value) in &otel.resource_attributes {
+        resource = resource.with_attribute(KeyValue::new(key.clone(), value.clone()));
+    }
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
+    let exporting = match otel.export_url() {
+        Some(url) => {
+            let exporter = match otel.protocol {
+                ExportProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(url)
+                    .with_timeout(Duration::from_secs(5))
+                    .build()?,
+                ExportProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(url)
+                    .with_timeout(Duration::from_secs(5))
+                    .build()?,
+            };
+            builder = builder
+                .with_batch_exporter(exporter)
+                .with_sampler(otel.sampler.build());
+            true
+        }
+        // Nothing leaves the process, so nothing is recorded; ids are still assigned.
+        None => {
+            builder = builder.with_sampler(Sampler::AlwaysOff);
+            false
+        }
     };
+    let provider = builder.build();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let tracer = provider.tracer("auto-com-center");
+
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false);
+    let fmt_layer = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .event_format(JsonLines)
+            .boxed(),
+    };
+    let installed = tracing_subscriber::registry()
+        .with(otel_layer)
+        .with(fmt_layer.with_filter(filter))
+        .try_init()
+        .is_ok();
+    Ok(installed.then_some(Telemetry {
+        provider,
+        exporting,
+    }))
+}
+
+/// Log lines as JSON objects: time, level, target, the event's fields, the current span's name,
+/// and `trace_id`/`span_id` whenever the line is written inside a span.
+struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = Map::new();
+        line.insert(
+            "timestamp".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .into(),
+        );
+        line.insert("level".into(), event.metadata().level().as_str().into());
+        line.insert("target".into(), event.metadata().target().into());
+        event.record(&mut JsonFields(&mut line));
+        if let Some(span) = ctx.lookup_current() {
+            line.insert("span".into(), span.name().into());
+            let context = tracing::Span::current().context();
+            let span_context = context.span().span_context().clone();
+            if span_context.is_valid() {
+                line.insert(
+                    "trace_id".into(),
+                    span_context.trace_id().to_string().into(),
+                );
+                line.insert("span_id".into(), span_context.span_id().to_string().into());
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+struct JsonFields<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+}
+
+/// Reads W3C trace context from any header-like map.
+pub fn extract(headers: &impl HeaderSource) -> Context {
+    TraceContextPropagator::new().extract(&ExtractFrom(headers))
+}
+
+/// Writes the current span's W3C trace context into NATS headers.
+pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
+    let context = span.context();
+    TraceContextPropagator::new().inject_context(&context, &mut InjectInto(headers));
+}
+
+/// True when `context` carries a valid remote parent (a `traceparent` was sent).
+pub fn has_remote_parent(context: &Context) -> bool {
+    context.span().span_context().is_valid()
+}
+
+/// A parent context whose trace id is `trace_id` (32 lowercase hex, not all zero), for a caller
+/// that names its trace in the body instead of sending `traceparent`.
+pub fn parent_from_trace_id(trace_id: &str) -> Option<Context> {
+    if trace_id.len() != 32
+        || !trace_id
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace_id).ok()?;
+    if trace_id == TraceId::INVALID {
+        return None;
+    }
+    let span_id = SpanId::from(rand::random::<u64>().max(1));
+    let parent = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    Some(Context::new().with_remote_span_context(parent))
+}
+
+/// The W3C ids of `span`: `(trace_id, traceparent)`, when it has a valid context.
+pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
+    let context = span.context();
+    let span_ref = context.span();
+    let span_context = span_ref.span_context();
+    if !span_context.is_valid() {
+        return None;
+    }
+    let trace_id = span_context.trace_id().to_string();
+    let traceparent = format!(
+        "00-{}-{}-{:02x}",
+        trace_id,
+        span_context.span_id(),
+        span_context.trace_flags().to_u8()
+    );
+    Some((trace_id, traceparent))
+}
+
+/// The trace id of the current span, for response bodies.
+pub fn current_trace_id() -> Option<String> {
+    ids(&tracing::Span::current()).map(|(trace_id, _)| trace_id)
+}
+
+/// Adds the trace id of the current span to a JSON answer, so a caller can find its request.
+pub fn with_trace_id(mut answer: Value) -> Value {
+    if let Some(trace_id) = current_trace_id() {
+        answer["trace_id"] = trace_id.into();
+    }
+    answer
+}
+
+/// Anything headers can be read from: HTTP headers and NATS headers.
+pub trait HeaderSource {
+    fn header(&self, name: &str) -> Option<&str>;
+    fn header_names(&self) -> Vec<&str>;
+}
+
+impl HeaderSource for axum::http::HeaderMap {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn header_names(&self) -> Vec<&str> {
+        self.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+impl HeaderSource for async_nats::HeaderMap {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.get(name).map(|v| v.as_str())
+    }
+    fn header_names(&self) -> Vec<&str> {
+        self.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+impl HeaderSource for BTreeMap<String, String> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str)
+    }
+    fn header_names(&self) -> Vec<&str> {
+        self.keys().map(String::as_str).collect()
+    }
+}
+
+struct ExtractFrom<'a, H: HeaderSource>(&'a H);
+
+impl<H: HeaderSource> Extractor for ExtractFrom<'_, H> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.header(key)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.header_names()
+    }
+}
+
+struct InjectInto<'a>(&'a mut async_nats::HeaderMap);
+
+impl Injector for InjectInto<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<OtelConfig, OtelConfigError> {
+        let vars: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        OtelConfig::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn no_endpoint_means_no_export() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.endpoint, None);
+        assert_eq!(c.export_url(), None);
+    }
+
+    #[test]
+    fn the_standard_variables_are_read() {
+        let c = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_SERVICE_NAME", "bridge-a"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=test, team=ops",
+            ),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ])
+        .unwrap();
+        assert_eq!(c.export_url().unwrap(), "http://collector:4318/v1/traces");
+        assert_eq!(c.service_name, "bridge-a");
+        assert_eq!(c.resource_attributes.len(), 2);
+        assert_eq!(c.sampler, SamplerConfig::ParentBasedTraceIdRatio(0.25));
+        let grpc = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ])
+        .unwrap();
+        assert_eq!(grpc.export_url().unwrap(), "http://jaeger:4317");
+        let signal =
+            config(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/custom")]).unwrap();
+        assert_eq!(signal.export_url().unwrap(), "http://c:4318/custom");
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        let err = config(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "smoke-signals")]).unwrap_err();
+        assert_eq!(err.variable, "OTEL_EXPORTER_OTLP_PROTOCOL");
+        let err = config(&[("OTEL_TRACES_SAMPLER", "sometimes")]).unwrap_err();
+        assert_eq!(err.variable, "OTEL_TRACES_SAMPLER");
+        let err = config(&[
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "OTEL_TRACES_SAMPLER_ARG");
+    }
+
+    #[test]
+    fn only_w3c_trace_ids_become_parents() {
+        assert!(parent_from_trace_id("4bf92f3577b34da6a3ce929d0e0e4736").is_some());
+        for bad in [
+            "trace-7",
+            "4BF92F3577B34DA6A3CE929D0E0E4736",
+            "00000000000000000000000000000000",
+            "4bf92f3577b34da6a3ce929d0e0e473",
+        ] {
+            assert!(parent_from_trace_id(bad).is_none(), "{bad}");
+        }
+    }
 }

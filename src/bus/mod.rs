@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectOptions, HeaderMap, ServerAddr};
 use bytes::Bytes;
 use serde::Serialize;
+use tracing::Instrument as _;
 
 use crate::config::NatsAuth;
 
@@ -130,7 +131,8 @@ impl Publisher {
         &self.client
     }
 
-    /// Stores `payload` on `subject` with dedupe id `msg_id` and returns where it landed.
+    /// Stores `payload` on `subject` with dedupe id `msg_id` and returns where it landed. The
+    /// message carries the W3C trace context of a producer span, child of the current span.
     pub async fn publish(
         &self,
         subject: String,
@@ -138,17 +140,53 @@ impl Publisher {
         payload: Bytes,
         headers: Option<HeaderMap>,
     ) -> Result<Ack, PublishFailure> {
+        let span = tracing::info_span!(
+            "nats.publish",
+            otel.name = %format!("send {}", subject_family(&subject)),
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.destination.name = %subject,
+            messaging.message.id = %msg_id,
+            messaging.message.body.size = payload.len(),
+            messaging.nats.stream = tracing::field::Empty,
+            messaging.nats.stream_sequence = tracing::field::Empty,
+            messaging.nats.duplicate = tracing::field::Empty,
+        );
+        let mut headers = headers.unwrap_or_default();
+        crate::telemetry::inject(&span, &mut headers);
+        let result = self
+            .send(subject, msg_id, payload, headers)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(ack) => {
+                span.record("messaging.nats.stream", ack.stream.as_str());
+                span.record("messaging.nats.stream_sequence", ack.seq);
+                span.record("messaging.nats.duplicate", ack.duplicate);
+            }
+            Err(_) => {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Bytes,
+        headers: HeaderMap,
+    ) -> Result<Ack, PublishFailure> {
         if self.client.connection_state() != State::Connected {
             return Err(PublishFailure::Unavailable("not connected".into()));
         }
-        let mut message = PublishMessage::build().payload(payload).message_id(msg_id);
-        if let Some(headers) = headers {
-            for (name, values) in headers.iter() {
-                for value in values {
-                    message = message.header(name.clone(), value.clone());
-                }
-            }
-        }
+        let message = PublishMessage::build()
+            .payload(payload)
+            .headers(headers)
+            .message_id(msg_id);
         let attempt = async {
             let ack = self.js.send_publish(subject, message).await?;
             ack.await
@@ -163,6 +201,13 @@ impl Publisher {
             duplicate: ack.duplicate,
         })
     }
+}
+
+/// A subject without its last token (the agent or task id), to keep span names low-cardinality.
+fn subject_family(subject: &str) -> &str {
+    subject
+        .rsplit_once('.')
+        .map_or(subject, |(family, _)| family)
 }
 
 /// Maps an async-nats publish error to what it means for the caller, by kind and server error

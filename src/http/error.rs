@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::admission::AdmissionError;
 use crate::auth::AuthError;
 use crate::bus::PublishFailure;
+use crate::telemetry;
 
 /// Seconds a client should wait before retrying after a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
@@ -127,7 +128,11 @@ impl ApiError {
         if let Some(details) = self.details() {
             error["details"] = details.into();
         }
-        json!({ "success": false, "error": error })
+        let mut body = json!({ "success": false, "error": error });
+        if let Some(trace_id) = telemetry::current_trace_id() {
+            body["trace_id"] = trace_id.into();
+        }
+        body
     }
 
     /// What the client may see beyond the message. Never internal causes.

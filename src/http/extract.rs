@@ -64,7 +64,7 @@ impl FromRequest<AppState> for JsonObject {
     }
 }
 
-fn is_length_limit(err: &axum::Error) -> bool {
+pub(super) fn is_length_limit(err: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {

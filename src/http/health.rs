@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use crate::bus::provision;
 use crate::stats::Endpoint;
+use crate::telemetry::with_trace_id;
 
 /// p95 above this (ms) makes `/health` degraded (the plan's CRITICAL latency).
 pub const DEGRADED_P95_MS: f64 = 120.0;
@@ -37,7 +38,7 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             .iter()
             .any(|f| f.p95_ms > DEGRADED_P95_MS || f.error_rate() > DEGRADED_ERROR_RATE);
     let agents = state.admission.directory().counts();
-    let body = json!({
+    let body = with_trace_id(json!({
         "status": if degraded { "degraded" } else { "healthy" },
         "timestamp": Utc::now(),
         "uptime": state.stats.uptime().as_secs_f64(),
@@ -49,7 +50,7 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "error_rate_heartbeat": heartbeat.error_rate(),
         },
         "bus": { "connected": connected },
-    });
+    }));
     let status = if degraded {
         StatusCode::SERVICE_UNAVAILABLE
     } else {

@@ -12,15 +12,19 @@ use std::time::{Duration, Instant};
 use async_nats::Client;
 use async_nats::jetstream::{self, stream::Stream};
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::Uri;
+use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::admission::Admission;
 use crate::auth::Verifier;
 use crate::stats::{Endpoint, Stats};
+use crate::telemetry;
 use error::ApiError;
 
 /// What every handler can reach. Cheap to clone.
@@ -59,7 +63,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(CatchPanicLayer::custom(
             |_panic: Box<dyn std::any::Any + Send>| {
                 ApiError::Internal("handler panicked".into()).into_response()
@@ -76,20 +80,103 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Records latency and status of the routes we keep figures for.
-async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let endpoint = request
+/// Wraps every request: one server span continuing the caller's trace (from `traceparent`, or
+/// from a W3C `trace_id` in the body when there is no header), a `traceparent` response header,
+/// and latency figures for the routes we keep them for.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
         .extensions()
         .get::<MatchedPath>()
-        .and_then(|path| endpoint_of(path.as_str()));
-    let started = Instant::now();
-    let response = next.run(request).await;
+        .map(|path| path.as_str().to_owned());
+    let endpoint = route.as_deref().and_then(endpoint_of);
+    let method = request.method().clone();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format!("{method} {}", route.as_deref().unwrap_or("unmatched")),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = route.as_deref().unwrap_or(""),
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        acc.trace_id = tracing::field::Empty,
+    );
+    let mut parent = telemetry::extract(request.headers());
+    let (request, early) = if telemetry::has_remote_parent(&parent) || method != Method::POST {
+        (Some(request), None)
+    } else {
+        match peek_trace_id(request, state.body_limit).await {
+            Ok((request, trace_id)) => {
+                if let Some(from_body) = trace_id
+                    .as_deref()
+                    .and_then(telemetry::parent_from_trace_id)
+                {
+                    parent = from_body;
+                }
+                (Some(request), None)
+            }
+            Err(refusal) => (None, Some(refusal)),
+        }
+    };
+    let _ = span.set_parent(parent);
+    let mut response = async {
+        match (request, early) {
+            (Some(request), _) => next.run(request).await,
+            (None, Some(refusal)) => refusal.into_response(),
+            (None, None) => unreachable!("either a request or a refusal"),
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    if let Some((_, traceparent)) = telemetry::ids(&span) {
+        if let Ok(value) = HeaderValue::from_str(&traceparent) {
+            response.headers_mut().insert("traceparent", value);
+        }
+    }
     if let Some(endpoint) = endpoint {
         state
             .stats
-            .record(endpoint, response.status().as_u16(), started.elapsed());
+            .record(endpoint, status.as_u16(), started.elapsed());
     }
     response
+}
+
+/// Buffers a POST body (up to the body limit) to read its `trace_id` field, and hands the
+/// request on with the same bytes. Only called when no `traceparent` header was sent.
+async fn peek_trace_id(
+    request: Request,
+    limit: usize,
+) -> Result<(Request, Option<String>), ApiError> {
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
+        if extract::is_length_limit(&err) {
+            ApiError::PayloadTooLarge(format!("the limit is {limit} bytes"))
+        } else {
+            ApiError::InvalidJson(format!("could not read the body: {err}"))
+        }
+    })?;
+    let trace_id = mentions_trace_id(&bytes)
+        .then(|| serde_json::from_slice::<TraceIdOnly>(&bytes).ok())
+        .flatten()
+        .and_then(|peek| peek.trace_id);
+    Ok((Request::from_parts(parts, Body::from(bytes)), trace_id))
+}
+
+/// Cheap pre-check so bodies without the field are not parsed twice.
+fn mentions_trace_id(bytes: &[u8]) -> bool {
+    bytes.windows(10).any(|w| w == b"\"trace_id\"")
+}
+
+#[derive(serde::Deserialize)]
+struct TraceIdOnly {
+    #[serde(default)]
+    trace_id: Option<String>,
 }
 
 fn endpoint_of(path: &str) -> Option<Endpoint> {

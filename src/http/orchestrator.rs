@@ -16,6 +16,7 @@ use crate::admission::Call;
 use crate::bus::subjects;
 use crate::config::ADMIN_SCOPE;
 use crate::domain::{TaskId, TaskResult};
+use crate::telemetry::with_trace_id;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -102,7 +103,7 @@ async fn task_status(
             "this task was reported by another agent".into(),
         ));
     }
-    Ok(Json(json!({
+    Ok(Json(with_trace_id(json!({
         "success": true,
         "task_id": record.task_id,
         "status": record.status,
@@ -113,7 +114,7 @@ async fn task_status(
         "received_at": record.received_at,
         "stream": subjects::TASKS_STREAM,
         "seq": message.sequence,
-    })))
+    }))))
 }
 
 async fn list_agents(
@@ -140,9 +141,9 @@ async fn list_agents(
             })
         })
         .collect();
-    Ok(Json(json!({
+    Ok(Json(with_trace_id(json!({
         "success": true,
         "count": agents.len(),
         "agents": agents,
-    })))
+    }))))
 }

@@ -13,8 +13,11 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::bus::{Publisher, subjects};
+use crate::telemetry;
 
 /// A message whose handling fails on its fifth delivery is dead-lettered.
 pub const DEAD_LETTER_AFTER: i64 = 5;
@@ -91,8 +94,13 @@ pub async fn consume<H: Handler>(
             deadline = tokio::time::Instant::now() + BATCH_WAIT + BATCH_GRACE;
             match next {
                 Ok(message) => {
-                    let outcome = handler.handle(&message).await;
-                    settle(&publisher, stream, name, message, outcome).await;
+                    let span = process_span(&message, stream, name);
+                    async {
+                        let outcome = handler.handle(&message).await;
+                        settle(&publisher, stream, name, message, outcome).await;
+                    }
+                    .instrument(span)
+                    .await;
                 }
                 Err(err) => {
                     tracing::warn!(consumer = name, error = %err, "pull interrupted");
@@ -101,6 +109,40 @@ pub async fn consume<H: Handler>(
             }
         }
     }
+}
+
+/// One consumer span per delivery, continuing the producer's trace from the message headers,
+/// attributed by the OpenTelemetry messaging conventions.
+fn process_span(message: &Message, stream: &str, consumer: &str) -> tracing::Span {
+    let info = message.info().ok();
+    let subject = message.subject.as_str();
+    let family = subject
+        .rsplit_once('.')
+        .map_or(subject, |(family, _)| family);
+    let message_id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "nats.process",
+        otel.name = %format!("process {family}"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %subject,
+        messaging.message.id = %message_id,
+        messaging.consumer.group.name = consumer,
+        messaging.nats.stream = stream,
+        messaging.nats.stream_sequence = info.as_ref().map_or(0, |i| i.stream_sequence),
+        messaging.nats.redelivery_count = info.as_ref().map_or(0, |i| i.delivered - 1),
+    );
+    if let Some(headers) = &message.headers {
+        let _ = span.set_parent(telemetry::extract(headers));
+    }
+    span
 }
 
 async fn settle(
@@ -114,12 +156,14 @@ async fn settle(
     let result = match outcome {
         Ok(()) => message.ack().await,
         Err(HandleError::Transient(reason)) if delivered < DEAD_LETTER_AFTER => {
+            tracing::Span::current().record("otel.status_code", "ERROR");
             tracing::warn!(consumer, subject = %message.subject, delivered, reason, "handler failed; will retry");
             message
                 .ack_with(AckKind::Nak(Some(retry_delay(delivered))))
                 .await
         }
         Err(err) => {
+            tracing::Span::current().record("otel.status_code", "ERROR");
             let reason = err.to_string();
             tracing::error!(consumer, subject = %message.subject, delivered, reason, "dead-lettering message");
             if let Err(dead) = dead_letter(publisher, stream, consumer, &message, &reason).await {
