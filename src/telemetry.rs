@@ -25,9 +25,11 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use serde_json::{Map, Value};
+use tracing::Level;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -287,10 +289,13 @@ where
     let tracer = provider.tracer("auto-com-center");
 
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Only our own spans become OpenTelemetry spans, whatever LOG_LEVEL says: the HTTP, gRPC
+    // and NATS libraries' internals (including the exporter's own requests) stay out of traces.
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_location(false)
-        .with_threads(false);
+        .with_threads(false)
+        .with_filter(Targets::new().with_target("auto_com_center", Level::INFO));
     let fmt_layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

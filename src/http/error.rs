@@ -157,15 +157,7 @@ impl IntoResponse for ApiError {
             ApiError::Internal(cause) => tracing::error!(cause = %cause, "internal error"),
             _ => {}
         }
-        let mut error = json!({ "code": self.code(), "message": self.to_string() });
-        if let Some(details) = self.details() {
-            error["details"] = details.into();
-        }
-        let mut response = (
-            status,
-            axum::Json(json!({ "success": false, "error": error })),
-        )
-            .into_response();
+        let mut response = (status, axum::Json(self.body())).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

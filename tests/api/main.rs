@@ -10,3 +10,4 @@ mod contract;
 mod durability;
 mod embedded;
 mod registry;
+mod traces;
