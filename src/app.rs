@@ -19,6 +19,7 @@ use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
 use crate::bus::{self, Publisher, provision, subjects};
 use crate::config::{NatsAuth, NatsTarget, Role, Settings};
 use crate::directory::Directory;
+use crate::door::{Door, DoorMetrics};
 use crate::http::{self, AppState};
 use crate::stats::Stats;
 use crate::workers;
@@ -32,6 +33,7 @@ pub struct Application {
     embedded: Option<EmbeddedNats>,
     client: Client,
     publisher: Publisher,
+    door_metrics: Arc<DoorMetrics>,
 }
 
 impl Application {
@@ -85,7 +87,13 @@ impl Application {
             embedded,
             client,
             publisher,
+            door_metrics: Arc::default(),
         })
+    }
+
+    /// What the NATS door has admitted and rejected so far (zero when it does not run here).
+    pub fn door_metrics(&self) -> Arc<DoorMetrics> {
+        self.door_metrics.clone()
     }
 
     /// The bound HTTP address, when this process runs the ingress.
@@ -111,6 +119,7 @@ impl Application {
             embedded,
             client,
             publisher,
+            door_metrics,
         } = self;
         let js = publisher.jetstream().clone();
         let stop = CancellationToken::new();
@@ -144,8 +153,9 @@ impl Application {
             });
         }
 
-        if let Some(listener) = listener {
-            let directory = Directory::new(agents_stream, settings.publish_timeout);
+        // Both doors read the agents view; one follower serves them.
+        let directory = Directory::new(agents_stream, settings.publish_timeout);
+        if listener.is_some() || settings.runs(Role::Door) {
             tasks.spawn({
                 let (directory, client, stop) = (directory.clone(), client.clone(), stop.clone());
                 async move {
@@ -153,6 +163,26 @@ impl Application {
                     Ok(())
                 }
             });
+        }
+
+        if settings.runs(Role::Door) {
+            let inbound = js
+                .get_stream(subjects::INBOUND_STREAM)
+                .await
+                .context("opening the inbound stream")?;
+            let door = Door::new(
+                Admission::new(publisher.clone(), directory.clone()),
+                Verifier::new(&settings.auth),
+                publisher.clone(),
+                &settings.door,
+                settings.body_limit,
+                door_metrics,
+            );
+            let stop = stop.clone();
+            tasks.spawn(async move { door.run(inbound, stop).await.context("NATS door") });
+        }
+
+        if let Some(listener) = listener {
             let tasks_stream = js
                 .get_stream(subjects::TASKS_STREAM)
                 .await

@@ -40,10 +40,21 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the bridge: HTTP ingress and workers, with an embedded nats-server unless NATS_URL is set.
+    #[command(after_help = OTEL_HELP)]
     Serve(Box<ServeArgs>),
     /// Mint an HS256 token for an agent and print it.
     Token(TokenArgs),
 }
+
+/// Trace export takes the standard OpenTelemetry variables (read in `telemetry.rs`).
+const OTEL_HELP: &str = "Trace export (standard OpenTelemetry variables):
+  OTEL_EXPORTER_OTLP_ENDPOINT   collector URL; unset: nothing is recorded or exported
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT  traces-only URL, used as given
+  OTEL_EXPORTER_OTLP_PROTOCOL   grpc or http/protobuf (default http/protobuf)
+  OTEL_SERVICE_NAME             service name (default auto-com-center)
+  OTEL_RESOURCE_ATTRIBUTES      key=value,key=value
+  OTEL_TRACES_SAMPLER           e.g. parentbased_traceidratio (default parentbased_always_on)
+  OTEL_TRACES_SAMPLER_ARG       the ratio, 0 to 1";
 
 /// The shared secret, wrapped so that it never prints.
 #[derive(Clone)]
@@ -106,6 +117,8 @@ pub enum Role {
     Ingress,
     /// The agent registry: applies registrations and heartbeats to the agents KV, sweeps stale agents.
     Registry,
+    /// The NATS door: admits what agents publish on `acc.in.*` with the same admission as HTTP.
+    Door,
 }
 
 #[derive(Debug, Args)]
@@ -139,8 +152,8 @@ pub struct ServeArgs {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: String,
 
-    /// Comma-separated roles this process runs: ingress, registry.
-    #[arg(long, env = "ROLES", default_value = "ingress,registry")]
+    /// Comma-separated roles this process runs: ingress, registry, door.
+    #[arg(long, env = "ROLES", default_value = "ingress,registry,door")]
     pub roles: String,
 
     /// NATS server URL(s), comma-separated for a cluster. Unset: start an embedded nats-server.
@@ -170,6 +183,21 @@ pub struct ServeArgs {
     /// Client port of the embedded server on 127.0.0.1 (0 picks a free port).
     #[arg(long, env = "EMBEDDED_NATS_PORT", default_value = "4222")]
     pub embedded_nats_port: u16,
+
+    /// Comma-separated agent ids that get a NATS user on the embedded server (user name = agent
+    /// id, password in DATA_DIR/nats-agents/<agent_id>.password): publish on acc.in.> only,
+    /// receive on acc.reply.<agent_id>.> only.
+    #[arg(long, env = "NATS_AGENTS", default_value = "")]
+    pub nats_agents: String,
+
+    /// Rejected inbound NATS messages a caller may cause in a burst before the door refuses its
+    /// further messages with RATE_LIMITED.
+    #[arg(long, env = "DOOR_REJECT_BURST", default_value = "20")]
+    pub door_reject_burst: u32,
+
+    /// The door allows a caller one more rejection per this interval, up to DOOR_REJECT_BURST.
+    #[arg(long, env = "DOOR_REJECT_INTERVAL", default_value = "1s")]
+    pub door_reject_interval: String,
 
     /// Durability mode: fsync (fsync before every ack) or interval (ack from page cache/quorum).
     #[arg(long, env = "DURABILITY", value_enum, default_value = "fsync")]
@@ -264,6 +292,18 @@ pub struct EmbeddedSettings {
     pub binary: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// Agents that get their own NATS user, confined to the inbound subjects and their reply
+    /// namespace.
+    pub agent_users: Vec<AgentId>,
+}
+
+/// The NATS door's limit on rejections: a token bucket per caller.
+#[derive(Debug, Clone)]
+pub struct DoorSettings {
+    /// Rejections a caller may cause in a burst.
+    pub reject_burst: u32,
+    /// One rejection is allowed again after this long.
+    pub reject_interval: Duration,
 }
 
 /// Stream limits applied to every stream the bridge owns.
@@ -299,6 +339,7 @@ pub struct Settings {
     pub streams: StreamSettings,
     pub auth: AuthSettings,
     pub registry: RegistrySettings,
+    pub door: DoorSettings,
     pub body_limit: usize,
     pub publish_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -328,6 +369,7 @@ impl Settings {
                 binary: args.nats_server_bin.clone(),
                 data_dir: args.data_dir.clone(),
                 port: args.embedded_nats_port,
+                agent_users: parse_agent_list("NATS_AGENTS", &args.nats_agents)?,
             }),
             Some(list) => {
                 let urls = parse_nats_urls(list)?;
@@ -411,6 +453,16 @@ impl Settings {
                 max_token_bytes: args.max_token_bytes,
             },
             registry,
+            door: DoorSettings {
+                reject_burst: match args.door_reject_burst {
+                    0 => return Err(ConfigError::new("DOOR_REJECT_BURST", "must be at least 1")),
+                    n => n,
+                },
+                reject_interval: parse_duration(
+                    "DOOR_REJECT_INTERVAL",
+                    &args.door_reject_interval,
+                )?,
+            },
             body_limit,
             publish_timeout: parse_duration("PUBLISH_TIMEOUT", &args.publish_timeout)?,
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,
@@ -442,7 +494,7 @@ fn parse_roles(raw: &str) -> Result<Vec<Role>, ConfigError> {
         let role = Role::from_str(name, true).map_err(|_| {
             ConfigError::new(
                 "ROLES",
-                format!("unknown role {name:?}; known roles: ingress, registry"),
+                format!("unknown role {name:?}; known roles: ingress, registry, door"),
             )
         })?;
         if !roles.contains(&role) {
@@ -453,6 +505,19 @@ fn parse_roles(raw: &str) -> Result<Vec<Role>, ConfigError> {
         return Err(ConfigError::new("ROLES", "name at least one role"));
     }
     Ok(roles)
+}
+
+/// A comma-separated list of agent ids, each safe as a subject token and NATS user name.
+fn parse_agent_list(setting: &'static str, raw: &str) -> Result<Vec<AgentId>, ConfigError> {
+    let mut agents = Vec::new();
+    for id in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let agent =
+            AgentId::parse(id).map_err(|e| ConfigError::new(setting, format!("{id:?}: {e}")))?;
+        if !agents.contains(&agent) {
+            agents.push(agent);
+        }
+    }
+    Ok(agents)
 }
 
 fn parse_nats_urls(list: &str) -> Result<Vec<String>, ConfigError> {
@@ -604,6 +669,10 @@ mod tests {
         assert_eq!(settings.registry.stale_after, Duration::from_secs(300));
         assert!(matches!(settings.nats, NatsTarget::Embedded(_)));
         assert!(settings.runs(Role::Ingress) && settings.runs(Role::Registry));
+        assert!(
+            settings.runs(Role::Door),
+            "serve runs the NATS door by default"
+        );
     }
 
     #[test]
@@ -625,6 +694,9 @@ mod tests {
             ("--roles=ingress,cook", "ROLES"),
             ("--nats-url=http://x:4222", "NATS_URL"),
             ("--stream-replicas=7", "STREAM_REPLICAS"),
+            ("--nats-agents=good,bad.agent", "NATS_AGENTS"),
+            ("--door-reject-burst=0", "DOOR_REJECT_BURST"),
+            ("--door-reject-interval=never", "DOOR_REJECT_INTERVAL"),
         ];
         for (flag, setting) in cases {
             let err = Settings::from_args(&args(&[SECRET, flag])).unwrap_err();

@@ -11,6 +11,7 @@ pub mod bus;
 pub mod config;
 pub mod directory;
 pub mod domain;
+pub mod door;
 pub mod http;
 pub mod stats;
 pub mod telemetry;

@@ -4,6 +4,13 @@
 //!
 //! The server runs as a child process. Its configuration file, JetStream store and generated
 //! password live under the data directory; the file is written with mode 0600 on every start.
+//!
+//! Two kinds of user: [`BRIDGE_USER`], which may do anything, and one user per agent named in
+//! `NATS_AGENTS` (user name = agent id), which may only publish on the inbound subjects
+//! (`acc.in.>`) and only receive on its own reply namespace (`acc.reply.<agent_id>.>`, which it
+//! also uses as its inbox prefix for JetStream acknowledgements). An agent's password is
+//! generated once into `DATA_DIR/nats-agents/<agent_id>.password` (mode 0600) and kept across
+//! restarts, so running agents reconnect after the server restarts.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -20,7 +27,9 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::subjects;
 use crate::config::{Durability, EmbeddedSettings};
+use crate::domain::AgentId;
 
 /// The oldest server we run: the issue pins 2.11 (multi-filter consumers, per-message TTL era
 /// stream settings, `sync_interval: always` behaving as documented).
@@ -75,13 +84,21 @@ impl EmbeddedNats {
             0 => free_port()?,
             port => port,
         };
-        let password: String = rand::rng()
-            .sample_iter(&Alphanumeric)
-            .take(40)
-            .map(char::from)
-            .collect();
+        let password = generate_password();
+        let mut agents = Vec::new();
+        for agent in &settings.agent_users {
+            agents.push((agent.clone(), agent_password(&data_dir, agent)?));
+        }
         let config = data_dir.join("nats-server.conf");
-        write_config(&config, &data_dir, port, durability, max_payload, &password)?;
+        write_config(
+            &config,
+            &data_dir,
+            port,
+            durability,
+            max_payload,
+            &password,
+            &agents,
+        )?;
 
         let launch = Launch {
             binary,
@@ -333,32 +350,43 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn write_config(
-    path: &Path,
-    data_dir: &Path,
-    port: u16,
-    durability: Durability,
-    max_payload: usize,
-    password: &str,
-) -> anyhow::Result<()> {
+fn generate_password() -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect()
+}
+
+/// Where the NATS password of `agent` is kept.
+pub fn agent_password_file(data_dir: &Path, agent: &AgentId) -> PathBuf {
+    data_dir
+        .join("nats-agents")
+        .join(format!("{agent}.password"))
+}
+
+/// The agent's password: the one stored earlier, or a new one written with mode 0600.
+fn agent_password(data_dir: &Path, agent: &AgentId) -> anyhow::Result<String> {
+    let path = agent_password_file(data_dir, agent);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim();
+        if existing.len() >= 20 && existing.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Ok(existing.to_owned());
+        }
+    }
+    let dir = path.parent().expect("the file is in a directory");
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("DATA_DIR: cannot create {}", dir.display()))?;
+    let password = generate_password();
+    write_private(&path, &password)?;
+    Ok(password)
+}
+
+/// Writes `text` to `path`, readable by this user only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 
-    let sync = match durability {
-        // fsync before every acknowledgement.
-        Durability::Fsync => "always",
-        // The server's default: acknowledged from the page cache, flushed every 2 minutes.
-        Durability::Interval => "2m",
-    };
-    // nats-server adds `jetstream/` under `store_dir` itself.
-    let store = data_dir;
-    let text = format!(
-        "# Written by auto-com-center on every start; edits are overwritten.\n\
-         listen: 127.0.0.1:{port}\n\
-         max_payload: {max_payload}\n\
-         jetstream {{\n  store_dir: {store:?}\n  sync_interval: {sync}\n}}\n\
-         authorization {{\n  users = [\n    {{ user: {BRIDGE_USER:?}, password: {password:?} }}\n  ]\n}}\n",
-    );
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -373,6 +401,50 @@ fn write_config(
     Ok(())
 }
 
+/// The `users` entry of an agent: publish on the inbound subjects only, receive only on its own
+/// reply namespace (where the door answers and JetStream acknowledges its publishes).
+fn agent_user_entry(agent: &AgentId, password: &str) -> String {
+    let user = agent.as_str();
+    let publish = subjects::INBOUND_ALL;
+    let replies = format!("{}.>", subjects::reply_namespace(agent));
+    format!(
+        "    {{ user: {user:?}, password: {password:?}, permissions: {{ \
+         publish: {{ allow: [{publish:?}] }}, subscribe: {{ allow: [{replies:?}] }} }} }}\n"
+    )
+}
+
+fn write_config(
+    path: &Path,
+    data_dir: &Path,
+    port: u16,
+    durability: Durability,
+    max_payload: usize,
+    password: &str,
+    agents: &[(AgentId, String)],
+) -> anyhow::Result<()> {
+    let sync = match durability {
+        // fsync before every acknowledgement.
+        Durability::Fsync => "always",
+        // The server's default: acknowledged from the page cache, flushed every 2 minutes.
+        Durability::Interval => "2m",
+    };
+    // nats-server adds `jetstream/` under `store_dir` itself.
+    let store = data_dir;
+    let agent_users: String = agents
+        .iter()
+        .map(|(agent, password)| agent_user_entry(agent, password))
+        .collect();
+    let text = format!(
+        "# Written by auto-com-center on every start; edits are overwritten.\n\
+         listen: 127.0.0.1:{port}\n\
+         max_payload: {max_payload}\n\
+         jetstream {{\n  store_dir: {store:?}\n  sync_interval: {sync}\n}}\n\
+         authorization {{\n  users = [\n    {{ user: {BRIDGE_USER:?}, password: {password:?} }}\n\
+         {agent_users}  ]\n}}\n",
+    );
+    write_private(path, &text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,5 +456,19 @@ mod tests {
         assert_eq!(parse_version("nats-server: v2.12.0-RC.1"), Some((2, 12, 0)));
         assert!(parse_version("nats-server: v2.9.10").unwrap() < MIN_VERSION);
         assert!(parse_version("garbage").is_none());
+    }
+
+    #[test]
+    fn an_agent_user_may_publish_inbound_and_receive_only_its_replies() {
+        let agent = AgentId::parse("agent-7").unwrap();
+        let entry = agent_user_entry(&agent, "pw");
+        assert!(
+            entry.contains(r#"publish: { allow: ["acc.in.>"] }"#),
+            "{entry}"
+        );
+        assert!(
+            entry.contains(r#"subscribe: { allow: ["acc.reply.agent-7.>"] }"#),
+            "{entry}"
+        );
     }
 }

@@ -21,6 +21,8 @@ pub const STREAMS: &[&str] = &[
     subjects::TASKS_STREAM,
     subjects::EVENTS_STREAM,
     subjects::DEAD_LETTER_STREAM,
+    subjects::INBOUND_STREAM,
+    subjects::REJECTED_STREAM,
 ];
 
 /// The configuration of one of our streams.

@@ -11,12 +11,18 @@ pub const TASKS_STREAM: &str = "ACC_TASKS";
 pub const EVENTS_STREAM: &str = "ACC_EVENTS";
 /// Stream of messages a worker gave up on, with the reason in headers.
 pub const DEAD_LETTER_STREAM: &str = "ACC_DEAD_LETTER";
+/// Stream capturing what agents publish directly on NATS, before the door admits it.
+pub const INBOUND_STREAM: &str = "ACC_INBOUND";
+/// Stream of inbound messages the door refused, with the reason and caller in headers.
+pub const REJECTED_STREAM: &str = "ACC_REJECTED";
 
 /// KV bucket holding one [`crate::domain::AgentRecord`] per agent.
 pub const AGENTS_BUCKET: &str = "acc_agents";
 
 /// Durable consumer of the registry worker on [`AGENTS_STREAM`].
 pub const REGISTRY_CONSUMER: &str = "registry";
+/// Durable consumer of the NATS door on [`INBOUND_STREAM`].
+pub const DOOR_CONSUMER: &str = "door";
 
 pub const REGISTRATIONS: &str = "acc.agents.registered.*";
 pub const HEARTBEATS: &str = "acc.agents.heartbeat.*";
@@ -24,6 +30,38 @@ pub const STATUS_CHANGES: &str = "acc.agents.status.*";
 pub const TASK_RESULTS: &str = "acc.tasks.result.*";
 pub const EVENTS: &str = "acc.events.*";
 pub const DEAD_LETTERS: &str = "acc.dead_letter.>";
+
+/// Inbound subjects: agents publish the HTTP calls' JSON bodies here, with the JWT in an
+/// `Authorization: Bearer …` header. Nothing past the door reads them except the door.
+pub const INBOUND_REGISTER: &str = "acc.in.register";
+pub const INBOUND_HEARTBEAT: &str = "acc.in.heartbeat";
+pub const INBOUND_TASK_RESULTS: &str = "acc.in.task_result.*";
+pub const INBOUND_EVENT: &str = "acc.in.event";
+/// Every inbound subject: what agent NATS users may publish on.
+pub const INBOUND_ALL: &str = "acc.in.>";
+/// Prefix of `acc.in.task_result.<task_id>`.
+pub const INBOUND_TASK_RESULT_PREFIX: &str = "acc.in.task_result.";
+pub const REJECTIONS: &str = "acc.rejected.*";
+
+/// Root of the reply namespaces: agent `X` receives the door's answers (and its own JetStream
+/// acknowledgements, as its inbox prefix) under `acc.reply.X.>`, and nothing else.
+pub const REPLY_ROOT: &str = "acc.reply";
+
+/// Header naming where the door should answer an inbound message; must be inside the caller's
+/// reply namespace ([`reply_namespace`]).
+pub const REPLY_TO: &str = "Acc-Reply-To";
+/// Header of a door answer carrying the HTTP-equivalent status.
+pub const REPLY_STATUS: &str = "Acc-Status";
+/// Header of an inbound message carrying the client's idempotency key (as the HTTP header).
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+/// Headers of a rejection record: the error code, HTTP-equivalent status, the reason, the
+/// authenticated caller (absent when the token did not verify), and where the message came from.
+pub const REJECTED_CODE: &str = "Acc-Rejected-Code";
+pub const REJECTED_STATUS: &str = "Acc-Rejected-Status";
+pub const REJECTED_REASON: &str = "Acc-Rejected-Reason";
+pub const REJECTED_CALLER: &str = "Acc-Rejected-Caller";
+pub const REJECTED_SUBJECT: &str = "Acc-Rejected-Subject";
+pub const REJECTED_SEQUENCE: &str = "Acc-Rejected-Sequence";
 
 /// Header carrying the reason a message was dead-lettered.
 pub const DEAD_LETTER_REASON: &str = "Acc-Dead-Letter-Reason";
@@ -54,6 +92,16 @@ pub fn event(agent: &AgentId) -> String {
 
 pub fn dead_letter(stream: &str, consumer: &str) -> String {
     format!("acc.dead_letter.{stream}.{consumer}")
+}
+
+/// `acc.rejected.<code>`: where a rejection with error code `code` (e.g. `INVALID_TOKEN`) is kept.
+pub fn rejected(code: &str) -> String {
+    format!("acc.rejected.{code}")
+}
+
+/// `acc.reply.<agent_id>`: the prefix of every subject agent `agent` may receive answers on.
+pub fn reply_namespace(agent: &AgentId) -> String {
+    format!("{REPLY_ROOT}.{agent}")
 }
 
 /// One row of the catalog: a subject pattern, the stream that stores it, and its JSON Schema.
@@ -96,6 +144,31 @@ pub const CATALOG: &[SubjectSpec] = &[
     SubjectSpec {
         subject: DEAD_LETTERS,
         stream: DEAD_LETTER_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: INBOUND_REGISTER,
+        stream: INBOUND_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: INBOUND_HEARTBEAT,
+        stream: INBOUND_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: INBOUND_TASK_RESULTS,
+        stream: INBOUND_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: INBOUND_EVENT,
+        stream: INBOUND_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: REJECTIONS,
+        stream: REJECTED_STREAM,
         schema: None,
     },
 ];

@@ -496,3 +496,171 @@ pub fn run_to_end(command: &mut Command, within: Duration) -> Finished {
         elapsed: started.elapsed(),
     }
 }
+
+/// The application with the handle on its NATS door's counters.
+pub async fn spawn_with_door_metrics(
+    settings: Settings,
+) -> (TestApp, std::sync::Arc<auto_com_center::door::DoorMetrics>) {
+    let application = Application::build(settings)
+        .await
+        .expect("application builds");
+    let metrics = application.door_metrics();
+    let addr = application
+        .http_addr()
+        .unwrap_or_else(|| "127.0.0.1:9".parse().unwrap());
+    let embedded_pid = application.embedded().map(|e| e.pid());
+    let js = jetstream::new(application.nats_client());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(application.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let app = TestApp {
+        addr,
+        http: reqwest::Client::new(),
+        js,
+        embedded_pid,
+        stop: Some(stop),
+        task: Some(task),
+    };
+    (app, metrics)
+}
+
+/// An agent talking to the NATS door: its inbox prefix is its reply namespace
+/// `acc.reply.<agent_id>`, so JetStream acknowledgements and the door's answers both arrive there.
+pub struct NatsAgent {
+    pub agent: String,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+/// What the door answered: the `Acc-Status` header and the JSON body.
+pub type DoorAnswer = (u16, Value);
+
+impl NatsAgent {
+    /// Connects without credentials (the per-test nats-server has no users).
+    pub async fn connect(url: &str, agent: &str) -> Self {
+        Self::connect_with(url, agent, async_nats::ConnectOptions::new())
+            .await
+            .expect("connects")
+    }
+
+    pub async fn connect_with(
+        url: &str,
+        agent: &str,
+        options: async_nats::ConnectOptions,
+    ) -> Result<Self, async_nats::ConnectError> {
+        let client = options
+            .custom_inbox_prefix(format!("acc.reply.{agent}"))
+            .connect(url)
+            .await?;
+        Ok(Self {
+            agent: agent.to_owned(),
+            js: jetstream::new(client.clone()),
+            client,
+        })
+    }
+
+    /// Publishes `body` on `subject` through JetStream with `headers`; returns its inbound
+    /// sequence once JetStream acknowledged it.
+    pub async fn send(&self, subject: &str, headers: async_nats::HeaderMap, body: Vec<u8>) -> u64 {
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, body.into())
+            .await
+            .expect("publish sent")
+            .await
+            .expect("inbound stream acknowledges");
+        assert_eq!(ack.stream, "ACC_INBOUND");
+        ack.sequence
+    }
+
+    /// Sends like an agent that wants the door's answer: `Authorization` (when `token` is
+    /// given), `Acc-Reply-To` inside its namespace, and `extra` headers. `None` when no answer
+    /// came within `wait`.
+    pub async fn call_with(
+        &self,
+        subject: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+        extra: &[(&str, &str)],
+        wait: Duration,
+    ) -> Option<DoorAnswer> {
+        use futures::StreamExt as _;
+        let reply = self.client.new_inbox();
+        let mut answers = self.client.subscribe(reply.clone()).await.unwrap();
+        self.client.flush().await.unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(token) = token {
+            headers.insert("Authorization", format!("Bearer {token}").as_str());
+        }
+        headers.insert("Acc-Reply-To", reply.as_str());
+        for (name, value) in extra {
+            headers.insert(*name, *value);
+        }
+        self.send(subject, headers, body).await;
+        let answer = tokio::time::timeout(wait, answers.next()).await.ok()??;
+        let status = answer
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Acc-Status"))
+            .expect("an answer carries Acc-Status")
+            .as_str()
+            .parse()
+            .unwrap();
+        Some((status, serde_json::from_slice(&answer.payload).unwrap()))
+    }
+
+    /// [`Self::call_with`] of a JSON body with this agent's own token, expecting an answer.
+    pub async fn call(&self, subject: &str, body: &Value) -> DoorAnswer {
+        self.call_with(
+            subject,
+            Some(&token(&self.agent)),
+            serde_json::to_vec(body).unwrap(),
+            &[],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|| panic!("the door answers {subject}"))
+    }
+}
+
+/// One record of `ACC_REJECTED`: its subject, headers and the original payload.
+#[derive(Debug)]
+pub struct Rejection {
+    pub subject: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+/// Every record in `ACC_REJECTED`, oldest first.
+pub async fn rejections(js: &jetstream::Context) -> Vec<Rejection> {
+    let mut stream = js.get_stream("ACC_REJECTED").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if state.messages == 0 {
+            break;
+        }
+        let message = stream.get_raw_message(seq).await.unwrap();
+        let headers = message
+            .headers
+            .iter()
+            .map(|(name, values)| {
+                let value = values.first().map(|v| v.as_str().to_owned());
+                (name.to_string(), value.unwrap_or_default())
+            })
+            .collect();
+        out.push(Rejection {
+            subject: message.subject.to_string(),
+            headers,
+            payload: message.payload.to_vec(),
+        });
+    }
+    out
+}
+
+/// How many messages `stream` holds.
+pub async fn count_stored(js: &jetstream::Context, stream: &str) -> u64 {
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}

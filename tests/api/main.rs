@@ -7,6 +7,7 @@ mod auth;
 mod catalog;
 mod cli;
 mod contract;
+mod door;
 mod durability;
 mod embedded;
 mod registry;

@@ -1,0 +1,575 @@
+//! The NATS door: the second way in, for agents that publish on NATS instead of calling HTTP.
+//!
+//! Agents publish the same JSON bodies as the HTTP calls on the inbound subjects
+//! (`acc.in.register`, `acc.in.heartbeat`, `acc.in.task_result.<task_id>`, `acc.in.event`), with
+//! the JWT in an `Authorization: Bearer …` header. The stream `ACC_INBOUND` captures them, so a
+//! publish JetStream acknowledged is kept even while no door runs. The door is a durable consumer
+//! on that stream (the shared loop in [`crate::workers::consume`]) and runs, per message, exactly
+//! what the HTTP door runs: [`Verifier::verify_header`], then [`Admission::admit`] — same
+//! validation, identity binding, stamping, verified subject and dedupe id. The answer is the JSON
+//! body HTTP would return, sent on the caller's reply subject (`Acc-Reply-To`, which must lie in
+//! the caller's own namespace `acc.reply.<agent_id>.>`) with the HTTP status in `Acc-Status`.
+//!
+//! A message admission refuses (a 4xx over HTTP) never reaches a verified subject: it is stored
+//! on `acc.rejected.<CODE>` with the reason and the authenticated caller in headers, counted per
+//! code ([`DoorMetrics`]), and charged to the caller's token bucket. A caller whose bucket is
+//! empty gets `RATE_LIMITED` (429) for every further message, without admission, until the bucket
+//! refills (drop with record: the refused message is in `ACC_REJECTED`). A failure on our side
+//! (a 5xx over HTTP: the bus did not acknowledge) is not the caller's fault: the message is left
+//! to redelivery, and dead-lettered by the shared loop if it never succeeds.
+//!
+//! Every message is handled in a `door.admit` span.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::Message;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::stream::Stream;
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::admission::{Admission, Call};
+use crate::auth::{Caller, Verifier};
+use crate::bus::{PublishFailure, Publisher, subjects};
+use crate::config::DoorSettings;
+use crate::http::error::ApiError;
+use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
+
+/// The caller key of messages whose token did not verify: they share one bucket.
+const ANONYMOUS: &str = "anonymous";
+/// Longest reply subject the door publishes on.
+const MAX_REPLY_SUBJECT: usize = 256;
+/// Seconds a rate-limited caller is told to wait (`Retry-After` on the answer).
+const RATE_LIMIT_RETRY_AFTER: u64 = 1;
+
+/// Counts of what the door did since start: admitted messages and rejections per error code.
+#[derive(Debug, Default)]
+pub struct DoorMetrics {
+    admitted: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl DoorMetrics {
+    /// Messages admitted onto a verified subject (duplicates included).
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
+    }
+
+    /// Rejections per error code, e.g. `{"INVALID_TOKEN": 3}`.
+    pub fn rejections(&self) -> BTreeMap<String, u64> {
+        self.rejected
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(code, n)| ((*code).to_owned(), *n))
+            .collect()
+    }
+
+    /// Counts one rejection and returns the new count for its code.
+    fn count_rejection(&self, code: &'static str) -> u64 {
+        let mut rejected = self.rejected.lock().expect("not poisoned");
+        let count = rejected.entry(code).or_default();
+        *count += 1;
+        *count
+    }
+}
+
+/// Why the door refused a message: the HTTP-equivalent status, code and envelope.
+#[derive(Debug)]
+struct Refusal {
+    status: u16,
+    code: &'static str,
+    body: Value,
+}
+
+impl Refusal {
+    fn api(err: &ApiError) -> Self {
+        Self {
+            status: err.status().as_u16(),
+            code: err.code(),
+            body: err.body(),
+        }
+    }
+
+    fn own(status: u16, code: &'static str, message: &str) -> Self {
+        Self {
+            status,
+            code,
+            body: json!({ "success": false, "error": { "code": code, "message": message } }),
+        }
+    }
+
+    fn rate_limited() -> Self {
+        Self::own(
+            429,
+            "RATE_LIMITED",
+            "Too many rejected messages from this caller; retry later",
+        )
+    }
+
+    fn invalid_reply_to() -> Self {
+        Self::own(
+            400,
+            "INVALID_REPLY_TO",
+            "Acc-Reply-To must be a subject under acc.reply.<your agent_id>.",
+        )
+    }
+
+    /// The reason kept with the record: the message, and the details when there are any.
+    fn reason(&self) -> String {
+        let error = &self.body["error"];
+        match (error["message"].as_str(), error["details"].as_str()) {
+            (Some(message), Some(details)) => format!("{message}: {details}"),
+            (Some(message), None) => message.to_owned(),
+            _ => self.code.to_owned(),
+        }
+    }
+}
+
+/// A token bucket of rejections a caller may still cause.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// Per-caller token buckets, refilled by one token per `interval` up to `burst`.
+#[derive(Debug)]
+struct RejectionLimiter {
+    burst: f64,
+    interval: Duration,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl RejectionLimiter {
+    fn new(settings: &DoorSettings) -> Self {
+        Self {
+            burst: f64::from(settings.reject_burst),
+            interval: settings.reject_interval,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// True while `caller` may still cause a rejection.
+    fn allows(&self, caller: &str) -> bool {
+        let mut buckets = self.buckets.lock().expect("not poisoned");
+        match buckets.get_mut(caller) {
+            Some(bucket) => {
+                self.refill(bucket);
+                bucket.tokens >= 1.0
+            }
+            None => true,
+        }
+    }
+
+    /// Charges one rejection to `caller`.
+    fn charge(&self, caller: &str) {
+        let mut buckets = self.buckets.lock().expect("not poisoned");
+        let bucket = buckets.entry(caller.to_owned()).or_insert(Bucket {
+            tokens: self.burst,
+            updated: Instant::now(),
+        });
+        self.refill(bucket);
+        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+    }
+
+    fn refill(&self, bucket: &mut Bucket) {
+        let now = Instant::now();
+        let earned = now.duration_since(bucket.updated).as_secs_f64() / self.interval.as_secs_f64();
+        bucket.tokens = (bucket.tokens + earned).min(self.burst);
+        bucket.updated = now;
+    }
+}
+
+/// The door role: admits inbound NATS messages with the HTTP door's admission.
+pub struct Door {
+    admission: Admission,
+    verifier: Verifier,
+    publisher: Publisher,
+    client: Client,
+    body_limit: usize,
+    limiter: RejectionLimiter,
+    metrics: std::sync::Arc<DoorMetrics>,
+}
+
+impl Door {
+    pub fn new(
+        admission: Admission,
+        verifier: Verifier,
+        publisher: Publisher,
+        settings: &DoorSettings,
+        body_limit: usize,
+        metrics: std::sync::Arc<DoorMetrics>,
+    ) -> Self {
+        let client = publisher.client().clone();
+        Self {
+            admission,
+            verifier,
+            publisher,
+            client,
+            body_limit,
+            limiter: RejectionLimiter::new(settings),
+            metrics,
+        }
+    }
+
+    /// Consumes `ACC_INBOUND` until `stop` fires.
+    pub async fn run(self, inbound: Stream, stop: CancellationToken) -> anyhow::Result<()> {
+        let consumer = durable_consumer(&inbound).await?;
+        let publisher = self.publisher.clone();
+        consume(
+            consumer,
+            subjects::INBOUND_STREAM,
+            subjects::DOOR_CONSUMER,
+            publisher,
+            stop,
+            self,
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn admit_one(&self, message: &Message) -> Result<(), HandleError> {
+        let headers = message.headers.as_ref();
+        let inbound_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let span = tracing::Span::current();
+
+        let authorization = header(headers, "Authorization").map(str::as_bytes);
+        let caller = self.verifier.verify_header(authorization);
+        let caller_key = match &caller {
+            Ok(caller) => {
+                span.record("agent_id", caller.agent_id.as_str());
+                caller.agent_id.to_string()
+            }
+            Err(_) => ANONYMOUS.to_owned(),
+        };
+        // Answers go only to the authenticated caller's own namespace; an unauthenticated
+        // message cannot be attributed to anyone, so it is recorded but not answered.
+        let requested_reply = header(headers, subjects::REPLY_TO);
+        let reply = match (&caller, requested_reply) {
+            (Ok(caller), Some(raw)) => reply_subject(caller, raw),
+            _ => None,
+        };
+
+        let outcome = if !self.limiter.allows(&caller_key) {
+            Err(Refusal::rate_limited())
+        } else {
+            match caller {
+                Err(err) => Err(Refusal::api(&ApiError::from(err))),
+                Ok(_) if requested_reply.is_some() && reply.is_none() => {
+                    Err(Refusal::invalid_reply_to())
+                }
+                Ok(caller) => self.admit(message, &caller, inbound_seq).await,
+            }
+        };
+        match outcome {
+            Ok(answer) => {
+                self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
+                span.record("code", "OK");
+                self.answer(reply.as_deref(), 200, &answer).await;
+                Ok(())
+            }
+            Err(refusal) if refusal.status >= 500 => Err(HandleError::Transient(format!(
+                "{} ({})",
+                refusal.code,
+                refusal.reason()
+            ))),
+            Err(refusal) => {
+                span.record("code", refusal.code);
+                self.reject(message, inbound_seq, &caller_key, &refusal)
+                    .await?;
+                self.answer(reply.as_deref(), refusal.status, &refusal.body)
+                    .await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs admission on an authenticated message: the body checks of the HTTP extractor, then
+    /// [`Admission::admit`].
+    async fn admit(
+        &self,
+        message: &Message,
+        caller: &Caller,
+        inbound_seq: u64,
+    ) -> Result<Value, Refusal> {
+        let headers = message.headers.as_ref();
+        let Some(call) = call_of(&message.subject) else {
+            let err = ApiError::RouteNotFound(message.subject.to_string());
+            return Err(Refusal::api(&err));
+        };
+        if message.payload.len() > self.body_limit {
+            let err = ApiError::PayloadTooLarge(format!("the limit is {} bytes", self.body_limit));
+            return Err(Refusal::api(&err));
+        }
+        let body = match serde_json::from_slice::<Value>(&message.payload) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => {
+                let err = ApiError::InvalidJson("the body must be a JSON object".into());
+                return Err(Refusal::api(&err));
+            }
+            Err(err) => return Err(Refusal::api(&ApiError::InvalidJson(err.to_string()))),
+        };
+        // A header that is not text is passed on as an empty key, refused by admission as over
+        // HTTP. A heartbeat without a key gets one from its place in the inbound stream, so a
+        // redelivery after a door crash is the same heartbeat, not a second one.
+        let sent_key = headers
+            .and_then(|h| h.get(subjects::IDEMPOTENCY_KEY))
+            .map(|v| v.as_str());
+        let derived;
+        let key = match (call, sent_key) {
+            (_, Some(key)) => Some(key),
+            (Call::Heartbeat, None) => {
+                derived = format!("nats-in-{inbound_seq}");
+                Some(derived.as_str())
+            }
+            (_, None) => None,
+        };
+        self.admission
+            .admit(call, caller, &body, key)
+            .await
+            .map_err(|err| {
+                let err = ApiError::from(err);
+                if err.status().is_server_error() {
+                    tracing::warn!(code = err.code(), error = ?err, "admission failed on our side");
+                }
+                Refusal::api(&err)
+            })
+    }
+
+    /// Stores the refused message on `acc.rejected.<code>` with the reason, counts it and
+    /// charges the caller. A full rejected stream must not stop the door: the rejection is then
+    /// only counted and logged.
+    async fn reject(
+        &self,
+        message: &Message,
+        inbound_seq: u64,
+        caller_key: &str,
+        refusal: &Refusal,
+    ) -> Result<(), HandleError> {
+        let reason = refusal.reason();
+        let mut headers = HeaderMap::new();
+        headers.insert(subjects::REJECTED_CODE, refusal.code);
+        headers.insert(
+            subjects::REJECTED_STATUS,
+            refusal.status.to_string().as_str(),
+        );
+        headers.insert(subjects::REJECTED_REASON, truncate(&reason, 512));
+        if caller_key != ANONYMOUS {
+            headers.insert(subjects::REJECTED_CALLER, caller_key);
+        }
+        headers.insert(subjects::REJECTED_SUBJECT, message.subject.as_str());
+        headers.insert(
+            subjects::REJECTED_SEQUENCE,
+            inbound_seq.to_string().as_str(),
+        );
+        let stored = self
+            .publisher
+            .publish(
+                subjects::rejected(refusal.code),
+                &format!("rejected:{inbound_seq}"),
+                message.payload.clone(),
+                Some(headers),
+            )
+            .await;
+        match stored {
+            Ok(_) => {}
+            Err(err @ (PublishFailure::StreamFull(_) | PublishFailure::TooLarge)) => {
+                tracing::error!(error = %err, "cannot store the rejection; counting it only");
+            }
+            Err(err) => return Err(HandleError::Transient(format!("storing rejection: {err}"))),
+        }
+        if refusal.code != "RATE_LIMITED" {
+            self.limiter.charge(caller_key);
+        }
+        let count = self.metrics.count_rejection(refusal.code);
+        tracing::warn!(
+            code = refusal.code,
+            caller = caller_key,
+            subject = %message.subject,
+            inbound_seq,
+            count,
+            reason = %reason,
+            "inbound message rejected"
+        );
+        Ok(())
+    }
+
+    /// Publishes the answer on `reply` (when there is one): the JSON body with `Acc-Status`.
+    /// Best effort: the message is already handled, a lost answer only costs the caller a retry.
+    async fn answer(&self, reply: Option<&str>, status: u16, body: &Value) {
+        let Some(reply) = reply else { return };
+        let mut headers = HeaderMap::new();
+        headers.insert(subjects::REPLY_STATUS, status.to_string().as_str());
+        if status == 429 {
+            headers.insert("Retry-After", RATE_LIMIT_RETRY_AFTER.to_string().as_str());
+        }
+        let payload = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
+        if let Err(err) = self
+            .client
+            .publish_with_headers(reply.to_owned(), headers, payload)
+            .await
+        {
+            tracing::warn!(error = %err, "cannot send the door's answer");
+        }
+    }
+}
+
+impl Handler for Door {
+    fn handle(&self, message: &Message) -> impl Future<Output = Result<(), HandleError>> + Send {
+        let span = tracing::info_span!(
+            "door.admit",
+            subject = %message.subject,
+            agent_id = tracing::field::Empty,
+            code = tracing::field::Empty,
+        );
+        self.admit_one(message).instrument(span)
+    }
+}
+
+/// The door's durable consumer: every inbound subject, from the first message still stored (so
+/// messages published while no door ran are admitted), explicit ack, bounded redelivery.
+pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(subjects::DOOR_CONSUMER.to_owned()),
+            description: Some("admits what agents publish on NATS".into()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            // A pulled batch is handled one message at a time; each waits at most the publish
+            // timeout twice (lookup, publish), so the last of a batch is still in time.
+            ack_wait: Duration::from_secs(30),
+            max_deliver: MAX_DELIVER,
+            max_ack_pending: 1_000,
+            ..Default::default()
+        })
+        .await
+        .context("creating the door consumer")
+}
+
+/// The call an inbound subject stands for.
+fn call_of(subject: &str) -> Option<Call<'_>> {
+    match subject {
+        subjects::INBOUND_REGISTER => Some(Call::Register),
+        subjects::INBOUND_HEARTBEAT => Some(Call::Heartbeat),
+        subjects::INBOUND_EVENT => Some(Call::Event),
+        _ => subject
+            .strip_prefix(subjects::INBOUND_TASK_RESULT_PREFIX)
+            .map(|task_id| Call::TaskResult { task_id }),
+    }
+}
+
+fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers?.get(name).map(|v| v.as_str())
+}
+
+/// `raw` when it is a plain subject inside `caller`'s reply namespace, else `None`.
+fn reply_subject(caller: &Caller, raw: &str) -> Option<String> {
+    let namespace = subjects::reply_namespace(&caller.agent_id);
+    let rest = raw.strip_prefix(namespace.as_str())?.strip_prefix('.')?;
+    let plain = rest.split('.').all(|token| {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+    });
+    (plain && raw.len() <= MAX_REPLY_SUBJECT).then(|| raw.to_owned())
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth;
+    use crate::config::{AuthSettings, Secret};
+    use crate::domain::AgentId;
+
+    fn caller(agent: &str) -> Caller {
+        let secret = Secret::new("0123456789abcdef0123456789abcdef");
+        let token = auth::mint(
+            &secret,
+            &AgentId::parse(agent).unwrap(),
+            "",
+            Duration::from_secs(60),
+        );
+        Verifier::new(&AuthSettings {
+            secret,
+            leeway: Duration::from_secs(1),
+            max_token_bytes: 8192,
+        })
+        .verify(&token)
+        .unwrap()
+    }
+
+    #[test]
+    fn answers_go_only_inside_the_callers_own_reply_namespace() {
+        let a = caller("agent-a");
+        assert_eq!(
+            reply_subject(&a, "acc.reply.agent-a.x1").as_deref(),
+            Some("acc.reply.agent-a.x1")
+        );
+        assert!(reply_subject(&a, "acc.reply.agent-a.x.y").is_some());
+        for bad in [
+            "acc.reply.agent-b.x1",
+            "acc.reply.agent-a",
+            "acc.reply.agent-a.",
+            "acc.reply.agent-ab.x",
+            "acc.reply.agent-a.*",
+            "acc.reply.agent-a.>",
+            "acc.reply.agent-a..x",
+            "acc.reply.agent-a.a b",
+            "acc.events.agent-a",
+            "acc.agents.registered.agent-a",
+        ] {
+            assert!(reply_subject(&a, bad).is_none(), "{bad}");
+        }
+        let long = format!("acc.reply.agent-a.{}", "x".repeat(300));
+        assert!(reply_subject(&a, &long).is_none());
+    }
+
+    #[test]
+    fn inbound_subjects_map_to_calls() {
+        assert!(matches!(call_of("acc.in.register"), Some(Call::Register)));
+        assert!(matches!(call_of("acc.in.heartbeat"), Some(Call::Heartbeat)));
+        assert!(matches!(call_of("acc.in.event"), Some(Call::Event)));
+        assert!(matches!(
+            call_of("acc.in.task_result.t-1"),
+            Some(Call::TaskResult { task_id: "t-1" })
+        ));
+        assert!(call_of("acc.in.other").is_none());
+    }
+
+    #[test]
+    fn a_caller_runs_out_of_rejections_and_earns_them_back() {
+        let limiter = RejectionLimiter::new(&DoorSettings {
+            reject_burst: 2,
+            reject_interval: Duration::from_millis(50),
+        });
+        assert!(limiter.allows("a"));
+        limiter.charge("a");
+        assert!(limiter.allows("a"));
+        limiter.charge("a");
+        assert!(!limiter.allows("a"), "burst of 2 spent");
+        assert!(limiter.allows("b"), "buckets are per caller");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(limiter.allows("a"), "one rejection earned back");
+    }
+}

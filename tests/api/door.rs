@@ -1,0 +1,774 @@
+//! The NATS door: the same admission as HTTP. The contract table runs through both doors and
+//! must give the same answers and store the same messages; refusals over NATS reach no verified
+//! subject and are recorded; the door resumes after a restart without losing or repeating a
+//! message; agent NATS users are confined to the inbound subjects and their own replies.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::helpers::*;
+
+/// The verified streams: nothing refused may ever appear here.
+const VERIFIED: [&str; 3] = ["ACC_AGENTS", "ACC_TASKS", "ACC_EVENTS"];
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn signed(secret: &str, agent: &str, exp: u64) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"agent_id": agent, "aud": "auto-com-center", "exp": exp}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Tok {
+    Of(&'static str),
+    Missing,
+    Forged,
+    Expired,
+}
+
+impl Tok {
+    fn value(self) -> Option<String> {
+        match self {
+            Tok::Of(agent) => Some(token(agent)),
+            Tok::Missing => None,
+            Tok::Forged => Some(signed(
+                "another-secret-0123456789-0123456789-xyz",
+                "agent-1",
+                now() + 600,
+            )),
+            Tok::Expired => Some(signed(SECRET, "agent-1", now() - 3600)),
+        }
+    }
+}
+
+/// One request of the contract table, sent the same way through either door.
+struct Step {
+    /// `register`, `heartbeat`, `event` or `task/<task_id>`.
+    call: &'static str,
+    token: Tok,
+    body: String,
+    idempotency_key: Option<&'static str>,
+    want_status: u16,
+    want_code: &'static str,
+}
+
+fn step(call: &'static str, token: Tok, body: Value, status: u16, code: &'static str) -> Step {
+    Step {
+        call,
+        token,
+        body: body.to_string(),
+        idempotency_key: None,
+        want_status: status,
+        want_code: code,
+    }
+}
+
+fn contract_table() -> Vec<Step> {
+    let a = Tok::Of("agent-1");
+    let mut nameless = registration("agent-1");
+    nameless.as_object_mut().unwrap().remove("name");
+    let mut dotted = registration("agent-1");
+    dotted["agent_id"] = json!("agent.1");
+    let mut foreign_source = event("agent-1", "evt-2");
+    foreign_source["source"] = json!("agent-2");
+    let mut bad_time = event("agent-1", "evt-3");
+    bad_time["time"] = json!("yesterday");
+    let mut table = vec![
+        step("register", a, registration("agent-1"), 200, ""),
+        step("register", a, registration("agent-1"), 200, ""),
+        Step {
+            idempotency_key: Some("hb-1"),
+            ..step("heartbeat", a, json!({"agent_id": "agent-1"}), 200, "")
+        },
+        step(
+            "heartbeat",
+            a,
+            json!({"agent_id": "agent-1", "status": "degraded", "details": {"load": 0.9}}),
+            200,
+            "",
+        ),
+        step(
+            "heartbeat",
+            Tok::Of("agent-2"),
+            json!({"agent_id": "agent-2"}),
+            404,
+            "AGENT_NOT_FOUND",
+        ),
+        step("heartbeat", a, json!({}), 400, "MISSING_AGENT_ID"),
+        step(
+            "heartbeat",
+            a,
+            json!({"agent_id": "agent-1", "status": "sleepy"}),
+            400,
+            "INVALID_PAYLOAD",
+        ),
+        step("register", a, nameless, 400, "INVALID_PAYLOAD"),
+        step("register", a, dotted, 400, "INVALID_PAYLOAD"),
+        step(
+            "register",
+            a,
+            registration("agent-2"),
+            403,
+            "IDENTITY_MISMATCH",
+        ),
+        step("event", a, event("agent-1", "evt-1"), 200, ""),
+        step("event", a, event("agent-1", "evt-1"), 200, ""),
+        step("event", a, foreign_source, 403, "IDENTITY_MISMATCH"),
+        step("event", a, bad_time, 400, "INVALID_PAYLOAD"),
+        step(
+            "task/task-9",
+            a,
+            json!({"status": "succeeded", "result": {"answer": 42}, "trace_id": "trace-7"}),
+            200,
+            "",
+        ),
+        step(
+            "task/task-9",
+            a,
+            json!({"status": "done", "task_id": "other"}),
+            400,
+            "INVALID_PAYLOAD",
+        ),
+        step(
+            "task/task-9",
+            a,
+            json!({"status": "done", "agent_id": "agent-2"}),
+            403,
+            "IDENTITY_MISMATCH",
+        ),
+        step(
+            "task/t@sk",
+            a,
+            json!({"status": "done"}),
+            400,
+            "INVALID_PAYLOAD",
+        ),
+        Step {
+            idempotency_key: Some("not visible"),
+            ..step(
+                "register",
+                a,
+                registration("agent-1"),
+                400,
+                "INVALID_IDEMPOTENCY_KEY",
+            )
+        },
+        Step {
+            body: "[1,2]".into(),
+            ..step("register", a, json!(null), 400, "INVALID_JSON")
+        },
+        Step {
+            body: "{".into(),
+            ..step("register", a, json!(null), 400, "INVALID_JSON")
+        },
+    ];
+    for (token, code) in [
+        (Tok::Missing, "MISSING_TOKEN"),
+        (Tok::Forged, "INVALID_TOKEN"),
+        (Tok::Expired, "TOKEN_EXPIRED"),
+    ] {
+        table.push(step("event", token, event("agent-1", "evt-9"), 401, code));
+    }
+    table
+}
+
+async fn via_http(app: &TestApp, step: &Step) -> (u16, Value) {
+    let path = match step.call {
+        "register" => "/orchestrator/register".to_owned(),
+        "heartbeat" => "/orchestrator/heartbeat".to_owned(),
+        "event" => "/orchestrator/events".to_owned(),
+        task => format!(
+            "/orchestrator/tasks/{}/callback",
+            task.strip_prefix("task/").unwrap()
+        ),
+    };
+    let mut request = app
+        .http
+        .post(app.url(&path))
+        .header("content-type", "application/json")
+        .body(step.body.clone());
+    if let Some(token) = step.token.value() {
+        request = request.bearer_auth(token);
+    }
+    if let Some(key) = step.idempotency_key {
+        request = request.header("idempotency-key", key);
+    }
+    let (status, body) = read(request.send().await.unwrap()).await;
+    (status.as_u16(), body)
+}
+
+fn inbound_subject(call: &str) -> String {
+    match call {
+        "register" => "acc.in.register".to_owned(),
+        "heartbeat" => "acc.in.heartbeat".to_owned(),
+        "event" => "acc.in.event".to_owned(),
+        task => format!("acc.in.task_result.{}", task.strip_prefix("task/").unwrap()),
+    }
+}
+
+/// Sends a step through the NATS door as the agent its token names (whose reply namespace the
+/// door answers in); `None` when the door did not answer (it answers only authenticated callers).
+async fn via_nats(agents: &[NatsAgent], step: &Step) -> Option<(u16, Value)> {
+    let agent = match step.token {
+        Tok::Of(name) => agents.iter().find(|a| a.agent == name).unwrap(),
+        _ => &agents[0],
+    };
+    let extra: Vec<(&str, &str)> = step
+        .idempotency_key
+        .map(|key| ("Idempotency-Key", key))
+        .into_iter()
+        .collect();
+    let wait = if step.want_status == 401 {
+        Duration::from_millis(700)
+    } else {
+        Duration::from_secs(10)
+    };
+    agent
+        .call_with(
+            &inbound_subject(step.call),
+            step.token.value().as_deref(),
+            step.body.clone().into_bytes(),
+            &extra,
+            wait,
+        )
+        .await
+}
+
+/// An answer without what differs between two runs of the same request (time, trace).
+fn comparable(mut answer: Value) -> Value {
+    if let Some(map) = answer.as_object_mut() {
+        map.remove("timestamp");
+        map.remove("trace_id");
+    }
+    answer
+}
+
+/// Every message of `stream`: subject, dedupe id (a heartbeat's only when the client sent an
+/// Idempotency-Key) and payload without server timestamps.
+async fn stored_messages(js: &async_nats::jetstream::Context, stream: &str) -> Vec<Value> {
+    let stream_name = stream;
+    let mut stream = js.get_stream(stream_name).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in 1..=state.last_sequence {
+        let message = stream.get_raw_message(seq).await.unwrap();
+        let (subject, mut payload) = stored(js, stream_name, seq).await;
+        payload.as_object_mut().unwrap().remove("received_at");
+        let msg_id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned());
+        let msg_id = if subject.starts_with("acc.agents.heartbeat.") && msg_id.is_some() {
+            // Without a client key, HTTP derives it from the second, NATS from the inbound
+            // sequence; with one, both doors must use it.
+            msg_id.filter(|id| id.contains(":key:") && !id.contains(":key:nats-in-"))
+        } else {
+            msg_id
+        };
+        out.push(json!({"seq": seq, "subject": subject, "msg_id": msg_id, "payload": payload}));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_contract_is_the_same_through_both_doors() {
+    // Two bridges on two servers get the same requests, one over HTTP, one over NATS. Without
+    // the registry, nothing else writes the streams, so even the sequences must agree.
+    let (http_nats, door_nats) = (NatsServer::start(), NatsServer::start());
+    let http_app = TestApp::spawn_with(&http_nats, &["--roles=ingress,door"]).await;
+    let door_app = TestApp::spawn_with(&door_nats, &["--roles=ingress,door"]).await;
+    let agents = [
+        NatsAgent::connect(&door_nats.url(), "agent-1").await,
+        NatsAgent::connect(&door_nats.url(), "agent-2").await,
+    ];
+
+    let table = contract_table();
+    let mut refused_unauthenticated = Vec::new();
+    for (n, step) in table.iter().enumerate() {
+        let (status, over_http) = via_http(&http_app, step).await;
+        let what = format!("step {n} ({} {})", step.call, step.body);
+        assert_eq!(status, step.want_status, "{what}: {over_http}");
+        if step.want_status != 200 {
+            assert_eq!(over_http["error"]["code"], step.want_code, "{what}");
+        }
+        let over_nats = via_nats(&agents, step).await;
+        if step.want_status == 401 {
+            assert!(
+                over_nats.is_none(),
+                "{what}: the door answered an unauthenticated caller: {over_nats:?}"
+            );
+            refused_unauthenticated.push(step.want_code);
+            continue;
+        }
+        let (status, over_nats) = over_nats.unwrap_or_else(|| panic!("{what}: no answer"));
+        assert_eq!(status, step.want_status, "{what}: {over_nats}");
+        assert_eq!(comparable(over_nats), comparable(over_http), "{what}");
+    }
+
+    for stream in VERIFIED {
+        let (h, n) = (
+            stored_messages(&http_app.js, stream).await,
+            stored_messages(&door_app.js, stream).await,
+        );
+        assert!(!h.is_empty(), "{stream} holds the admitted messages");
+        assert_eq!(n, h, "{stream} differs between the doors");
+    }
+
+    // Every refusal over NATS is on record with its code, in the order sent.
+    let refused: Vec<&Step> = table.iter().filter(|s| s.want_status != 200).collect();
+    let records = eventually(Duration::from_secs(5), "every refusal recorded", || async {
+        let records = rejections(&door_app.js).await;
+        (records.len() == refused.len()).then_some(records)
+    })
+    .await;
+    for (step, record) in refused.iter().zip(&records) {
+        assert_eq!(record.headers["Acc-Rejected-Code"], step.want_code);
+        assert_eq!(
+            record.headers["Acc-Rejected-Status"],
+            step.want_status.to_string()
+        );
+        assert_eq!(record.subject, format!("acc.rejected.{}", step.want_code));
+        assert_eq!(record.payload, step.body.as_bytes());
+    }
+    assert_eq!(
+        refused_unauthenticated,
+        ["MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED"]
+    );
+}
+
+#[tokio::test]
+async fn refused_messages_reach_no_verified_subject_and_are_recorded_with_reason_and_caller() {
+    let nats = NatsServer::start();
+    let (app, metrics) = spawn_with_door_metrics(settings(Some(&nats.url()), &[])).await;
+    let agent = NatsAgent::connect(&nats.url(), "agent-1").await;
+    let forged = Tok::Forged.value().unwrap();
+    let cases: Vec<(&str, Option<String>, Value, &str)> = vec![
+        (
+            "acc.in.register",
+            Some(forged.clone()),
+            registration("agent-1"),
+            "INVALID_TOKEN",
+        ),
+        (
+            "acc.in.event",
+            None,
+            event("agent-1", "evt-1"),
+            "MISSING_TOKEN",
+        ),
+        (
+            "acc.in.register",
+            Some(token("agent-1")),
+            json!({"agent_id": "agent-1"}),
+            "INVALID_PAYLOAD",
+        ),
+        (
+            "acc.in.event",
+            Some(token("agent-1")),
+            event("agent-2", "evt-2"),
+            "IDENTITY_MISMATCH",
+        ),
+        (
+            "acc.in.heartbeat",
+            Some(token("agent-1")),
+            json!({"agent_id": "agent-1"}),
+            "AGENT_NOT_FOUND",
+        ),
+    ];
+    let mut sent = Vec::new();
+    for (subject, token, body, _) in &cases {
+        let mut headers = HeaderMap::new();
+        if let Some(token) = token {
+            headers.insert("Authorization", format!("Bearer {token}").as_str());
+        }
+        sent.push(
+            agent
+                .send(subject, headers, serde_json::to_vec(body).unwrap())
+                .await,
+        );
+    }
+    let records = eventually(Duration::from_secs(10), "five rejections", || async {
+        let records = rejections(&app.js).await;
+        (records.len() == cases.len()).then_some(records)
+    })
+    .await;
+    for ((subject, _, body, code), (record, seq)) in cases.iter().zip(records.iter().zip(&sent)) {
+        assert_eq!(record.headers["Acc-Rejected-Code"], *code);
+        assert_eq!(record.headers["Acc-Rejected-Subject"], *subject);
+        assert_eq!(record.headers["Acc-Rejected-Sequence"], seq.to_string());
+        assert!(!record.headers["Acc-Rejected-Reason"].is_empty());
+        assert_eq!(record.payload, serde_json::to_vec(body).unwrap());
+        assert!(
+            !record.headers.contains_key("Authorization"),
+            "a rejection record never keeps the token"
+        );
+        // The caller is named only when the token proved who it is.
+        match *code {
+            "INVALID_TOKEN" | "MISSING_TOKEN" => {
+                assert!(!record.headers.contains_key("Acc-Rejected-Caller"))
+            }
+            _ => assert_eq!(record.headers["Acc-Rejected-Caller"], "agent-1"),
+        }
+    }
+    assert!(
+        records[0].headers["Acc-Rejected-Reason"].contains("invalid signature"),
+        "{:?}",
+        records[0].headers
+    );
+    for stream in VERIFIED {
+        assert_eq!(count_stored(&app.js, stream).await, 0, "{stream}");
+    }
+    let counted = metrics.rejections();
+    for (_, _, _, code) in &cases {
+        assert_eq!(counted.get(*code), Some(&1), "{counted:?}");
+    }
+    assert_eq!(metrics.admitted(), 0);
+}
+
+#[tokio::test]
+async fn the_door_answers_only_inside_the_callers_own_reply_namespace() {
+    use futures::StreamExt as _;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let observer = nats.client().await;
+    let mut b_inbox = observer.subscribe("acc.reply.agent-b.>").await.unwrap();
+    observer.flush().await.unwrap();
+
+    let a = NatsAgent::connect(&nats.url(), "agent-a").await;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Authorization",
+        format!("Bearer {}", token("agent-a")).as_str(),
+    );
+    headers.insert("Acc-Reply-To", "acc.reply.agent-b.stolen");
+    a.send(
+        "acc.in.event",
+        headers,
+        serde_json::to_vec(&event("agent-a", "evt-1")).unwrap(),
+    )
+    .await;
+    let records = eventually(Duration::from_secs(5), "the rejection", || async {
+        let records = rejections(&app.js).await;
+        (!records.is_empty()).then_some(records)
+    })
+    .await;
+    assert_eq!(records[0].headers["Acc-Rejected-Code"], "INVALID_REPLY_TO");
+    assert_eq!(records[0].headers["Acc-Rejected-Caller"], "agent-a");
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 0);
+    let leaked = tokio::time::timeout(Duration::from_millis(500), b_inbox.next()).await;
+    assert!(
+        leaked.is_err(),
+        "the door published into agent-b's namespace"
+    );
+
+    // Inside its own namespace, the same message is admitted and answered.
+    let (status, answer) = a.call("acc.in.event", &event("agent-a", "evt-1")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["event_id"], "evt-1");
+}
+
+#[tokio::test]
+async fn a_caller_that_keeps_sending_rejected_messages_is_rate_limited() {
+    let nats = NatsServer::start();
+    let (app, metrics) = spawn_with_door_metrics(settings(
+        Some(&nats.url()),
+        &["--door-reject-burst=3", "--door-reject-interval=1h"],
+    ))
+    .await;
+    let noisy = NatsAgent::connect(&nats.url(), "noisy").await;
+    for _ in 0..3 {
+        let (status, answer) = noisy.call("acc.in.register", &json!({})).await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"]["code"], "INVALID_PAYLOAD");
+    }
+    // The budget is spent: even a valid message is refused, and not stored.
+    let (status, answer) = noisy.call("acc.in.event", &event("noisy", "evt-1")).await;
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"]["code"], "RATE_LIMITED");
+    assert_eq!(answer["success"], false);
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 0);
+    let records = rejections(&app.js).await;
+    let last = records.last().unwrap();
+    assert_eq!(last.subject, "acc.rejected.RATE_LIMITED");
+    assert_eq!(last.headers["Acc-Rejected-Caller"], "noisy");
+    assert_eq!(metrics.rejections()["RATE_LIMITED"], 1);
+
+    // Another caller has its own budget.
+    let quiet = NatsAgent::connect(&nats.url(), "quiet").await;
+    let (status, answer) = quiet.call("acc.in.event", &event("quiet", "evt-1")).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test]
+async fn the_same_event_through_both_doors_is_stored_once() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let agent = NatsAgent::connect(&nats.url(), "agent-1").await;
+    let (status, over_http) = app
+        .post(
+            "/orchestrator/events",
+            Some(&token("agent-1")),
+            &event("agent-1", "evt-x"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{over_http}");
+    let (status, over_nats) = agent.call("acc.in.event", &event("agent-1", "evt-x")).await;
+    assert_eq!(status, 200, "{over_nats}");
+    assert_eq!(over_nats["duplicate"], true);
+    assert_eq!(over_nats["seq"], over_http["seq"]);
+
+    // The other way round, with a registration.
+    let (status, first) = agent
+        .call("acc.in.register", &registration("agent-1"))
+        .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["duplicate"], false);
+    let second = app.register("agent-1").await;
+    assert_eq!(second["duplicate"], true);
+    assert_eq!(second["seq"], first["seq"]);
+
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 1);
+    let registrations = all_stored(&app.js, "ACC_AGENTS", "acc.agents.registered.>").await;
+    assert_eq!(registrations.len(), 1);
+}
+
+#[tokio::test]
+async fn the_door_stopped_mid_stream_and_restarted_admits_every_message_exactly_once() {
+    let nats = NatsServer::start();
+    let flags = ["--roles=door"];
+    let app = TestApp::spawn_with(&nats, &flags).await;
+    let agent = NatsAgent::connect(&nats.url(), "agent-1").await;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Authorization",
+        format!("Bearer {}", token("agent-1")).as_str(),
+    );
+    agent
+        .send(
+            "acc.in.register",
+            headers.clone(),
+            serde_json::to_vec(&registration("agent-1")).unwrap(),
+        )
+        .await;
+
+    // A burst the door is still working through when it is stopped…
+    const BEFORE: usize = 300;
+    const WHILE_STOPPED: usize = 50;
+    let send_batch = |range: std::ops::Range<usize>| {
+        let (agent, headers) = (&agent, headers.clone());
+        async move {
+            let mut acks = Vec::new();
+            for i in range {
+                let (subject, body) = if i % 3 == 0 {
+                    ("acc.in.heartbeat", json!({"agent_id": "agent-1"}))
+                } else {
+                    ("acc.in.event", event("agent-1", &format!("evt-{i}")))
+                };
+                let ack = agent
+                    .js
+                    .publish_with_headers(
+                        subject,
+                        headers.clone(),
+                        serde_json::to_vec(&body).unwrap().into(),
+                    )
+                    .await
+                    .unwrap();
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.expect("captured by ACC_INBOUND");
+            }
+        }
+    };
+    send_batch(0..BEFORE).await;
+    eventually(Duration::from_secs(10), "the door at work", || async {
+        (count_stored(&app.js, "ACC_EVENTS").await > 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let admitted_before_restart = count_stored(&js, "ACC_EVENTS").await;
+
+    // …more while no door runs (captured, not lost)…
+    send_batch(BEFORE..BEFORE + WHILE_STOPPED).await;
+
+    // …and a new door finishes the lot.
+    let app = TestApp::spawn_with(&nats, &flags).await;
+    let total = BEFORE + WHILE_STOPPED;
+    let events_sent = (0..total).filter(|i| i % 3 != 0).count() as u64;
+    let heartbeats_sent = (0..total).filter(|i| i % 3 == 0).count();
+    eventually(Duration::from_secs(30), "every event admitted", || async {
+        (count_stored(&app.js, "ACC_EVENTS").await >= events_sent).then_some(())
+    })
+    .await;
+    let heartbeats = eventually(Duration::from_secs(30), "every heartbeat", || async {
+        let stored = all_stored(&app.js, "ACC_AGENTS", "acc.agents.heartbeat.>").await;
+        (stored.len() >= heartbeats_sent).then_some(stored)
+    })
+    .await;
+    // Let any straggler land before counting exactly.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        admitted_before_restart < events_sent,
+        "the stop came mid-stream ({admitted_before_restart} of {events_sent} admitted)"
+    );
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, events_sent);
+    let events = all_stored(&app.js, "ACC_EVENTS", "acc.events.>").await;
+    let ids: std::collections::BTreeSet<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len() as u64, events_sent, "no event stored twice");
+    let heartbeats_now = all_stored(&app.js, "ACC_AGENTS", "acc.agents.heartbeat.>").await;
+    assert_eq!(heartbeats_now.len(), heartbeats.len());
+    assert_eq!(heartbeats_now.len(), heartbeats_sent, "no heartbeat twice");
+    assert!(rejections(&app.js).await.is_empty());
+}
+
+fn embedded_with_agents(data: &TempDir, port: u16) -> auto_com_center::config::Settings {
+    settings(
+        None,
+        &[
+            &format!("--data-dir={}", data.path().display()),
+            &format!("--embedded-nats-port={port}"),
+            "--nats-agents=agent-a,agent-b",
+        ],
+    )
+}
+
+async fn connect_agent(data: &TempDir, port: u16, agent: &str) -> (NatsAgent, ServerErrors) {
+    let password = std::fs::read_to_string(
+        data.path()
+            .join("nats-agents")
+            .join(format!("{agent}.password")),
+    )
+    .expect("the agent's password file");
+    let errors = ServerErrors::default();
+    let seen = errors.clone();
+    let options = async_nats::ConnectOptions::with_user_and_password(agent.into(), password)
+        .event_callback(move |event| {
+            let seen = seen.clone();
+            async move {
+                if let async_nats::Event::ServerError(err) = event {
+                    seen.0.lock().unwrap().push(err.to_string());
+                }
+            }
+        });
+    let agent = NatsAgent::connect_with(&format!("nats://127.0.0.1:{port}"), agent, options)
+        .await
+        .expect("the agent user connects");
+    (agent, errors)
+}
+
+/// Errors the server sent to a connection (permission violations arrive this way).
+#[derive(Clone, Default)]
+struct ServerErrors(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ServerErrors {
+    fn any(&self, needle: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.to_ascii_lowercase().contains(needle))
+    }
+}
+
+#[tokio::test]
+async fn an_agent_user_cannot_publish_on_a_verified_subject_or_read_another_agents_replies() {
+    use futures::StreamExt as _;
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let app = TestApp::start(embedded_with_agents(&data, port)).await;
+    let (a, a_errors) = connect_agent(&data, port, "agent-a").await;
+    let (b, _) = connect_agent(&data, port, "agent-b").await;
+
+    // Through the door, agent-a's calls work and are answered.
+    let (status, answer) = a.call("acc.in.register", &registration("agent-a")).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Straight onto a verified subject: refused by the server, nothing stored.
+    let forged = serde_json::to_vec(&event("agent-a", "evt-forged")).unwrap();
+    let attempt =
+        a.js.publish("acc.events.agent-a", forged.clone().into())
+            .await
+            .unwrap();
+    let stored = tokio::time::timeout(Duration::from_secs(2), attempt).await;
+    assert!(
+        !matches!(stored, Ok(Ok(_))),
+        "JetStream acknowledged a forged verified message"
+    );
+    a.client
+        .publish("acc.agents.registered.agent-b", forged.into())
+        .await
+        .unwrap();
+    a.client.flush().await.unwrap();
+    eventually(Duration::from_secs(5), "a publish violation", || async {
+        a_errors
+            .any("permissions violation for publish")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 0);
+    let registrations = all_stored(&app.js, "ACC_AGENTS", "acc.agents.registered.>").await;
+    assert_eq!(registrations.len(), 1, "only agent-a's own, via the door");
+
+    // Eavesdropping on agent-b's replies: refused, and nothing arrives.
+    let mut spy = a.client.subscribe("acc.reply.agent-b.>").await.unwrap();
+    a.client.flush().await.unwrap();
+    eventually(Duration::from_secs(5), "a subscribe violation", || async {
+        a_errors
+            .any("permissions violation for subscription")
+            .then_some(())
+    })
+    .await;
+    let (status, answer) = b.call("acc.in.register", &registration("agent-b")).await;
+    assert_eq!(status, 200, "{answer}");
+    let leaked = tokio::time::timeout(Duration::from_millis(500), spy.next()).await;
+    assert!(
+        !matches!(leaked, Ok(Some(_))),
+        "agent-a read agent-b's answer"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn agent_passwords_survive_a_restart_of_the_embedded_server() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let app = TestApp::start(embedded_with_agents(&data, port)).await;
+    let file = data.path().join("nats-agents/agent-a.password");
+    let before = std::fs::read_to_string(&file).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    app.stop().await;
+    let app = TestApp::start(embedded_with_agents(&data, port)).await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
+    let (a, _) = connect_agent(&data, port, "agent-a").await;
+    let (status, _) = a.call("acc.in.register", &registration("agent-a")).await;
+    assert_eq!(status, 200);
+    let config = std::fs::read_to_string(data.path().join("nats-server.conf")).unwrap();
+    let users: BTreeMap<&str, bool> = ["acc-bridge", "agent-a", "agent-b"]
+        .into_iter()
+        .map(|u| (u, config.contains(&format!("user: \"{u}\""))))
+        .collect();
+    assert!(users.values().all(|present| *present), "{users:?}");
+    app.stop().await;
+}
