@@ -1,0 +1,261 @@
+//! A small agent: registers, sends a heartbeat on an interval, emits an event, reports a task
+//! result, and stops cleanly on Ctrl-C. It talks to the NATS door by default, or to the HTTP
+//! door with `--http`. The README's "Writing an agent" section walks through it.
+//!
+//! ```sh
+//! export SHARED_SECRET=...            # the bridge's secret, to mint the token
+//! export AGENT_TOKEN=$(target/release/auto-com-center token --agent-id demo-agent)
+//! # over NATS (the bridge started with NATS_AGENTS=demo-agent):
+//! cargo run --example agent -- --agent-id demo-agent \
+//!     --nats-password-file data/nats-agents/demo-agent.password
+//! # over HTTP:
+//! cargo run --example agent -- --agent-id demo-agent --http http://127.0.0.1:8080
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use async_nats::HeaderMap;
+use clap::Parser;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(about = "An example agent of auto-com-center, over NATS or HTTP")]
+struct Args {
+    /// This agent's id: the token's agent_id, and its NATS user name.
+    #[arg(long, env = "AGENT_ID")]
+    agent_id: String,
+    /// The agent's JWT (`auto-com-center token --agent-id ...`). Never printed.
+    #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Talk HTTP to this base URL instead of NATS.
+    #[arg(long)]
+    http: Option<String>,
+    /// The NATS server.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// File holding this agent's NATS password (embedded server: DATA_DIR/nats-agents/<id>.password).
+    #[arg(long)]
+    nats_password_file: Option<PathBuf>,
+    /// Time between heartbeats.
+    #[arg(long, default_value = "10s")]
+    heartbeat_every: humantime::Duration,
+    /// How long to wait for the door's answer to one call.
+    #[arg(long, default_value = "5s")]
+    answer_timeout: humantime::Duration,
+}
+
+/// One way to reach the bridge.
+enum Door {
+    Nats {
+        agent: String,
+        token: String,
+        client: async_nats::Client,
+        timeout: Duration,
+    },
+    Http {
+        base: String,
+        token: String,
+        client: reqwest::Client,
+    },
+}
+
+/// The four calls, named as the inbound subject and the HTTP path name them.
+enum Call<'a> {
+    Register,
+    Heartbeat,
+    Event,
+    TaskResult(&'a str),
+}
+
+impl Door {
+    async fn nats(args: &Args) -> anyhow::Result<Self> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("agent {}", args.agent_id))
+            // Our NATS user may receive only on acc.reply.<agent_id>.>: JetStream's acks to our
+            // publishes and the door's answers both arrive there.
+            .custom_inbox_prefix(format!("acc.reply.{}", args.agent_id));
+        if let Some(file) = &args.nats_password_file {
+            let password = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            options = options.user_and_password(args.agent_id.clone(), password.trim().to_owned());
+        }
+        let client = options
+            .connect(args.nats_url.as_str())
+            .await
+            .context("connecting to NATS")?;
+        Ok(Door::Nats {
+            agent: args.agent_id.clone(),
+            token: args.token.clone(),
+            client,
+            timeout: args.answer_timeout.into(),
+        })
+    }
+
+    /// Sends one call and returns the bridge's answer: the HTTP status and JSON body.
+    async fn call(&self, call: Call<'_>, body: &Value) -> anyhow::Result<(u16, Value)> {
+        match self {
+            Door::Nats {
+                agent,
+                token,
+                client,
+                timeout,
+            } => {
+                let js = async_nats::jetstream::new(client.clone());
+                let subject = match call {
+                    Call::Register => "acc.in.register".to_owned(),
+                    Call::Heartbeat => "acc.in.heartbeat".to_owned(),
+                    Call::Event => "acc.in.event".to_owned(),
+                    Call::TaskResult(task) => format!("acc.in.task_result.{task}"),
+                };
+                // Listen for the answer before asking.
+                let reply = client.new_inbox();
+                let mut answers = client.subscribe(reply.clone()).await?;
+                let mut headers = HeaderMap::new();
+                headers.insert("Authorization", format!("Bearer {token}").as_str());
+                headers.insert("Acc-Reply-To", reply.as_str());
+                // Dedupes a retried publish in ACC_INBOUND; unique across all agents.
+                let msg_id = format!("{agent}-{:016x}", rand::random::<u64>());
+                headers.insert("Nats-Msg-Id", msg_id.as_str());
+                // JetStream's ack: the message is durably captured, even if no door runs now.
+                js.publish_with_headers(subject, headers, serde_json::to_vec(body)?.into())
+                    .await?
+                    .await
+                    .context("the inbound stream did not acknowledge")?;
+                let answer = tokio::time::timeout(*timeout, answers.next())
+                    .await
+                    .context("captured, but no answer from the door in time")?
+                    .context("answer subscription closed")?;
+                let status = answer
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Acc-Status"))
+                    .and_then(|v| v.as_str().parse().ok())
+                    .context("answer without Acc-Status")?;
+                Ok((status, serde_json::from_slice(&answer.payload)?))
+            }
+            Door::Http {
+                base,
+                token,
+                client,
+            } => {
+                let path = match call {
+                    Call::Register => "/orchestrator/register".to_owned(),
+                    Call::Heartbeat => "/orchestrator/heartbeat".to_owned(),
+                    Call::Event => "/orchestrator/events".to_owned(),
+                    Call::TaskResult(task) => format!("/orchestrator/tasks/{task}/callback"),
+                };
+                let response = client
+                    .post(format!("{}{path}", base.trim_end_matches('/')))
+                    .bearer_auth(token)
+                    .json(body)
+                    .send()
+                    .await?;
+                let status = response.status().as_u16();
+                Ok((status, response.json().await?))
+            }
+        }
+    }
+
+    async fn close(self) {
+        if let Door::Nats { client, .. } = self {
+            let _ = client.drain().await;
+        }
+    }
+}
+
+/// Sends a call and logs the answer; an error answer is returned as an error.
+async fn send(door: &Door, what: &str, call: Call<'_>, body: Value) -> anyhow::Result<Value> {
+    let (status, answer) = door.call(call, &body).await?;
+    if status != 200 {
+        bail!("{what}: {status} {}", answer["error"]);
+    }
+    tracing::info!(
+        what,
+        stream = %answer["stream"],
+        seq = %answer["seq"],
+        duplicate = %answer["duplicate"],
+        "stored"
+    );
+    Ok(answer)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let agent = args.agent_id.clone();
+    let door = match &args.http {
+        Some(base) => Door::Http {
+            base: base.clone(),
+            token: args.token.clone(),
+            client: reqwest::Client::new(),
+        },
+        None => Door::nats(&args).await?,
+    };
+    tracing::info!(
+        agent,
+        via = if args.http.is_some() { "http" } else { "nats" },
+        "starting"
+    );
+
+    send(
+        &door,
+        "register",
+        Call::Register,
+        json!({
+            "agent_id": agent,
+            "name": format!("Example agent {agent}"),
+            "base_url": "http://127.0.0.1:9000",
+            "capabilities": ["example.echo"],
+        }),
+    )
+    .await?;
+
+    let now = chrono::Utc::now().to_rfc3339();
+    send(
+        &door,
+        "event",
+        Call::Event,
+        json!({
+            "event_id": format!("{agent}-started-{}", chrono::Utc::now().timestamp_millis()),
+            "type": "agent.started",
+            "source": agent,
+            "data": {"pid": std::process::id()},
+            "time": now,
+        }),
+    )
+    .await?;
+
+    let task_id = format!("{agent}-task-1");
+    send(
+        &door,
+        "task result",
+        Call::TaskResult(&task_id),
+        json!({"status": "succeeded", "result": {"echo": "hello"}}),
+    )
+    .await?;
+
+    // Heartbeats until Ctrl-C. A failed heartbeat is logged, not fatal: the next one may pass.
+    let mut every = tokio::time::interval(args.heartbeat_every.into());
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = every.tick() => {
+                let body = json!({"agent_id": agent, "status": "online"});
+                if let Err(err) = send(&door, "heartbeat", Call::Heartbeat, body).await {
+                    tracing::warn!(error = %err, "heartbeat failed");
+                }
+            }
+        }
+    }
+    tracing::info!("stopping");
+    door.close().await;
+    Ok(())
+}
