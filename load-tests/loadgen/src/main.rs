@@ -1,0 +1,228 @@
+//! Open-loop load generator: requests are scheduled at a constant arrival rate, whatever the
+//! server does, and each latency is measured from the request's *scheduled* send time, so a
+//! stalled server shows up as latency instead of silently lowering the offered load
+//! (no coordinated omission).
+//!
+//! ```sh
+//! loadgen --url http://127.0.0.1:8080 --token "$TOKEN" --agent bench --rate 5000 --duration 20s
+//! loadgen ... --step 1000:12000:1000     # highest rate with 0 errors and p99 < 50 ms
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::sync::Mutex;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Base URL of the bridge.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Bearer token of the agent named by --agent.
+    #[arg(long, env = "TOKEN")]
+    token: String,
+    /// The agent the token speaks for (the events' source).
+    #[arg(long, default_value = "bench")]
+    agent: String,
+    /// Requests per second (ignored with --step).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// How long each rate is held, e.g. 20s.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Step mode: START:END:INCREMENT requests per second; stops at the first failing step.
+    #[arg(long)]
+    step: Option<String>,
+    /// Most requests in flight at once; beyond it a request counts as an error (dropped).
+    #[arg(long, default_value_t = 20_000)]
+    max_in_flight: u64,
+    /// p99 limit in milliseconds for a step to pass.
+    #[arg(long, default_value_t = 50.0)]
+    p99_limit_ms: f64,
+    /// Label printed with the results.
+    #[arg(long, default_value = "run")]
+    label: String,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("bad duration {raw:?}"))?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("bad duration {raw:?}")),
+    })
+}
+
+/// What one rate produced.
+struct Outcome {
+    offered: u64,
+    ok: u64,
+    errors: u64,
+    dropped: u64,
+    latency: Histogram<u64>,
+    elapsed: Duration,
+}
+
+impl Outcome {
+    fn ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn print(&self, label: &str, rate: u64) {
+        println!(
+            "{label} rate={rate} offered={} ok={} errors={} dropped={} achieved={:.0}/s \
+             p50={:.2}ms p90={:.2}ms p99={:.2}ms p99.9={:.2}ms max={:.2}ms",
+            self.offered,
+            self.ok,
+            self.errors,
+            self.dropped,
+            self.ok as f64 / self.elapsed.as_secs_f64(),
+            self.ms(0.50),
+            self.ms(0.90),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.latency.max() as f64 / 1000.0,
+        );
+    }
+}
+
+async fn run_rate(args: &Args, client: &reqwest::Client, rate: u64, run: u64) -> Outcome {
+    let latency = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+    ));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let mut dropped = 0;
+    let total = rate * args.duration.as_secs().max(1);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let url = format!("{}/orchestrator/events", args.url.trim_end_matches('/'));
+    let auth = format!("Bearer {}", args.token);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let scheduled = started + interval.mul_f64(i as f64);
+        let now = Instant::now();
+        if scheduled > now {
+            tokio::time::sleep(scheduled - now).await;
+        }
+        if in_flight.load(Ordering::Relaxed) >= args.max_in_flight {
+            dropped += 1;
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let body = serde_json::json!({
+            "event_id": format!("{}-{run}-{i}", args.label),
+            "type": "bench.event",
+            "source": args.agent,
+            "data": {"i": i},
+            "time": "2026-11-28T00:00:00Z",
+        })
+        .to_string();
+        let request = client
+            .post(&url)
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .body(body);
+        let (latency, ok, errors, in_flight) = (
+            latency.clone(),
+            ok.clone(),
+            errors.clone(),
+            in_flight.clone(),
+        );
+        tasks.spawn(async move {
+            let result = request.send().await;
+            let success = match result {
+                Ok(response) => {
+                    let status = response.status();
+                    let _ = response.bytes().await;
+                    status.is_success()
+                }
+                Err(_) => false,
+            };
+            let micros = scheduled.elapsed().as_micros() as u64;
+            latency
+                .lock()
+                .await
+                .record(micros.clamp(1, 60_000_000))
+                .ok();
+            if success { &ok } else { &errors }.fetch_add(1, Ordering::Relaxed);
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+        // Reap finished tasks now and then so the set does not grow without bound.
+        if i % 1024 == 0 {
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = started.elapsed();
+    let latency = Arc::try_unwrap(latency)
+        .expect("all tasks done")
+        .into_inner();
+    Outcome {
+        offered: total,
+        ok: ok.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed),
+        dropped,
+        latency,
+        elapsed,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(4096)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    match &args.step {
+        None => {
+            let outcome = run_rate(&args, &client, args.rate, run).await;
+            outcome.print(&args.label, args.rate);
+            if outcome.errors + outcome.dropped > 0 {
+                std::process::exit(1);
+            }
+        }
+        Some(step) => {
+            let parts: Vec<u64> = step
+                .split(':')
+                .map(|p| p.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|_| anyhow::anyhow!("--step wants START:END:INCREMENT"))?;
+            let [start, end, inc] = parts[..] else {
+                anyhow::bail!("--step wants START:END:INCREMENT");
+            };
+            let mut best = None;
+            let mut rate = start;
+            while rate <= end {
+                let outcome = run_rate(&args, &client, rate, run + rate).await;
+                outcome.print(&args.label, rate);
+                let passed = outcome.errors == 0
+                    && outcome.dropped == 0
+                    && outcome.ms(0.99) < args.p99_limit_ms;
+                if !passed {
+                    break;
+                }
+                best = Some(rate);
+                rate += inc.max(1);
+            }
+            match best {
+                Some(rate) => println!("{} highest passing rate: {rate}/s", args.label),
+                None => println!("{} no rate passed", args.label),
+            }
+        }
+    }
+    Ok(())
+}
