@@ -165,7 +165,8 @@ impl Application {
             });
         }
 
-        if settings.runs(Role::Door) {
+        let runs_door = settings.runs(Role::Door);
+        if runs_door {
             let inbound = js
                 .get_stream(subjects::INBOUND_STREAM)
                 .await
@@ -176,7 +177,7 @@ impl Application {
                 publisher.clone(),
                 &settings.door,
                 settings.body_limit,
-                door_metrics,
+                door_metrics.clone(),
             );
             let stop = stop.clone();
             tasks.spawn(async move { door.run(inbound, stop).await.context("NATS door") });
@@ -196,6 +197,7 @@ impl Application {
                 js: js.clone(),
                 body_limit: settings.body_limit,
                 lookup_timeout: settings.publish_timeout,
+                door: runs_door.then_some(door_metrics),
             });
             let app = http::router(state);
             let stop = stop.clone();

@@ -38,7 +38,7 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             .iter()
             .any(|f| f.p95_ms > DEGRADED_P95_MS || f.error_rate() > DEGRADED_ERROR_RATE);
     let agents = state.admission.directory().counts();
-    let body = with_trace_id(json!({
+    let mut body = with_trace_id(json!({
         "status": if degraded { "degraded" } else { "healthy" },
         "timestamp": Utc::now(),
         "uptime": state.stats.uptime().as_secs_f64(),
@@ -51,6 +51,9 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         },
         "bus": { "connected": connected },
     }));
+    if let Some(door) = &state.door {
+        body["door"] = json!({ "admitted": door.admitted(), "rejected": door.rejections() });
+    }
     let status = if degraded {
         StatusCode::SERVICE_UNAVAILABLE
     } else {

@@ -23,6 +23,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::admission::Admission;
 use crate::auth::Verifier;
+use crate::door::DoorMetrics;
 use crate::stats::{Endpoint, Stats};
 use crate::telemetry;
 use error::ApiError;
@@ -42,6 +43,8 @@ pub struct Inner {
     pub body_limit: usize,
     /// Bound on reads from the bus made while answering a request.
     pub lookup_timeout: Duration,
+    /// The NATS door's counts, when this process runs the door.
+    pub door: Option<Arc<DoorMetrics>>,
 }
 
 impl std::ops::Deref for AppState {

@@ -354,7 +354,7 @@ async fn the_contract_is_the_same_through_both_doors() {
 #[tokio::test]
 async fn refused_messages_reach_no_verified_subject_and_are_recorded_with_reason_and_caller() {
     let nats = NatsServer::start();
-    let (app, metrics) = spawn_with_door_metrics(settings(Some(&nats.url()), &[])).await;
+    let app = TestApp::spawn(&nats).await;
     let agent = NatsAgent::connect(&nats.url(), "agent-1").await;
     let forged = Tok::Forged.value().unwrap();
     let cases: Vec<(&str, Option<String>, Value, &str)> = vec![
@@ -432,11 +432,12 @@ async fn refused_messages_reach_no_verified_subject_and_are_recorded_with_reason
     for stream in VERIFIED {
         assert_eq!(count_stored(&app.js, stream).await, 0, "{stream}");
     }
-    let counted = metrics.rejections();
+    // Counted, and visible to operators on /health.
+    let (_, health) = app.get("/health", None).await;
     for (_, _, _, code) in &cases {
-        assert_eq!(counted.get(*code), Some(&1), "{counted:?}");
+        assert_eq!(health["door"]["rejected"][*code], 1, "{health}");
     }
-    assert_eq!(metrics.admitted(), 0);
+    assert_eq!(health["door"]["admitted"], 0, "{health}");
 }
 
 #[tokio::test]
@@ -484,7 +485,7 @@ async fn the_door_answers_only_inside_the_callers_own_reply_namespace() {
 #[tokio::test]
 async fn a_caller_that_keeps_sending_rejected_messages_is_rate_limited() {
     let nats = NatsServer::start();
-    let (app, metrics) = spawn_with_door_metrics(settings(
+    let app = TestApp::start(settings(
         Some(&nats.url()),
         &["--door-reject-burst=3", "--door-reject-interval=1h"],
     ))
@@ -505,7 +506,8 @@ async fn a_caller_that_keeps_sending_rejected_messages_is_rate_limited() {
     let last = records.last().unwrap();
     assert_eq!(last.subject, "acc.rejected.RATE_LIMITED");
     assert_eq!(last.headers["Acc-Rejected-Caller"], "noisy");
-    assert_eq!(metrics.rejections()["RATE_LIMITED"], 1);
+    let (_, health) = app.get("/health", None).await;
+    assert_eq!(health["door"]["rejected"]["RATE_LIMITED"], 1, "{health}");
 
     // Another caller has its own budget.
     let quiet = NatsAgent::connect(&nats.url(), "quiet").await;

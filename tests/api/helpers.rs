@@ -497,34 +497,6 @@ pub fn run_to_end(command: &mut Command, within: Duration) -> Finished {
     }
 }
 
-/// The application with the handle on its NATS door's counters.
-pub async fn spawn_with_door_metrics(
-    settings: Settings,
-) -> (TestApp, std::sync::Arc<auto_com_center::door::DoorMetrics>) {
-    let application = Application::build(settings)
-        .await
-        .expect("application builds");
-    let metrics = application.door_metrics();
-    let addr = application
-        .http_addr()
-        .unwrap_or_else(|| "127.0.0.1:9".parse().unwrap());
-    let embedded_pid = application.embedded().map(|e| e.pid());
-    let js = jetstream::new(application.nats_client());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(application.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    let app = TestApp {
-        addr,
-        http: reqwest::Client::new(),
-        js,
-        embedded_pid,
-        stop: Some(stop),
-        task: Some(task),
-    };
-    (app, metrics)
-}
-
 /// An agent talking to the NATS door: its inbox prefix is its reply namespace
 /// `acc.reply.<agent_id>`, so JetStream acknowledgements and the door's answers both arrive there.
 pub struct NatsAgent {

@@ -507,3 +507,59 @@ fn the_standard_variables_configure_export() {
     assert_eq!(config.protocol, ExportProtocol::Grpc);
     assert_eq!(config.sampler, SamplerConfig::ParentBasedTraceIdRatio(0.5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_in_an_agents_nats_headers_continues_through_the_nats_door() {
+    let (collector, addr) = Collector::start().await;
+    let telemetry = install(
+        &otel(addr, SamplerConfig::ParentBasedAlwaysOn),
+        &Captured::default(),
+    );
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let agent = NatsAgent::connect(&nats.url(), "agent-1").await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Authorization",
+        format!("Bearer {}", token("agent-1")).as_str(),
+    );
+    headers.insert(
+        "traceparent",
+        format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01").as_str(),
+    );
+    agent
+        .send(
+            "acc.in.event",
+            headers,
+            serde_json::to_vec(&event("agent-1", "evt-door")).unwrap(),
+        )
+        .await;
+    let spans = collected(&telemetry, "door spans in the agent's trace", || {
+        let spans = collector.spans_of(CLIENT_TRACE);
+        let has = |name: &str| spans.iter().any(|s| s.name == name);
+        (has("process acc.in") && has("send acc.events")).then_some(spans)
+    })
+    .await;
+    let process = spans.iter().find(|s| s.name == "process acc.in").unwrap();
+    let publish = spans.iter().find(|s| s.name == "send acc.events").unwrap();
+    assert_eq!(
+        hex(&process.parent_span_id),
+        CLIENT_SPAN,
+        "the door continues the agent's span"
+    );
+    // The verified publish descends from the door's processing span.
+    let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+    let mut ancestor = by_id.get(&publish.parent_span_id).copied();
+    while let Some(span) = ancestor {
+        if span.span_id == process.span_id {
+            break;
+        }
+        ancestor = by_id.get(&span.parent_span_id).copied();
+    }
+    assert!(
+        ancestor.is_some(),
+        "send acc.events is not under process acc.in"
+    );
+    app.stop().await;
+    telemetry.shutdown();
+}
