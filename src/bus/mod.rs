@@ -148,9 +148,7 @@ impl Publisher {
             messaging.system = "nats",
             messaging.operation.type = "send",
             messaging.destination.name = %subject,
-            messaging.message.id = %msg_id,
-            messaging.message.body.size = payload.len(),
-            messaging.nats.stream = tracing::field::Empty,
+            messaging.message.id = msg_id,
             messaging.nats.stream_sequence = tracing::field::Empty,
             messaging.nats.duplicate = tracing::field::Empty,
         );
@@ -162,9 +160,10 @@ impl Publisher {
             .await;
         match &result {
             Ok(ack) => {
-                span.record("messaging.nats.stream", ack.stream.as_str());
                 span.record("messaging.nats.stream_sequence", ack.seq);
-                span.record("messaging.nats.duplicate", ack.duplicate);
+                if ack.duplicate {
+                    span.record("messaging.nats.duplicate", true);
+                }
             }
             Err(_) => {
                 span.record("otel.status_code", "ERROR");

@@ -94,17 +94,29 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .map(|path| path.as_str().to_owned());
     let endpoint = route.as_deref().and_then(endpoint_of);
     let method = request.method().clone();
-    let span = tracing::info_span!(
-        "http.request",
-        otel.name = %format!("{method} {}", route.as_deref().unwrap_or("unmatched")),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
-        http.route = route.as_deref().unwrap_or(""),
-        url.path = %request.uri().path(),
-        http.response.status_code = tracing::field::Empty,
-        acc.trace_id = tracing::field::Empty,
-    );
+    let span = match span_name(&method, route.as_deref()) {
+        Some(name) => tracing::info_span!(
+            "http.request",
+            otel.name = name,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = method.as_str(),
+            http.route = route.as_deref().unwrap_or(""),
+            http.response.status_code = tracing::field::Empty,
+            acc.trace_id = tracing::field::Empty,
+        ),
+        // Unknown routes and methods: rare, so the name may cost an allocation.
+        None => tracing::info_span!(
+            "http.request",
+            otel.name = %format!("{method} {}", route.as_deref().unwrap_or("unmatched")),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = method.as_str(),
+            url.path = %request.uri().path(),
+            http.response.status_code = tracing::field::Empty,
+            acc.trace_id = tracing::field::Empty,
+        ),
+    };
     let mut parent = telemetry::extract(request.headers());
     let (request, early) = if telemetry::has_remote_parent(&parent) || method != Method::POST {
         (Some(request), None)
@@ -180,6 +192,22 @@ fn mentions_trace_id(bytes: &[u8]) -> bool {
 struct TraceIdOnly {
     #[serde(default)]
     trace_id: Option<String>,
+}
+
+/// The span name of a known route, without allocating.
+fn span_name(method: &Method, route: Option<&str>) -> Option<&'static str> {
+    Some(match (method.as_str(), route?) {
+        ("POST", "/orchestrator/register") => "POST /orchestrator/register",
+        ("POST", "/orchestrator/heartbeat") => "POST /orchestrator/heartbeat",
+        ("POST", "/orchestrator/tasks/{task_id}/callback") => {
+            "POST /orchestrator/tasks/{task_id}/callback"
+        }
+        ("GET", "/orchestrator/tasks/{task_id}") => "GET /orchestrator/tasks/{task_id}",
+        ("POST", "/orchestrator/events") => "POST /orchestrator/events",
+        ("GET", "/orchestrator/agents") => "GET /orchestrator/agents",
+        ("GET", "/health") => "GET /health",
+        _ => return None,
+    })
 }
 
 fn endpoint_of(path: &str) -> Option<Endpoint> {
