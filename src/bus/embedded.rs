@@ -31,8 +31,8 @@ use crate::bus::subjects;
 use crate::config::{Durability, EmbeddedSettings};
 use crate::domain::AgentId;
 
-/// The oldest server we run: the issue pins 2.11 (multi-filter consumers, per-message TTL era
-/// stream settings, `sync_interval: always` behaving as documented).
+/// The oldest server we run. Older servers are refused at start rather than run with settings
+/// they may treat differently.
 pub const MIN_VERSION: (u64, u64, u64) = (2, 11, 0);
 
 /// The user the bridge connects as.

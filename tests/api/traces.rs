@@ -563,3 +563,78 @@ async fn trace_context_in_an_agents_nats_headers_continues_through_the_nats_door
     app.stop().await;
     telemetry.shutdown();
 }
+
+/// An OTLP/HTTP receiver: `POST /v1/traces` with a protobuf body.
+async fn http_collector() -> (Collector, SocketAddr) {
+    use axum::body::Bytes;
+    use prost::Message as _;
+    let collector = Collector::default();
+    let spans = collector.spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| {
+            let spans = spans.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                let mut spans = spans.lock().unwrap();
+                for resource in request.resource_spans {
+                    for scope in resource.scope_spans {
+                        spans.extend(scope.spans);
+                    }
+                }
+                let answer = ExportTraceServiceResponse {
+                    partial_success: None,
+                };
+                (
+                    [("content-type", "application/x-protobuf")],
+                    answer.encode_to_vec(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (collector, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_http_protobuf_and_flushed_on_shutdown() {
+    let (collector, addr) = http_collector().await;
+    let config = OtelConfig {
+        protocol: ExportProtocol::HttpProtobuf,
+        ..otel(addr, SamplerConfig::ParentBasedAlwaysOn)
+    };
+    let telemetry = install(&config, &Captured::default());
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let response = app
+        .http
+        .post(app.url("/orchestrator/events"))
+        .bearer_auth(token("agent-1"))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .json(&event("agent-1", "evt-http"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    app.stop().await;
+    // No explicit flush: shutdown itself must deliver the batch.
+    assert!(
+        collector.spans_of(CLIENT_TRACE).is_empty(),
+        "exported before the batch was due"
+    );
+    tokio::task::spawn_blocking(move || telemetry.shutdown())
+        .await
+        .unwrap();
+    let names: Vec<String> = collector
+        .spans_of(CLIENT_TRACE)
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "POST /orchestrator/events"),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n == "send acc.events"), "{names:?}");
+}
