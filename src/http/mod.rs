@@ -88,27 +88,26 @@ async fn method_not_allowed() -> ApiError {
 /// and latency figures for the routes we keep them for.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned());
-    let endpoint = route.as_deref().and_then(endpoint_of);
+    // `MatchedPath` is an `Arc<str>`: cloning it does not copy the route.
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map(MatchedPath::as_str);
+    let endpoint = route.and_then(endpoint_of);
     let method = request.method().clone();
-    let span = match span_name(&method, route.as_deref()) {
+    let span = match span_name(&method, route) {
         Some(name) => tracing::info_span!(
             "http.request",
             otel.name = name,
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             http.request.method = method.as_str(),
-            http.route = route.as_deref().unwrap_or(""),
+            http.route = route.unwrap_or(""),
             http.response.status_code = tracing::field::Empty,
             acc.trace_id = tracing::field::Empty,
         ),
         // Unknown routes and methods: rare, so the name may cost an allocation.
         None => tracing::info_span!(
             "http.request",
-            otel.name = %format!("{method} {}", route.as_deref().unwrap_or("unmatched")),
+            otel.name = %format!("{method} {}", route.unwrap_or("unmatched")),
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             http.request.method = method.as_str(),
