@@ -33,7 +33,6 @@ pub struct Application {
     embedded: Option<EmbeddedNats>,
     client: Client,
     publisher: Publisher,
-    door_metrics: Arc<DoorMetrics>,
 }
 
 impl Application {
@@ -87,13 +86,7 @@ impl Application {
             embedded,
             client,
             publisher,
-            door_metrics: Arc::default(),
         })
-    }
-
-    /// What the NATS door has admitted and rejected so far (zero when it does not run here).
-    pub fn door_metrics(&self) -> Arc<DoorMetrics> {
-        self.door_metrics.clone()
     }
 
     /// The bound HTTP address, when this process runs the ingress.
@@ -119,8 +112,8 @@ impl Application {
             embedded,
             client,
             publisher,
-            door_metrics,
         } = self;
+        let door_metrics = Arc::new(DoorMetrics::default());
         let js = publisher.jetstream().clone();
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();

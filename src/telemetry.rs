@@ -210,11 +210,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// True when spans leave the process.
-    pub fn exporting(&self) -> bool {
-        self.exporting
-    }
-
     /// Exports every finished span now (tests and shutdown).
     pub fn flush(&self) {
         if self.exporting {
