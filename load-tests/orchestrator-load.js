@@ -70,7 +70,9 @@ export const options = {
       executor: 'ramping-arrival-rate',
       startRate: 0,
       timeUnit: '1s',
-      preAllocatedVUs: 50,
+      // Enough VUs for a ~1 s stall at 200 req/s, so a dropped iteration means the server stalled
+      // that long, not that k6 was still starting VUs.
+      preAllocatedVUs: 200,
       maxVUs: 400,
       stages: [
         { duration: scaled(30), target: 50 },
