@@ -490,24 +490,6 @@ async fn an_unreachable_collector_never_slows_or_fails_a_request() {
     );
 }
 
-#[test]
-fn the_standard_variables_configure_export() {
-    let vars = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
-        ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
-    ];
-    let config = OtelConfig::from_lookup(|name| {
-        vars.iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| (*v).to_owned())
-    })
-    .unwrap();
-    assert_eq!(config.protocol, ExportProtocol::Grpc);
-    assert_eq!(config.sampler, SamplerConfig::ParentBasedTraceIdRatio(0.5));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_context_in_an_agents_nats_headers_continues_through_the_nats_door() {
     let (collector, addr) = Collector::start().await;
