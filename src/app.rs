@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Admission;
 use crate::auth::Verifier;
 use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
+use crate::bus::group::GroupSettings;
 use crate::bus::{self, Publisher, provision, subjects};
-use crate::config::{NatsAuth, NatsTarget, Role, Settings};
+use crate::config::{Durability, GroupCommitMode, NatsAuth, NatsTarget, Role, Settings};
 use crate::directory::Directory;
 use crate::door::{Door, DoorMetrics};
 use crate::http::{self, AppState};
@@ -48,7 +49,7 @@ impl Application {
                 (Some(server), urls, auth)
             }
             NatsTarget::External { urls, auth } => {
-                if settings.streams.durability == crate::config::Durability::Fsync {
+                if settings.streams.durability == Durability::Fsync {
                     tracing::warn!(
                         "DURABILITY=fsync with NATS_URL: the bridge cannot see the server's \
                          sync_interval; configure `jetstream {{ sync_interval: always }}` on every \
@@ -70,7 +71,15 @@ impl Application {
                 server_max
             );
         }
-        let publisher = Publisher::new(client.clone(), settings.publish_timeout);
+        let mut publisher = Publisher::new(client.clone(), settings.publish_timeout);
+        if let Some(group) = group_commit(&settings, &client.server_info().version)? {
+            tracing::info!(
+                min_batch = group.min_batch,
+                max_batch = group.max_batch,
+                "group commit on"
+            );
+            publisher = publisher.with_group_commit(group);
+        }
         provision::provision(publisher.jetstream(), &settings.streams).await?;
         let listener = if settings.runs(Role::Ingress) {
             let listener = TcpListener::bind(settings.http_addr)
@@ -265,3 +274,43 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+/// Whether writes are grouped: `auto` turns it on with `fsync` durability on a server that
+/// supports atomic batches; `on` insists on such a server.
+fn group_commit(
+    settings: &Settings,
+    server_version: &str,
+) -> anyhow::Result<Option<GroupSettings>> {
+    let config = settings.group_commit;
+    let wanted = match config.mode {
+        GroupCommitMode::Off => false,
+        GroupCommitMode::On => true,
+        GroupCommitMode::Auto => settings.streams.durability == Durability::Fsync,
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let supported = crate::bus::embedded::parse_version(server_version)
+        .is_some_and(|v| v >= ATOMIC_BATCH_VERSION);
+    if !supported {
+        if config.mode == GroupCommitMode::On {
+            anyhow::bail!(
+                "invalid GROUP_COMMIT: on needs nats-server 2.12 or newer (atomic batches), \
+                 the server is {server_version}"
+            );
+        }
+        tracing::warn!(
+            server = server_version,
+            "group commit off: nats-server 2.12 or newer is needed for atomic batches"
+        );
+        return Ok(None);
+    }
+    Ok(Some(GroupSettings {
+        min_batch: config.min_batch,
+        max_batch: config.max_batch,
+        ..GroupSettings::default()
+    }))
+}
+
+/// The first nats-server with atomic batch publish (ADR-50).
+const ATOMIC_BATCH_VERSION: (u64, u64, u64) = (2, 12, 0);

@@ -104,6 +104,15 @@ pub enum Durability {
     Interval,
 }
 
+/// Whether concurrent writes to a stream are committed together (see `bus::group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupCommitMode {
+    /// On with `fsync` durability (where each write costs an fsync), off with `interval`.
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -202,6 +211,18 @@ pub struct ServeArgs {
     /// Durability mode: fsync (fsync before every ack) or interval (ack from page cache/quorum).
     #[arg(long, env = "DURABILITY", value_enum, default_value = "fsync")]
     pub durability: Durability,
+
+    /// Group commit: auto (on with fsync durability), on or off. Needs nats-server 2.12+.
+    #[arg(long, env = "GROUP_COMMIT", value_enum, default_value = "auto")]
+    pub group_commit: GroupCommitMode,
+
+    /// Fewest waiting writes to one stream sent as one atomic batch; fewer go one by one.
+    #[arg(long, env = "GROUP_COMMIT_MIN_BATCH", default_value = "16")]
+    pub group_commit_min_batch: usize,
+
+    /// Most writes in one atomic batch (the server allows at most 1000).
+    #[arg(long, env = "GROUP_COMMIT_MAX_BATCH", default_value = "1000")]
+    pub group_commit_max_batch: usize,
 
     /// Replicas per stream and KV bucket (3 on a 3-node cluster).
     #[arg(long, env = "STREAM_REPLICAS", default_value = "1")]
@@ -306,6 +327,14 @@ pub struct DoorSettings {
     pub reject_interval: Duration,
 }
 
+/// Group commit as configured; whether it runs also depends on the server's version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommitSettings {
+    pub mode: GroupCommitMode,
+    pub min_batch: usize,
+    pub max_batch: usize,
+}
+
 /// Stream limits applied to every stream the bridge owns.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
@@ -340,6 +369,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub registry: RegistrySettings,
     pub door: DoorSettings,
+    pub group_commit: GroupCommitSettings,
     pub body_limit: usize,
     pub publish_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -425,6 +455,27 @@ impl Settings {
                 "must not be longer than STREAM_MAX_AGE",
             ));
         }
+        if !(1..=crate::bus::group::SERVER_MAX_BATCH).contains(&args.group_commit_max_batch) {
+            return Err(ConfigError::new(
+                "GROUP_COMMIT_MAX_BATCH",
+                format!(
+                    "must be between 1 and {}, got {}",
+                    crate::bus::group::SERVER_MAX_BATCH,
+                    args.group_commit_max_batch
+                ),
+            ));
+        }
+        if args.group_commit_min_batch < 2 {
+            return Err(ConfigError::new(
+                "GROUP_COMMIT_MIN_BATCH",
+                "must be at least 2 (use GROUP_COMMIT=off to turn batching off)",
+            ));
+        }
+        let group_commit = GroupCommitSettings {
+            mode: args.group_commit,
+            min_batch: args.group_commit_min_batch,
+            max_batch: args.group_commit_max_batch,
+        };
         let body_limit = parse_bytes("BODY_LIMIT", &args.body_limit)?;
         if body_limit < 1024 {
             return Err(ConfigError::new("BODY_LIMIT", "must be at least 1KiB"));
@@ -463,6 +514,7 @@ impl Settings {
                     &args.door_reject_interval,
                 )?,
             },
+            group_commit,
             body_limit,
             publish_timeout: parse_duration("PUBLISH_TIMEOUT", &args.publish_timeout)?,
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,

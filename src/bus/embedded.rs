@@ -334,7 +334,11 @@ async fn check_version(binary: &Path) -> anyhow::Result<()> {
 
 /// Reads `nats-server: v2.15.1` as `(2, 15, 1)`.
 pub fn parse_version(text: &str) -> Option<(u64, u64, u64)> {
-    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    // `nats-server --version` prints `nats-server: v2.15.1`; INFO carries a bare `2.15.1`.
+    let v = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .or_else(|| text.split_whitespace().next())?;
     let core = v.split(['-', '+']).next()?;
     let mut parts = core.split('.').map(|p| p.parse::<u64>());
     Some((
@@ -455,6 +459,7 @@ mod tests {
         assert_eq!(parse_version("nats-server: v2.9.10"), Some((2, 9, 10)));
         assert_eq!(parse_version("nats-server: v2.12.0-RC.1"), Some((2, 12, 0)));
         assert!(parse_version("nats-server: v2.9.10").unwrap() < MIN_VERSION);
+        assert_eq!(parse_version("2.15.1"), Some((2, 15, 1)));
         assert!(parse_version("garbage").is_none());
     }
 

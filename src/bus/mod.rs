@@ -2,6 +2,7 @@
 //! the connection, and publish-and-ack with dedupe ids and a bounded wait.
 
 pub mod embedded;
+pub mod group;
 pub mod provision;
 pub mod subjects;
 
@@ -19,6 +20,7 @@ use serde::Serialize;
 use tracing::Instrument as _;
 
 use crate::config::NatsAuth;
+use group::{GroupCommit, GroupSettings};
 
 /// Opens a client that reconnects forever with capped exponential backoff. Returns at once;
 /// the connection may still be on its way (see [`wait_connected`]).
@@ -108,7 +110,16 @@ pub struct Publisher {
     js: jetstream::Context,
     client: Client,
     timeout: Duration,
+    /// Writers of the streams the ingress writes most, when group commit is on.
+    groups: Vec<(&'static str, GroupCommit)>,
 }
+
+/// The streams whose writes go through group commit: what agents send, over HTTP or the door.
+const GROUPED_STREAMS: [&str; 3] = [
+    subjects::AGENTS_STREAM,
+    subjects::TASKS_STREAM,
+    subjects::EVENTS_STREAM,
+];
 
 impl Publisher {
     pub fn new(client: Client, timeout: Duration) -> Self {
@@ -120,7 +131,35 @@ impl Publisher {
             js,
             client,
             timeout,
+            groups: Vec::new(),
         }
+    }
+
+    /// Routes writes to the agent, task and event streams through group commit (see
+    /// [`group`]). Starts one writer task per stream.
+    pub fn with_group_commit(mut self, settings: GroupSettings) -> Self {
+        self.groups = GROUPED_STREAMS
+            .iter()
+            .map(|&stream| {
+                let writer = GroupCommit::start(
+                    stream,
+                    self.js.clone(),
+                    self.client.clone(),
+                    self.timeout,
+                    settings,
+                );
+                (stream, writer)
+            })
+            .collect();
+        self
+    }
+
+    /// The group-commit writer of `stream`, if group commit is on.
+    pub fn group(&self, stream: &str) -> Option<&GroupCommit> {
+        self.groups
+            .iter()
+            .find(|(name, _)| *name == stream)
+            .map(|(_, writer)| writer)
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
@@ -181,6 +220,14 @@ impl Publisher {
     ) -> Result<Ack, PublishFailure> {
         if self.client.connection_state() != State::Connected {
             return Err(PublishFailure::Unavailable("not connected".into()));
+        }
+        if let Some(writer) = subjects::stream_of(&subject).and_then(|s| self.group(s)) {
+            return tokio::time::timeout(
+                self.timeout,
+                writer.publish(subject, msg_id, payload, headers),
+            )
+            .await
+            .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))?;
         }
         let message = PublishMessage::build()
             .payload(payload)

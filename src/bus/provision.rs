@@ -45,6 +45,9 @@ pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
         allow_direct: false,
         deny_delete: true,
         deny_purge: false,
+        // Group commit writes concurrent requests as one atomic batch (nats-server 2.12+;
+        // older servers ignore the field, and the bridge then publishes one by one).
+        allow_atomic_publish: true,
         ..Default::default()
     }
 }

@@ -173,6 +173,28 @@ pub const CATALOG: &[SubjectSpec] = &[
     },
 ];
 
+/// The stream that stores a concrete subject, per [`CATALOG`].
+pub fn stream_of(subject: &str) -> Option<&'static str> {
+    CATALOG
+        .iter()
+        .find(|spec| matches(spec.subject, subject))
+        .map(|spec| spec.stream)
+}
+
+/// NATS wildcard matching: `*` is one token, a final `>` one or more.
+fn matches(pattern: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for want in pattern.split('.') {
+        match (want, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (want, Some(got)) if want == got => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
 /// The subjects a stream stores, taken from [`CATALOG`].
 pub fn subjects_of(stream: &str) -> Vec<String> {
     CATALOG

@@ -10,5 +10,6 @@ mod contract;
 mod door;
 mod durability;
 mod embedded;
+mod group_commit;
 mod registry;
 mod traces;

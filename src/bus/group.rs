@@ -1,0 +1,430 @@
+//! Group commit: many concurrent requests, one JetStream write.
+//!
+//! With `fsync` durability the server fsyncs before every acknowledgement, so a bridge that
+//! publishes message by message is capped by the disk (about 2,000 writes/s per stream here).
+//! A [`GroupCommit`] is one task per stream that owns the writes to it. Requests queue on a
+//! channel; whenever the task is free it takes everything waiting (up to `max_batch`) and writes
+//! it in one go:
+//!
+//! - fewer than `min_batch` messages go out as ordinary publishes, awaited together: at low load
+//!   a request costs one fsync and never waits for company;
+//! - `min_batch` or more go out as one atomic batch (ADR-50, nats-server 2.12+, stream
+//!   `allow_atomic`): the server stores them together and answers once, so one commit
+//!   acknowledges them all. Message `i` of a batch of `n` whose ack says `seq` is at
+//!   `seq - n + 1 + i`.
+//!
+//! While a write is on its way, new requests queue; the busier the stream, the bigger the next
+//! batch. No request waits for a timer.
+//!
+//! Dedupe still holds per message. The server refuses a whole atomic batch when any of its
+//! `Nats-Msg-Id`s is already stored or appears twice in it (error 10201), so repeats within a
+//! batch are held back and sent after it as ordinary publishes (the server then answers them
+//! `duplicate` with the first copy's sequence), and a batch the server refuses for any reason
+//! is sent again message by message, so each request gets its own answer: its own ack, its own
+//! `duplicate`, or its own error.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Ack, PublishFailure, classify};
+
+const BATCH_ID: &str = "Nats-Batch-Id";
+const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+
+/// The server's limit on messages in one atomic batch (`jetstream.limits.batch.max_msgs`).
+pub const SERVER_MAX_BATCH: usize = 1000;
+
+/// How a stream's writes are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// Fewest waiting messages sent as one atomic batch; fewer go as ordinary publishes.
+    pub min_batch: usize,
+    /// Most messages in one write.
+    pub max_batch: usize,
+    /// Most requests waiting for one stream; beyond it a request is refused at once (503)
+    /// rather than queued without bound.
+    pub queue: usize,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        Self {
+            min_batch: 16,
+            max_batch: SERVER_MAX_BATCH,
+            queue: 16_384,
+        }
+    }
+}
+
+/// Counts of what a stream's writer did, for benchmarks and tests.
+#[derive(Debug, Default)]
+pub struct GroupCounts {
+    /// Atomic batches the server committed.
+    pub batches: AtomicU64,
+    /// Messages acknowledged through those batches.
+    pub batched_messages: AtomicU64,
+    /// Messages sent as ordinary publishes (small groups, repeats, refused batches).
+    pub single_messages: AtomicU64,
+    /// Batches the server refused, whose messages were then sent one by one.
+    pub refused_batches: AtomicU64,
+}
+
+/// One message waiting to be written, and where its answer goes.
+struct Pending {
+    subject: String,
+    msg_id: String,
+    payload: Bytes,
+    headers: HeaderMap,
+    answer: oneshot::Sender<Result<Ack, PublishFailure>>,
+}
+
+/// The writer of one stream. Cloning shares the writer.
+#[derive(Clone)]
+pub struct GroupCommit {
+    queue: mpsc::Sender<Pending>,
+    counts: Arc<GroupCounts>,
+}
+
+impl GroupCommit {
+    /// Starts the writer task of `stream`. It ends when every clone is dropped.
+    pub fn start(
+        stream: &'static str,
+        js: jetstream::Context,
+        client: Client,
+        timeout: Duration,
+        settings: GroupSettings,
+    ) -> Self {
+        let (queue, receiver) = mpsc::channel(settings.queue.max(1));
+        let counts = Arc::new(GroupCounts::default());
+        let writer = Writer {
+            stream,
+            js,
+            client,
+            timeout,
+            settings,
+            counts: counts.clone(),
+            batch_prefix: batch_prefix(),
+            next_batch: 0,
+        };
+        tokio::spawn(writer.run(receiver));
+        Self { queue, counts }
+    }
+
+    pub fn counts(&self) -> &GroupCounts {
+        &self.counts
+    }
+
+    /// Queues one message and waits for its own answer.
+    pub async fn publish(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Bytes,
+        headers: HeaderMap,
+    ) -> Result<Ack, PublishFailure> {
+        let (answer, answered) = oneshot::channel();
+        let pending = Pending {
+            subject,
+            msg_id: msg_id.to_owned(),
+            payload,
+            headers,
+            answer,
+        };
+        self.queue.try_send(pending).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => {
+                PublishFailure::Unavailable("too many writes waiting for the bus".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                PublishFailure::Unavailable("the stream writer has stopped".into())
+            }
+        })?;
+        answered.await.unwrap_or_else(|_| {
+            Err(PublishFailure::Unavailable(
+                "the write was abandoned".into(),
+            ))
+        })
+    }
+}
+
+/// A process-unique prefix for batch ids: batches of two bridge processes never share an id.
+fn batch_prefix() -> String {
+    format!("acc-{:016x}", rand::random::<u64>())
+}
+
+struct Writer {
+    stream: &'static str,
+    js: jetstream::Context,
+    client: Client,
+    timeout: Duration,
+    settings: GroupSettings,
+    counts: Arc<GroupCounts>,
+    batch_prefix: String,
+    next_batch: u64,
+}
+
+impl Writer {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Pending>) {
+        let max = self.settings.max_batch.clamp(1, SERVER_MAX_BATCH);
+        let mut group = Vec::with_capacity(max);
+        while receiver.recv_many(&mut group, max).await > 0 {
+            // A request that gave up (timed out, client gone) needs no write.
+            group.retain(|p| !p.answer.is_closed());
+            if !group.is_empty() {
+                self.write(std::mem::take(&mut group)).await;
+            }
+        }
+        tracing::debug!(stream = self.stream, "stream writer stopped");
+    }
+
+    async fn write(&mut self, group: Vec<Pending>) {
+        if self.client.connection_state() != State::Connected {
+            for p in group {
+                let _ = p
+                    .answer
+                    .send(Err(PublishFailure::Unavailable("not connected".into())));
+            }
+            return;
+        }
+        if group.len() < self.settings.min_batch.max(2) {
+            return self.singles(group).await;
+        }
+        let (batch, repeats) = split_repeats(group);
+        let batch = match self.atomic(batch).await {
+            Ok(()) => Vec::new(),
+            Err(refused) => refused,
+        };
+        let mut rest = batch;
+        rest.extend(repeats);
+        if !rest.is_empty() {
+            self.singles(rest).await;
+        }
+    }
+
+    /// Ordinary publishes, all sent before any ack is awaited.
+    async fn singles(&self, group: Vec<Pending>) {
+        self.counts
+            .single_messages
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        let mut waiting = Vec::with_capacity(group.len());
+        for p in group {
+            let message = PublishMessage::build()
+                .payload(p.payload)
+                .headers(p.headers)
+                .message_id(p.msg_id);
+            let sent = tokio::time::timeout(self.timeout, self.js.send_publish(p.subject, message))
+                .await
+                .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))
+                .and_then(|sent| sent.map_err(classify));
+            waiting.push((p.answer, sent));
+        }
+        for (answer, sent) in waiting {
+            let result = match sent {
+                Ok(ack) => tokio::time::timeout(self.timeout, ack)
+                    .await
+                    .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))
+                    .and_then(|acked| acked.map_err(classify))
+                    .map(|ack| Ack {
+                        stream: ack.stream,
+                        seq: ack.sequence,
+                        duplicate: ack.duplicate,
+                    }),
+                Err(failure) => Err(failure),
+            };
+            let _ = answer.send(result);
+        }
+    }
+
+    /// One atomic batch. On success every request has its answer; when the server refuses the
+    /// batch, its messages come back to be sent one by one.
+    async fn atomic(&mut self, batch: Vec<Pending>) -> Result<(), Vec<Pending>> {
+        self.next_batch += 1;
+        let batch_id = format!("{}-{}", self.batch_prefix, self.next_batch);
+        let last = batch.len();
+        let mut commit = None;
+        for (i, p) in batch.iter().enumerate() {
+            let mut headers = p.headers.clone();
+            headers.insert("Nats-Msg-Id", p.msg_id.as_str());
+            headers.insert(BATCH_ID, batch_id.as_str());
+            headers.insert(BATCH_SEQUENCE, (i + 1).to_string().as_str());
+            if i + 1 == last {
+                headers.insert(BATCH_COMMIT, "1");
+                commit = Some(self.client.request_with_headers(
+                    p.subject.clone(),
+                    headers,
+                    p.payload.clone(),
+                ));
+            } else if let Err(err) = self
+                .client
+                .publish_with_headers(p.subject.clone(), headers, p.payload.clone())
+                .await
+            {
+                // Nothing is stored without the commit; the server drops the partial batch.
+                return Err(fail_all(batch, &err.to_string()));
+            }
+        }
+        let commit = commit.expect("a batch has a last message");
+        let reply = match tokio::time::timeout(self.timeout, commit).await {
+            Ok(Ok(reply)) => reply,
+            // Unknown outcome: the batch may or may not be stored. Each request gets a 503 and
+            // its client's retry, with the same dedupe id, finds out.
+            Ok(Err(err)) => return Err(fail_all(batch, &err.to_string())),
+            Err(_) => return Err(fail_all(batch, "no acknowledgement in time")),
+        };
+        let ack = match serde_json::from_slice::<BatchAck>(&reply.payload) {
+            Ok(ack) => ack,
+            Err(err) => return Err(fail_all(batch, &format!("unreadable batch ack: {err}"))),
+        };
+        if let Some(error) = ack.error {
+            tracing::debug!(
+                stream = self.stream,
+                code = error.err_code,
+                description = %error.description,
+                messages = last,
+                "atomic batch refused, sending its messages one by one"
+            );
+            self.counts.refused_batches.fetch_add(1, Ordering::Relaxed);
+            return Err(batch);
+        }
+        if ack.count != last as u64 || ack.seq < ack.count {
+            // Stored, but we cannot tell where: answer "unknown" and let retries find out.
+            tracing::error!(
+                stream = self.stream,
+                sent = last,
+                count = ack.count,
+                "atomic batch ack does not match the batch"
+            );
+            fail_all(batch, "batch acknowledgement does not match the batch");
+            return Ok(());
+        }
+        self.counts.batches.fetch_add(1, Ordering::Relaxed);
+        self.counts
+            .batched_messages
+            .fetch_add(ack.count, Ordering::Relaxed);
+        let first = ack.seq - ack.count + 1;
+        for (i, p) in batch.into_iter().enumerate() {
+            let _ = p.answer.send(Ok(Ack {
+                stream: ack.stream.clone(),
+                seq: first + i as u64,
+                duplicate: false,
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Answers every request of a batch with 503. Returns nothing to resend.
+fn fail_all(batch: Vec<Pending>, why: &str) -> Vec<Pending> {
+    for p in batch {
+        let _ = p
+            .answer
+            .send(Err(PublishFailure::Unavailable(why.to_owned())));
+    }
+    Vec::new()
+}
+
+/// Separates later copies of a dedupe id from the first copy, keeping order.
+fn split_repeats(group: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
+    let mut seen = HashSet::with_capacity(group.len());
+    let (mut first, mut repeats) = (Vec::with_capacity(group.len()), Vec::new());
+    for p in group {
+        if seen.insert(p.msg_id.clone()) {
+            first.push(p);
+        } else {
+            repeats.push(p);
+        }
+    }
+    (first, repeats)
+}
+
+/// The server's answer to a batch commit: a pub ack with `batch` and `count`, or an error.
+#[derive(Debug, Deserialize)]
+struct BatchAck {
+    #[serde(default)]
+    error: Option<BatchAckError>,
+    #[serde(default)]
+    stream: String,
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    count: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchAckError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(id: &str) -> Pending {
+        Pending {
+            subject: "acc.events.a".into(),
+            msg_id: id.into(),
+            payload: Bytes::new(),
+            headers: HeaderMap::new(),
+            answer: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn repeats_of_a_dedupe_id_are_held_back_in_order() {
+        let group = ["a", "b", "a", "c", "b", "a"]
+            .map(pending)
+            .into_iter()
+            .collect();
+        let (first, repeats) = split_repeats(group);
+        let ids = |v: &[Pending]| v.iter().map(|p| p.msg_id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&first), ["a", "b", "c"]);
+        assert_eq!(ids(&repeats), ["a", "b", "a"]);
+    }
+
+    #[test]
+    fn subjects_find_their_stream() {
+        use crate::bus::subjects::{self, stream_of};
+        assert_eq!(stream_of("acc.events.a-1"), Some(subjects::EVENTS_STREAM));
+        assert_eq!(
+            stream_of("acc.agents.heartbeat.a"),
+            Some(subjects::AGENTS_STREAM)
+        );
+        assert_eq!(
+            stream_of("acc.tasks.result.t"),
+            Some(subjects::TASKS_STREAM)
+        );
+        assert_eq!(
+            stream_of("acc.dead_letter.x.y"),
+            Some(subjects::DEAD_LETTER_STREAM)
+        );
+        assert_eq!(stream_of("acc.events.a.b"), None);
+        assert_eq!(stream_of("acc.events"), None);
+        assert_eq!(stream_of("other.events.a"), None);
+    }
+
+    #[test]
+    fn batch_acks_and_refusals_parse() {
+        let ok: BatchAck =
+            serde_json::from_str(r#"{"stream":"S","seq":40,"batch":"x","count":8}"#).unwrap();
+        assert!(ok.error.is_none());
+        assert_eq!((ok.stream.as_str(), ok.seq, ok.count), ("S", 40, 8));
+        let refused: BatchAck = serde_json::from_str(
+            r#"{"error":{"code":400,"err_code":10201,"description":"atomic publish batch contains duplicate message id"},"stream":"S","seq":0}"#,
+        )
+        .unwrap();
+        assert_eq!(refused.error.unwrap().err_code, 10201);
+    }
+}
