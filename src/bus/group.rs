@@ -250,6 +250,7 @@ impl Writer {
     async fn atomic(&mut self, batch: Vec<Pending>) -> Result<(), Vec<Pending>> {
         self.next_batch += 1;
         let batch_id = format!("{}-{}", self.batch_prefix, self.next_batch);
+        let started = std::time::Instant::now();
         let last = batch.len();
         let mut commit = None;
         for (i, p) in batch.iter().enumerate() {
@@ -307,6 +308,12 @@ impl Writer {
             fail_all(batch, "batch acknowledgement does not match the batch");
             return Ok(());
         }
+        tracing::trace!(
+            stream = self.stream,
+            messages = last,
+            took_us = started.elapsed().as_micros() as u64,
+            "atomic batch committed"
+        );
         self.counts.batches.fetch_add(1, Ordering::Relaxed);
         self.counts
             .batched_messages

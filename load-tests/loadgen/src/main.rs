@@ -3,27 +3,58 @@
 //! stalled server shows up as latency instead of silently lowering the offered load
 //! (no coordinated omission).
 //!
+//! Two targets, measured the same way:
+//! - `http` (default): `POST /orchestrator/events` on the bridge, with a bearer token;
+//! - `bus`: publish-and-await-ack straight to a JetStream stream (no HTTP, no bridge), so a
+//!   report can show the bridge beside the broker's own ceiling on the same machine.
+//!
 //! ```sh
 //! loadgen --url http://127.0.0.1:8080 --token "$TOKEN" --agent bench --rate 5000 --duration 20s
 //! loadgen ... --step 1000:12000:1000     # highest rate with 0 errors and p99 < 50 ms
+//! loadgen --target bus --nats-url 127.0.0.1:4222 --step 1000:20000:1000
+//! loadgen ... --hdr-dir out/             # per rate: out/<label>-<rate>.hgrm, and out/steps.csv
 //! ```
 
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    /// `POST /orchestrator/events` on the bridge.
+    Http,
+    /// Publish-and-ack straight to JetStream.
+    Bus,
+}
+
 #[derive(Parser, Debug, Clone)]
 struct Args {
+    /// What to load: the bridge over HTTP, or JetStream directly.
+    #[arg(long, value_enum, default_value = "http")]
+    target: Target,
     /// Base URL of the bridge.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// Bearer token of the agent named by --agent.
-    #[arg(long, env = "TOKEN")]
+    /// Bearer token of the agent named by --agent (http target).
+    #[arg(long, env = "TOKEN", default_value = "")]
     token: String,
+    /// NATS server for the bus target; a file-backed stream LOADGEN on `loadgen.>` is created
+    /// there if missing.
+    #[arg(long, default_value = "127.0.0.1:4222")]
+    nats_url: String,
+    /// Payload bytes per message for the bus target (about an event's size on the bus).
+    #[arg(long, default_value_t = 400)]
+    payload_bytes: usize,
+    /// Directory for HDR output: one percentile distribution (.hgrm) per rate and steps.csv.
+    #[arg(long)]
+    hdr_dir: Option<PathBuf>,
     /// The agent the token speaks for (the events' source).
     #[arg(long, default_value = "bench")]
     agent: String,
@@ -76,6 +107,69 @@ impl Outcome {
         self.latency.value_at_quantile(q) as f64 / 1000.0
     }
 
+    /// Writes the latency distribution in HdrHistogram's percentile format (milliseconds) and
+    /// appends one line to steps.csv.
+    fn write_hdr(&self, dir: &std::path::Path, label: &str, rate: u64) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut hgrm = std::fs::File::create(dir.join(format!("{label}-{rate}.hgrm")))?;
+        writeln!(
+            hgrm,
+            "{:>12} {:>14} {:>10} {:>14}\n",
+            "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+        )?;
+        for v in self.latency.iter_quantiles(1) {
+            let q = v.quantile_iterated_to();
+            let inverse = if q < 1.0 {
+                1.0 / (1.0 - q)
+            } else {
+                f64::INFINITY
+            };
+            writeln!(
+                hgrm,
+                "{:>12.3} {:>14.12} {:>10} {:>14.2}",
+                v.value_iterated_to() as f64 / 1000.0,
+                q,
+                v.count_since_last_iteration(),
+                inverse
+            )?;
+        }
+        writeln!(
+            hgrm,
+            "#[Mean = {:.3}, StdDeviation = {:.3}]\n#[Max = {:.3}, Total count = {}]",
+            self.latency.mean() / 1000.0,
+            self.latency.stdev() / 1000.0,
+            self.latency.max() as f64 / 1000.0,
+            self.latency.len()
+        )?;
+        let csv = dir.join("steps.csv");
+        let new = !csv.exists();
+        let mut steps = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(csv)?;
+        if new {
+            writeln!(
+                steps,
+                "label,rate,offered,ok,errors,dropped,achieved,p50_ms,p90_ms,p99_ms,p999_ms,max_ms"
+            )?;
+        }
+        writeln!(
+            steps,
+            "{label},{rate},{},{},{},{},{:.0},{:.3},{:.3},{:.3},{:.3},{:.3}",
+            self.offered,
+            self.ok,
+            self.errors,
+            self.dropped,
+            self.ok as f64 / self.elapsed.as_secs_f64(),
+            self.ms(0.50),
+            self.ms(0.90),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.latency.max() as f64 / 1000.0
+        )?;
+        Ok(())
+    }
+
     fn print(&self, label: &str, rate: u64) {
         println!(
             "{label} rate={rate} offered={} ok={} errors={} dropped={} achieved={:.0}/s \
@@ -94,7 +188,105 @@ impl Outcome {
     }
 }
 
-async fn run_rate(args: &Args, client: &reqwest::Client, rate: u64, run: u64) -> Outcome {
+/// Where requests go.
+#[derive(Clone)]
+enum Sender {
+    Http {
+        client: reqwest::Client,
+        url: Arc<str>,
+        auth: Arc<str>,
+        agent: Arc<str>,
+    },
+    Bus {
+        js: jetstream::Context,
+        payload: bytes::Bytes,
+    },
+}
+
+impl Sender {
+    async fn connect(args: &Args) -> anyhow::Result<Self> {
+        Ok(match args.target {
+            Target::Http => {
+                anyhow::ensure!(!args.token.is_empty(), "--token (or TOKEN) is required");
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(4096)
+                    .timeout(Duration::from_secs(30))
+                    .build()?;
+                Sender::Http {
+                    client,
+                    url: format!("{}/orchestrator/events", args.url.trim_end_matches('/')).into(),
+                    auth: format!("Bearer {}", args.token).into(),
+                    agent: args.agent.as_str().into(),
+                }
+            }
+            Target::Bus => {
+                let client = async_nats::connect(&args.nats_url).await?;
+                let js = jetstream::ContextBuilder::new()
+                    .timeout(Duration::from_secs(30))
+                    .max_ack_inflight(65_536)
+                    .build(client);
+                js.get_or_create_stream(stream::Config {
+                    name: "LOADGEN".into(),
+                    subjects: vec!["loadgen.>".into()],
+                    storage: stream::StorageType::File,
+                    discard: stream::DiscardPolicy::New,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await?;
+                Sender::Bus {
+                    js,
+                    payload: bytes::Bytes::from(vec![b'x'; args.payload_bytes]),
+                }
+            }
+        })
+    }
+
+    /// One request with a unique id; true on success.
+    async fn send(&self, id: String, i: u64) -> bool {
+        match self {
+            Sender::Http {
+                client,
+                url,
+                auth,
+                agent,
+            } => {
+                let body = serde_json::json!({
+                    "event_id": id,
+                    "type": "bench.event",
+                    "source": &**agent,
+                    "data": {"i": i},
+                    "time": "2026-11-28T00:00:00Z",
+                })
+                .to_string();
+                let request = client
+                    .post(&**url)
+                    .header("authorization", &**auth)
+                    .header("content-type", "application/json")
+                    .body(body);
+                match request.send().await {
+                    Ok(response) => {
+                        let status = response.status();
+                        let _ = response.bytes().await;
+                        status.is_success()
+                    }
+                    Err(_) => false,
+                }
+            }
+            Sender::Bus { js, payload } => {
+                let message = PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(id);
+                match js.send_publish("loadgen.bench", message).await {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+}
+
+async fn run_rate(args: &Args, sender: &Sender, rate: u64, run: u64) -> Outcome {
     let latency = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
     ));
@@ -104,8 +296,6 @@ async fn run_rate(args: &Args, client: &reqwest::Client, rate: u64, run: u64) ->
     let mut dropped = 0;
     let total = rate * args.duration.as_secs().max(1);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let url = format!("{}/orchestrator/events", args.url.trim_end_matches('/'));
-    let auth = format!("Bearer {}", args.token);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..total {
@@ -119,35 +309,16 @@ async fn run_rate(args: &Args, client: &reqwest::Client, rate: u64, run: u64) ->
             continue;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let body = serde_json::json!({
-            "event_id": format!("{}-{run}-{i}", args.label),
-            "type": "bench.event",
-            "source": args.agent,
-            "data": {"i": i},
-            "time": "2026-11-28T00:00:00Z",
-        })
-        .to_string();
-        let request = client
-            .post(&url)
-            .header("authorization", &auth)
-            .header("content-type", "application/json")
-            .body(body);
-        let (latency, ok, errors, in_flight) = (
+        let id = format!("{}-{run}-{i}", args.label);
+        let (sender, latency, ok, errors, in_flight) = (
+            sender.clone(),
             latency.clone(),
             ok.clone(),
             errors.clone(),
             in_flight.clone(),
         );
         tasks.spawn(async move {
-            let result = request.send().await;
-            let success = match result {
-                Ok(response) => {
-                    let status = response.status();
-                    let _ = response.bytes().await;
-                    status.is_success()
-                }
-                Err(_) => false,
-            };
+            let success = sender.send(id, i).await;
             let micros = scheduled.elapsed().as_micros() as u64;
             latency
                 .lock()
@@ -180,17 +351,17 @@ async fn run_rate(args: &Args, client: &reqwest::Client, rate: u64, run: u64) ->
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(4096)
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let sender = Sender::connect(&args).await?;
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
     match &args.step {
         None => {
-            let outcome = run_rate(&args, &client, args.rate, run).await;
+            let outcome = run_rate(&args, &sender, args.rate, run).await;
             outcome.print(&args.label, args.rate);
+            if let Some(dir) = &args.hdr_dir {
+                outcome.write_hdr(dir, &args.label, args.rate)?;
+            }
             if outcome.errors + outcome.dropped > 0 {
                 std::process::exit(1);
             }
@@ -207,8 +378,11 @@ async fn main() -> anyhow::Result<()> {
             let mut best = None;
             let mut rate = start;
             while rate <= end {
-                let outcome = run_rate(&args, &client, rate, run + rate).await;
+                let outcome = run_rate(&args, &sender, rate, run + rate).await;
                 outcome.print(&args.label, rate);
+                if let Some(dir) = &args.hdr_dir {
+                    outcome.write_hdr(dir, &args.label, rate)?;
+                }
                 let passed = outcome.errors == 0
                     && outcome.dropped == 0
                     && outcome.ms(0.99) < args.p99_limit_ms;
