@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod alerting;
 mod auth;
 mod catalog;
 mod cli;
@@ -10,5 +11,6 @@ mod contract;
 mod door;
 mod durability;
 mod embedded;
+mod metrics;
 mod registry;
 mod traces;
