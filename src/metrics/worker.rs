@@ -80,6 +80,9 @@ pub async fn fleet(
     })
 }
 
+/// A replica silent this long is gone for good: its snapshot subject is purged.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
 /// The latest snapshot of every replica that published within `max_age`.
 pub async fn replica_snapshots(
     js: &jetstream::Context,
@@ -104,11 +107,14 @@ pub async fn replica_snapshots(
         };
         match serde_json::from_slice::<IngressSnapshot>(&message.payload) {
             Ok(snapshot) => {
-                let fresh = (now - snapshot.taken_at)
-                    .to_std()
-                    .map_or(true, |age| age <= max_age);
-                if fresh {
+                let age = (now - snapshot.taken_at).to_std().unwrap_or_default();
+                if age <= max_age {
                     snapshots.push(snapshot);
+                } else if age > FORGET_AFTER {
+                    // Keeps the subject list (read every interval) to live replicas.
+                    if let Err(err) = stream.purge().filter(&subject).await {
+                        tracing::debug!(subject, error = %err, "cannot purge a stale snapshot");
+                    }
                 }
             }
             Err(err) => tracing::warn!(subject, error = %err, "unreadable metrics snapshot"),

@@ -515,6 +515,106 @@ async fn two_alerting_replicas_send_each_transition_once_and_a_takeover_does_not
     second.stop().await;
 }
 
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_killed_active_replica_is_replaced_after_the_lease_ttl_without_duplicates() {
+    let nats = NatsServer::start();
+    let hook = Receiver::start(0).await;
+    let (_dir, rules) = rules_file(json!([offline_rule(1.0, None)]));
+    let warning = format!("--alert-webhooks-warning={}", hook.url);
+    let core = TestApp::spawn_with(
+        &nats,
+        &flags(&[
+            "--roles=ingress,registry,metrics",
+            "--agent-stale-after=500ms",
+            "--agent-sweep-interval=100ms",
+            &rules,
+        ]),
+    )
+    .await;
+    // The first alerting replica is a process of its own, so that it can be killed with SIGKILL:
+    // no graceful release of the lease.
+    let mut command = binary();
+    command
+        .arg("serve")
+        .args(flags(&[
+            "--roles=alerting",
+            &rules,
+            &warning,
+            "--log-level=error",
+        ]))
+        .env("SHARED_SECRET", SECRET)
+        .env("NATS_URL", nats.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut killed = KillOnDrop(command.spawn().expect("spawn the binary"));
+    let first_holder = eventually(Duration::from_secs(10), "the process's lease", || {
+        lease_holder(&core)
+    })
+    .await;
+    let second = TestApp::spawn_with(&nats, &flags(&["--roles=alerting", &rules, &warning])).await;
+
+    core.register("doomed").await;
+    hook.wait_for("warning", "firing", "doomed", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        lease_holder(&core).await.as_deref(),
+        Some(first_holder.as_str())
+    );
+    killed.0.kill().unwrap();
+    killed.0.wait().unwrap();
+    let killed_at = tokio::time::Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "the standby to take over",
+        || async {
+            lease_holder(&core)
+                .await
+                .filter(|holder| holder != &first_holder)
+        },
+    )
+    .await;
+    assert!(
+        killed_at.elapsed() <= Duration::from_millis(2500),
+        "taken over within about one lease TTL (1 s)"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        hook.count("warning", "firing", "doomed"),
+        1,
+        "{:?}",
+        hook.seen()
+    );
+
+    heartbeat(&core, "doomed").await;
+    let _alive = keep_alive(&core, "doomed");
+    hook.wait_for("warning", "resolved", "doomed", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        hook.count("warning", "firing", "doomed"),
+        1,
+        "{:?}",
+        hook.seen()
+    );
+    assert_eq!(
+        hook.count("warning", "resolved", "doomed"),
+        1,
+        "{:?}",
+        hook.seen()
+    );
+    second.stop().await;
+}
+
 #[tokio::test]
 async fn alert_routes_need_the_admin_scope_and_silences_can_be_created_listed_and_expired() {
     let nats = NatsServer::start();
