@@ -221,6 +221,7 @@ impl Engine {
         // Conditions that hold: start, continue or fire.
         for (id, rule_index, severity, threshold, value, labels) in holding {
             let rule = &rules[rule_index];
+            let is_new = !self.alerts.contains_key(&id);
             let alert = self.alerts.entry(id.clone()).or_insert_with(|| AlertState {
                 id: id.clone(),
                 rule: rule.rule.name.clone(),
@@ -260,7 +261,8 @@ impl Engine {
                 alert.phase = Phase::Firing;
                 alert.fired_at = Some(now);
                 outcome.changed.push(alert.clone());
-            } else if alert.phase == Phase::Pending && !outcome.changed.iter().any(|c| c.id == id) {
+            } else if is_new {
+                // Stored at once, so a replica taking over keeps the start of the `for` period.
                 outcome.changed.push(alert.clone());
             }
         }

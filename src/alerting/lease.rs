@@ -75,10 +75,9 @@ impl Lease {
             .and_then(|e| serde_json::from_slice::<LeaseRecord>(&e.value).ok());
         match (entry, current) {
             (None, _) => Ok(self.kv.create(KEY, value).await.is_ok()),
-            (Some(entry), Some(current))
+            (Some(_), Some(current))
                 if current.holder != self.holder && current.expires_at > now =>
             {
-                let _ = entry;
                 Ok(false)
             }
             (Some(entry), _) => Ok(self.kv.update(KEY, value, entry.revision).await.is_ok()),

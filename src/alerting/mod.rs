@@ -151,6 +151,15 @@ async fn evaluate(
     for id in &outcome.removed {
         store::delete_alert(kv, id).await?;
     }
+    // Silences that ended long ago are only clutter.
+    for silence in &silences {
+        if (now - silence.ends_at)
+            .to_std()
+            .is_ok_and(|ago| ago > engine::RECENT)
+        {
+            store::delete_silence(kv, &silence.id).await?;
+        }
+    }
     Ok(())
 }
 

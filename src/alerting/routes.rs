@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::engine::{Notification, Phase, Route};
+use super::engine::{Notification, Phase};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::config::AlertingSettings;
 
@@ -172,6 +172,3 @@ pub fn payload(notification: &Notification, external_url: &str) -> Value {
         }],
     })
 }
-
-/// The route names, for documentation and settings.
-pub const ROUTES: [Route; 3] = [Route::Warning, Route::Critical, Route::Escalation];

@@ -101,3 +101,10 @@ pub async fn delete_alert(kv: &Store, id: &str) -> Result<(), StoreError> {
     let _ = kv.purge(format!("{ACK_PREFIX}{id}")).await;
     Ok(())
 }
+
+pub async fn delete_silence(kv: &Store, id: &str) -> Result<(), StoreError> {
+    kv.purge(format!("{SILENCE_PREFIX}{id}"))
+        .await
+        .map_err(err)?;
+    Ok(())
+}
