@@ -1,13 +1,18 @@
 //! What travels on the bus: an ingress's compact window snapshot, and the fleet figures the
 //! metrics worker merges from every replica's latest snapshot.
 //!
-//! A snapshot carries the window's HDR histogram as `[value_µs, count]` pairs, one per recorded
-//! bucket (the bucket's highest equivalent value). Recording those pairs into an empty histogram
-//! with the same bounds rebuilds every bucket exactly, so fleet percentiles equal the
-//! percentiles of all replicas' raw samples merged, within HDR precision (3 significant figures).
+//! A snapshot carries the window's HDR histogram compactly: for each recorded bucket, in
+//! ascending order, the distance (µs) from the previous bucket's value and the count, both as
+//! LEB128 varints, the whole in base64 — a few bytes per bucket, so even a wide distribution
+//! stays far below the bus's max payload. Recording each bucket's value (its highest equivalent
+//! value) into an empty histogram with the same bounds rebuilds every bucket exactly, so fleet
+//! percentiles equal the percentiles of all replicas' raw samples merged, within HDR precision
+//! (3 significant figures).
 
 use std::collections::BTreeMap;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -32,8 +37,8 @@ pub struct EndpointWindow {
     pub requests: u64,
     pub client_errors: u64,
     pub server_errors: u64,
-    /// `[value_µs, count]` per recorded histogram bucket.
-    pub latency_us: Vec<[u64; 2]>,
+    /// The window's latency histogram, encoded by [`encode`].
+    pub latency: String,
 }
 
 impl IngressSnapshot {
@@ -47,7 +52,7 @@ impl IngressSnapshot {
                     requests: figures.requests,
                     client_errors: figures.client_errors,
                     server_errors: figures.server_errors,
-                    latency_us: encode(&histogram),
+                    latency: encode(&histogram),
                 };
                 (endpoint.name().to_owned(), window)
             })
@@ -61,20 +66,61 @@ impl IngressSnapshot {
     }
 }
 
-/// The histogram's recorded buckets as `[highest equivalent value, count]`.
-pub fn encode(histogram: &Histogram<u64>) -> Vec<[u64; 2]> {
-    histogram
-        .iter_recorded()
-        .map(|bucket| [bucket.value_iterated_to(), bucket.count_at_value()])
-        .collect()
+/// The histogram's recorded buckets as base64 of varint pairs (value delta in µs, count).
+pub fn encode(histogram: &Histogram<u64>) -> String {
+    let mut bytes = Vec::with_capacity(64);
+    let mut previous = 0;
+    for bucket in histogram.iter_recorded() {
+        let value = bucket.value_iterated_to();
+        put_varint(&mut bytes, value - previous);
+        put_varint(&mut bytes, bucket.count_at_value());
+        previous = value;
+    }
+    BASE64.encode(bytes)
 }
 
-/// Adds encoded buckets into `into`; values outside the bounds are clamped, not refused, so a
-/// malformed snapshot cannot stop the merge.
-pub fn decode_into(into: &mut Histogram<u64>, buckets: &[[u64; 2]]) {
-    for [value, count] in buckets {
-        let _ = into.record_n((*value).clamp(1, MAX_MICROS), *count);
+/// Why an encoded histogram could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("truncated or overlong varint")]
+    Varint,
+}
+
+/// Adds the buckets of an [`encode`]d histogram into `into`. Values are clamped into the
+/// bounds, so a malformed but readable snapshot cannot fail the merge.
+pub fn decode_into(into: &mut Histogram<u64>, encoded: &str) -> Result<(), DecodeError> {
+    let bytes = BASE64.decode(encoded)?;
+    let mut rest = bytes.as_slice();
+    let mut value: u64 = 0;
+    while !rest.is_empty() {
+        value = value.saturating_add(take_varint(&mut rest)?);
+        let count = take_varint(&mut rest)?;
+        let _ = into.record_n(value.clamp(1, MAX_MICROS), count);
     }
+    Ok(())
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn take_varint(input: &mut &[u8]) -> Result<u64, DecodeError> {
+    let mut n: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = input.split_first().ok_or(DecodeError::Varint)?;
+        *input = rest;
+        n |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(n);
+        }
+    }
+    Err(DecodeError::Varint)
 }
 
 /// Fleet figures of one endpoint, merged over every live replica.
@@ -155,14 +201,17 @@ pub fn merge(snapshots: &[IngressSnapshot]) -> BTreeMap<String, FleetEndpoint> {
                     requests: 0,
                     client_errors: 0,
                     server_errors: 0,
-                    latency_us: Vec::new(),
+                    latency: String::new(),
                 };
                 (empty, new_histogram(), 0.0)
             });
             entry.0.requests += window.requests;
             entry.0.client_errors += window.client_errors;
             entry.0.server_errors += window.server_errors;
-            decode_into(&mut entry.1, &window.latency_us);
+            if let Err(err) = decode_into(&mut entry.1, &window.latency) {
+                tracing::warn!(instance = %snapshot.instance, endpoint = %name, error = %err,
+                    "unreadable latency histogram in a snapshot; its latencies are left out");
+            }
             entry.2 = f64::max(entry.2, snapshot.window_seconds);
         }
     }
@@ -211,8 +260,37 @@ mod tests {
             histogram.record_n(micros, micros % 5 + 1).unwrap();
         }
         let mut back = new_histogram();
-        decode_into(&mut back, &encode(&histogram));
+        decode_into(&mut back, &encode(&histogram)).unwrap();
         assert_eq!(back, histogram);
+    }
+
+    #[test]
+    fn a_wide_distribution_stays_compact() {
+        // Every bucket from 1 µs to 60 s recorded: the worst case.
+        let mut histogram = new_histogram();
+        let mut value = 1;
+        while value < MAX_MICROS {
+            histogram.record(value).unwrap();
+            value = histogram.next_non_equivalent(value);
+        }
+        let buckets = histogram.iter_recorded().count();
+        let encoded = encode(&histogram);
+        assert!(
+            encoded.len() < buckets * 6,
+            "{} bytes for {buckets} buckets",
+            encoded.len()
+        );
+        let mut back = new_histogram();
+        decode_into(&mut back, &encoded).unwrap();
+        assert_eq!(back, histogram);
+    }
+
+    #[test]
+    fn garbage_is_refused_not_merged() {
+        let mut histogram = new_histogram();
+        assert!(decode_into(&mut histogram, "not base64!").is_err());
+        assert!(decode_into(&mut histogram, &BASE64.encode([0x80])).is_err());
+        assert!(histogram.is_empty());
     }
 
     #[test]
