@@ -309,16 +309,32 @@ pub struct ServeArgs {
     #[arg(long, env = "ALERT_LEASE_TTL", default_value = "15s")]
     pub alert_lease_ttl: String,
 
-    /// Comma-separated webhook URLs for WARN notifications (Alertmanager webhook format).
-    #[arg(long, env = "ALERT_WEBHOOKS_WARNING", default_value = "")]
+    /// Comma-separated webhook URLs for WARN notifications (Alertmanager webhook format). URLs
+    /// often hold tokens: they are never logged beyond scheme, host and port.
+    #[arg(
+        long,
+        env = "ALERT_WEBHOOKS_WARNING",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub alert_webhooks_warning: String,
 
     /// Comma-separated webhook URLs for CRITICAL notifications.
-    #[arg(long, env = "ALERT_WEBHOOKS_CRITICAL", default_value = "")]
+    #[arg(
+        long,
+        env = "ALERT_WEBHOOKS_CRITICAL",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub alert_webhooks_critical: String,
 
     /// Comma-separated webhook URLs for escalations (CRITICAL not acknowledged in time).
-    #[arg(long, env = "ALERT_WEBHOOKS_ESCALATION", default_value = "")]
+    #[arg(
+        long,
+        env = "ALERT_WEBHOOKS_ESCALATION",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub alert_webhooks_escalation: String,
 
     /// Public URL of the bridge, for externalURL and generatorURL in notifications.
@@ -412,7 +428,7 @@ pub struct MetricsSettings {
 }
 
 /// The alerting worker.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AlertingSettings {
     pub rules: Vec<crate::alerting::rules::CheckedRule>,
     pub eval_interval: Duration,
@@ -423,6 +439,23 @@ pub struct AlertingSettings {
     pub webhooks_critical: Vec<url::Url>,
     pub webhooks_escalation: Vec<url::Url>,
     pub external_url: String,
+}
+
+impl fmt::Debug for AlertingSettings {
+    /// Webhook URLs may carry tokens: only their number is shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlertingSettings")
+            .field("rules", &self.rules.len())
+            .field("eval_interval", &self.eval_interval)
+            .field("repeat_interval", &self.repeat_interval)
+            .field("escalate_after", &self.escalate_after)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("webhooks_warning", &self.webhooks_warning.len())
+            .field("webhooks_critical", &self.webhooks_critical.len())
+            .field("webhooks_escalation", &self.webhooks_escalation.len())
+            .field("external_url", &self.external_url)
+            .finish()
+    }
 }
 
 /// Everything `serve` needs, validated.

@@ -254,6 +254,7 @@ impl Engine {
                 };
                 outcome.changed.push(alert.clone());
             }
+            let moved = alert.value != value;
             alert.value = value;
             alert.threshold = threshold;
             alert.annotations = annotations(rule, &labels, value, threshold);
@@ -261,8 +262,10 @@ impl Engine {
                 alert.phase = Phase::Firing;
                 alert.fired_at = Some(now);
                 outcome.changed.push(alert.clone());
-            } else if is_new {
-                // Stored at once, so a replica taking over keeps the start of the `for` period.
+            } else if is_new || moved {
+                // Stored at once (a replica taking over keeps the start of the `for` period),
+                // and again when the value moved, so the admin list shows the current value.
+                outcome.changed.retain(|c| c.id != id);
                 outcome.changed.push(alert.clone());
             }
         }

@@ -103,8 +103,19 @@ fn status(notification: &Notification) -> &'static str {
     }
 }
 
+/// The part of a webhook URL fit for logs: paths and queries of webhook URLs often carry
+/// tokens (Slack, Teams, PagerDuty), so only the scheme, host and port are shown.
+fn redacted(url: &url::Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{}://{host}:{port}/…", url.scheme()),
+        (Some(host), None) => format!("{}://{host}/…", url.scheme()),
+        _ => format!("{}://…", url.scheme()),
+    }
+}
+
 /// POSTs `body` to `url`, retrying 5xx, 429 and connection failures with backoff.
 async fn deliver(http: reqwest::Client, url: url::Url, body: Bytes) {
+    let shown = redacted(&url);
     let mut backoff = WEBHOOK_FIRST_BACKOFF;
     for attempt in 1..=WEBHOOK_ATTEMPTS {
         let result = http
@@ -117,11 +128,11 @@ async fn deliver(http: reqwest::Client, url: url::Url, body: Bytes) {
             Ok(response) if response.status().is_success() => return,
             Ok(response) => {
                 let code = response.status();
-                tracing::warn!(%url, status = code.as_u16(), attempt, "alert webhook refused");
+                tracing::warn!(url = %shown, status = code.as_u16(), attempt, "alert webhook refused");
                 code.is_server_error() || code == reqwest::StatusCode::TOO_MANY_REQUESTS
             }
             Err(err) => {
-                tracing::warn!(%url, error = %err, attempt, "alert webhook unreachable");
+                tracing::warn!(url = %shown, error = %err.without_url(), attempt, "alert webhook unreachable");
                 true
             }
         };
@@ -131,7 +142,7 @@ async fn deliver(http: reqwest::Client, url: url::Url, body: Bytes) {
         tokio::time::sleep(backoff).await;
         backoff *= 2;
     }
-    tracing::error!(%url, "alert webhook delivery abandoned");
+    tracing::error!(url = %shown, "alert webhook delivery abandoned");
 }
 
 /// The Alertmanager webhook body (version 4) for one notification.
@@ -171,4 +182,16 @@ pub fn payload(notification: &Notification, external_url: &str) -> Value {
             "fingerprint": alert.id,
         }],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn logged_webhook_urls_keep_no_path_or_query() {
+        let url =
+            url::Url::parse("https://hooks.example.com/services/T0/B0/secret?token=x").unwrap();
+        assert_eq!(super::redacted(&url), "https://hooks.example.com/…");
+        let url = url::Url::parse("http://127.0.0.1:9000/hook").unwrap();
+        assert_eq!(super::redacted(&url), "http://127.0.0.1:9000/…");
+    }
 }
