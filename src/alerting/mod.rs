@@ -1,6 +1,7 @@
 //! The alerting worker: evaluates the rules every `ALERT_EVAL_INTERVAL` on the fleet figures
-//! (from the metrics worker on `acc.metrics.fleet`) and the agents bucket, and sends what the
-//! state machine owes to the routes.
+//! (from the metrics worker on `acc.metrics.fleet`; when none is fresh, it merges the ingress
+//! snapshots itself, the same way) and the agents bucket, and sends what the state machine owes
+//! to the routes.
 //!
 //! - [`rules`]: the rules file, the plan's defaults, the Prometheus export.
 //! - [`engine`]: pending → firing → resolved, dedupe, repeat, inhibition, silences, escalation.
@@ -29,8 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Publisher, subjects};
 use crate::config::AlertingSettings;
-use crate::metrics::snapshot::FleetSnapshot;
-use crate::metrics::{STALE_AFTER_INTERVALS, worker::agent_records};
+use crate::metrics::STALE_AFTER_INTERVALS;
+use crate::metrics::snapshot::{FleetEndpoint, FleetSnapshot, merge};
+use crate::metrics::worker::{agent_records, replica_snapshots};
 use engine::{Engine, Policy, Sample};
 use lease::Lease;
 use routes::Notifier;
@@ -122,8 +124,17 @@ async fn evaluate(
     policy: Policy,
     snapshot_interval: Duration,
 ) -> anyhow::Result<()> {
-    let fleet = latest_fleet(js, snapshot_interval * STALE_AFTER_INTERVALS).await;
-    let mut samples = endpoint_samples(rules, fleet.as_ref());
+    let fresh = snapshot_interval * STALE_AFTER_INTERVALS;
+    let endpoints = match latest_fleet(js, fresh).await {
+        Some(fleet) => Some(fleet.endpoints),
+        // No metrics worker publishing: merge the replicas' snapshots here, the same way.
+        None => replica_snapshots(js, fresh)
+            .await
+            .ok()
+            .filter(|snapshots| !snapshots.is_empty())
+            .map(|snapshots| merge(&snapshots)),
+    };
+    let mut samples = endpoint_samples(rules, endpoints.as_ref());
     samples.extend(agent_samples(rules, agents).await?);
     let acks = store::acks(kv).await?;
     let silences = store::silences(kv).await?;
@@ -182,8 +193,11 @@ async fn latest_fleet(
 
 /// Samples of the per-endpoint rules. Endpoints with less traffic than a rule's
 /// `min_requests` (at least one request) are not judged: no traffic is no data, not "fast".
-pub fn endpoint_samples(rules: &[CheckedRule], fleet: Option<&FleetSnapshot>) -> Vec<Sample> {
-    let Some(fleet) = fleet else {
+pub fn endpoint_samples(
+    rules: &[CheckedRule],
+    endpoints: Option<&BTreeMap<String, FleetEndpoint>>,
+) -> Vec<Sample> {
+    let Some(endpoints) = endpoints else {
         return Vec::new();
     };
     let mut samples = Vec::new();
@@ -191,7 +205,7 @@ pub fn endpoint_samples(rules: &[CheckedRule], fleet: Option<&FleetSnapshot>) ->
         if !rule.rule.metric.per_endpoint() {
             continue;
         }
-        for (endpoint, figures) in &fleet.endpoints {
+        for (endpoint, figures) in endpoints {
             if !rule.selects_endpoint(endpoint) || figures.requests < rule.rule.min_requests.max(1)
             {
                 continue;

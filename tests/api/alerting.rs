@@ -286,6 +286,37 @@ async fn p95_above_the_threshold_fires_under_real_traffic_and_resolves_when_it_s
 }
 
 #[tokio::test]
+async fn without_a_metrics_worker_the_alerting_worker_merges_the_snapshots_itself() {
+    let nats = NatsServer::start();
+    let hook = Receiver::start(0).await;
+    let (_dir, rules) = rules_file(json!([{
+        "name": "EndpointLatencyP95High",
+        "metric": "latency_p95_ms",
+        "endpoints": ["register"],
+        "warning": 0.01,
+        "for": "0s",
+        "summary": "p95 of {endpoint} is {value} ms",
+    }]));
+    let warning = format!("--alert-webhooks-warning={}", hook.url);
+    let app = TestApp::spawn_with(
+        &nats,
+        &flags(&["--roles=ingress,registry,alerting", &rules, &warning]),
+    )
+    .await;
+    app.register("solo").await;
+    hook.wait_for("warning", "firing", "register", Duration::from_secs(10))
+        .await;
+    let stream = app.js.get_stream("ACC_METRICS").await.unwrap();
+    assert!(
+        stream
+            .get_last_raw_message_by_subject("acc.metrics.fleet")
+            .await
+            .is_err(),
+        "no fleet figures were published"
+    );
+}
+
+#[tokio::test]
 async fn a_burst_of_server_errors_fires_the_error_rate_alert_at_critical() {
     let nats = NatsServer::start();
     let hook = Receiver::start(0).await;
@@ -405,9 +436,24 @@ async fn an_unacknowledged_critical_escalates_after_the_delay_and_an_acknowledge
     escalation_hook
         .wait_for("critical", "firing", "ignored", Duration::from_secs(10))
         .await;
+    // The escalation came ALERT_ESCALATE_AFTER (2 s) after the alert fired, by the worker's
+    // own record of both moments.
+    let (_, listed) = app.get("/orchestrator/alerts", Some(&admin_token())).await;
+    let ignored = listed["active"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["labels"]["agent_id"] == "ignored")
+        .cloned()
+        .expect("listed");
+    let at = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(ignored[field].as_str().unwrap()).unwrap()
+    };
+    let waited = (at("escalated_at") - at("fired_at")).to_std().unwrap();
     assert!(
-        fired.elapsed() >= Duration::from_millis(1500),
-        "escalation waits for ALERT_ESCALATE_AFTER"
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(3),
+        "escalated {waited:?} after firing: {ignored} (test saw it {:?} after the first firing)",
+        fired.elapsed()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(escalation_hook.count("critical", "firing", "handled"), 0);
@@ -584,8 +630,8 @@ async fn a_killed_active_replica_is_replaced_after_the_lease_ttl_without_duplica
     )
     .await;
     assert!(
-        killed_at.elapsed() <= Duration::from_millis(2500),
-        "taken over within about one lease TTL (1 s)"
+        killed_at.elapsed() <= Duration::from_secs(4),
+        "taken over soon after the lease TTL (1 s) ran out, not at some later time"
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
@@ -811,6 +857,42 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
             );
         }
     }
+    // `--format json` prints a rules file ALERT_RULES reads back to the same rules.
+    let json = run_to_end(
+        binary().args(["alert-rules", "--format", "json"]),
+        Duration::from_secs(10),
+    );
+    assert!(json.status.success(), "{}", json.stderr);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.json");
+    std::fs::write(&path, &json.stdout).unwrap();
+    let again = run_to_end(
+        binary()
+            .args(["alert-rules", "--format", "prometheus"])
+            .env("ALERT_RULES", &path),
+        Duration::from_secs(10),
+    );
+    assert!(again.status.success(), "{}", again.stderr);
+    assert_eq!(again.stdout, finished.stdout);
+    // A broken rules file is refused with a one-line reason.
+    std::fs::write(
+        &path,
+        r#"{"rules":[{"name":"x y","metric":"error_rate","warning":1,"summary":""}]}"#,
+    )
+    .unwrap();
+    let refused = run_to_end(
+        binary()
+            .args(["alert-rules", "--format", "prometheus"])
+            .env("ALERT_RULES", &path),
+        Duration::from_secs(10),
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        refused.stderr.contains("invalid ALERT_RULES"),
+        "{}",
+        refused.stderr
+    );
+
     severities.sort();
     assert_eq!(
         severities,
