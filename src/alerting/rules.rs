@@ -283,10 +283,11 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
                         Metric::LatencyP95Ms => "0.95",
                         _ => "0.99",
                     };
+                    // In milliseconds, like the rule, so `$value` and the threshold read alike.
                     format!(
-                        "max by (endpoint) (acc_fleet_latency_seconds{{{}}}) > {}{traffic}",
+                        "max by (endpoint) (acc_fleet_latency_seconds{{{}}}) * 1000 > {}{traffic}",
                         with(&format!("quantile=\"{q}\"")),
-                        number(threshold / 1000.0)
+                        number(threshold)
                     )
                 }
                 Metric::ErrorRate => format!(

@@ -904,11 +904,11 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
     assert!(
         thresholds
             .iter()
-            .any(|e| e.contains("> 0.1") && e.contains("quantile=\"0.95\"")),
+            .any(|e| e.contains("* 1000 > 100 ") && e.contains("quantile=\"0.95\"")),
         "{thresholds:?}"
     );
     assert!(
-        thresholds.iter().any(|e| e.contains("> 0.12")),
+        thresholds.iter().any(|e| e.contains("* 1000 > 120 ")),
         "{thresholds:?}"
     );
     assert!(
