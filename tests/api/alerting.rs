@@ -836,6 +836,10 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
         },
     )
     .await;
+    assert!(
+        promql_parser::parser::parse("max by (endpoint) (acc_fleet_error_rate > ").is_err(),
+        "the parser refuses broken PromQL"
+    );
     let mut severities = Vec::new();
     for rule in rules {
         let alert = rule["alert"].as_str().expect("alert");
@@ -848,6 +852,8 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
         let severity = rule["labels"]["severity"].as_str().expect("severity");
         severities.push(severity.to_owned());
         assert!(rule["annotations"]["summary"].as_str().is_some(), "{alert}");
+        promql_parser::parser::parse(expr)
+            .unwrap_or_else(|e| panic!("{alert}: not valid PromQL: {e}\n{expr}"));
         let names = metric_names(expr);
         assert!(!names.is_empty(), "{alert}: {expr}");
         for name in names {
