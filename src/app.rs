@@ -22,8 +22,10 @@ use crate::config::{Durability, GroupCommitMode, NatsAuth, NatsTarget, Role, Set
 use crate::directory::Directory;
 use crate::door::{Door, DoorMetrics};
 use crate::http::{self, AppState};
+use crate::metrics::FleetView;
 use crate::stats::Stats;
 use crate::workers;
+use futures::FutureExt as _;
 
 /// Room for our own fields and headers on top of the largest accepted body.
 const ENVELOPE_OVERHEAD: usize = 16 * 1024;
@@ -139,6 +141,8 @@ impl Application {
         // Configured agents are on the bus before any role serves, whichever roles run here.
         workers::registry::preregister(&publisher, &bucket, &settings.registry.preregistered)
             .await?;
+        // The metrics and alerting roles read the agents bucket too.
+        let agents_bucket = bucket.clone();
 
         if settings.runs(Role::Registry) {
             let (publisher, stream, bucket, registry, stop) = (
@@ -167,6 +171,35 @@ impl Application {
             });
         }
 
+        if settings.runs(Role::Metrics) {
+            let (publisher, bucket, interval, stop) = (
+                publisher.clone(),
+                agents_bucket.clone(),
+                settings.metrics.snapshot_interval,
+                stop.clone(),
+            );
+            tasks.spawn(async move {
+                crate::metrics::worker::run(publisher, bucket, interval, stop)
+                    .await
+                    .context("metrics worker")
+            });
+        }
+
+        if settings.runs(Role::Alerting) {
+            let (publisher, bucket, alerting, interval, stop) = (
+                publisher.clone(),
+                agents_bucket.clone(),
+                settings.alerting.clone(),
+                settings.metrics.snapshot_interval,
+                stop.clone(),
+            );
+            tasks.spawn(async move {
+                crate::alerting::run(publisher, bucket, alerting, interval, stop)
+                    .await
+                    .context("alerting worker")
+            });
+        }
+
         let runs_door = settings.runs(Role::Door);
         if runs_door {
             let inbound = js
@@ -190,16 +223,43 @@ impl Application {
                 .get_stream(subjects::TASKS_STREAM)
                 .await
                 .context("opening the tasks stream")?;
+            let stats = Arc::new(Stats::with_window(settings.metrics.window));
+            let interval = settings.metrics.snapshot_interval;
+            tasks.spawn(
+                crate::metrics::publish_snapshots(
+                    publisher.clone(),
+                    stats.clone(),
+                    crate::metrics::instance_id(),
+                    interval,
+                    stop.clone(),
+                )
+                .map(Ok),
+            );
+            let fleet = Arc::new(FleetView::new(
+                interval * crate::metrics::STALE_AFTER_INTERVALS,
+            ));
+            tasks.spawn(
+                fleet
+                    .clone()
+                    .follow(client.clone(), js.clone(), stop.clone())
+                    .map(Ok),
+            );
+            let alerting = js
+                .get_key_value(subjects::ALERTING_BUCKET)
+                .await
+                .context("opening the alerting bucket")?;
             let state = AppState::new(http::Inner {
                 admission: Admission::new(publisher.clone(), directory),
                 verifier: Verifier::new(&settings.auth),
-                stats: Arc::new(Stats::new()),
+                stats,
                 tasks: tasks_stream,
                 client: client.clone(),
                 js: js.clone(),
                 body_limit: settings.body_limit,
                 lookup_timeout: settings.publish_timeout,
                 door: runs_door.then_some(door_metrics),
+                fleet,
+                alerting,
             });
             let app = http::router(state);
             let stop = stop.clone();

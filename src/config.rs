@@ -44,6 +44,28 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Mint an HS256 token for an agent and print it.
     Token(TokenArgs),
+    /// Print the alert rules (ALERT_RULES, or the plan's defaults), e.g. as a Prometheus
+    /// alerting-rules file.
+    AlertRules(AlertRulesArgs),
+}
+
+/// Output format of `alert-rules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RulesFormat {
+    /// A Prometheus alerting-rules file (YAML) over the metrics `/metrics` exposes.
+    Prometheus,
+    /// The rules file format ALERT_RULES reads.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct AlertRulesArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "prometheus")]
+    pub format: RulesFormat,
+    /// Rules file (JSON); unset: the plan's defaults.
+    #[arg(long, env = "ALERT_RULES")]
+    pub alert_rules: Option<PathBuf>,
 }
 
 /// Trace export takes the standard OpenTelemetry variables (read in `telemetry.rs`).
@@ -128,6 +150,10 @@ pub enum Role {
     Registry,
     /// The NATS door: admits what agents publish on `acc.in.*` with the same admission as HTTP.
     Door,
+    /// The metrics worker: merges every ingress's snapshot into fleet figures, adds bus figures.
+    Metrics,
+    /// The alerting worker: evaluates the alert rules, notifies routes (one replica acts).
+    Alerting,
 }
 
 #[derive(Debug, Args)]
@@ -161,8 +187,12 @@ pub struct ServeArgs {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: String,
 
-    /// Comma-separated roles this process runs: ingress, registry, door.
-    #[arg(long, env = "ROLES", default_value = "ingress,registry,door")]
+    /// Comma-separated roles this process runs: ingress, registry, door, metrics, alerting.
+    #[arg(
+        long,
+        env = "ROLES",
+        default_value = "ingress,registry,door,metrics,alerting"
+    )]
     pub roles: String,
 
     /// NATS server URL(s), comma-separated for a cluster. Unset: start an embedded nats-server.
@@ -272,6 +302,66 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_TOKEN_BYTES", default_value = "8192")]
     pub max_token_bytes: usize,
 
+    /// How often each ingress publishes its window snapshot, and the metrics worker merges them.
+    #[arg(long, env = "METRICS_SNAPSHOT_INTERVAL", default_value = "10s")]
+    pub metrics_snapshot_interval: String,
+
+    /// Sliding window of the latency and error figures (kept in 30 slices).
+    #[arg(long, env = "METRICS_WINDOW", default_value = "5m")]
+    pub metrics_window: String,
+
+    /// Alert rules file (JSON, see README); unset: the plan's thresholds.
+    #[arg(long, env = "ALERT_RULES")]
+    pub alert_rules: Option<PathBuf>,
+
+    /// How often the acting alerting replica evaluates the rules.
+    #[arg(long, env = "ALERT_EVAL_INTERVAL", default_value = "10s")]
+    pub alert_eval_interval: String,
+
+    /// A firing alert is notified again after this long.
+    #[arg(long, env = "ALERT_REPEAT_INTERVAL", default_value = "4h")]
+    pub alert_repeat_interval: String,
+
+    /// A firing CRITICAL not acknowledged within this long also goes to the escalation route.
+    #[arg(long, env = "ALERT_ESCALATE_AFTER", default_value = "15m")]
+    pub alert_escalate_after: String,
+
+    /// Lifetime of the alerting lease; the holder renews it every third of it.
+    #[arg(long, env = "ALERT_LEASE_TTL", default_value = "15s")]
+    pub alert_lease_ttl: String,
+
+    /// Comma-separated webhook URLs for WARN notifications (Alertmanager webhook format). URLs
+    /// often hold tokens: they are never logged beyond scheme, host and port.
+    #[arg(
+        long,
+        env = "ALERT_WEBHOOKS_WARNING",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub alert_webhooks_warning: String,
+
+    /// Comma-separated webhook URLs for CRITICAL notifications.
+    #[arg(
+        long,
+        env = "ALERT_WEBHOOKS_CRITICAL",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub alert_webhooks_critical: String,
+
+    /// Comma-separated webhook URLs for escalations (CRITICAL not acknowledged in time).
+    #[arg(
+        long,
+        env = "ALERT_WEBHOOKS_ESCALATION",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub alert_webhooks_escalation: String,
+
+    /// Public URL of the bridge, for externalURL and generatorURL in notifications.
+    #[arg(long, env = "ALERT_EXTERNAL_URL", default_value = "")]
+    pub alert_external_url: String,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -359,6 +449,44 @@ pub struct RegistrySettings {
     pub preregistered: BTreeMap<AgentId, AgentProfile>,
 }
 
+/// Ingress snapshots and the metrics worker.
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    pub snapshot_interval: Duration,
+    pub window: Duration,
+}
+
+/// The alerting worker.
+#[derive(Clone)]
+pub struct AlertingSettings {
+    pub rules: Vec<crate::alerting::rules::CheckedRule>,
+    pub eval_interval: Duration,
+    pub repeat_interval: Duration,
+    pub escalate_after: Duration,
+    pub lease_ttl: Duration,
+    pub webhooks_warning: Vec<url::Url>,
+    pub webhooks_critical: Vec<url::Url>,
+    pub webhooks_escalation: Vec<url::Url>,
+    pub external_url: String,
+}
+
+impl fmt::Debug for AlertingSettings {
+    /// Webhook URLs may carry tokens: only their number is shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlertingSettings")
+            .field("rules", &self.rules.len())
+            .field("eval_interval", &self.eval_interval)
+            .field("repeat_interval", &self.repeat_interval)
+            .field("escalate_after", &self.escalate_after)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("webhooks_warning", &self.webhooks_warning.len())
+            .field("webhooks_critical", &self.webhooks_critical.len())
+            .field("webhooks_escalation", &self.webhooks_escalation.len())
+            .field("external_url", &self.external_url)
+            .finish()
+    }
+}
+
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -370,6 +498,8 @@ pub struct Settings {
     pub registry: RegistrySettings,
     pub door: DoorSettings,
     pub group_commit: GroupCommitSettings,
+    pub metrics: MetricsSettings,
+    pub alerting: AlertingSettings,
     pub body_limit: usize,
     pub publish_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -491,6 +621,37 @@ impl Settings {
             sweep_interval: parse_duration("AGENT_SWEEP_INTERVAL", &args.agent_sweep_interval)?,
             preregistered: parse_registered_agents(args.registered_agents.as_deref())?,
         };
+        let metrics = MetricsSettings {
+            snapshot_interval: parse_duration(
+                "METRICS_SNAPSHOT_INTERVAL",
+                &args.metrics_snapshot_interval,
+            )?,
+            window: parse_duration("METRICS_WINDOW", &args.metrics_window)?,
+        };
+        let alerting = AlertingSettings {
+            rules: crate::alerting::rules::load(args.alert_rules.as_deref())
+                .map_err(|e| ConfigError::new("ALERT_RULES", e))?,
+            eval_interval: parse_duration("ALERT_EVAL_INTERVAL", &args.alert_eval_interval)?,
+            repeat_interval: parse_duration("ALERT_REPEAT_INTERVAL", &args.alert_repeat_interval)?,
+            escalate_after: parse_duration("ALERT_ESCALATE_AFTER", &args.alert_escalate_after)?,
+            lease_ttl: parse_duration("ALERT_LEASE_TTL", &args.alert_lease_ttl)?,
+            webhooks_warning: parse_urls("ALERT_WEBHOOKS_WARNING", &args.alert_webhooks_warning)?,
+            webhooks_critical: parse_urls(
+                "ALERT_WEBHOOKS_CRITICAL",
+                &args.alert_webhooks_critical,
+            )?,
+            webhooks_escalation: parse_urls(
+                "ALERT_WEBHOOKS_ESCALATION",
+                &args.alert_webhooks_escalation,
+            )?,
+            external_url: args.alert_external_url.trim().to_owned(),
+        };
+        if alerting.lease_ttl < Duration::from_millis(300) {
+            return Err(ConfigError::new(
+                "ALERT_LEASE_TTL",
+                "must be at least 300ms",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&args.log_level)
             .map_err(|e| ConfigError::new("LOG_LEVEL", e.to_string()))?;
         Ok(Self {
@@ -515,6 +676,8 @@ impl Settings {
                 )?,
             },
             group_commit,
+            metrics,
+            alerting,
             body_limit,
             publish_timeout: parse_duration("PUBLISH_TIMEOUT", &args.publish_timeout)?,
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,
@@ -546,7 +709,9 @@ fn parse_roles(raw: &str) -> Result<Vec<Role>, ConfigError> {
         let role = Role::from_str(name, true).map_err(|_| {
             ConfigError::new(
                 "ROLES",
-                format!("unknown role {name:?}; known roles: ingress, registry, door"),
+                format!(
+                    "unknown role {name:?}; known roles: ingress, registry, door, metrics, alerting"
+                ),
             )
         })?;
         if !roles.contains(&role) {
@@ -570,6 +735,23 @@ fn parse_agent_list(setting: &'static str, raw: &str) -> Result<Vec<AgentId>, Co
         }
     }
     Ok(agents)
+}
+
+/// Comma-separated http(s) URLs (webhooks).
+fn parse_urls(setting: &'static str, raw: &str) -> Result<Vec<url::Url>, ConfigError> {
+    let mut urls = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let url = url::Url::parse(item)
+            .map_err(|e| ConfigError::new(setting, format!("{item:?} is not a URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::new(
+                setting,
+                format!("{item:?}: scheme must be http or https"),
+            ));
+        }
+        urls.push(url);
+    }
+    Ok(urls)
 }
 
 fn parse_nats_urls(list: &str) -> Result<Vec<String>, ConfigError> {
@@ -687,7 +869,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).expect("parses").command {
             Command::Serve(args) => *args,
-            Command::Token(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 
@@ -749,6 +931,17 @@ mod tests {
             ("--nats-agents=good,bad.agent", "NATS_AGENTS"),
             ("--door-reject-burst=0", "DOOR_REJECT_BURST"),
             ("--door-reject-interval=never", "DOOR_REJECT_INTERVAL"),
+            (
+                "--metrics-snapshot-interval=often",
+                "METRICS_SNAPSHOT_INTERVAL",
+            ),
+            ("--alert-eval-interval=0s", "ALERT_EVAL_INTERVAL"),
+            (
+                "--alert-webhooks-critical=ftp://x",
+                "ALERT_WEBHOOKS_CRITICAL",
+            ),
+            ("--alert-rules=/nonexistent/rules.json", "ALERT_RULES"),
+            ("--alert-lease-ttl=10ms", "ALERT_LEASE_TTL"),
         ];
         for (flag, setting) in cases {
             let err = Settings::from_args(&args(&[SECRET, flag])).unwrap_err();

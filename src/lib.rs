@@ -3,8 +3,10 @@
 //! JetStream before the agent gets its 200; workers consume the streams.
 //!
 //! Where a heartbeat goes: [`http`] → [`admission`] → [`bus`] → [`workers::registry`].
+//! Where a latency figure goes: [`stats`] → [`metrics`] (snapshot, fleet) → [`alerting`].
 
 pub mod admission;
+pub mod alerting;
 pub mod app;
 pub mod auth;
 pub mod bus;
@@ -13,6 +15,7 @@ pub mod directory;
 pub mod domain;
 pub mod door;
 pub mod http;
+pub mod metrics;
 pub mod stats;
 pub mod telemetry;
 pub mod workers;

@@ -32,6 +32,37 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::AlertRules(args) => {
+            match auto_com_center::alerting::rules::load(args.alert_rules.as_deref()) {
+                Ok(rules) => {
+                    match args.format {
+                        config::RulesFormat::Prometheus => {
+                            print!(
+                                "{}",
+                                auto_com_center::alerting::rules::to_prometheus(&rules)
+                            );
+                        }
+                        config::RulesFormat::Json => {
+                            let file = auto_com_center::alerting::rules::RuleFile {
+                                rules: rules.into_iter().map(|r| r.rule).collect(),
+                            };
+                            match serde_json::to_string_pretty(&file) {
+                                Ok(text) => println!("{text}"),
+                                Err(err) => {
+                                    eprintln!("error: {err}");
+                                    return ExitCode::FAILURE;
+                                }
+                            }
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("error: invalid ALERT_RULES: {message}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Serve(args) => {
             let settings = match Settings::from_args(&args) {
                 Ok(settings) => settings,

@@ -1,6 +1,11 @@
 //! The ingress's own figures: per endpoint, an HDR latency histogram and request counts over a
-//! sliding window (5 minutes in 10-second slices). `/health` reads p95 and the error rate from
-//! here; the error rate counts server-side failures (5xx), as the plan defines it.
+//! sliding window (by default 5 minutes in 30 slices of 10 seconds), plus counters since start
+//! for Prometheus (requests by status class, latency in fixed buckets). `/health` reads p95 and
+//! the error rate from here; the error rate counts server-side failures (5xx), as the plan
+//! defines it.
+//!
+//! Recording takes one uncontended mutex per endpoint and touches only that endpoint's current
+//! slice and its cumulative counters, so the request path stays cheap.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -44,10 +49,41 @@ impl Endpoint {
     }
 }
 
-const SLICE: Duration = Duration::from_secs(10);
+/// The window is cut into this many slices; the oldest slice is dropped as a new one starts.
 const SLICES: usize = 30;
+/// The default window: 5 minutes (30 slices of 10 s).
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
 /// Latencies are recorded in microseconds, up to one minute, to 3 significant figures.
-const MAX_MICROS: u64 = 60_000_000;
+pub const MAX_MICROS: u64 = 60_000_000;
+/// Significant figures of every latency histogram (snapshots must match to merge).
+pub const SIGFIGS: u8 = 3;
+
+/// Upper bounds (µs) of the cumulative latency buckets `/metrics` exposes. 100 ms and 120 ms
+/// are the plan's WARN and CRITICAL latency thresholds, so an alert on the buckets is exact.
+pub const BUCKETS_MICROS: [u64; 15] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 120_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Status classes counted apart: 1xx to 5xx.
+pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// An empty latency histogram with the bounds every ingress uses.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_MICROS, SIGFIGS).expect("valid bounds")
+}
+
+/// Counters since the process started, for Prometheus counters and histograms.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Cumulative {
+    /// Requests per status class, indexed like [`CLASSES`].
+    pub by_class: [u64; 5],
+    /// Requests per latency bucket (not cumulative), indexed like [`BUCKETS_MICROS`]; slower
+    /// requests are only in `count`.
+    pub buckets: [u64; BUCKETS_MICROS.len()],
+    pub count: u64,
+    pub sum_micros: u64,
+}
 
 /// Figures of one endpoint over the window.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -102,23 +138,27 @@ impl Slice {
 struct Window {
     slices: Vec<Slice>,
     current: usize,
+    slice: Duration,
+    totals: Cumulative,
 }
 
 impl Window {
-    fn new(now: Instant) -> Self {
+    fn new(now: Instant, slice: Duration) -> Self {
         Self {
             slices: (0..SLICES).map(|_| Slice::new(now)).collect(),
             current: 0,
+            slice,
+            totals: Cumulative::default(),
         }
     }
 
-    /// Moves to a fresh slice when the current one is older than [`SLICE`].
+    /// Moves to a fresh slice when the current one is older than one slice.
     fn rotate(&mut self, now: Instant) {
         let age = now.saturating_duration_since(self.slices[self.current].started);
-        if age < SLICE {
+        if age < self.slice {
             return;
         }
-        let steps = ((age.as_secs() / SLICE.as_secs()) as usize).min(SLICES);
+        let steps = ((age.as_nanos() / self.slice.as_nanos()) as usize).min(SLICES);
         for _ in 0..steps {
             self.current = (self.current + 1) % SLICES;
             self.slices[self.current].reset(now);
@@ -130,6 +170,7 @@ impl Window {
 pub struct Stats {
     windows: Vec<Mutex<Window>>,
     started: Instant,
+    window: Duration,
 }
 
 impl Default for Stats {
@@ -140,14 +181,26 @@ impl Default for Stats {
 
 impl Stats {
     pub fn new() -> Self {
+        Self::with_window(DEFAULT_WINDOW)
+    }
+
+    /// Figures over a sliding `window` (30 slices; tests use seconds, production minutes).
+    pub fn with_window(window: Duration) -> Self {
         let now = Instant::now();
+        let slice = (window / SLICES as u32).max(Duration::from_millis(10));
         Self {
             windows: Endpoint::ALL
                 .iter()
-                .map(|_| Mutex::new(Window::new(now)))
+                .map(|_| Mutex::new(Window::new(now, slice)))
                 .collect(),
             started: now,
+            window: slice * SLICES as u32,
         }
+    }
+
+    /// The length of the sliding window.
+    pub fn window(&self) -> Duration {
+        self.window
     }
 
     pub fn uptime(&self) -> Duration {
@@ -157,8 +210,17 @@ impl Stats {
     pub fn record(&self, endpoint: Endpoint, status: u16, latency: Duration) {
         let now = Instant::now();
         let micros = (latency.as_micros() as u64).clamp(1, MAX_MICROS);
+        let bucket = BUCKETS_MICROS.partition_point(|&le| le < micros);
+        let class = (usize::from(status / 100)).clamp(1, 5) - 1;
         let mut window = self.windows[endpoint.index()].lock().expect("not poisoned");
         window.rotate(now);
+        let totals = &mut window.totals;
+        totals.by_class[class] += 1;
+        if let Some(count) = totals.buckets.get_mut(bucket) {
+            *count += 1;
+        }
+        totals.count += 1;
+        totals.sum_micros += micros;
         let current = window.current;
         let slice = &mut window.slices[current];
         slice.requests += 1;
@@ -173,15 +235,27 @@ impl Stats {
             .expect("value clamped into bounds");
     }
 
+    /// Counters of `endpoint` since start.
+    pub fn cumulative(&self, endpoint: Endpoint) -> Cumulative {
+        let window = self.windows[endpoint.index()].lock().expect("not poisoned");
+        window.totals.clone()
+    }
+
     pub fn figures(&self, endpoint: Endpoint) -> WindowFigures {
+        self.window_histogram(endpoint).0
+    }
+
+    /// The window's figures and its merged latency histogram (µs), for snapshots.
+    pub fn window_histogram(&self, endpoint: Endpoint) -> (WindowFigures, Histogram<u64>) {
         let now = Instant::now();
-        let mut merged = Histogram::<u64>::new_with_bounds(1, MAX_MICROS, 3).expect("valid bounds");
+        let mut merged = new_histogram();
         let (mut requests, mut client_errors, mut server_errors) = (0, 0, 0);
         {
             let mut window = self.windows[endpoint.index()].lock().expect("not poisoned");
             window.rotate(now);
+            let span = window.slice * SLICES as u32;
             for slice in &window.slices {
-                if now.saturating_duration_since(slice.started) >= SLICE * SLICES as u32 {
+                if now.saturating_duration_since(slice.started) >= span {
                     continue;
                 }
                 merged.add(&slice.latency).expect("same bounds");
@@ -197,14 +271,15 @@ impl Stats {
                 merged.value_at_quantile(q) as f64 / 1000.0
             }
         };
-        WindowFigures {
+        let figures = WindowFigures {
             requests,
             client_errors,
             server_errors,
             p50_ms: ms(0.50),
             p95_ms: ms(0.95),
             p99_ms: ms(0.99),
-        }
+        };
+        (figures, merged)
     }
 }
 
@@ -235,5 +310,35 @@ mod tests {
         assert_eq!(figures.client_errors, 2);
         assert_eq!(figures.server_errors, 1);
         assert!((figures.error_rate() - 0.2).abs() < 1e-9);
+        let totals = stats.cumulative(Endpoint::Heartbeat);
+        assert_eq!(totals.by_class, [0, 2, 0, 2, 1]);
+        assert_eq!(totals.count, 5);
+    }
+
+    #[test]
+    fn cumulative_buckets_count_each_request_once() {
+        let stats = Stats::new();
+        stats.record(Endpoint::Events, 200, Duration::from_micros(400));
+        stats.record(Endpoint::Events, 200, Duration::from_millis(110));
+        stats.record(Endpoint::Events, 200, Duration::from_secs(30));
+        let totals = stats.cumulative(Endpoint::Events);
+        assert_eq!(totals.buckets[0], 1, "400 µs is in the 500 µs bucket");
+        assert_eq!(totals.buckets[8], 1, "110 ms is in the 120 ms bucket");
+        assert_eq!(
+            totals.buckets.iter().sum::<u64>(),
+            2,
+            "30 s is only in +Inf"
+        );
+        assert_eq!(totals.count, 3);
+    }
+
+    #[test]
+    fn old_slices_leave_a_short_window() {
+        let stats = Stats::with_window(Duration::from_millis(300));
+        stats.record(Endpoint::Register, 200, Duration::from_millis(1));
+        assert_eq!(stats.figures(Endpoint::Register).requests, 1);
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(stats.figures(Endpoint::Register).requests, 0);
+        assert_eq!(stats.cumulative(Endpoint::Register).count, 1);
     }
 }

@@ -12,7 +12,7 @@ use async_nats::jetstream::Context;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 
-use super::subjects::{self, AGENTS_BUCKET};
+use super::subjects::{self, AGENTS_BUCKET, ALERTING_BUCKET};
 use crate::config::StreamSettings;
 
 /// The streams the bridge owns.
@@ -23,10 +23,25 @@ pub const STREAMS: &[&str] = &[
     subjects::DEAD_LETTER_STREAM,
     subjects::INBOUND_STREAM,
     subjects::REJECTED_STREAM,
+    subjects::METRICS_STREAM,
+    subjects::ALERTS_STREAM,
 ];
+
+/// Metric snapshots matter for minutes: only the last few per subject are kept.
+const METRICS_PER_SUBJECT: i64 = 10;
 
 /// The configuration of one of our streams.
 pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
+    let mut config = base_stream_config(name, settings);
+    if name == subjects::METRICS_STREAM {
+        // Old snapshots are worthless: per subject only the last few stay (the per-subject
+        // limit drops the oldest even with `discard: new`), so the stream stays small.
+        config.max_messages_per_subject = METRICS_PER_SUBJECT;
+    }
+    config
+}
+
+fn base_stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
         description: Some("owned by auto-com-center".to_owned()),
@@ -64,6 +79,20 @@ pub fn agents_bucket_config(settings: &StreamSettings) -> kv::Config {
     }
 }
 
+/// The alerting worker's bucket: one writer at a time (the lease holder) for alert states, the
+/// admin API for acknowledgements and silences.
+pub fn alerting_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: ALERTING_BUCKET.to_owned(),
+        description: "alerting lease, alert states, acknowledgements, silences".to_owned(),
+        history: 1,
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        max_bytes: settings.max_bytes.min(64 << 20),
+        ..Default::default()
+    }
+}
+
 /// Creates or updates every stream and bucket. Retries briefly when another replica races us.
 pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Result<()> {
     for name in STREAMS {
@@ -85,6 +114,14 @@ pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Resul
     })
     .await
     .with_context(|| format!("creating or updating KV bucket {AGENTS_BUCKET}"))?;
+    retry(|| async {
+        js.create_or_update_key_value(alerting_bucket_config(settings))
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from)
+    })
+    .await
+    .with_context(|| format!("creating or updating KV bucket {ALERTING_BUCKET}"))?;
     Ok(())
 }
 
@@ -95,7 +132,7 @@ pub async fn present(js: &Context) -> bool {
             return false;
         }
     }
-    js.get_key_value(AGENTS_BUCKET).await.is_ok()
+    js.get_key_value(AGENTS_BUCKET).await.is_ok() && js.get_key_value(ALERTING_BUCKET).await.is_ok()
 }
 
 async fn retry<F, Fut>(mut attempt: F) -> anyhow::Result<()>

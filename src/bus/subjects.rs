@@ -16,8 +16,15 @@ pub const INBOUND_STREAM: &str = "ACC_INBOUND";
 /// Stream of inbound messages the door refused, with the reason and caller in headers.
 pub const REJECTED_STREAM: &str = "ACC_REJECTED";
 
+/// Stream of ingress window snapshots and fleet metrics (short retention).
+pub const METRICS_STREAM: &str = "ACC_METRICS";
+/// Stream of alert notifications, one message per notification sent.
+pub const ALERTS_STREAM: &str = "ACC_ALERTS";
+
 /// KV bucket holding one [`crate::domain::AgentRecord`] per agent.
 pub const AGENTS_BUCKET: &str = "acc_agents";
+/// KV bucket of the alerting worker: its lease, alert states, acknowledgements and silences.
+pub const ALERTING_BUCKET: &str = "acc_alerting";
 
 /// Durable consumer of the registry worker on [`AGENTS_STREAM`].
 pub const REGISTRY_CONSUMER: &str = "registry";
@@ -30,6 +37,12 @@ pub const STATUS_CHANGES: &str = "acc.agents.status.*";
 pub const TASK_RESULTS: &str = "acc.tasks.result.*";
 pub const EVENTS: &str = "acc.events.*";
 pub const DEAD_LETTERS: &str = "acc.dead_letter.>";
+/// `acc.metrics.snapshot.<instance>`: one ingress replica's window snapshot.
+pub const METRIC_SNAPSHOTS: &str = "acc.metrics.snapshot.*";
+/// The fleet figures the metrics worker merges.
+pub const FLEET_METRICS: &str = "acc.metrics.fleet";
+/// `acc.alerts.<route>`: alert notifications; the route is `warning`, `critical` or `escalation`.
+pub const ALERTS: &str = "acc.alerts.*";
 
 /// Inbound subjects: agents publish the HTTP calls' JSON bodies here, with the JWT in an
 /// `Authorization: Bearer …` header. Nothing past the door reads them except the door.
@@ -88,6 +101,15 @@ pub fn task_result(task: &TaskId) -> String {
 
 pub fn event(agent: &AgentId) -> String {
     format!("acc.events.{agent}")
+}
+
+pub fn metric_snapshot(instance: &str) -> String {
+    format!("acc.metrics.snapshot.{instance}")
+}
+
+/// `route` is one of `warning`, `critical`, `escalation` (fixed names, never user input).
+pub fn alert(route: &str) -> String {
+    format!("acc.alerts.{route}")
 }
 
 pub fn dead_letter(stream: &str, consumer: &str) -> String {
@@ -170,6 +192,21 @@ pub const CATALOG: &[SubjectSpec] = &[
         subject: REJECTIONS,
         stream: REJECTED_STREAM,
         schema: None,
+    },
+    SubjectSpec {
+        subject: METRIC_SNAPSHOTS,
+        stream: METRICS_STREAM,
+        schema: Some("metrics_snapshot.json"),
+    },
+    SubjectSpec {
+        subject: FLEET_METRICS,
+        stream: METRICS_STREAM,
+        schema: Some("fleet_metrics.json"),
+    },
+    SubjectSpec {
+        subject: ALERTS,
+        stream: ALERTS_STREAM,
+        schema: Some("alert_notification.json"),
     },
 ];
 

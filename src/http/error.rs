@@ -58,6 +58,12 @@ pub enum ApiError {
     /// 404 `TASK_NOT_FOUND`
     #[error("No result stored for this task")]
     TaskNotFound,
+    /// 404 `ALERT_NOT_FOUND`
+    #[error("No alert with this id")]
+    AlertNotFound,
+    /// 404 `SILENCE_NOT_FOUND`
+    #[error("No silence with this id")]
+    SilenceNotFound,
     /// 404 `NOT_FOUND`
     #[error("No route for {0}")]
     RouteNotFound(String),
@@ -89,7 +95,9 @@ impl ApiError {
             }
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            AgentNotFound | TaskNotFound | RouteNotFound(_) => StatusCode::NOT_FOUND,
+            AgentNotFound | TaskNotFound | AlertNotFound | SilenceNotFound | RouteNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             BusUnavailable(_) | StreamFull(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -113,6 +121,8 @@ impl ApiError {
             UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             AgentNotFound => "AGENT_NOT_FOUND",
             TaskNotFound => "TASK_NOT_FOUND",
+            AlertNotFound => "ALERT_NOT_FOUND",
+            SilenceNotFound => "SILENCE_NOT_FOUND",
             RouteNotFound(_) => "NOT_FOUND",
             MethodNotAllowed => "METHOD_NOT_ALLOWED",
             BusUnavailable(_) => "BUS_UNAVAILABLE",

@@ -2,7 +2,9 @@
 //!
 //! `/health` is `degraded` (503) when p95 latency of register or heartbeat exceeds 120 ms, when
 //! their server-side error rate exceeds 1 % (the plan's rules, over the stats window), or when the
-//! bus is disconnected.
+//! bus is disconnected. The figures are the fleet's (every ingress replica merged by the
+//! metrics worker) while a fresh fleet snapshot is known, else this replica's own; `source`
+//! in the body says which.
 
 use async_nats::connection::State as ConnectionState;
 use axum::extract::State;
@@ -30,13 +32,27 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let register = state.stats.figures(Endpoint::Register);
-    let heartbeat = state.stats.figures(Endpoint::Heartbeat);
+    let fleet = state.fleet.latest();
+    let figures = |endpoint: Endpoint| -> (f64, f64) {
+        let from_fleet = fleet
+            .as_ref()
+            .and_then(|f| f.endpoints.get(endpoint.name()))
+            .map(|f| (f.p95_ms, f.error_rate));
+        from_fleet.unwrap_or_else(|| {
+            let own = state.stats.figures(endpoint);
+            (own.p95_ms, own.error_rate())
+        })
+    };
+    let (register_p95, register_errors) = figures(Endpoint::Register);
+    let (heartbeat_p95, heartbeat_errors) = figures(Endpoint::Heartbeat);
     let connected = state.client.connection_state() == ConnectionState::Connected;
     let degraded = !connected
-        || [register, heartbeat]
-            .iter()
-            .any(|f| f.p95_ms > DEGRADED_P95_MS || f.error_rate() > DEGRADED_ERROR_RATE);
+        || [
+            (register_p95, register_errors),
+            (heartbeat_p95, heartbeat_errors),
+        ]
+        .iter()
+        .any(|(p95, errors)| *p95 > DEGRADED_P95_MS || *errors > DEGRADED_ERROR_RATE);
     let agents = state.admission.directory().counts();
     let mut body = with_trace_id(json!({
         "status": if degraded { "degraded" } else { "healthy" },
@@ -44,10 +60,11 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         "uptime": state.stats.uptime().as_secs_f64(),
         "agents": agents,
         "orchestrator": {
-            "p95_latency_register": register.p95_ms,
-            "p95_latency_heartbeat": heartbeat.p95_ms,
-            "error_rate_register": register.error_rate(),
-            "error_rate_heartbeat": heartbeat.error_rate(),
+            "p95_latency_register": register_p95,
+            "p95_latency_heartbeat": heartbeat_p95,
+            "error_rate_register": register_errors,
+            "error_rate_heartbeat": heartbeat_errors,
+            "source": if fleet.is_some() { "fleet" } else { "replica" },
         },
         "bus": { "connected": connected },
     }));

@@ -1,9 +1,11 @@
 //! The HTTP door: the router, shared state, per-endpoint figures, and JSON errors for every
 //! failure including unknown routes, wrong methods and panics.
 
+pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod orchestrator;
 
 use std::sync::Arc;
@@ -45,6 +47,10 @@ pub struct Inner {
     pub lookup_timeout: Duration,
     /// The NATS door's counts, when this process runs the door.
     pub door: Option<Arc<DoorMetrics>>,
+    /// The latest fleet figures from the metrics worker, for `/metrics` and `/health`.
+    pub fleet: Arc<crate::metrics::FleetView>,
+    /// The alerting bucket: alert states, acknowledgements, silences (admin routes).
+    pub alerting: async_nats::jetstream::kv::Store,
 }
 
 impl std::ops::Deref for AppState {
@@ -64,6 +70,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(orchestrator::router())
         .merge(health::router())
+        .merge(metrics::router())
+        .merge(admin::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod alerting;
 mod auth;
 mod catalog;
 mod cli;
@@ -11,5 +12,6 @@ mod door;
 mod durability;
 mod embedded;
 mod group_commit;
+mod metrics;
 mod registry;
 mod traces;

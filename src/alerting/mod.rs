@@ -1,0 +1,257 @@
+//! The alerting worker: evaluates the rules every `ALERT_EVAL_INTERVAL` on the fleet figures
+//! (from the metrics worker on `acc.metrics.fleet`; when none is fresh, it merges the ingress
+//! snapshots itself, the same way) and the agents bucket, and sends what the state machine owes
+//! to the routes.
+//!
+//! - [`rules`]: the rules file, the plan's defaults, the Prometheus export.
+//! - [`engine`]: pending → firing → resolved, dedupe, repeat, inhibition, silences, escalation.
+//! - [`routes`]: the bus, the log, webhooks in Alertmanager's format.
+//! - [`lease`]: one acting replica at a time.
+//! - [`store`]: alert states, acknowledgements and silences in the `acc_alerting` bucket.
+//!
+//! Order per notification: send (the bus first), then store what was sent. A replica that
+//! takes over loads the stored states and so does not re-send; the only window for a repeat is
+//! a crash between sending and storing (at least once, never lost), and the bus copy is
+//! deduplicated even then.
+
+pub mod engine;
+pub mod lease;
+pub mod routes;
+pub mod rules;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::kv::Store;
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Publisher, subjects};
+use crate::config::AlertingSettings;
+use crate::metrics::STALE_AFTER_INTERVALS;
+use crate::metrics::snapshot::{FleetEndpoint, FleetSnapshot, merge};
+use crate::metrics::worker::{agent_records, replica_snapshots};
+use engine::{Engine, Policy, Sample};
+use lease::Lease;
+use routes::Notifier;
+use rules::{CheckedRule, Metric};
+
+/// Runs the alerting role until `stop`.
+pub async fn run(
+    publisher: Publisher,
+    agents: Store,
+    settings: AlertingSettings,
+    snapshot_interval: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let js = publisher.jetstream().clone();
+    let kv = js
+        .get_key_value(subjects::ALERTING_BUCKET)
+        .await
+        .context("opening the alerting bucket")?;
+    let notifier = Notifier::new(publisher.clone(), &settings);
+    let mut lease = Lease::new(
+        kv.clone(),
+        crate::metrics::instance_id(),
+        settings.lease_ttl,
+    );
+    let policy = Policy {
+        repeat_interval: settings.repeat_interval,
+        escalate_after: settings.escalate_after,
+    };
+    let tick = settings.eval_interval.min(settings.lease_ttl / 3);
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut engine: Option<Engine> = None;
+    let mut next_eval = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => {
+                lease.release().await;
+                return Ok(());
+            }
+            _ = ticker.tick() => {}
+        }
+        if !lease.acquire().await {
+            engine = None;
+            continue;
+        }
+        if engine.is_none() {
+            match store::alerts(&kv).await {
+                Ok(states) => engine = Some(Engine::from_states(states)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot load alert states; retrying");
+                    continue;
+                }
+            }
+            next_eval = tokio::time::Instant::now();
+        }
+        if tokio::time::Instant::now() < next_eval {
+            continue;
+        }
+        next_eval = tokio::time::Instant::now() + settings.eval_interval;
+        let Some(engine) = engine.as_mut() else {
+            continue;
+        };
+        if let Err(err) = evaluate(
+            engine,
+            &settings.rules,
+            &js,
+            &agents,
+            &kv,
+            &notifier,
+            policy,
+            snapshot_interval,
+        )
+        .await
+        {
+            tracing::warn!(error = ?err, "alert evaluation failed; next interval");
+        }
+    }
+}
+
+/// One evaluation: gather samples, run the engine, send, store.
+#[allow(clippy::too_many_arguments)]
+async fn evaluate(
+    engine: &mut Engine,
+    rules: &[CheckedRule],
+    js: &async_nats::jetstream::Context,
+    agents: &Store,
+    kv: &Store,
+    notifier: &Notifier,
+    policy: Policy,
+    snapshot_interval: Duration,
+) -> anyhow::Result<()> {
+    let fresh = snapshot_interval * STALE_AFTER_INTERVALS;
+    let endpoints = match latest_fleet(js, fresh).await {
+        Some(fleet) => Some(fleet.endpoints),
+        // No metrics worker publishing: merge the replicas' snapshots here, the same way.
+        None => replica_snapshots(js, fresh)
+            .await
+            .ok()
+            .filter(|snapshots| !snapshots.is_empty())
+            .map(|snapshots| merge(&snapshots)),
+    };
+    let mut samples = endpoint_samples(rules, endpoints.as_ref());
+    samples.extend(agent_samples(rules, agents).await?);
+    let acks = store::acks(kv).await?;
+    let silences = store::silences(kv).await?;
+    let now = Utc::now();
+    let before = engine.alerts.clone();
+    let mut outcome = engine.evaluate(rules, &samples, &acks, &silences, policy, now);
+    for notification in &outcome.notifications {
+        if let Err(err) = notifier.send(notification).await {
+            // Not sent: put back what the engine noted as sent, so the next round owes it again.
+            tracing::warn!(error = %err, alert_id = %notification.alert.id, "notification not sent; will retry");
+            let id = &notification.alert.id;
+            if let (Some(alert), Some(old)) = (engine.alerts.get_mut(id), before.get(id)) {
+                alert.notified_firing_at = old.notified_firing_at;
+                alert.firing_notifications = old.firing_notifications;
+                alert.notified_resolved = old.notified_resolved;
+                alert.escalated_at = old.escalated_at;
+                outcome.changed.retain(|c| &c.id != id);
+                outcome.changed.push(alert.clone());
+            }
+        }
+    }
+    for alert in &outcome.changed {
+        store::put_alert(kv, alert).await?;
+    }
+    for id in &outcome.removed {
+        store::delete_alert(kv, id).await?;
+    }
+    // Silences that ended long ago are only clutter.
+    for silence in &silences {
+        if (now - silence.ends_at)
+            .to_std()
+            .is_ok_and(|ago| ago > engine::RECENT)
+        {
+            store::delete_silence(kv, &silence.id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The last fleet snapshot, when younger than `max_age`.
+async fn latest_fleet(
+    js: &async_nats::jetstream::Context,
+    max_age: Duration,
+) -> Option<FleetSnapshot> {
+    let stream = js.get_stream(subjects::METRICS_STREAM).await.ok()?;
+    let message = stream
+        .get_last_raw_message_by_subject(subjects::FLEET_METRICS)
+        .await
+        .ok()?;
+    let fleet: FleetSnapshot = serde_json::from_slice(&message.payload).ok()?;
+    let age = (Utc::now() - fleet.generated_at)
+        .to_std()
+        .unwrap_or_default();
+    (age <= max_age).then_some(fleet)
+}
+
+/// Samples of the per-endpoint rules. Endpoints with less traffic than a rule's
+/// `min_requests` (at least one request) are not judged: no traffic is no data, not "fast".
+pub fn endpoint_samples(
+    rules: &[CheckedRule],
+    endpoints: Option<&BTreeMap<String, FleetEndpoint>>,
+) -> Vec<Sample> {
+    let Some(endpoints) = endpoints else {
+        return Vec::new();
+    };
+    let mut samples = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        if !rule.rule.metric.per_endpoint() {
+            continue;
+        }
+        for (endpoint, figures) in endpoints {
+            if !rule.selects_endpoint(endpoint) || figures.requests < rule.rule.min_requests.max(1)
+            {
+                continue;
+            }
+            let value = match rule.rule.metric {
+                Metric::LatencyP50Ms => figures.p50_ms,
+                Metric::LatencyP95Ms => figures.p95_ms,
+                Metric::LatencyP99Ms => figures.p99_ms,
+                Metric::ErrorRate => figures.error_rate,
+                Metric::AgentOfflineSeconds => continue,
+            };
+            samples.push(Sample {
+                rule: index,
+                labels: BTreeMap::from([("endpoint".to_owned(), endpoint.clone())]),
+                value,
+            });
+        }
+    }
+    samples
+}
+
+/// Samples of the agent rules, read from the agents bucket: seconds since the last heartbeat
+/// of each agent the registry marked offline.
+async fn agent_samples(rules: &[CheckedRule], agents: &Store) -> anyhow::Result<Vec<Sample>> {
+    if rules.iter().all(|r| r.rule.metric.per_endpoint()) {
+        return Ok(Vec::new());
+    }
+    let records = agent_records(agents).await?;
+    let now = Utc::now();
+    let mut samples = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        if rule.rule.metric != Metric::AgentOfflineSeconds {
+            continue;
+        }
+        for record in &records {
+            let agent = record.agent_id.as_str();
+            if record.status != crate::domain::AgentStatus::Offline || !rule.selects_agent(agent) {
+                continue;
+            }
+            let silent = (now - record.last_seen).to_std().unwrap_or_default();
+            samples.push(Sample {
+                rule: index,
+                labels: BTreeMap::from([("agent_id".to_owned(), agent.to_owned())]),
+                value: silent.as_secs_f64(),
+            });
+        }
+    }
+    Ok(samples)
+}

@@ -1,0 +1,378 @@
+//! Alert rules: what is measured, for which endpoints or agents, above which thresholds, for how
+//! long. Loaded from the JSON file named by `ALERT_RULES`; without one, the plan's table
+//! (DESIGN.md §2) applies.
+//!
+//! A rule carries both severities: `warning` and `critical` thresholds (either may be absent).
+//! Each severity of each matching endpoint or agent is one alert, labelled `alertname`,
+//! `severity` and `endpoint` or `agent_id`; a firing `critical` inhibits the `warning` of the
+//! same rule and labels. A condition is `value > threshold`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::parse_duration;
+
+/// What a rule measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Fleet p50 latency of an endpoint over the window, in milliseconds.
+    LatencyP50Ms,
+    /// Fleet p95 latency of an endpoint over the window, in milliseconds.
+    LatencyP95Ms,
+    /// Fleet p99 latency of an endpoint over the window, in milliseconds.
+    LatencyP99Ms,
+    /// Fleet server-side failures (5xx) per request over the window, a fraction (0.01 = 1 %).
+    ErrorRate,
+    /// Seconds since the last heartbeat of an agent the registry has marked `offline`; agents
+    /// not offline have no value. With the default `AGENT_STALE_AFTER` of 5 min an agent turns
+    /// offline 5 min after its last heartbeat (plus up to one sweep interval), so "offline for
+    /// more than 5 min" is measured from the last heartbeat, not from the sweep.
+    AgentOfflineSeconds,
+}
+
+impl Metric {
+    /// True for metrics selected by endpoint (the others by agent).
+    pub fn per_endpoint(self) -> bool {
+        !matches!(self, Metric::AgentOfflineSeconds)
+    }
+}
+
+/// Alert severity. Each has its own route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// One rule as written in the rules file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// The `alertname` label: letters, digits and `_`, starting with a letter.
+    pub name: String,
+    pub metric: Metric,
+    /// Endpoints the rule watches (register, heartbeat, task_callback, task_status, events,
+    /// agents); empty means all. Only for per-endpoint metrics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Agents the rule watches; empty means all. Only for `agent_offline_seconds`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical: Option<f64>,
+    /// How long the condition must hold before the alert fires ("0s", "1m").
+    #[serde(rename = "for", default = "zero")]
+    pub hold: String,
+    /// Fewest requests in the window for an endpoint to be judged (per-endpoint metrics).
+    #[serde(default)]
+    pub min_requests: u64,
+    /// One line for people; `{endpoint}`, `{agent_id}`, `{value}` and `{threshold}` are
+    /// replaced.
+    pub summary: String,
+}
+
+fn zero() -> String {
+    "0s".to_owned()
+}
+
+/// A validated rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedRule {
+    pub rule: Rule,
+    pub hold: Duration,
+}
+
+impl CheckedRule {
+    /// The thresholds that are set, critical first (so inhibition sees the critical first).
+    pub fn thresholds(&self) -> Vec<(Severity, f64)> {
+        let mut out = Vec::new();
+        if let Some(t) = self.rule.critical {
+            out.push((Severity::Critical, t));
+        }
+        if let Some(t) = self.rule.warning {
+            out.push((Severity::Warning, t));
+        }
+        out
+    }
+
+    pub fn selects_endpoint(&self, endpoint: &str) -> bool {
+        self.rule.endpoints.is_empty() || self.rule.endpoints.iter().any(|e| e == endpoint)
+    }
+
+    pub fn selects_agent(&self, agent: &str) -> bool {
+        self.rule.agents.is_empty() || self.rule.agents.iter().any(|a| a == agent)
+    }
+}
+
+/// The rules file: `{"rules": [...]}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    pub rules: Vec<Rule>,
+}
+
+/// The plan's alert table (DESIGN.md §2). Latency and error rate must hold for a minute, so a
+/// single slow burst does not page; an offline agent is judged by the time since its last
+/// heartbeat, which already spans minutes.
+pub fn defaults() -> RuleFile {
+    RuleFile {
+        rules: vec![
+            Rule {
+                name: "EndpointLatencyP95High".into(),
+                metric: Metric::LatencyP95Ms,
+                endpoints: Vec::new(),
+                agents: Vec::new(),
+                warning: Some(100.0),
+                critical: Some(120.0),
+                hold: "1m".into(),
+                min_requests: 1,
+                summary: "p95 latency of {endpoint} is {value} ms (threshold {threshold} ms)"
+                    .into(),
+            },
+            Rule {
+                name: "EndpointErrorRateHigh".into(),
+                metric: Metric::ErrorRate,
+                endpoints: Vec::new(),
+                agents: Vec::new(),
+                warning: Some(0.005),
+                critical: Some(0.01),
+                hold: "1m".into(),
+                min_requests: 1,
+                summary: "server error rate of {endpoint} is {value} (threshold {threshold})"
+                    .into(),
+            },
+            Rule {
+                name: "AgentOffline".into(),
+                metric: Metric::AgentOfflineSeconds,
+                endpoints: Vec::new(),
+                agents: Vec::new(),
+                warning: Some(300.0),
+                critical: Some(900.0),
+                hold: "0s".into(),
+                min_requests: 0,
+                summary: "agent {agent_id} offline, last heartbeat {value} s ago (threshold {threshold} s)"
+                    .into(),
+            },
+        ],
+    }
+}
+
+/// Checks a rules file: unique valid names, at least one threshold, selectors that fit the
+/// metric, a parseable `for`.
+pub fn check(file: RuleFile) -> Result<Vec<CheckedRule>, String> {
+    let mut checked: Vec<CheckedRule> = Vec::new();
+    for rule in file.rules {
+        let name = &rule.name;
+        let valid_name = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(format!(
+                "rule name {name:?} must be letters, digits and _, starting with a letter"
+            ));
+        }
+        if checked.iter().any(|c| &c.rule.name == name) {
+            return Err(format!("rule name {name:?} appears twice"));
+        }
+        if rule.warning.is_none() && rule.critical.is_none() {
+            return Err(format!("rule {name}: set warning, critical or both"));
+        }
+        if [rule.warning, rule.critical]
+            .iter()
+            .flatten()
+            .any(|t| !t.is_finite())
+        {
+            return Err(format!("rule {name}: thresholds must be finite numbers"));
+        }
+        if rule.metric.per_endpoint() && !rule.agents.is_empty() {
+            return Err(format!(
+                "rule {name}: agents selects agents, this metric is per endpoint"
+            ));
+        }
+        if !rule.metric.per_endpoint() && !rule.endpoints.is_empty() {
+            return Err(format!(
+                "rule {name}: endpoints selects endpoints, this metric is per agent"
+            ));
+        }
+        let hold = if rule.hold.trim() == "0s" || rule.hold.trim() == "0" {
+            Duration::ZERO
+        } else {
+            parse_duration("ALERT_RULES", &rule.hold)
+                .map_err(|e| format!("rule {name}: for: {}", e.message))?
+        };
+        checked.push(CheckedRule { rule, hold });
+    }
+    Ok(checked)
+}
+
+/// Loads and checks the rules: the file at `path`, or the defaults.
+pub fn load(path: Option<&std::path::Path>) -> Result<Vec<CheckedRule>, String> {
+    let file = match path {
+        None => defaults(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+    };
+    check(file)
+}
+
+/// A threshold as Prometheus and people read it.
+fn number(value: f64) -> String {
+    format!("{value}")
+}
+
+/// The same rules as a Prometheus alerting-rules file (YAML), over the metrics `/metrics`
+/// exposes. Fleet gauges appear on every ingress replica, so expressions take the `max` over
+/// replicas. `min_requests` becomes "some traffic in the window".
+pub fn to_prometheus(rules: &[CheckedRule]) -> String {
+    let quote = |s: &str| serde_json::to_string(s).expect("strings serialize");
+    let mut out = String::from("groups:\n  - name: auto-com-center\n    rules:\n");
+    for checked in rules {
+        let rule = &checked.rule;
+        let selector = |label: &str, values: &[String]| {
+            if values.is_empty() {
+                String::new()
+            } else {
+                format!("{label}=~\"{}\"", values.join("|"))
+            }
+        };
+        for (severity, threshold) in checked.thresholds().into_iter().rev() {
+            let endpoints = selector("endpoint", &rule.endpoints);
+            let traffic = if rule.min_requests > 0 {
+                let sel = if endpoints.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{{endpoints}}}")
+                };
+                format!(
+                    " and on (endpoint) max by (endpoint) (acc_fleet_requests_per_second{sel}) > 0"
+                )
+            } else {
+                String::new()
+            };
+            let with = |extra: &str| {
+                let mut labels: Vec<String> = Vec::new();
+                if !extra.is_empty() {
+                    labels.push(extra.to_owned());
+                }
+                if !endpoints.is_empty() {
+                    labels.push(endpoints.clone());
+                }
+                labels.join(",")
+            };
+            let expr = match rule.metric {
+                Metric::LatencyP50Ms | Metric::LatencyP95Ms | Metric::LatencyP99Ms => {
+                    let q = match rule.metric {
+                        Metric::LatencyP50Ms => "0.5",
+                        Metric::LatencyP95Ms => "0.95",
+                        _ => "0.99",
+                    };
+                    // In milliseconds, like the rule, so `$value` and the threshold read alike.
+                    format!(
+                        "max by (endpoint) (acc_fleet_latency_seconds{{{}}}) * 1000 > {}{traffic}",
+                        with(&format!("quantile=\"{q}\"")),
+                        number(threshold)
+                    )
+                }
+                Metric::ErrorRate => format!(
+                    "max by (endpoint) (acc_fleet_error_rate{{{}}}) > {}{traffic}",
+                    with(""),
+                    number(threshold)
+                )
+                .replace("acc_fleet_error_rate{}", "acc_fleet_error_rate"),
+                Metric::AgentOfflineSeconds => {
+                    let agents = selector("agent_id", &rule.agents);
+                    let sel = if agents.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{{{agents}}}")
+                    };
+                    format!(
+                        "time() - max by (agent_id) (acc_agent_offline_last_seen_timestamp_seconds{sel}) > {}",
+                        number(threshold)
+                    )
+                }
+            };
+            let hold = if checked.hold.is_zero() {
+                "0s".to_owned()
+            } else {
+                humantime::format_duration(checked.hold)
+                    .to_string()
+                    .replace(' ', "")
+            };
+            let summary = rule
+                .summary
+                .replace("{endpoint}", "{{ $labels.endpoint }}")
+                .replace("{agent_id}", "{{ $labels.agent_id }}")
+                .replace("{value}", "{{ $value }}")
+                .replace("{threshold}", &number(threshold));
+            let _ = writeln!(out, "      - alert: {}", rule.name);
+            let _ = writeln!(out, "        expr: {}", quote(&expr));
+            let _ = writeln!(out, "        for: {hold}");
+            let _ = writeln!(out, "        labels:");
+            let _ = writeln!(out, "          severity: {}", severity.as_str());
+            let _ = writeln!(out, "        annotations:");
+            let _ = writeln!(out, "          summary: {}", quote(&summary));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_the_plans_table() {
+        let rules = check(defaults()).unwrap();
+        let find = |m| rules.iter().find(|r| r.rule.metric == m).unwrap();
+        let latency = find(Metric::LatencyP95Ms);
+        assert_eq!(
+            (latency.rule.warning, latency.rule.critical),
+            (Some(100.0), Some(120.0))
+        );
+        let errors = find(Metric::ErrorRate);
+        assert_eq!(
+            (errors.rule.warning, errors.rule.critical),
+            (Some(0.005), Some(0.01))
+        );
+        let offline = find(Metric::AgentOfflineSeconds);
+        assert_eq!(
+            (offline.rule.warning, offline.rule.critical),
+            (Some(300.0), Some(900.0))
+        );
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_the_reason() {
+        let mut file = defaults();
+        file.rules[0].name = "bad name".into();
+        assert!(check(file).unwrap_err().contains("bad name"));
+        let mut file = defaults();
+        file.rules[2].endpoints = vec!["register".into()];
+        assert!(check(file).unwrap_err().contains("per agent"));
+        let mut file = defaults();
+        file.rules[1].hold = "soon".into();
+        assert!(check(file).unwrap_err().contains("for"));
+        let mut file = defaults();
+        file.rules[1].warning = None;
+        file.rules[1].critical = None;
+        assert!(check(file).is_err());
+    }
+}

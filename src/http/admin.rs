@@ -1,0 +1,241 @@
+//! Operator routes for alerts (scope `orchestrator.admin`):
+//!
+//! - `GET /orchestrator/alerts`: active (pending, firing) and recent (resolved) alerts.
+//! - `POST /orchestrator/alerts/{id}/ack`: acknowledge; stops escalation of this episode.
+//! - `POST /orchestrator/silences` `{matchers:{label:value}, duration:"1h", comment?}`,
+//!   `GET /orchestrator/silences`, `DELETE /orchestrator/silences/{id}` (expires it now).
+//!
+//! Alert states are written by the acting alerting replica; acknowledgements and silences are
+//! written here, and read by that replica on its next evaluation.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State, rejection::PathRejection};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{Authenticated, JsonObject};
+use crate::alerting::engine::{Ack, Phase, Silence};
+use crate::alerting::store::{self, ACK_PREFIX, SILENCE_PREFIX, StoreError};
+use crate::auth::Caller;
+use crate::config::{ADMIN_SCOPE, parse_duration};
+use crate::telemetry::with_trace_id;
+
+/// Most matchers a silence may carry, and the longest label name or value.
+const MAX_MATCHERS: usize = 8;
+const MAX_LABEL_BYTES: usize = 256;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/orchestrator/alerts", get(list_alerts))
+        .route("/orchestrator/alerts/{id}/ack", post(ack))
+        .route(
+            "/orchestrator/silences",
+            get(list_silences).post(create_silence),
+        )
+        .route("/orchestrator/silences/{id}", delete(expire_silence))
+}
+
+fn admin(caller: &Caller) -> Result<(), ApiError> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::InsufficientScope(ADMIN_SCOPE))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        ApiError::BusUnavailable(err.to_string())
+    }
+}
+
+async fn list_alerts(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<Value>, ApiError> {
+    admin(&caller)?;
+    let mut alerts = store::alerts(&state.alerting).await?;
+    let acks = store::acks(&state.alerting).await?;
+    alerts.sort_by_key(|a| std::cmp::Reverse(a.active_since));
+    let view = |alert: &crate::alerting::engine::AlertState| {
+        let mut value = serde_json::to_value(alert).unwrap_or(Value::Null);
+        let ack = acks
+            .get(&alert.id)
+            .filter(|ack| ack.acked_at >= alert.active_since);
+        value["acknowledged"] = serde_json::to_value(ack).unwrap_or(Value::Null);
+        value
+    };
+    let active: Vec<Value> = alerts
+        .iter()
+        .filter(|a| a.phase != Phase::Resolved)
+        .map(view)
+        .collect();
+    let recent: Vec<Value> = alerts
+        .iter()
+        .filter(|a| a.phase == Phase::Resolved)
+        .map(view)
+        .collect();
+    Ok(Json(with_trace_id(json!({
+        "success": true,
+        "active": active,
+        "recent": recent,
+    }))))
+}
+
+async fn ack(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<Value>, ApiError> {
+    admin(&caller)?;
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::AlertNotFound);
+    };
+    if !store::valid_id(&id) {
+        return Err(ApiError::AlertNotFound);
+    }
+    let Some(alert) = store::alert(&state.alerting, &id).await? else {
+        return Err(ApiError::AlertNotFound);
+    };
+    let ack = Ack {
+        alert_id: alert.id.clone(),
+        acked_by: caller.agent_id.to_string(),
+        acked_at: Utc::now(),
+    };
+    store::put(&state.alerting, format!("{ACK_PREFIX}{id}"), &ack).await?;
+    Ok(Json(with_trace_id(json!({
+        "success": true,
+        "alert_id": id,
+        "acknowledged": ack,
+        "message": "Alert acknowledged",
+    }))))
+}
+
+async fn list_silences(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<Value>, ApiError> {
+    admin(&caller)?;
+    let mut silences = store::silences(&state.alerting).await?;
+    silences.sort_by_key(|s| std::cmp::Reverse(s.starts_at));
+    let now = Utc::now();
+    let view: Vec<Value> = silences
+        .iter()
+        .map(|s| {
+            let mut value = serde_json::to_value(s).unwrap_or(Value::Null);
+            value["active"] = s.active(now).into();
+            value
+        })
+        .collect();
+    Ok(Json(with_trace_id(json!({
+        "success": true,
+        "count": view.len(),
+        "silences": view,
+    }))))
+}
+
+async fn create_silence(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    admin(&caller)?;
+    let Some(Value::Object(raw)) = body.get("matchers") else {
+        return Err(ApiError::InvalidPayload(
+            "matchers: required, an object of label: value".into(),
+        ));
+    };
+    if raw.is_empty() || raw.len() > MAX_MATCHERS {
+        return Err(ApiError::InvalidPayload(format!(
+            "matchers: 1 to {MAX_MATCHERS} labels"
+        )));
+    }
+    let mut matchers = BTreeMap::new();
+    for (label, value) in raw {
+        let Value::String(value) = value else {
+            return Err(ApiError::InvalidPayload(format!(
+                "matchers.{label}: must be a string"
+            )));
+        };
+        if label.is_empty() || label.len() > MAX_LABEL_BYTES || value.len() > MAX_LABEL_BYTES {
+            return Err(ApiError::InvalidPayload(format!(
+                "matchers: labels and values of 1 to {MAX_LABEL_BYTES} bytes"
+            )));
+        }
+        matchers.insert(label.clone(), value.clone());
+    }
+    let duration = match body.get("duration") {
+        Some(Value::String(raw)) => parse_duration("duration", raw)
+            .map_err(|e| ApiError::InvalidPayload(format!("duration: {}", e.message)))?,
+        _ => {
+            return Err(ApiError::InvalidPayload(
+                "duration: required, like \"30m\" or \"2h\"".into(),
+            ));
+        }
+    };
+    let comment = match body.get("comment") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(c)) if c.len() <= 1024 => c.clone(),
+        Some(_) => {
+            return Err(ApiError::InvalidPayload(
+                "comment: a string of at most 1024 bytes".into(),
+            ));
+        }
+    };
+    let now = Utc::now();
+    let ends_at = chrono::Duration::from_std(duration)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .ok_or_else(|| ApiError::InvalidPayload("duration: too long".into()))?;
+    let silence = Silence {
+        id: format!("{:016x}", rand::random::<u64>()),
+        matchers,
+        starts_at: now,
+        ends_at,
+        created_by: caller.agent_id.to_string(),
+        comment,
+    };
+    store::put(
+        &state.alerting,
+        format!("{SILENCE_PREFIX}{}", silence.id),
+        &silence,
+    )
+    .await?;
+    Ok(Json(with_trace_id(json!({
+        "success": true,
+        "silence": silence,
+        "message": "Silence created",
+    }))))
+}
+
+async fn expire_silence(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<Value>, ApiError> {
+    admin(&caller)?;
+    let Ok(Path(id)) = id else {
+        return Err(ApiError::SilenceNotFound);
+    };
+    if !store::valid_id(&id) {
+        return Err(ApiError::SilenceNotFound);
+    }
+    let Some(mut silence) = store::silence(&state.alerting, &id).await? else {
+        return Err(ApiError::SilenceNotFound);
+    };
+    let now = Utc::now();
+    if silence.ends_at > now {
+        silence.ends_at = now;
+        store::put(&state.alerting, format!("{SILENCE_PREFIX}{id}"), &silence).await?;
+    }
+    Ok(Json(with_trace_id(json!({
+        "success": true,
+        "silence": silence,
+        "message": "Silence expired",
+    }))))
+}

@@ -1,0 +1,22 @@
+//! `GET /metrics`: Prometheus text, no authentication (scrapers rarely carry tokens; the
+//! figures are operational, not agent data — restrict the port at the network if needed).
+//! Cheap: one lock per endpoint, a few `/proc` reads.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use super::AppState;
+use crate::metrics::{process, prometheus};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let fleet = state.fleet.latest();
+    let text = prometheus::render(&state.stats, fleet.as_deref(), process::read());
+    ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text)
+}

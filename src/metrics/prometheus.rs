@@ -1,0 +1,375 @@
+//! `GET /metrics` in the Prometheus text exposition format (version 0.0.4).
+//!
+//! This replica's figures: counters since start (`acc_http_requests_total` by endpoint and
+//! status class), a latency histogram in fixed buckets (`acc_http_request_duration_seconds`),
+//! and gauges of the sliding window. When a fleet snapshot from the metrics worker is known,
+//! fleet gauges (`acc_fleet_*`), bus figures (`acc_stream_*`, `acc_consumer_*`) and agent counts
+//! (`acc_agents`) follow, so scraping any one ingress gives the whole picture. Process metrics
+//! come last.
+
+use std::fmt::Write as _;
+
+use super::process::ProcessFigures;
+use super::snapshot::FleetSnapshot;
+use crate::stats::{BUCKETS_MICROS, CLASSES, Endpoint, Stats};
+
+/// The content type Prometheus expects.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Every metric family this module can write: the rules export checks its expressions against
+/// this list.
+pub const FAMILIES: &[&str] = &[
+    "acc_http_requests_total",
+    "acc_http_request_duration_seconds",
+    "acc_http_window_requests",
+    "acc_http_window_latency_seconds",
+    "acc_http_window_error_rate",
+    "acc_fleet_replicas",
+    "acc_fleet_generated_timestamp_seconds",
+    "acc_fleet_requests_per_second",
+    "acc_fleet_latency_seconds",
+    "acc_fleet_error_rate",
+    "acc_stream_messages",
+    "acc_stream_bytes",
+    "acc_consumer_pending",
+    "acc_consumer_ack_pending",
+    "acc_consumer_redelivered",
+    "acc_agents",
+    "acc_agent_offline_last_seen_timestamp_seconds",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+];
+
+/// Escapes a label value (backslash, quote, newline).
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every family we have figures for.
+pub fn render(
+    stats: &Stats,
+    fleet: Option<&FleetSnapshot>,
+    process: Option<ProcessFigures>,
+) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    render_ingress(&mut out, stats);
+    if let Some(fleet) = fleet {
+        render_fleet(&mut out, fleet);
+    }
+    if let Some(process) = process {
+        render_process(&mut out, &process);
+    }
+    out
+}
+
+fn render_ingress(out: &mut String, stats: &Stats) {
+    let totals: Vec<_> = Endpoint::ALL
+        .iter()
+        .map(|&e| (e.name(), stats.cumulative(e), stats.figures(e)))
+        .collect();
+    header(
+        out,
+        "acc_http_requests_total",
+        "counter",
+        "HTTP requests served by this replica, by endpoint and status class.",
+    );
+    for (endpoint, cumulative, _) in &totals {
+        for (class, count) in CLASSES.iter().zip(cumulative.by_class) {
+            let _ = writeln!(
+                out,
+                "acc_http_requests_total{{endpoint=\"{endpoint}\",class=\"{class}\"}} {count}"
+            );
+        }
+    }
+    header(
+        out,
+        "acc_http_request_duration_seconds",
+        "histogram",
+        "Latency of HTTP requests served by this replica.",
+    );
+    for (endpoint, cumulative, _) in &totals {
+        let mut running = 0;
+        for (le, count) in BUCKETS_MICROS.iter().zip(cumulative.buckets) {
+            running += count;
+            let le = *le as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "acc_http_request_duration_seconds_bucket{{endpoint=\"{endpoint}\",le=\"{le}\"}} {running}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "acc_http_request_duration_seconds_bucket{{endpoint=\"{endpoint}\",le=\"+Inf\"}} {}",
+            cumulative.count
+        );
+        let _ = writeln!(
+            out,
+            "acc_http_request_duration_seconds_sum{{endpoint=\"{endpoint}\"}} {}",
+            cumulative.sum_micros as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "acc_http_request_duration_seconds_count{{endpoint=\"{endpoint}\"}} {}",
+            cumulative.count
+        );
+    }
+    header(
+        out,
+        "acc_http_window_requests",
+        "gauge",
+        "Requests in this replica's sliding window.",
+    );
+    for (endpoint, _, figures) in &totals {
+        let _ = writeln!(
+            out,
+            "acc_http_window_requests{{endpoint=\"{endpoint}\"}} {}",
+            figures.requests
+        );
+    }
+    header(
+        out,
+        "acc_http_window_latency_seconds",
+        "gauge",
+        "Latency percentiles over this replica's sliding window (HDR histogram).",
+    );
+    for (endpoint, _, figures) in &totals {
+        for (q, ms) in [
+            ("0.5", figures.p50_ms),
+            ("0.95", figures.p95_ms),
+            ("0.99", figures.p99_ms),
+        ] {
+            let _ = writeln!(
+                out,
+                "acc_http_window_latency_seconds{{endpoint=\"{endpoint}\",quantile=\"{q}\"}} {}",
+                ms / 1e3
+            );
+        }
+    }
+    header(
+        out,
+        "acc_http_window_error_rate",
+        "gauge",
+        "Server-side failures (5xx) per request over this replica's sliding window.",
+    );
+    for (endpoint, _, figures) in &totals {
+        let _ = writeln!(
+            out,
+            "acc_http_window_error_rate{{endpoint=\"{endpoint}\"}} {}",
+            figures.error_rate()
+        );
+    }
+}
+
+fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
+    header(
+        out,
+        "acc_fleet_replicas",
+        "gauge",
+        "Ingress replicas merged into the fleet figures.",
+    );
+    let _ = writeln!(out, "acc_fleet_replicas {}", fleet.replicas);
+    header(
+        out,
+        "acc_fleet_generated_timestamp_seconds",
+        "gauge",
+        "When the metrics worker produced the fleet figures.",
+    );
+    let _ = writeln!(
+        out,
+        "acc_fleet_generated_timestamp_seconds {}",
+        fleet.generated_at.timestamp_millis() as f64 / 1e3
+    );
+    header(
+        out,
+        "acc_fleet_requests_per_second",
+        "gauge",
+        "Requests per second over the window, all ingress replicas.",
+    );
+    for (endpoint, figures) in &fleet.endpoints {
+        let endpoint = escape(endpoint);
+        let _ = writeln!(
+            out,
+            "acc_fleet_requests_per_second{{endpoint=\"{endpoint}\"}} {}",
+            figures.requests_per_second
+        );
+    }
+    header(
+        out,
+        "acc_fleet_latency_seconds",
+        "gauge",
+        "Latency percentiles over the window, all ingress replicas merged.",
+    );
+    for (endpoint, figures) in &fleet.endpoints {
+        let endpoint = escape(endpoint);
+        for (q, ms) in [
+            ("0.5", figures.p50_ms),
+            ("0.95", figures.p95_ms),
+            ("0.99", figures.p99_ms),
+        ] {
+            let _ = writeln!(
+                out,
+                "acc_fleet_latency_seconds{{endpoint=\"{endpoint}\",quantile=\"{q}\"}} {}",
+                ms / 1e3
+            );
+        }
+    }
+    header(
+        out,
+        "acc_fleet_error_rate",
+        "gauge",
+        "Server-side failures per request over the window, all ingress replicas.",
+    );
+    for (endpoint, figures) in &fleet.endpoints {
+        let endpoint = escape(endpoint);
+        let _ = writeln!(
+            out,
+            "acc_fleet_error_rate{{endpoint=\"{endpoint}\"}} {}",
+            figures.error_rate
+        );
+    }
+    let bus = &fleet.bus;
+    header(
+        out,
+        "acc_stream_messages",
+        "gauge",
+        "Messages stored per stream.",
+    );
+    for (stream, figures) in &bus.streams {
+        let _ = writeln!(
+            out,
+            "acc_stream_messages{{stream=\"{}\"}} {}",
+            escape(stream),
+            figures.messages
+        );
+    }
+    header(out, "acc_stream_bytes", "gauge", "Bytes stored per stream.");
+    for (stream, figures) in &bus.streams {
+        let _ = writeln!(
+            out,
+            "acc_stream_bytes{{stream=\"{}\"}} {}",
+            escape(stream),
+            figures.bytes
+        );
+    }
+    for (name, help, pick) in [
+        (
+            "acc_consumer_pending",
+            "Messages a durable consumer has not yet been delivered.",
+            (|c: &super::snapshot::ConsumerFigures| c.pending) as fn(&_) -> u64,
+        ),
+        (
+            "acc_consumer_ack_pending",
+            "Messages delivered to a durable consumer and not yet acknowledged.",
+            |c| c.ack_pending,
+        ),
+        (
+            "acc_consumer_redelivered",
+            "Unacknowledged messages a durable consumer has had delivered more than once.",
+            |c| c.redelivered,
+        ),
+    ] {
+        header(out, name, "gauge", help);
+        for consumer in &bus.consumers {
+            let _ = writeln!(
+                out,
+                "{name}{{stream=\"{}\",consumer=\"{}\"}} {}",
+                escape(&consumer.stream),
+                escape(&consumer.consumer),
+                pick(consumer)
+            );
+        }
+    }
+    header(out, "acc_agents", "gauge", "Registered agents by status.");
+    for (status, count) in [
+        ("online", bus.agents.online),
+        ("offline", bus.agents.offline),
+        ("degraded", bus.agents.degraded),
+    ] {
+        let _ = writeln!(out, "acc_agents{{status=\"{status}\"}} {count}");
+    }
+    header(
+        out,
+        "acc_agent_offline_last_seen_timestamp_seconds",
+        "gauge",
+        "Last heartbeat of each agent the registry has marked offline.",
+    );
+    for agent in &bus.offline_agents {
+        let _ = writeln!(
+            out,
+            "acc_agent_offline_last_seen_timestamp_seconds{{agent_id=\"{}\"}} {}",
+            escape(&agent.agent_id),
+            agent.last_seen.timestamp_millis() as f64 / 1e3
+        );
+    }
+}
+
+fn render_process(out: &mut String, process: &ProcessFigures) {
+    header(
+        out,
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+    );
+    let _ = writeln!(
+        out,
+        "process_resident_memory_bytes {}",
+        process.resident_memory_bytes
+    );
+    header(
+        out,
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+    );
+    let _ = writeln!(
+        out,
+        "process_virtual_memory_bytes {}",
+        process.virtual_memory_bytes
+    );
+    header(
+        out,
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+    );
+    let _ = writeln!(out, "process_cpu_seconds_total {}", process.cpu_seconds);
+    header(
+        out,
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+    );
+    let _ = writeln!(out, "process_open_fds {}", process.open_fds);
+    if let Some(max) = process.max_fds {
+        header(
+            out,
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+        );
+        let _ = writeln!(out, "process_max_fds {max}");
+    }
+    header(
+        out,
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+    );
+    let _ = writeln!(
+        out,
+        "process_start_time_seconds {}",
+        process.start_time_seconds
+    );
+}

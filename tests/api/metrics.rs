@@ -1,0 +1,245 @@
+//! Ingress figures, fleet merging and `/metrics`: the fleet percentiles equal those of the raw
+//! samples, two ingress replicas merge on the bus, and `/metrics` is valid Prometheus text
+//! without a token.
+
+use std::time::Duration;
+
+use auto_com_center::metrics::snapshot::{IngressSnapshot, merge};
+use auto_com_center::stats::{Endpoint, Stats};
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// The exact q-quantile of sorted samples, as HDR defines it (the sample at rank ceil(q·n)).
+fn exact(sorted: &[u64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64
+}
+
+#[test]
+fn fleet_percentiles_of_two_replicas_equal_those_of_the_merged_raw_samples() {
+    // Two replicas with different latency distributions (µs), deterministic pseudo-random.
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let fast: Vec<u64> = (0..3_000).map(|_| 200 + next() % 8_000).collect();
+    let slow: Vec<u64> = (0..1_000).map(|_| 5_000 + next() % 150_000).collect();
+    let (a, b) = (Stats::new(), Stats::new());
+    for &us in &fast {
+        a.record(Endpoint::Heartbeat, 200, Duration::from_micros(us));
+    }
+    for &us in &slow {
+        b.record(Endpoint::Heartbeat, 200, Duration::from_micros(us));
+    }
+    // Through JSON, as on the bus.
+    let roundtrip = |s: IngressSnapshot| -> IngressSnapshot {
+        let json = serde_json::to_value(&s).unwrap();
+        assert_valid("metrics_snapshot.json", &json);
+        serde_json::from_value(json).unwrap()
+    };
+    let snapshots = [
+        roundtrip(IngressSnapshot::take("a", &a)),
+        roundtrip(IngressSnapshot::take("b", &b)),
+    ];
+    let fleet = merge(&snapshots);
+    let heartbeat = &fleet["heartbeat"];
+    assert_eq!(heartbeat.requests, 4_000);
+
+    let mut all: Vec<u64> = fast.iter().chain(&slow).copied().collect();
+    all.sort_unstable();
+    for (q, got_ms) in [
+        (0.50, heartbeat.p50_ms),
+        (0.95, heartbeat.p95_ms),
+        (0.99, heartbeat.p99_ms),
+    ] {
+        let want_ms = exact(&all, q) / 1000.0;
+        let relative = (got_ms - want_ms).abs() / want_ms;
+        // HDR with 3 significant figures: within 0.1 % of the raw value.
+        assert!(
+            relative <= 0.001,
+            "p{}: fleet {got_ms} ms, raw samples {want_ms} ms",
+            q * 100.0
+        );
+    }
+    // Not the average of the replicas' percentiles: merging is by samples.
+    let naive =
+        (a.figures(Endpoint::Heartbeat).p95_ms + b.figures(Endpoint::Heartbeat).p95_ms) / 2.0;
+    assert!((naive - heartbeat.p95_ms).abs() > 1.0);
+}
+
+/// The latest fleet snapshot stored on the bus.
+async fn latest_fleet(app: &TestApp) -> Option<Value> {
+    let stream = app.js.get_stream("ACC_METRICS").await.ok()?;
+    let message = stream
+        .get_last_raw_message_by_subject("acc.metrics.fleet")
+        .await
+        .ok()?;
+    let fleet: Value = serde_json::from_slice(&message.payload).ok()?;
+    assert_matches_schema("acc.metrics.fleet", &fleet);
+    Some(fleet)
+}
+
+#[tokio::test]
+async fn snapshots_of_two_ingress_replicas_merge_into_fleet_figures_on_the_bus() {
+    let nats = NatsServer::start();
+    let fast = ["--metrics-snapshot-interval=200ms", "--metrics-window=1m"];
+    let first = TestApp::spawn_with(
+        &nats,
+        &[&fast[..], &["--roles=ingress,registry,metrics"]].concat(),
+    )
+    .await;
+    let second = TestApp::spawn_with(&nats, &[&fast[..], &["--roles=ingress"]].concat()).await;
+    first.register("agent-1").await;
+    for (app, n, prefix) in [(&first, 5, "a"), (&second, 7, "b")] {
+        for i in 0..n {
+            let (status, body) = app
+                .post(
+                    "/orchestrator/events",
+                    Some(&token("agent-1")),
+                    &event("agent-1", &format!("{prefix}-{i}")),
+                )
+                .await;
+            assert_eq!(status.as_u16(), 200, "{body}");
+        }
+    }
+    let fleet = eventually(
+        Duration::from_secs(10),
+        "fleet figures of both replicas",
+        || async {
+            latest_fleet(&first)
+                .await
+                .filter(|f| f["replicas"] == 2 && f["endpoints"]["events"]["requests"] == 12)
+        },
+    )
+    .await;
+    let events = &fleet["endpoints"]["events"];
+    assert_eq!(events["server_errors"], 0);
+    assert!(events["p95_ms"].as_f64().unwrap() > 0.0, "{fleet}");
+    assert_eq!(fleet["endpoints"]["register"]["requests"], 1);
+    // Bus figures: streams, the registry's durable consumer, agents.
+    assert!(
+        fleet["bus"]["streams"]["ACC_EVENTS"]["messages"]
+            .as_u64()
+            .unwrap()
+            >= 12,
+        "{fleet}"
+    );
+    assert!(
+        fleet["bus"]["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["consumer"] == "registry"),
+        "{fleet}"
+    );
+    assert_eq!(fleet["bus"]["agents"]["online"], 1, "{fleet}");
+
+    // Each replica's snapshots on the bus are valid, and /metrics of the replica without the
+    // metrics role shows the fleet figures too.
+    let snapshots = all_stored(&first.js, "ACC_METRICS", "acc.metrics.snapshot.>").await;
+    assert!(!snapshots.is_empty());
+    let text = eventually(
+        Duration::from_secs(5),
+        "fleet figures on /metrics",
+        || async {
+            let text = second
+                .http
+                .get(second.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.contains("acc_fleet_replicas 2").then_some(text)
+        },
+    )
+    .await;
+    assert!(
+        text.contains("acc_fleet_requests_per_second{endpoint=\"events\"}"),
+        "{text}"
+    );
+    assert!(text.contains("acc_agents{status=\"online\"} 1"), "{text}");
+    // /health uses the fleet figures when it has them.
+    let (_, health) = second.get("/health", None).await;
+    assert_eq!(health["orchestrator"]["source"], "fleet", "{health}");
+}
+
+/// Checks each sample line: `name{labels} value` with a number for value.
+fn assert_prometheus_text(text: &str) {
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            assert!(
+                line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                "{line}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            value.parse::<f64>().is_ok() || value == "+Inf",
+            "value of {line:?}"
+        );
+        let name = series.split('{').next().unwrap();
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line:?}"
+        );
+        if series.contains('{') {
+            assert!(series.ends_with('}'), "{line:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn metrics_serve_prometheus_text_without_a_token() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    for agent in ["m-1", "m-2", "m-3"] {
+        app.register(agent).await;
+    }
+    let (status, _) = app
+        .post("/orchestrator/register", None, &registration("m-4"))
+        .await;
+    assert_eq!(status.as_u16(), 401);
+
+    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = response.text().await.unwrap();
+    assert_prometheus_text(&text);
+    for line in [
+        "acc_http_requests_total{endpoint=\"register\",class=\"2xx\"} 3",
+        "acc_http_requests_total{endpoint=\"register\",class=\"4xx\"} 1",
+        "acc_http_requests_total{endpoint=\"register\",class=\"5xx\"} 0",
+        "acc_http_request_duration_seconds_bucket{endpoint=\"register\",le=\"+Inf\"} 4",
+        "acc_http_request_duration_seconds_count{endpoint=\"register\"} 4",
+        "acc_http_window_requests{endpoint=\"register\"} 4",
+        "# TYPE acc_http_request_duration_seconds histogram",
+        "# TYPE process_cpu_seconds_total counter",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    for family in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "acc_http_window_latency_seconds{endpoint=\"register\",quantile=\"0.95\"}",
+    ] {
+        assert!(text.contains(family), "missing {family} in:\n{text}");
+    }
+    // Buckets are cumulative.
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("acc_http_request_duration_seconds_bucket{endpoint=\"register\""))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+        .collect();
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+}
