@@ -78,6 +78,7 @@ impl Application {
             tracing::info!(
                 min_batch = group.min_batch,
                 max_batch = group.max_batch,
+                in_flight = group.in_flight,
                 "group commit on"
             );
             publisher = publisher.with_group_commit(group);
@@ -368,6 +369,7 @@ fn group_commit(
     Ok(Some(GroupSettings {
         min_batch: config.min_batch,
         max_batch: config.max_batch,
+        in_flight: config.in_flight,
         ..GroupSettings::default()
     }))
 }

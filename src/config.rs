@@ -254,6 +254,10 @@ pub struct ServeArgs {
     #[arg(long, env = "GROUP_COMMIT_MAX_BATCH", default_value = "1000")]
     pub group_commit_max_batch: usize,
 
+    /// Most batches or groups per stream on their way to the server at once (1 to 50).
+    #[arg(long, env = "GROUP_COMMIT_IN_FLIGHT", default_value = "4")]
+    pub group_commit_in_flight: usize,
+
     /// Replicas per stream and KV bucket (3 on a 3-node cluster).
     #[arg(long, env = "STREAM_REPLICAS", default_value = "1")]
     pub stream_replicas: usize,
@@ -423,6 +427,7 @@ pub struct GroupCommitSettings {
     pub mode: GroupCommitMode,
     pub min_batch: usize,
     pub max_batch: usize,
+    pub in_flight: usize,
 }
 
 /// Stream limits applied to every stream the bridge owns.
@@ -601,10 +606,21 @@ impl Settings {
                 "must be at least 2 (use GROUP_COMMIT=off to turn batching off)",
             ));
         }
+        // The server holds at most 50 open atomic batches per stream.
+        if !(1..=50).contains(&args.group_commit_in_flight) {
+            return Err(ConfigError::new(
+                "GROUP_COMMIT_IN_FLIGHT",
+                format!(
+                    "must be between 1 and 50, got {}",
+                    args.group_commit_in_flight
+                ),
+            ));
+        }
         let group_commit = GroupCommitSettings {
             mode: args.group_commit,
             min_batch: args.group_commit_min_batch,
             max_batch: args.group_commit_max_batch,
+            in_flight: args.group_commit_in_flight,
         };
         let body_limit = parse_bytes("BODY_LIMIT", &args.body_limit)?;
         if body_limit < 1024 {

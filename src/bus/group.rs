@@ -13,8 +13,9 @@
 //!   acknowledges them all. Message `i` of a batch of `n` whose ack says `seq` is at
 //!   `seq - n + 1 + i`.
 //!
-//! While a write is on its way, new requests queue; the busier the stream, the bigger the next
-//! batch. No request waits for a timer.
+//! Up to `in_flight` writes per stream are on their way at once (the server allows 50 open
+//! batches per stream); while they are, new requests queue, so the busier the stream, the
+//! bigger the next batch. No request waits for a timer.
 //!
 //! Dedupe still holds per message. The server refuses a whole atomic batch when any of its
 //! `Nats-Msg-Id`s is already stored or appears twice in it (error 10201), so repeats within a
@@ -26,7 +27,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 use async_nats::connection::State;
 use async_nats::jetstream;
@@ -52,6 +55,8 @@ pub struct GroupSettings {
     pub min_batch: usize,
     /// Most messages in one write.
     pub max_batch: usize,
+    /// Most writes per stream on their way at once.
+    pub in_flight: usize,
     /// Most requests waiting for one stream; beyond it a request is refused at once (503)
     /// rather than queued without bound.
     pub queue: usize,
@@ -62,6 +67,7 @@ impl Default for GroupSettings {
         Self {
             min_batch: 16,
             max_batch: SERVER_MAX_BATCH,
+            in_flight: 4,
             queue: 16_384,
         }
     }
@@ -115,9 +121,9 @@ impl GroupCommit {
             settings,
             counts: counts.clone(),
             batch_prefix: batch_prefix(),
-            next_batch: 0,
+            next_batch: AtomicU64::new(0),
         };
-        tokio::spawn(writer.run(receiver));
+        tokio::spawn(Arc::new(writer).run(receiver));
         Self { queue, counts }
     }
 
@@ -170,24 +176,38 @@ struct Writer {
     settings: GroupSettings,
     counts: Arc<GroupCounts>,
     batch_prefix: String,
-    next_batch: u64,
+    next_batch: AtomicU64,
 }
 
 impl Writer {
-    async fn run(mut self, mut receiver: mpsc::Receiver<Pending>) {
+    async fn run(self: Arc<Self>, mut receiver: mpsc::Receiver<Pending>) {
         let max = self.settings.max_batch.clamp(1, SERVER_MAX_BATCH);
-        let mut group = Vec::with_capacity(max);
-        while receiver.recv_many(&mut group, max).await > 0 {
+        let in_flight = self.settings.in_flight.max(1);
+        let slots = Arc::new(Semaphore::new(in_flight));
+        loop {
+            // Take what waits only once a write slot is free: meanwhile the group grows.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let mut group = Vec::with_capacity(max);
+            if receiver.recv_many(&mut group, max).await == 0 {
+                break;
+            }
             // A request that gave up (timed out, client gone) needs no write.
             group.retain(|p| !p.answer.is_closed());
-            if !group.is_empty() {
-                self.write(std::mem::take(&mut group)).await;
+            if group.is_empty() {
+                continue;
             }
+            let writer = self.clone();
+            tokio::spawn(async move {
+                writer.write(group).await;
+                drop(slot);
+            });
         }
         tracing::debug!(stream = self.stream, "stream writer stopped");
     }
 
-    async fn write(&mut self, group: Vec<Pending>) {
+    async fn write(&self, group: Vec<Pending>) {
         if self.client.connection_state() != State::Connected {
             for p in group {
                 let _ = p
@@ -247,9 +267,9 @@ impl Writer {
 
     /// One atomic batch. On success every request has its answer; when the server refuses the
     /// batch, its messages come back to be sent one by one.
-    async fn atomic(&mut self, batch: Vec<Pending>) -> Result<(), Vec<Pending>> {
-        self.next_batch += 1;
-        let batch_id = format!("{}-{}", self.batch_prefix, self.next_batch);
+    async fn atomic(&self, batch: Vec<Pending>) -> Result<(), Vec<Pending>> {
+        let n = self.next_batch.fetch_add(1, Ordering::Relaxed) + 1;
+        let batch_id = format!("{}-{n}", self.batch_prefix);
         let started = std::time::Instant::now();
         let last = batch.len();
         let mut commit = None;
