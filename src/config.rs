@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::domain::{AgentId, AgentProfile};
+pub use crate::http::limits::LimitSettings;
 
 /// The shortest shared secret we accept: HS256 with fewer than 32 bytes of key is guessable.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -138,10 +139,16 @@ pub struct TokenArgs {
     /// Space-separated scopes, for example "orchestrator.admin".
     #[arg(long, default_value = "")]
     pub scope: String,
-    /// Lifetime in seconds (or a duration such as 1h).
+    /// Lifetime in seconds (or a duration such as 1h); at most MAX_TOKEN_LIFETIME.
     #[arg(long, default_value = "3600")]
     pub ttl: String,
+    /// The longest lifetime the service accepts; a longer --ttl is refused.
+    #[arg(long, env = "MAX_TOKEN_LIFETIME", default_value = DEFAULT_MAX_TOKEN_LIFETIME)]
+    pub max_token_lifetime: String,
 }
+
+/// Tokens minted to live longer than this (`exp − iat`) are refused.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: &str = "24h";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -251,6 +258,32 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_TOKEN_BYTES", default_value = "8192")]
     pub max_token_bytes: usize,
 
+    /// Sustained requests per second each agent may send over HTTP (token bucket); 0 disables.
+    /// Over it: 429 RATE_LIMITED with Retry-After.
+    #[arg(long, env = "RATE_LIMIT_PER_AGENT", default_value = "500")]
+    pub rate_limit_per_agent: f64,
+
+    /// Requests an agent may send in a burst above RATE_LIMIT_PER_AGENT.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value = "1000")]
+    pub rate_limit_burst: u32,
+
+    /// Failed authentications one source address may cause in a burst; past it, its requests get
+    /// 429 RATE_LIMITED before their tokens are checked.
+    #[arg(long, env = "AUTH_FAILURE_BURST", default_value = "50")]
+    pub auth_failure_burst: u32,
+
+    /// A source address is allowed one more failed authentication per this interval.
+    #[arg(long, env = "AUTH_FAILURE_INTERVAL", default_value = "1s")]
+    pub auth_failure_interval: String,
+
+    /// Requests the HTTP door handles at once; more are refused at once with 503 OVERLOADED.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value = "1024")]
+    pub max_in_flight: usize,
+
+    /// Longest accepted token lifetime (`exp − iat`, and `exp − now`).
+    #[arg(long, env = "MAX_TOKEN_LIFETIME", default_value = DEFAULT_MAX_TOKEN_LIFETIME)]
+    pub max_token_lifetime: String,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -321,6 +354,8 @@ pub struct AuthSettings {
     pub secret: Secret,
     pub leeway: Duration,
     pub max_token_bytes: usize,
+    /// Longest accepted `exp − iat`.
+    pub max_lifetime: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -340,6 +375,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub registry: RegistrySettings,
     pub door: DoorSettings,
+    pub limits: LimitSettings,
     pub body_limit: usize,
     pub publish_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -451,6 +487,7 @@ impl Settings {
                 secret,
                 leeway: parse_duration("JWT_LEEWAY", &args.jwt_leeway)?,
                 max_token_bytes: args.max_token_bytes,
+                max_lifetime: parse_duration("MAX_TOKEN_LIFETIME", &args.max_token_lifetime)?,
             },
             registry,
             door: DoorSettings {
@@ -463,6 +500,7 @@ impl Settings {
                     &args.door_reject_interval,
                 )?,
             },
+            limits: parse_limits(args)?,
             body_limit,
             publish_timeout: parse_duration("PUBLISH_TIMEOUT", &args.publish_timeout)?,
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,
@@ -470,6 +508,35 @@ impl Settings {
             log_level: args.log_level.clone(),
         })
     }
+}
+
+fn parse_limits(args: &ServeArgs) -> Result<LimitSettings, ConfigError> {
+    let rate = args.rate_limit_per_agent;
+    if !rate.is_finite() || rate < 0.0 {
+        return Err(ConfigError::new(
+            "RATE_LIMIT_PER_AGENT",
+            "must be a number of requests per second, 0 to disable",
+        ));
+    }
+    if args.rate_limit_burst == 0 {
+        return Err(ConfigError::new("RATE_LIMIT_BURST", "must be at least 1"));
+    }
+    if args.auth_failure_burst == 0 {
+        return Err(ConfigError::new("AUTH_FAILURE_BURST", "must be at least 1"));
+    }
+    if args.max_in_flight == 0 {
+        return Err(ConfigError::new("MAX_IN_FLIGHT", "must be at least 1"));
+    }
+    Ok(LimitSettings {
+        per_agent_rate: (rate > 0.0).then_some(rate),
+        per_agent_burst: args.rate_limit_burst,
+        auth_failure_burst: args.auth_failure_burst,
+        auth_failure_interval: parse_duration(
+            "AUTH_FAILURE_INTERVAL",
+            &args.auth_failure_interval,
+        )?,
+        max_in_flight: args.max_in_flight,
+    })
 }
 
 pub fn parse_secret(arg: &SecretArg) -> Result<Secret, ConfigError> {
@@ -697,6 +764,12 @@ mod tests {
             ("--nats-agents=good,bad.agent", "NATS_AGENTS"),
             ("--door-reject-burst=0", "DOOR_REJECT_BURST"),
             ("--door-reject-interval=never", "DOOR_REJECT_INTERVAL"),
+            ("--rate-limit-per-agent=-1", "RATE_LIMIT_PER_AGENT"),
+            ("--rate-limit-burst=0", "RATE_LIMIT_BURST"),
+            ("--auth-failure-burst=0", "AUTH_FAILURE_BURST"),
+            ("--auth-failure-interval=often", "AUTH_FAILURE_INTERVAL"),
+            ("--max-in-flight=0", "MAX_IN_FLIGHT"),
+            ("--max-token-lifetime=forever", "MAX_TOKEN_LIFETIME"),
         ];
         for (flag, setting) in cases {
             let err = Settings::from_args(&args(&[SECRET, flag])).unwrap_err();

@@ -70,6 +70,13 @@ pub enum ApiError {
     /// 503 `STREAM_FULL` with `Retry-After`: the stream refuses new messages.
     #[error("The message store is full; retry later")]
     StreamFull(String),
+    /// 429 `RATE_LIMITED` with `Retry-After` (seconds): the agent is over its rate, or its
+    /// address over its failed authentications.
+    #[error("Too many requests; retry later")]
+    RateLimited(u32),
+    /// 503 `OVERLOADED` with `Retry-After`: too many requests in flight; shed, not queued.
+    #[error("The server is overloaded; retry later")]
+    Overloaded,
     /// 503 `SHUTTING_DOWN` with `Retry-After`.
     #[error("The server is shutting down")]
     ShuttingDown,
@@ -91,7 +98,10 @@ impl ApiError {
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AgentNotFound | TaskNotFound | RouteNotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            BusUnavailable(_) | StreamFull(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            BusUnavailable(_) | StreamFull(_) | Overloaded | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,6 +127,8 @@ impl ApiError {
             MethodNotAllowed => "METHOD_NOT_ALLOWED",
             BusUnavailable(_) => "BUS_UNAVAILABLE",
             StreamFull(_) => "STREAM_FULL",
+            RateLimited(_) => "RATE_LIMITED",
+            Overloaded => "OVERLOADED",
             ShuttingDown => "SHUTTING_DOWN",
             Internal(_) => "INTERNAL_ERROR",
         }
@@ -157,11 +169,16 @@ impl IntoResponse for ApiError {
             ApiError::Internal(cause) => tracing::error!(cause = %cause, "internal error"),
             _ => {}
         }
+        let retry_after = match &self {
+            ApiError::RateLimited(secs) => Some(*secs),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECS),
+            _ => None,
+        };
         let mut response = (status, axum::Json(self.body())).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

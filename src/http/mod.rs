@@ -4,6 +4,7 @@
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod limits;
 pub mod orchestrator;
 
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub struct Inner {
     pub lookup_timeout: Duration,
     /// The NATS door's counts, when this process runs the door.
     pub door: Option<Arc<DoorMetrics>>,
+    /// Rate limits and the in-flight cap.
+    pub limits: limits::Limits,
 }
 
 impl std::ops::Deref for AppState {
@@ -67,6 +70,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        // Outside `observe`: a shed request costs no span and no body read.
+        .layer(middleware::from_fn_with_state(state.clone(), limits::shed))
         .layer(CatchPanicLayer::custom(
             |_panic: Box<dyn std::any::Any + Send>| {
                 ApiError::Internal("handler panicked".into()).into_response()

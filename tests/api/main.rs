@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod attacks;
 mod auth;
 mod catalog;
 mod cli;
