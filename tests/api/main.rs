@@ -11,5 +11,7 @@ mod contract;
 mod door;
 mod durability;
 mod embedded;
+mod hostile;
+mod properties;
 mod registry;
 mod traces;
