@@ -11,6 +11,11 @@ use crate::auth::AuthError;
 use crate::bus::PublishFailure;
 use crate::telemetry;
 
+/// The code of a refusal, attached to its response so the limits layer can count refusals
+/// without parsing bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusalCode(pub &'static str);
+
 /// Seconds a client should wait before retrying after a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
 
@@ -175,6 +180,7 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let mut response = (status, axum::Json(self.body())).into_response();
+        response.extensions_mut().insert(RefusalCode(self.code()));
         if let Some(secs) = retry_after {
             response
                 .headers_mut()

@@ -50,6 +50,7 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "error_rate_heartbeat": heartbeat.error_rate(),
         },
         "bus": { "connected": connected },
+        "refusals": state.limits.refusals.to_json(),
     }));
     if let Some(door) = &state.door {
         body["door"] = json!({ "admitted": door.admitted(), "rejected": door.rejections() });

@@ -8,6 +8,9 @@
 //! - a global cap on requests in flight ([`shed`]): past it, requests are refused at once with 503
 //!   `OVERLOADED` instead of queueing without bound (memory stays flat when the bus is slow).
 //!
+//! Every refusal that tells a client to come back later (429, 503) is counted by code
+//! ([`Refusals`], shown by `/health`), so a full stream or a shedding door is visible at once.
+//!
 //! Buckets live in a few mutex-guarded shards keyed by a hash, so concurrent requests of different
 //! agents rarely contend, a lookup of a known key allocates nothing, and each critical section is a
 //! hash-map lookup and a few float operations.
@@ -15,6 +18,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, RefusalCode};
 
 /// The limits as configured (see `config.rs`).
 #[derive(Debug, Clone)]
@@ -46,6 +50,45 @@ pub struct Limits {
     per_agent: Option<Buckets<Box<str>>>,
     auth_failures: Buckets<IpAddr>,
     in_flight: Arc<Semaphore>,
+    /// Refusals answered so far, by code.
+    pub refusals: Refusals,
+}
+
+/// Counts of the answers that mean "not now": the operator's signal that the bus is down or
+/// full, or that the door is shedding or limiting.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    pub bus_unavailable: AtomicU64,
+    pub stream_full: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub shutting_down: AtomicU64,
+}
+
+impl Refusals {
+    fn count(&self, code: &str) {
+        let counter = match code {
+            "BUS_UNAVAILABLE" => &self.bus_unavailable,
+            "STREAM_FULL" => &self.stream_full,
+            "OVERLOADED" => &self.overloaded,
+            "RATE_LIMITED" => &self.rate_limited,
+            "SHUTTING_DOWN" => &self.shutting_down,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts as JSON, for `/health`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "bus_unavailable": get(&self.bus_unavailable),
+            "stream_full": get(&self.stream_full),
+            "overloaded": get(&self.overloaded),
+            "rate_limited": get(&self.rate_limited),
+            "shutting_down": get(&self.shutting_down),
+        })
+    }
 }
 
 impl Limits {
@@ -59,6 +102,7 @@ impl Limits {
                 f64::from(settings.auth_failure_burst),
             ),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            refusals: Refusals::default(),
         }
     }
 
@@ -91,19 +135,24 @@ fn retry_after_secs(wait: Duration) -> u32 {
 }
 
 /// Middleware: holds one in-flight permit for the whole request, or refuses at once with 503
-/// `OVERLOADED`. Health probes are not counted, so an overloaded door still answers them.
+/// `OVERLOADED`; counts refusals by code. Health probes are not counted against the cap, so an
+/// overloaded door still answers them.
 pub async fn shed(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if request.uri().path().starts_with("/health") {
         return next.run(request).await;
     }
-    match state.limits.in_flight.clone().try_acquire_owned() {
+    let response = match state.limits.in_flight.clone().try_acquire_owned() {
         Ok(permit) => {
             let response = next.run(request).await;
             drop(permit);
             response
         }
         Err(_) => ApiError::Overloaded.into_response(),
+    };
+    if let Some(RefusalCode(code)) = response.extensions().get::<RefusalCode>() {
+        state.limits.refusals.count(code);
     }
+    response
 }
 
 const SHARDS: usize = 16;
