@@ -11,6 +11,7 @@ mod contract;
 mod door;
 mod durability;
 mod embedded;
+mod faults;
 mod hostile;
 mod properties;
 mod registry;

@@ -1,0 +1,580 @@
+//! Fault tests, bounded and on loopback. Every request of a load is classified as Jepsen does:
+//! **ok** (200, and read back where the ack said), **lost** (200 but not there) or **unknown**
+//! (no 200: a 503, a refused or reset connection); unknowns are retried with the same dedupe id
+//! (the event id) as a client would, and must then be stored exactly once. Each test prints its
+//! tally; docs/RELIABILITY.md records the figures.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::helpers::*;
+
+/// What one request got.
+#[derive(Debug, Clone)]
+struct Outcome {
+    event_id: String,
+    sent_at: Duration,
+    /// `None`: no HTTP answer (connection refused or reset, or the client's own timeout).
+    status: Option<u16>,
+    code: Option<String>,
+    retry_after: bool,
+    latency: Duration,
+    ack: Option<(String, u64)>,
+}
+
+/// Posts one event and records what came back.
+async fn send_event(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    agent: &str,
+    event_id: &str,
+) -> (Option<u16>, Option<String>, bool, Option<(String, u64)>) {
+    let response = http
+        .post(format!("{base}/orchestrator/events"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(15))
+        .json(&event(agent, event_id))
+        .send()
+        .await;
+    let Ok(response) = response else {
+        return (None, None, false, None);
+    };
+    let status = response.status().as_u16();
+    let retry_after = response.headers().contains_key("retry-after");
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let ack = (status == 200).then(|| {
+        (
+            body["stream"].as_str().unwrap().to_owned(),
+            body["seq"].as_u64().unwrap(),
+        )
+    });
+    let code = body["error"]["code"].as_str().map(str::to_owned);
+    (Some(status), code, retry_after, ack)
+}
+
+/// An open-loop load: `rate` events a second for `duration`, each in its own task, so a slow
+/// answer never slows the arrivals. `during` runs alongside (the fault), given the elapsed clock.
+async fn load<F, Fut>(
+    base: &str,
+    agent: &str,
+    prefix: &str,
+    rate: u32,
+    duration: Duration,
+    during: F,
+) -> Vec<Outcome>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let http = reqwest::Client::new();
+    let token = token(agent);
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let total = (duration.as_secs_f64() * f64::from(rate)) as usize;
+    let arrivals = async {
+        let mut tick = tokio::time::interval(interval);
+        for i in 0..total {
+            tick.tick().await;
+            let (http, base, token, agent) = (
+                http.clone(),
+                base.to_owned(),
+                token.clone(),
+                agent.to_owned(),
+            );
+            let event_id = format!("{prefix}-{i:05}");
+            tasks.spawn(async move {
+                let sent_at = started.elapsed();
+                let t0 = Instant::now();
+                let (status, code, retry_after, ack) =
+                    send_event(&http, &base, &token, &agent, &event_id).await;
+                Outcome {
+                    event_id,
+                    sent_at,
+                    status,
+                    code,
+                    retry_after,
+                    latency: t0.elapsed(),
+                    ack,
+                }
+            });
+        }
+    };
+    tokio::join!(arrivals, during());
+    let mut outcomes = Vec::with_capacity(total);
+    while let Some(outcome) = tasks.join_next().await {
+        outcomes.push(outcome.unwrap());
+    }
+    outcomes.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    outcomes
+}
+
+/// The classification of one run.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: usize,
+    ok: usize,
+    lost: usize,
+    unknown: usize,
+    duplicates: usize,
+    statuses: BTreeMap<String, usize>,
+    max_latency: Duration,
+}
+
+impl Tally {
+    fn print(&self, name: &str) {
+        println!(
+            "FAULT {name}: requests {}, ok {}, lost {}, unknown {} (retried with the same id: \
+             each stored once), duplicates {}, statuses {:?}, slowest answer {:?}",
+            self.requests,
+            self.ok,
+            self.lost,
+            self.unknown,
+            self.duplicates,
+            self.statuses,
+            self.max_latency
+        );
+    }
+}
+
+/// Classifies `outcomes`, retries the unknowns against `base` until each gets a 200, then checks
+/// every 200 (first try or retry) is where its ack says, and that every event id of the load is
+/// stored exactly once.
+async fn classify_and_retry(
+    js: &jetstream::Context,
+    base: &str,
+    agent: &str,
+    outcomes: &[Outcome],
+) -> Tally {
+    let mut tally = Tally {
+        requests: outcomes.len(),
+        ..Tally::default()
+    };
+    let http = reqwest::Client::new();
+    let token = token(agent);
+    let mut acks: Vec<(String, String, u64)> = Vec::new();
+    for outcome in outcomes {
+        let label = match (&outcome.status, &outcome.code) {
+            (Some(status), Some(code)) => format!("{status} {code}"),
+            (Some(status), None) => status.to_string(),
+            (None, _) => "no answer".to_owned(),
+        };
+        *tally.statuses.entry(label).or_default() += 1;
+        tally.max_latency = tally.max_latency.max(outcome.latency);
+        match &outcome.ack {
+            Some((stream, seq)) => {
+                tally.ok += 1;
+                acks.push((outcome.event_id.clone(), stream.clone(), *seq));
+            }
+            None => {
+                tally.unknown += 1;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let ack = loop {
+                    if let (Some(200), _, _, Some(ack)) =
+                        send_event(&http, base, &token, agent, &outcome.event_id).await
+                    {
+                        break ack;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "retry of {} never got a 200",
+                        outcome.event_id
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                };
+                acks.push((outcome.event_id.clone(), ack.0, ack.1));
+            }
+        }
+    }
+    let mut streams: HashMap<String, jetstream::stream::Stream> = HashMap::new();
+    for (event_id, stream, seq) in &acks {
+        if !streams.contains_key(stream) {
+            streams.insert(stream.clone(), open_stream(js, stream).await);
+        }
+        let found = streams[stream]
+            .get_raw_message(*seq)
+            .await
+            .ok()
+            .and_then(|m| serde_json::from_slice::<Value>(&m.payload).ok())
+            .and_then(|v| v["event_id"].as_str().map(str::to_owned));
+        if found.as_deref() != Some(event_id.as_str()) {
+            tally.lost += 1;
+        }
+    }
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for stored_event in all_stored(js, "ACC_EVENTS", "acc.events.>").await {
+        if stored_event["emitted_by"] == agent {
+            *per_id
+                .entry(stored_event["event_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    tally.duplicates = per_id.values().map(|n| n.saturating_sub(1)).sum();
+    for outcome in outcomes {
+        assert_eq!(
+            per_id.get(&outcome.event_id),
+            Some(&1),
+            "{} is stored exactly once",
+            outcome.event_id
+        );
+    }
+    tally
+}
+
+/// A handle on `stream`, retrying while the bus settles (after a restart or a leader change).
+async fn open_stream(js: &jetstream::Context, stream: &str) -> jetstream::stream::Stream {
+    for _ in 0..100 {
+        if let Ok(mut handle) = js.get_stream(stream).await {
+            if handle.info().await.is_ok() {
+                return handle;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("stream {stream} did not come back");
+}
+
+fn base(app: &TestApp) -> String {
+    format!("http://{}", app.addr)
+}
+
+async fn wait_for_200(app: &TestApp, agent: &str, id: &str) {
+    eventually(
+        Duration::from_secs(30),
+        "the bridge accepting again",
+        || async {
+            let (status, _) = app
+                .post(
+                    "/orchestrator/events",
+                    Some(&token(agent)),
+                    &event(agent, id),
+                )
+                .await;
+            (status == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_nats_server_under_load_loses_nothing_acknowledged() {
+    let mut nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--publish-timeout=1s"]).await;
+    let kill_at = Duration::from_millis(1500);
+    let restart_at = Duration::from_millis(3500);
+    let nats_ref = &mut nats;
+    let outcomes = load(
+        &base(&app),
+        "loader",
+        "k9",
+        200,
+        Duration::from_secs(6),
+        || async {
+            tokio::time::sleep(kill_at).await;
+            nats_ref.kill();
+            tokio::time::sleep(restart_at - kill_at).await;
+            nats_ref.restart();
+        },
+    )
+    .await;
+    wait_for_200(&app, "loader", "k9-probe").await;
+    // While the bus was down (sent well after the kill, answered before the restart): 503 with
+    // Retry-After, never a 200 and never a hang.
+    let down: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.sent_at > kill_at + Duration::from_millis(100))
+        .filter(|o| o.sent_at + o.latency < restart_at)
+        .collect();
+    assert!(down.len() > 100, "{} requests while down", down.len());
+    for o in &down {
+        assert_eq!(o.status, Some(503), "{o:?}");
+        assert!(o.retry_after, "{o:?}");
+    }
+    let tally = classify_and_retry(&app.js, &base(&app), "loader", &outcomes).await;
+    tally.print("kill -9 nats-server at 1.5 s, restart at 3.5 s, 200 req/s for 6 s");
+    assert_eq!(tally.lost, 0);
+    assert_eq!(tally.duplicates, 0);
+    assert!(tally.ok > 500, "{tally:?}");
+    assert!(tally.max_latency < Duration::from_secs(3), "{tally:?}");
+    for o in &outcomes {
+        assert!(
+            matches!(o.status, Some(200 | 503)),
+            "only 200 or 503: {o:?}"
+        );
+    }
+}
+
+/// A TCP proxy between the bridge and NATS that can pass, delay or blackhole bytes.
+struct Proxy {
+    port: u16,
+    mode: Arc<AtomicU8>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+const PASS: u8 = 0;
+const DELAY: u8 = 1;
+const BLACKHOLE: u8 = 2;
+const PROXY_DELAY: Duration = Duration::from_millis(300);
+
+impl Proxy {
+    async fn start(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let task = tokio::spawn({
+            let mode = mode.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        continue;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(pump(cr, sw, mode.clone()));
+                    tokio::spawn(pump(sr, cw, mode.clone()));
+                }
+            }
+        });
+        Self { port, mode, task }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies bytes one way; holds them (and stops reading) while blackholed, sleeps before each
+/// write while delayed.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<AtomicU8>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        loop {
+            match mode.load(Ordering::SeqCst) {
+                BLACKHOLE => tokio::time::sleep(Duration::from_millis(10)).await,
+                DELAY => {
+                    tokio::time::sleep(PROXY_DELAY).await;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Resident memory of this process (the bridge runs in it), from /proc.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_stalled_nats_link_keeps_the_wait_bounded_and_sheds_excess_load() {
+    const CAP: usize = 32;
+    let nats = NatsServer::start();
+    let proxy = Proxy::start(nats.port).await;
+    let app = TestApp::start(settings(
+        Some(&proxy.url()),
+        &[
+            "--publish-timeout=1s",
+            &format!("--max-in-flight={CAP}"),
+            "--rate-limit-per-agent=0",
+        ],
+    ))
+    .await;
+    wait_for_200(&app, "slow", "warm").await;
+
+    // Slow link: every hop delayed 300 ms; answers come, slower, none past the bound.
+    proxy.set(DELAY);
+    let slow = load(
+        &base(&app),
+        "slow",
+        "delay",
+        20,
+        Duration::from_secs(2),
+        || async {},
+    )
+    .await;
+    proxy.set(PASS);
+    let slow_max = slow.iter().map(|o| o.latency).max().unwrap();
+    let slow_ok = slow.iter().filter(|o| o.status == Some(200)).count();
+    println!(
+        "slow link (+{PROXY_DELAY:?} each way): {} requests, {slow_ok} ok, slowest {slow_max:?}",
+        slow.len()
+    );
+    assert!(
+        slow_max < Duration::from_millis(1800),
+        "bounded wait: {slow_max:?}"
+    );
+    assert!(slow_ok > 0, "a slow link still stores");
+
+    // Stalled link at 400 req/s: at most CAP requests wait (each at most the publish timeout),
+    // the rest are refused at once with 503 OVERLOADED; memory does not grow with the load.
+    let rss_before = rss_kib();
+    proxy.set(BLACKHOLE);
+    let stalled = load(
+        &base(&app),
+        "slow",
+        "stall",
+        400,
+        Duration::from_secs(3),
+        || async {},
+    )
+    .await;
+    let rss_during = rss_kib();
+    proxy.set(PASS);
+    wait_for_200(&app, "slow", "after-stall").await;
+    let waited = stalled
+        .iter()
+        .filter(|o| o.code.as_deref() == Some("BUS_UNAVAILABLE"))
+        .count();
+    let shed = stalled
+        .iter()
+        .filter(|o| o.code.as_deref() == Some("OVERLOADED"))
+        .count();
+    let stalled_max = stalled.iter().map(|o| o.latency).max().unwrap();
+    println!(
+        "stalled link: {} requests, {waited} waited the 1 s bound then 503 BUS_UNAVAILABLE, \
+         {shed} shed at once with 503 OVERLOADED, slowest {stalled_max:?}, RSS {rss_before} KiB \
+         before, {rss_during} KiB during",
+        stalled.len()
+    );
+    assert!(
+        stalled_max < Duration::from_millis(2500),
+        "bounded: {stalled_max:?}"
+    );
+    assert!(shed > stalled.len() / 2, "excess load is shed: {shed}");
+    // At most CAP wait at once, each about 1 s: over 3 s, at most about 4 × CAP waited.
+    assert!(waited <= 5 * CAP, "{waited} waited");
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} to {rss_during} KiB"
+    );
+
+    let mut all = slow;
+    all.extend(stalled);
+    let tally = classify_and_retry(&app.js, &base(&app), "slow", &all).await;
+    tally.print("slow link (300 ms per hop) at 20 req/s, then stalled link at 400 req/s, cap 32");
+    assert_eq!(tally.lost, 0);
+    assert_eq!(tally.duplicates, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transiently_failing_message_is_dead_lettered_after_its_deliveries_and_the_worker_goes_on()
+ {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    // Valid on the wire and well-formed, impossible for the worker: a heartbeat of an agent that
+    // never registers. Each delivery fails as "not in the registry yet" until the bound.
+    let heartbeat = json!({
+        "agent_id": "ghost", "status": "online", "received_at": "2026-11-28T10:00:00Z",
+    });
+    let ack = app
+        .js
+        .publish(
+            "acc.agents.heartbeat.ghost",
+            serde_json::to_vec(&heartbeat).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // The worker keeps going meanwhile.
+    app.register("alive").await;
+    let (status, body) = app
+        .post(
+            "/orchestrator/heartbeat",
+            Some(&token("alive")),
+            &json!({"agent_id": "alive"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let started = Instant::now();
+    let dead = eventually(Duration::from_secs(30), "the dead letter", || async {
+        let mut stream = app.js.get_stream("ACC_DEAD_LETTER").await.unwrap();
+        (stream.info().await.unwrap().state.messages == 1).then_some(stream)
+    })
+    .await;
+    let message = dead.get_raw_message(1).await.unwrap();
+    let header = |name: &str| message.headers.get(name).unwrap().as_str().to_owned();
+    let reason = header("Acc-Dead-Letter-Reason");
+    assert!(reason.contains("not in the registry"), "{reason}");
+    assert_eq!(header("Acc-Dead-Letter-Sequence"), ack.sequence.to_string());
+    let consumer_info = app
+        .js
+        .get_stream("ACC_AGENTS")
+        .await
+        .unwrap()
+        .get_consumer::<jetstream::consumer::pull::Config>("registry")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    println!(
+        "FAULT poison heartbeat: dead-lettered after {:?} with reason {reason:?}; registry \
+         consumer ack_pending {} pending {}",
+        started.elapsed(),
+        consumer_info.num_ack_pending,
+        consumer_info.num_pending
+    );
+    // A registration after the poison was applied while the poison was being retried.
+    let (_, agents) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+    assert!(
+        agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["agent_id"] == "alive"),
+        "{agents}"
+    );
+    // Nothing is left half-done on the consumer.
+    eventually(Duration::from_secs(10), "the consumer drained", || async {
+        let mut consumer = app
+            .js
+            .get_stream("ACC_AGENTS")
+            .await
+            .unwrap()
+            .get_consumer::<jetstream::consumer::pull::Config>("registry")
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+    })
+    .await;
+}
