@@ -578,3 +578,344 @@ async fn a_transiently_failing_message_is_dead_lettered_after_its_deliveries_and
     })
     .await;
 }
+
+/// The bridge binary serving HTTP on `port` against `nats_url`, with `roles`.
+fn spawn_bridge(nats_url: &str, port: u16, roles: &str) -> std::process::Child {
+    binary()
+        .args(["serve"])
+        .env("SHARED_SECRET", SECRET)
+        .env("NATS_URL", nats_url)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("ROLES", roles)
+        .env("PUBLISH_TIMEOUT", "2s")
+        .env("SHUTDOWN_TIMEOUT", "10s")
+        .env("LOG_LEVEL", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the bridge")
+}
+
+fn signal(child: &std::process::Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({}, {signal})", child.id());
+}
+
+/// Waits for the child to exit, at most `within`.
+async fn exited(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "still running after {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing_acknowledged() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let nats = NatsServer::start();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut bridge = spawn_bridge(&nats.url(), port, "ingress,registry");
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(20), "the bridge ready", || async {
+        let ready = http.get(format!("{url}/health/ready")).send().await;
+        ready.is_ok_and(|r| r.status() == 200).then_some(())
+    })
+    .await;
+
+    // A request in flight across the signal: headers and half the body before, the rest after.
+    let body = serde_json::to_vec(&event("loader", "in-flight")).unwrap();
+    let (first_half, second_half) = body.split_at(body.len() / 2);
+    let mut in_flight = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /orchestrator/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        token("loader"),
+        body.len()
+    );
+    in_flight.write_all(head.as_bytes()).await.unwrap();
+    in_flight.write_all(first_half).await.unwrap();
+
+    // Registrations alongside, for the registry worker to be busy with.
+    let registrations = tokio::spawn({
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let mut accepted = Vec::new();
+            for i in 0..300 {
+                let agent = format!("reg-{i:03}");
+                let answer = http
+                    .post(format!("{url}/orchestrator/register"))
+                    .bearer_auth(token(&agent))
+                    .json(&registration(&agent))
+                    .send()
+                    .await;
+                if answer.is_ok_and(|r| r.status() == 200) {
+                    accepted.push(agent);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            accepted
+        }
+    });
+
+    let term_at = Duration::from_millis(1500);
+    let bridge_ref = &bridge;
+    let outcomes = load(
+        &url,
+        "loader",
+        "term",
+        200,
+        Duration::from_secs(3),
+        || async {
+            tokio::time::sleep(term_at).await;
+            signal(bridge_ref, libc::SIGTERM);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            in_flight.write_all(second_half).await.unwrap();
+        },
+    )
+    .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), in_flight.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the in-flight request completes: {answer}"
+    );
+    let in_flight_body: Value = answer
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str(body).ok())
+        .expect("a JSON body");
+    let in_flight_ack = (
+        in_flight_body["stream"].as_str().unwrap().to_owned(),
+        in_flight_body["seq"].as_u64().unwrap(),
+    );
+    let status = exited(&mut bridge, Duration::from_secs(20)).await;
+    assert!(status.success(), "clean exit: {status:?}");
+    let registered = registrations.await.unwrap();
+
+    // Before the signal everything is a 200; after it, a 503 or no connection, never a hang.
+    for o in &outcomes {
+        if o.sent_at + o.latency < term_at {
+            assert_eq!(o.status, Some(200), "{o:?}");
+        }
+        assert!(matches!(o.status, None | Some(200 | 503)), "{o:?}");
+        assert!(o.latency < Duration::from_secs(5), "{o:?}");
+    }
+    // The worker finished what it had taken: nothing is left delivered-but-unacknowledged.
+    let js = jetstream::new(nats.client().await);
+    let mut consumer = js
+        .get_stream("ACC_AGENTS")
+        .await
+        .unwrap()
+        .get_consumer::<jetstream::consumer::pull::Config>("registry")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap().clone();
+    assert_eq!(info.num_ack_pending, 0, "{info:?}");
+
+    // A new bridge on the same bus: every acknowledged write is there; retried unknowns once.
+    let app = TestApp::spawn(&nats).await;
+    let mut all = outcomes.clone();
+    all.push(Outcome {
+        event_id: "in-flight".into(),
+        sent_at: Duration::ZERO,
+        status: Some(200),
+        code: None,
+        retry_after: false,
+        latency: Duration::ZERO,
+        ack: Some(in_flight_ack),
+    });
+    let tally = classify_and_retry(&app.js, &base(&app), "loader", &all).await;
+    tally.print("SIGTERM at 1.5 s of 200 req/s for 3 s");
+    println!(
+        "SIGTERM: {} registrations acknowledged before the stop, registry consumer left \
+         {} unacknowledged",
+        registered.len(),
+        info.num_ack_pending
+    );
+    assert_eq!(tally.lost, 0);
+    assert_eq!(tally.duplicates, 0);
+    // Every acknowledged registration reaches the registry (the new bridge runs it).
+    eventually(
+        Duration::from_secs(20),
+        "every registration applied",
+        || async {
+            let (_, list) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+            let listed: Vec<&str> = list["agents"]
+                .as_array()?
+                .iter()
+                .filter_map(|a| a["agent_id"].as_str())
+                .collect();
+            registered
+                .iter()
+                .all(|a| listed.contains(&a.as_str()))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Every key and value of the agents bucket.
+async fn registry_contents(js: &jetstream::Context) -> BTreeMap<String, Value> {
+    use futures::StreamExt as _;
+    let bucket = js
+        .get_key_value(auto_com_center::bus::subjects::AGENTS_BUCKET)
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = bucket
+        .keys()
+        .await
+        .unwrap()
+        .map(|k| k.unwrap())
+        .collect()
+        .await;
+    keys.sort();
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let value = bucket.get(&key).await.unwrap().unwrap();
+        out.insert(key, serde_json::from_slice(&value).unwrap());
+    }
+    out
+}
+
+/// Every status change the registry announced, as (subject, payload), sorted.
+async fn status_changes(js: &jetstream::Context) -> Vec<(String, Value)> {
+    let mut stream = js.get_stream("ACC_AGENTS").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            if message.subject.starts_with("acc.agents.status.") {
+                let payload: Value = serde_json::from_slice(&message.payload).unwrap();
+                out.push((message.subject.to_string(), payload));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.to_string().cmp(&b.1.to_string())));
+    out
+}
+
+async fn consumer_drained(js: &jetstream::Context) {
+    eventually(
+        Duration::from_secs(30),
+        "the registry consumer drained",
+        || async {
+            let mut consumer = js
+                .get_stream("ACC_AGENTS")
+                .await
+                .ok()?
+                .get_consumer::<jetstream::consumer::pull::Config>("registry")
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_before_it_acks_ends_with_the_registry_of_a_run_without_the_kill() {
+    const AGENTS: usize = 300;
+    let killed_run = NatsServer::start();
+    let clean_run = NatsServer::start();
+    // The same agent messages on both buses: written once through the ingress, copied verbatim
+    // (payload and dedupe id) to the other bus.
+    let ingress = TestApp::spawn_with(&killed_run, &["--roles=ingress"]).await;
+    let clean_ingress = TestApp::spawn_with(&clean_run, &["--roles=ingress"]).await;
+    for i in 0..AGENTS {
+        let agent = format!("agent-{i:03}");
+        ingress.register(&agent).await;
+        let mut again = registration(&agent);
+        again["name"] = json!(format!("Renamed {agent}"));
+        let (status, body) = ingress
+            .post("/orchestrator/register", Some(&token(&agent)), &again)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let source = ingress.js.get_stream("ACC_AGENTS").await.unwrap();
+    let last = source.cached_info().state.last_sequence;
+    for seq in 1..=last {
+        let message = source.get_raw_message(seq).await.unwrap();
+        clean_ingress
+            .js
+            .publish_with_headers(
+                message.subject.to_string(),
+                message.headers.clone(),
+                message.payload.clone(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    // The clean run: one registry, never disturbed.
+    let clean_registry = TestApp::spawn_with(&clean_run, &["--roles=registry"]).await;
+    consumer_drained(&clean_ingress.js).await;
+
+    // The killed run: a registry process, kill -9 once it has applied some but not all.
+    let mut worker = spawn_bridge(&killed_run.url(), free_port(), "registry");
+    let kv = format!("KV_{}", auto_com_center::bus::subjects::AGENTS_BUCKET);
+    let applied_at_kill = eventually(Duration::from_secs(20), "some records applied", || async {
+        let mut stream = ingress.js.get_stream(&kv).await.ok()?;
+        let written = stream.info().await.ok()?.state.messages;
+        (written > 0).then_some(written)
+    })
+    .await;
+    signal(&worker, libc::SIGKILL);
+    let _ = exited(&mut worker, Duration::from_secs(5)).await;
+    let mut consumer = ingress
+        .js
+        .get_stream("ACC_AGENTS")
+        .await
+        .unwrap()
+        .get_consumer::<jetstream::consumer::pull::Config>("registry")
+        .await
+        .unwrap();
+    let at_kill = consumer.info().await.unwrap().clone();
+    println!(
+        "worker kill -9: {applied_at_kill} records written when killed; consumer then had \
+         {} delivered-unacknowledged, {} not yet delivered, of {last} messages",
+        at_kill.num_ack_pending, at_kill.num_pending
+    );
+    assert!(
+        at_kill.num_pending + at_kill.num_ack_pending as u64 > 0,
+        "killed mid-stream: {at_kill:?}"
+    );
+    let restarted = TestApp::spawn_with(&killed_run, &["--roles=registry"]).await;
+    consumer_drained(&ingress.js).await;
+
+    let (killed, clean) = (
+        registry_contents(&ingress.js).await,
+        registry_contents(&clean_ingress.js).await,
+    );
+    assert_eq!(killed.len(), AGENTS);
+    assert_eq!(
+        killed, clean,
+        "the registry after the kill equals the clean run's"
+    );
+    let (killed_changes, clean_changes) = (
+        status_changes(&ingress.js).await,
+        status_changes(&clean_ingress.js).await,
+    );
+    assert_eq!(killed_changes.len(), clean_changes.len());
+    assert_eq!(
+        killed_changes, clean_changes,
+        "the same status changes, once each"
+    );
+    println!(
+        "FAULT worker kill -9 before ack: {last} messages, {} records, {} status changes, \
+         identical to the undisturbed run",
+        killed.len(),
+        killed_changes.len()
+    );
+    drop((restarted, clean_registry));
+}

@@ -76,11 +76,6 @@ impl NatsServer {
         server
     }
 
-    /// The process id while it runs (for signals in fault tests).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     fn launch(&mut self) {
         let mut command = Command::new(nats_server_bin());
         if let Some(config) = &self.config {
