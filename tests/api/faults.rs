@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use futures::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -127,20 +128,24 @@ struct Tally {
     duplicates: usize,
     statuses: BTreeMap<String, usize>,
     max_latency: Duration,
+    /// 200s per half second of sending time: when the outage began and ended.
+    timeline: Vec<usize>,
 }
 
 impl Tally {
     fn print(&self, name: &str) {
         println!(
             "FAULT {name}: requests {}, ok {}, lost {}, unknown {} (retried with the same id: \
-             each stored once), duplicates {}, statuses {:?}, slowest answer {:?}",
+             each stored once), duplicates {}, statuses {:?}, slowest answer {:?}, \
+             200s per half second {:?}",
             self.requests,
             self.ok,
             self.lost,
             self.unknown,
             self.duplicates,
             self.statuses,
-            self.max_latency
+            self.max_latency,
+            self.timeline
         );
     }
 }
@@ -161,6 +166,7 @@ async fn classify_and_retry(
     let http = reqwest::Client::new();
     let token = token(agent);
     let mut acks: Vec<(String, String, u64)> = Vec::new();
+    let mut unknowns = Vec::new();
     for outcome in outcomes {
         let label = match (&outcome.status, &outcome.code) {
             (Some(status), Some(code)) => format!("{status} {code}"),
@@ -168,6 +174,13 @@ async fn classify_and_retry(
             (None, _) => "no answer".to_owned(),
         };
         *tally.statuses.entry(label).or_default() += 1;
+        let slot = (outcome.sent_at.as_millis() / 500) as usize;
+        if tally.timeline.len() <= slot {
+            tally.timeline.resize(slot + 1, 0);
+        }
+        if outcome.ack.is_some() {
+            tally.timeline[slot] += 1;
+        }
         tally.max_latency = tally.max_latency.max(outcome.latency);
         match &outcome.ack {
             Some((stream, seq)) => {
@@ -176,45 +189,46 @@ async fn classify_and_retry(
             }
             None => {
                 tally.unknown += 1;
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let ack = loop {
-                    if let (Some(200), _, _, Some(ack)) =
-                        send_event(&http, base, &token, agent, &outcome.event_id).await
-                    {
-                        break ack;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "retry of {} never got a 200",
-                        outcome.event_id
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                };
-                acks.push((outcome.event_id.clone(), ack.0, ack.1));
+                unknowns.push(outcome.event_id.clone());
             }
         }
     }
-    let mut streams: HashMap<String, jetstream::stream::Stream> = HashMap::new();
+    // Retry the unknowns as clients would: the same event id, until a 200 (16 at a time).
+    let retried: Vec<(String, String, u64)> = futures::stream::iter(unknowns)
+        .map(|event_id| {
+            let (http, token) = (&http, &token);
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    if let (Some(200), _, _, Some((stream, seq))) =
+                        send_event(http, base, token, agent, &event_id).await
+                    {
+                        return (event_id, stream, seq);
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "retry of {event_id} never got a 200"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    acks.extend(retried);
+    let stored = stored_events(js).await;
     for (event_id, stream, seq) in &acks {
-        if !streams.contains_key(stream) {
-            streams.insert(stream.clone(), open_stream(js, stream).await);
-        }
-        let found = streams[stream]
-            .get_raw_message(*seq)
-            .await
-            .ok()
-            .and_then(|m| serde_json::from_slice::<Value>(&m.payload).ok())
-            .and_then(|v| v["event_id"].as_str().map(str::to_owned));
-        if found.as_deref() != Some(event_id.as_str()) {
+        assert_eq!(stream, "ACC_EVENTS");
+        let found = stored.get(seq);
+        if found.map(|(by, id)| (by.as_str(), id.as_str())) != Some((agent, event_id.as_str())) {
             tally.lost += 1;
         }
     }
     let mut per_id: HashMap<String, usize> = HashMap::new();
-    for stored_event in all_stored(js, "ACC_EVENTS", "acc.events.>").await {
-        if stored_event["emitted_by"] == agent {
-            *per_id
-                .entry(stored_event["event_id"].as_str().unwrap().to_owned())
-                .or_default() += 1;
+    for (by, event_id) in stored.values() {
+        if by == agent {
+            *per_id.entry(event_id.clone()).or_default() += 1;
         }
     }
     tally.duplicates = per_id.values().map(|n| n.saturating_sub(1)).sum();
@@ -229,17 +243,36 @@ async fn classify_and_retry(
     tally
 }
 
-/// A handle on `stream`, retrying while the bus settles (after a restart or a leader change).
-async fn open_stream(js: &jetstream::Context, stream: &str) -> jetstream::stream::Stream {
-    for _ in 0..100 {
-        if let Ok(mut handle) = js.get_stream(stream).await {
-            if handle.info().await.is_ok() {
-                return handle;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+/// Every stored event by stream sequence: (emitted_by, event_id), read in one pass.
+async fn stored_events(js: &jetstream::Context) -> HashMap<u64, (String, String)> {
+    let mut out = HashMap::new();
+    let consumer = eventually(Duration::from_secs(30), "an events reader", || async {
+        let stream = js.get_stream("ACC_EVENTS").await.ok()?;
+        stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .ok()
+    })
+    .await;
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.unwrap();
+    while out.len() < pending {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("stored events arrive")
+            .unwrap()
+            .unwrap();
+        let seq = message.info().unwrap().stream_sequence;
+        let payload: Value = serde_json::from_slice(&message.payload).unwrap();
+        out.insert(
+            seq,
+            (
+                payload["emitted_by"].as_str().unwrap().to_owned(),
+                payload["event_id"].as_str().unwrap().to_owned(),
+            ),
+        );
     }
-    panic!("stream {stream} did not come back");
+    out
 }
 
 fn base(app: &TestApp) -> String {
@@ -764,7 +797,6 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing_acknowledg
 
 /// Every key and value of the agents bucket.
 async fn registry_contents(js: &jetstream::Context) -> BTreeMap<String, Value> {
-    use futures::StreamExt as _;
     let bucket = js
         .get_key_value(auto_com_center::bus::subjects::AGENTS_BUCKET)
         .await
@@ -918,4 +950,143 @@ async fn a_worker_killed_before_it_acks_ends_with_the_registry_of_a_run_without_
         killed_changes.len()
     );
     drop((restarted, clean_registry));
+}
+
+/// Three JetStream servers clustered on loopback ports, named n1..n3.
+fn start_cluster() -> Vec<NatsServer> {
+    let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let routes = cluster_ports
+        .iter()
+        .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (0..3)
+        .map(|i| {
+            NatsServer::start_with_config(&format!(
+                "server_name: n{}\ncluster {{\n  name: acc\n  listen: \"127.0.0.1:{}\"\n  \
+                 routes: [{routes}]\n}}\n",
+                i + 1,
+                cluster_ports[i]
+            ))
+        })
+        .collect()
+}
+
+/// Waits until the cluster's JetStream answers (a meta leader is elected).
+async fn jetstream_ready(url: &str) {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::new(client);
+    eventually(
+        Duration::from_secs(30),
+        "JetStream cluster ready",
+        || async { js.query_account().await.ok().map(|_| ()) },
+    )
+    .await;
+}
+
+/// The name of the server leading `stream`.
+async fn stream_leader(js: &jetstream::Context, stream: &str) -> String {
+    eventually(Duration::from_secs(20), "a stream leader", || async {
+        let mut stream = js.get_stream(stream).await.ok()?;
+        let info = stream.info().await.ok()?;
+        info.cluster.as_ref()?.leader.clone()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_loses_nothing_when_the_leader_dies_or_everything_bounces() {
+    let mut nodes = start_cluster();
+    let urls = nodes
+        .iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    jetstream_ready(&nodes[0].url()).await;
+    let app = TestApp::start(settings(
+        Some(&urls),
+        &[
+            "--stream-replicas=3",
+            "--durability=interval",
+            "--publish-timeout=2s",
+            "--rate-limit-per-agent=0",
+        ],
+    ))
+    .await;
+    wait_for_200(&app, "loader", "warm").await;
+    let mut events = app.js.get_stream("ACC_EVENTS").await.unwrap();
+    let info = events.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    let bucket = app.js.get_stream("KV_acc_agents").await.unwrap();
+    assert_eq!(bucket.cached_info().config.num_replicas, 3);
+
+    // 1. Kill -9 the ACC_EVENTS leader at 2 s, under 200 req/s for 14 s; bring it back at 5 s.
+    // NATS elects a new stream leader after its Raft election timeout (4 to 9 s), so the load
+    // runs long enough to see writes come back.
+    let leader = stream_leader(&app.js, "ACC_EVENTS").await;
+    let index: usize = leader.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let nodes_ref = &mut nodes;
+    let outcomes = load(
+        &base(&app),
+        "loader",
+        "lead",
+        200,
+        Duration::from_secs(14),
+        || async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            nodes_ref[index].kill();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            nodes_ref[index].restart();
+        },
+    )
+    .await;
+    let new_leader = stream_leader(&app.js, "ACC_EVENTS").await;
+    let tally = classify_and_retry(&app.js, &base(&app), "loader", &outcomes).await;
+    tally.print(&format!(
+        "3-node cluster, R3: kill -9 of the stream leader {leader} at 2 s of 200 req/s for 14 s \
+         (new leader {new_leader})"
+    ));
+    assert_eq!(tally.lost, 0);
+    assert_eq!(tally.duplicates, 0);
+    for o in &outcomes {
+        assert!(matches!(o.status, Some(200 | 503)), "{o:?}");
+    }
+
+    // 2. Bounce the whole cluster at 1 s, back at 3 s, under 100 req/s for 12 s.
+    let nodes_ref = &mut nodes;
+    let down_from = Duration::from_millis(1000);
+    let down_until = Duration::from_millis(3000);
+    let outcomes = load(
+        &base(&app),
+        "bouncer",
+        "bounce",
+        100,
+        Duration::from_secs(12),
+        || async {
+            tokio::time::sleep(down_from).await;
+            for node in nodes_ref.iter_mut() {
+                node.kill();
+            }
+            tokio::time::sleep(down_until - down_from).await;
+            for node in nodes_ref.iter_mut() {
+                node.restart();
+            }
+        },
+    )
+    .await;
+    wait_for_200(&app, "bouncer", "bounce-probe").await;
+    for o in outcomes
+        .iter()
+        .filter(|o| o.sent_at > down_from + Duration::from_millis(200))
+        .filter(|o| o.sent_at + o.latency < down_until)
+    {
+        assert_eq!(o.status, Some(503), "503 while the cluster is down: {o:?}");
+        assert!(o.retry_after, "{o:?}");
+    }
+    let tally = classify_and_retry(&app.js, &base(&app), "bouncer", &outcomes).await;
+    tally
+        .print("3-node cluster, R3: all three killed at 1 s, restarted at 3 s, 100 req/s for 12 s");
+    assert_eq!(tally.lost, 0);
+    assert_eq!(tally.duplicates, 0);
+    assert!(tally.max_latency < Duration::from_secs(4), "{tally:?}");
 }
