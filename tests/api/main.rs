@@ -12,6 +12,7 @@ mod door;
 mod durability;
 mod embedded;
 mod faults;
+mod fuzz_smoke;
 mod hostile;
 mod properties;
 mod registry;
