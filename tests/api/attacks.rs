@@ -282,11 +282,11 @@ fn p99(latencies: &mut [Duration]) -> Duration {
     latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
 }
 
-/// `n` events from `agent`, one every 5 ms (200 a second, under its limit); their latencies.
+/// `n` events from `agent`, one every 25 ms (40 a second, under its limit); their latencies.
 async fn measure(app: &TestApp, agent: &str, prefix: &str, n: usize) -> Vec<Duration> {
     let t = token(agent);
     let mut latencies = Vec::with_capacity(n);
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
     for i in 0..n {
         tick.tick().await;
         let started = Instant::now();
@@ -309,20 +309,20 @@ async fn a_flooding_agent_does_not_raise_other_agents_p99() {
     let app = TestApp::spawn_with(
         &nats,
         &[
-            "--rate-limit-per-agent=300",
-            "--rate-limit-burst=300",
+            "--rate-limit-per-agent=50",
+            "--rate-limit-burst=50",
             "--durability=interval",
         ],
     )
     .await;
     // Warm up connections and code paths.
-    measure(&app, "quiet", "warm", 50).await;
-    let mut baseline = measure(&app, "quiet", "base", 300).await;
+    measure(&app, "quiet", "warm", 20).await;
+    let mut baseline = measure(&app, "quiet", "base", 200).await;
 
     let stop = tokio_util::sync::CancellationToken::new();
     let mut flooders = Vec::new();
     let flood_counts = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
-    for f in 0..4 {
+    for f in 0..2 {
         let (http, url, stop, counts) = (
             app.http.clone(),
             app.url("/orchestrator/events"),
@@ -352,7 +352,7 @@ async fn a_flooding_agent_does_not_raise_other_agents_p99() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut flooded = measure(&app, "quiet", "flood", 300).await;
+    let mut flooded = measure(&app, "quiet", "flood", 200).await;
     stop.cancel();
     for f in flooders {
         f.await.unwrap();
@@ -365,9 +365,9 @@ async fn a_flooding_agent_does_not_raise_other_agents_p99() {
         flood_ok + flood_limited
     );
     assert!(flood_limited > flood_ok, "the flooder was limited");
-    // "A few milliseconds": measured here about 4 ms (3 ms alone, 7 ms under flood, with the
-    // flooding client in the same process on a shared two-core machine); the bound leaves room
-    // for a busier CI machine. The flooder's refused requests cost CPU but never touch the bus.
+    // "A few milliseconds", on a two-core machine with the flooding client in the same process:
+    // the flooder's refused requests cost CPU but never touch the bus. The bound leaves room for
+    // a busier CI machine; docs/RELIABILITY.md has the figures measured here.
     assert!(
         under <= base + Duration::from_millis(10),
         "p99 {base:?} alone, {under:?} under flood"

@@ -263,6 +263,10 @@ async fn forged_and_malformed_tokens_are_refused() {
             "INVALID_TOKEN",
         ),
     ];
+    println!(
+        "JWT attack table: {} forged, malformed or out-of-date tokens, each a 401",
+        table.len()
+    );
     for (name, token, code) in table {
         let response = app
             .http
