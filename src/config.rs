@@ -14,7 +14,6 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::domain::{AgentId, AgentProfile};
-pub use crate::http::limits::LimitSettings;
 
 /// The shortest shared secret we accept: HS256 with fewer than 32 bytes of key is guessable.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -337,6 +336,21 @@ pub struct DoorSettings {
     pub reject_burst: u32,
     /// One rejection is allowed again after this long.
     pub reject_interval: Duration,
+}
+
+/// The HTTP door's load limits (enforced in `http::limits`).
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// Sustained requests per second per agent; `None` disables the per-agent limit.
+    pub per_agent_rate: Option<f64>,
+    /// Requests an agent may send in a burst above its rate.
+    pub per_agent_burst: u32,
+    /// Failed authentications a source address may cause in a burst.
+    pub auth_failure_burst: u32,
+    /// One more failed authentication is allowed per this interval.
+    pub auth_failure_interval: Duration,
+    /// Requests handled at once; more are refused with 503 `OVERLOADED`.
+    pub max_in_flight: usize,
 }
 
 /// Stream limits applied to every stream the bridge owns.

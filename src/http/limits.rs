@@ -29,21 +29,7 @@ use tokio::sync::Semaphore;
 
 use super::AppState;
 use super::error::{ApiError, RefusalCode};
-
-/// The limits as configured (see `config.rs`).
-#[derive(Debug, Clone)]
-pub struct LimitSettings {
-    /// Sustained requests per second per agent; `None` disables the per-agent limit.
-    pub per_agent_rate: Option<f64>,
-    /// Requests an agent may send in a burst above its rate.
-    pub per_agent_burst: u32,
-    /// Failed authentications a source address may cause in a burst.
-    pub auth_failure_burst: u32,
-    /// One more failed authentication is allowed per this interval.
-    pub auth_failure_interval: Duration,
-    /// Requests handled at once; more are refused with 503 `OVERLOADED`.
-    pub max_in_flight: usize,
-}
+use crate::config::LimitSettings;
 
 /// The limiters of one HTTP door.
 pub struct Limits {
