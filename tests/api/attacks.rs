@@ -331,8 +331,12 @@ async fn a_flooding_agent_does_not_raise_other_agents_p99() {
         );
         let t = token("flooder");
         flooders.push(tokio::spawn(async move {
+            // 500 a second per loop, 1,000 in all: twenty times the agent's limit.
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut i = 0u64;
             while !stop.is_cancelled() {
+                tick.tick().await;
                 let status = http
                     .post(&url)
                     .bearer_auth(&t)
