@@ -261,11 +261,14 @@ impl Application {
                 door: runs_door.then_some(door_metrics),
                 fleet,
                 alerting,
+                limits: http::limits::Limits::new(&settings.limits),
             });
             let app = http::router(state);
             let stop = stop.clone();
             tracing::info!(addr = %listener.local_addr()?, "HTTP ingress listening");
             tasks.spawn(async move {
+                // The peer address feeds the per-address limit on failed authentications.
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await

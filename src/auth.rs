@@ -1,5 +1,7 @@
 //! JWT verification and minting: HS256 only, `aud` and `exp` required, `nbf` honoured, a small
-//! leeway, a bound on token length. Both doors call [`Verifier::verify`]; the result is a
+//! leeway, a bound on token length and on token lifetime. Header fields other than `alg` (`kid`,
+//! `jku`, `x5u`, `jwk`, `x5c`) are never acted on: the one key is the shared secret, so no file
+//! or network is ever read to verify a token. Both doors call [`Verifier::verify`]; the result is a
 //! [`Caller`], the only identity the rest of the code trusts.
 
 use std::time::Duration;
@@ -64,6 +66,10 @@ pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
     max_token_bytes: usize,
+    /// Longest accepted `exp − iat` (and `exp − now`, so a token without `iat`, or with an `iat`
+    /// in the future, cannot live longer either).
+    max_lifetime_secs: u64,
+    leeway_secs: u64,
 }
 
 impl Verifier {
@@ -79,6 +85,8 @@ impl Verifier {
             key: DecodingKey::from_secret(settings.secret.expose()),
             validation,
             max_token_bytes: settings.max_token_bytes,
+            max_lifetime_secs: settings.max_lifetime.as_secs(),
+            leeway_secs: settings.leeway.as_secs(),
         }
     }
 
@@ -118,12 +126,36 @@ impl Verifier {
             },
         )?;
         let claims = data.claims;
+        self.check_lifetime(&claims, now_secs())?;
         let agent_id = AgentId::parse(&claims.agent_id)
             .map_err(|e| AuthError::Invalid(format!("agent_id claim {e}")))?;
         Ok(Caller {
             agent_id,
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
         })
+    }
+}
+
+impl Verifier {
+    /// Refuses tokens minted to live longer than the configured maximum.
+    fn check_lifetime(&self, claims: &Claims, now: u64) -> Result<(), AuthError> {
+        let max = self.max_lifetime_secs;
+        if let Some(iat) = claims.iat {
+            if iat > now + self.leeway_secs {
+                return Err(AuthError::Invalid("iat is in the future".into()));
+            }
+            if claims.exp.saturating_sub(iat) > max {
+                return Err(AuthError::Invalid(format!(
+                    "token lifetime (exp - iat) exceeds the maximum of {max} s"
+                )));
+            }
+        }
+        if claims.exp.saturating_sub(now) > max + self.leeway_secs {
+            return Err(AuthError::Invalid(format!(
+                "token expires more than {max} s from now"
+            )));
+        }
+        Ok(())
     }
 }
 

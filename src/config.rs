@@ -173,10 +173,16 @@ pub struct TokenArgs {
     /// Space-separated scopes, for example "orchestrator.admin".
     #[arg(long, default_value = "")]
     pub scope: String,
-    /// Lifetime in seconds (or a duration such as 1h).
+    /// Lifetime in seconds (or a duration such as 1h); at most MAX_TOKEN_LIFETIME.
     #[arg(long, default_value = "3600")]
     pub ttl: String,
+    /// The longest lifetime the service accepts; a longer --ttl is refused.
+    #[arg(long, env = "MAX_TOKEN_LIFETIME", default_value = DEFAULT_MAX_TOKEN_LIFETIME)]
+    pub max_token_lifetime: String,
 }
+
+/// Tokens minted to live longer than this (`exp − iat`) are refused.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: &str = "24h";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -365,6 +371,31 @@ pub struct ServeArgs {
     /// Public URL of the bridge, for externalURL and generatorURL in notifications.
     #[arg(long, env = "ALERT_EXTERNAL_URL", default_value = "")]
     pub alert_external_url: String,
+    /// Sustained requests per second each agent may send over HTTP (token bucket); 0 disables.
+    /// Over it: 429 RATE_LIMITED with Retry-After.
+    #[arg(long, env = "RATE_LIMIT_PER_AGENT", default_value = "500")]
+    pub rate_limit_per_agent: f64,
+
+    /// Requests an agent may send in a burst above RATE_LIMIT_PER_AGENT.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value = "1000")]
+    pub rate_limit_burst: u32,
+
+    /// Failed authentications one source address may cause in a burst; past it, its requests get
+    /// 429 RATE_LIMITED before their tokens are checked.
+    #[arg(long, env = "AUTH_FAILURE_BURST", default_value = "50")]
+    pub auth_failure_burst: u32,
+
+    /// A source address is allowed one more failed authentication per this interval.
+    #[arg(long, env = "AUTH_FAILURE_INTERVAL", default_value = "1s")]
+    pub auth_failure_interval: String,
+
+    /// Requests the HTTP door handles at once; more are refused at once with 503 OVERLOADED.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value = "1024")]
+    pub max_in_flight: usize,
+
+    /// Longest accepted token lifetime (`exp − iat`, and `exp − now`).
+    #[arg(long, env = "MAX_TOKEN_LIFETIME", default_value = DEFAULT_MAX_TOKEN_LIFETIME)]
+    pub max_token_lifetime: String,
 
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
@@ -430,6 +461,21 @@ pub struct GroupCommitSettings {
     pub in_flight: usize,
 }
 
+/// The HTTP door's load limits (enforced in `http::limits`).
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// Sustained requests per second per agent; `None` disables the per-agent limit.
+    pub per_agent_rate: Option<f64>,
+    /// Requests an agent may send in a burst above its rate.
+    pub per_agent_burst: u32,
+    /// Failed authentications a source address may cause in a burst.
+    pub auth_failure_burst: u32,
+    /// One more failed authentication is allowed per this interval.
+    pub auth_failure_interval: Duration,
+    /// Requests handled at once; more are refused with 503 `OVERLOADED`.
+    pub max_in_flight: usize,
+}
+
 /// Stream limits applied to every stream the bridge owns.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
@@ -445,6 +491,8 @@ pub struct AuthSettings {
     pub secret: Secret,
     pub leeway: Duration,
     pub max_token_bytes: usize,
+    /// Longest accepted `exp − iat`.
+    pub max_lifetime: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -505,6 +553,7 @@ pub struct Settings {
     pub group_commit: GroupCommitSettings,
     pub metrics: MetricsSettings,
     pub alerting: AlertingSettings,
+    pub limits: LimitSettings,
     pub body_limit: usize,
     pub publish_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -679,6 +728,7 @@ impl Settings {
                 secret,
                 leeway: parse_duration("JWT_LEEWAY", &args.jwt_leeway)?,
                 max_token_bytes: args.max_token_bytes,
+                max_lifetime: parse_duration("MAX_TOKEN_LIFETIME", &args.max_token_lifetime)?,
             },
             registry,
             door: DoorSettings {
@@ -694,6 +744,7 @@ impl Settings {
             group_commit,
             metrics,
             alerting,
+            limits: parse_limits(args)?,
             body_limit,
             publish_timeout: parse_duration("PUBLISH_TIMEOUT", &args.publish_timeout)?,
             shutdown_timeout: parse_duration("SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,
@@ -701,6 +752,35 @@ impl Settings {
             log_level: args.log_level.clone(),
         })
     }
+}
+
+fn parse_limits(args: &ServeArgs) -> Result<LimitSettings, ConfigError> {
+    let rate = args.rate_limit_per_agent;
+    if !rate.is_finite() || rate < 0.0 {
+        return Err(ConfigError::new(
+            "RATE_LIMIT_PER_AGENT",
+            "must be a number of requests per second, 0 to disable",
+        ));
+    }
+    if args.rate_limit_burst == 0 {
+        return Err(ConfigError::new("RATE_LIMIT_BURST", "must be at least 1"));
+    }
+    if args.auth_failure_burst == 0 {
+        return Err(ConfigError::new("AUTH_FAILURE_BURST", "must be at least 1"));
+    }
+    if args.max_in_flight == 0 {
+        return Err(ConfigError::new("MAX_IN_FLIGHT", "must be at least 1"));
+    }
+    Ok(LimitSettings {
+        per_agent_rate: (rate > 0.0).then_some(rate),
+        per_agent_burst: args.rate_limit_burst,
+        auth_failure_burst: args.auth_failure_burst,
+        auth_failure_interval: parse_duration(
+            "AUTH_FAILURE_INTERVAL",
+            &args.auth_failure_interval,
+        )?,
+        max_in_flight: args.max_in_flight,
+    })
 }
 
 pub fn parse_secret(arg: &SecretArg) -> Result<Secret, ConfigError> {
@@ -958,6 +1038,12 @@ mod tests {
             ),
             ("--alert-rules=/nonexistent/rules.json", "ALERT_RULES"),
             ("--alert-lease-ttl=10ms", "ALERT_LEASE_TTL"),
+            ("--rate-limit-per-agent=-1", "RATE_LIMIT_PER_AGENT"),
+            ("--rate-limit-burst=0", "RATE_LIMIT_BURST"),
+            ("--auth-failure-burst=0", "AUTH_FAILURE_BURST"),
+            ("--auth-failure-interval=often", "AUTH_FAILURE_INTERVAL"),
+            ("--max-in-flight=0", "MAX_IN_FLIGHT"),
+            ("--max-token-lifetime=forever", "MAX_TOKEN_LIFETIME"),
         ];
         for (flag, setting) in cases {
             let err = Settings::from_args(&args(&[SECRET, flag])).unwrap_err();

@@ -514,6 +514,7 @@ mod tests {
             secret,
             leeway: Duration::from_secs(1),
             max_token_bytes: 8192,
+            max_lifetime: Duration::from_secs(3600),
         })
         .verify(&token)
         .unwrap()

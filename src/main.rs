@@ -19,6 +19,14 @@ fn main() -> ExitCode {
                         .map_err(|e| format!("invalid --agent-id: {e}"))?;
                     let ttl =
                         config::parse_duration("--ttl", &args.ttl).map_err(|e| e.to_string())?;
+                    let max = config::parse_duration("MAX_TOKEN_LIFETIME", &args.max_token_lifetime)
+                        .map_err(|e| e.to_string())?;
+                    if ttl > max {
+                        return Err(format!(
+                            "--ttl {} is longer than MAX_TOKEN_LIFETIME ({}); the service would refuse the token",
+                            args.ttl, args.max_token_lifetime
+                        ));
+                    }
                     Ok(auth::mint(&secret, &agent, &args.scope, ttl))
                 });
             match minted {

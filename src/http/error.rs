@@ -11,6 +11,11 @@ use crate::auth::AuthError;
 use crate::bus::PublishFailure;
 use crate::telemetry;
 
+/// The code of a refusal, attached to its response so the limits layer can count refusals
+/// without parsing bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusalCode(pub &'static str);
+
 /// Seconds a client should wait before retrying after a 503.
 pub const RETRY_AFTER_SECS: u32 = 1;
 
@@ -76,6 +81,13 @@ pub enum ApiError {
     /// 503 `STREAM_FULL` with `Retry-After`: the stream refuses new messages.
     #[error("The message store is full; retry later")]
     StreamFull(String),
+    /// 429 `RATE_LIMITED` with `Retry-After` (seconds): the agent is over its rate, or its
+    /// address over its failed authentications.
+    #[error("Too many requests; retry later")]
+    RateLimited(u32),
+    /// 503 `OVERLOADED` with `Retry-After`: too many requests in flight; shed, not queued.
+    #[error("The server is overloaded; retry later")]
+    Overloaded,
     /// 503 `SHUTTING_DOWN` with `Retry-After`.
     #[error("The server is shutting down")]
     ShuttingDown,
@@ -99,7 +111,10 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            BusUnavailable(_) | StreamFull(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            BusUnavailable(_) | StreamFull(_) | Overloaded | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -127,6 +142,8 @@ impl ApiError {
             MethodNotAllowed => "METHOD_NOT_ALLOWED",
             BusUnavailable(_) => "BUS_UNAVAILABLE",
             StreamFull(_) => "STREAM_FULL",
+            RateLimited(_) => "RATE_LIMITED",
+            Overloaded => "OVERLOADED",
             ShuttingDown => "SHUTTING_DOWN",
             Internal(_) => "INTERNAL_ERROR",
         }
@@ -167,11 +184,17 @@ impl IntoResponse for ApiError {
             ApiError::Internal(cause) => tracing::error!(cause = %cause, "internal error"),
             _ => {}
         }
+        let retry_after = match &self {
+            ApiError::RateLimited(secs) => Some(*secs),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECS),
+            _ => None,
+        };
         let mut response = (status, axum::Json(self.body())).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.extensions_mut().insert(RefusalCode(self.code()));
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -1,27 +1,50 @@
 //! Extractors that refuse bad requests with the JSON envelope, never axum's plain-text bodies:
-//! [`Authenticated`] (the bearer token) and [`JsonObject`] (content type, size limit, syntax).
+//! [`Authenticated`] (the bearer token, the per-address limit on failed authentications and the
+//! per-agent rate limit) and [`JsonObject`] (content type, size limit, syntax).
+
+use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderMap, header, request::Parts};
 use serde_json::{Map, Value};
 
 use super::AppState;
 use super::error::ApiError;
-use crate::auth::Caller;
+use crate::auth::{AuthError, Caller};
 
-/// The verified caller of this request.
+/// The verified caller of this request, within its rate.
+///
+/// An address over its failed authentications is refused (429) before its token is looked at; a
+/// failed verification counts against its address; a verified agent over its rate is refused
+/// (429). A request without a token at all does not count as a failure.
 pub struct Authenticated(pub Caller);
 
 impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        if let Some(peer) = peer {
+            state.limits.auth_blocked(peer)?;
+        }
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let caller = state.verifier.verify_header(header)?;
+        let caller = match state.verifier.verify_header(header) {
+            Ok(caller) => caller,
+            Err(err) => {
+                if let (Some(peer), false) = (peer, matches!(err, AuthError::Missing)) {
+                    state.limits.auth_failed(peer);
+                }
+                return Err(err.into());
+            }
+        };
+        state.limits.admit_agent(caller.agent_id.as_str())?;
         Ok(Self(caller))
     }
 }

@@ -67,6 +67,7 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "source": if fleet.is_some() { "fleet" } else { "replica" },
         },
         "bus": { "connected": connected },
+        "refusals": state.limits.refusals.to_json(),
     }));
     if let Some(door) = &state.door {
         body["door"] = json!({ "admitted": door.admitted(), "rejected": door.rejections() });

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod orchestrator;
 
@@ -51,6 +52,8 @@ pub struct Inner {
     pub fleet: Arc<crate::metrics::FleetView>,
     /// The alerting bucket: alert states, acknowledgements, silences (admin routes).
     pub alerting: async_nats::jetstream::kv::Store,
+    /// Rate limits and the in-flight cap.
+    pub limits: limits::Limits,
 }
 
 impl std::ops::Deref for AppState {
@@ -75,6 +78,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        // Outside `observe`: a shed request costs no span and no body read.
+        .layer(middleware::from_fn_with_state(state.clone(), limits::shed))
         .layer(CatchPanicLayer::custom(
             |_panic: Box<dyn std::any::Any + Send>| {
                 ApiError::Internal("handler panicked".into()).into_response()

@@ -183,3 +183,27 @@ fn token_prints_a_verifiable_jwt() {
         "no token for a bad id: {bad_id:?}"
     );
 }
+
+#[test]
+fn token_refuses_a_ttl_longer_than_the_maximum_lifetime() {
+    let too_long = run_to_end(
+        binary()
+            .args(["token", "--agent-id", "a1", "--ttl", "25h"])
+            .env("SHARED_SECRET", SECRET),
+        QUICK,
+    );
+    assert_eq!(too_long.status.code(), Some(2), "{too_long:?}");
+    assert!(
+        too_long.stderr.contains("MAX_TOKEN_LIFETIME"),
+        "{too_long:?}"
+    );
+    assert!(too_long.stdout.is_empty(), "{too_long:?}");
+    let allowed = run_to_end(
+        binary()
+            .args(["token", "--agent-id", "a1", "--ttl", "25h"])
+            .env("SHARED_SECRET", SECRET)
+            .env("MAX_TOKEN_LIFETIME", "48h"),
+        QUICK,
+    );
+    assert!(allowed.status.success(), "{allowed:?}");
+}

@@ -227,7 +227,15 @@ async fn a_full_stream_answers_503_stream_full_and_never_200() {
         }
     }
     let (status, answer) = refused.expect("a 64 KiB stream refuses 320 KiB of events");
+    println!(
+        "FAULT full stream: {stored_ok} events stored, then {status} {}",
+        answer["error"]["code"]
+    );
     assert_error(status, &answer, 503, "STREAM_FULL");
     assert!(stored_ok > 0 && stored_ok < 10, "{stored_ok} stored");
     assert_eq!(stream_messages(&app, "ACC_EVENTS").await, stored_ok);
+    // The operator sees it: /health counts the refusal by its code.
+    let (_, health) = app.get("/health", None).await;
+    assert_eq!(health["refusals"]["stream_full"], 1, "{health}");
+    assert_eq!(health["refusals"]["bus_unavailable"], 0, "{health}");
 }

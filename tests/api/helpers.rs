@@ -49,22 +49,39 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: TempDir,
+    /// Extra configuration (a `-c` file in the store directory), e.g. `max_payload: 8MB`.
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// Starts with `config` (nats-server configuration syntax) on top of the usual flags.
+    pub fn start_with_config(config: &str) -> Self {
         let store = tempfile::tempdir().unwrap();
+        let config = (!config.is_empty()).then(|| {
+            let path = store.path().join("extra.conf");
+            std::fs::write(&path, config).unwrap();
+            path
+        });
         let mut server = Self {
             child: None,
             port: free_port(),
             store,
+            config,
         };
         server.launch();
         server
     }
 
     fn launch(&mut self) {
-        let child = Command::new(nats_server_bin())
+        let mut command = Command::new(nats_server_bin());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args([
                 "-a",
                 "127.0.0.1",

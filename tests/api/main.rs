@@ -4,6 +4,7 @@
 mod helpers;
 
 mod alerting;
+mod attacks;
 mod auth;
 mod catalog;
 mod cli;
@@ -11,7 +12,11 @@ mod contract;
 mod door;
 mod durability;
 mod embedded;
+mod faults;
+mod fuzz_smoke;
 mod group_commit;
+mod hostile;
 mod metrics;
+mod properties;
 mod registry;
 mod traces;

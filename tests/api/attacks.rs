@@ -1,0 +1,399 @@
+//! Attacks beyond the token table (see `auth.rs`): no agent acts as another on any route, admin
+//! routes need the admin scope, and floods are limited — per agent (429 with `Retry-After`), per
+//! source address for failed authentication, and globally by a cap on requests in flight (503
+//! `OVERLOADED`, never an unbounded queue). A flooding agent does not slow the others down.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn no_route_lets_one_agent_act_as_another() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    app.register("agent-b").await;
+    app.register("agent-a").await;
+    let a = token("agent-a");
+    let b = token("agent-b");
+
+    let attempts = [
+        ("/orchestrator/register", registration("agent-b")),
+        ("/orchestrator/heartbeat", json!({"agent_id": "agent-b"})),
+        (
+            "/orchestrator/heartbeat",
+            json!({"agent_id": "agent-b", "status": "degraded"}),
+        ),
+        ("/orchestrator/events", event("agent-b", "e-1")),
+        (
+            "/orchestrator/tasks/t-1/callback",
+            json!({"status": "done", "agent_id": "agent-b"}),
+        ),
+    ];
+    for (path, body) in &attempts {
+        let (status, answer) = app.post(path, Some(&a), body).await;
+        assert_error(status, &answer, 403, "IDENTITY_MISMATCH");
+    }
+    // Server-owned fields naming B are not taken from the body.
+    let (status, answer) = app
+        .post(
+            "/orchestrator/tasks/t-2/callback",
+            Some(&a),
+            &json!({"status": "done", "reported_by": "agent-b", "emitted_by": "agent-b"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, stored_result) = stored(&app.js, "ACC_TASKS", answer["seq"].as_u64().unwrap()).await;
+    assert_eq!(stored_result["reported_by"], "agent-a");
+
+    // B's task result is B's to read (and an admin's), not A's.
+    let (status, answer) = app
+        .post(
+            "/orchestrator/tasks/t-b/callback",
+            Some(&b),
+            &json!({"status": "done", "result": "secret"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) = app.get("/orchestrator/tasks/t-b", Some(&a)).await;
+    assert_error(status, &answer, 403, "FORBIDDEN");
+    assert!(!answer.to_string().contains("secret"), "{answer}");
+    let (status, _) = app.get("/orchestrator/tasks/t-b", Some(&b)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The same Idempotency-Key from A does not suppress B's heartbeat: keys are per agent.
+    let beat = |t: String, agent: &'static str| {
+        app.http
+            .post(app.url("/orchestrator/heartbeat"))
+            .bearer_auth(t)
+            .header("idempotency-key", "shared-key")
+            .json(&json!({"agent_id": agent}))
+            .send()
+    };
+    let (_, first) = read(beat(a.clone(), "agent-a").await.unwrap()).await;
+    let (_, second) = read(beat(b.clone(), "agent-b").await.unwrap()).await;
+    assert_eq!(first["duplicate"], false, "{first}");
+    assert_eq!(second["duplicate"], false, "{second}");
+    assert_ne!(first["seq"], second["seq"]);
+
+    // Nothing A tried was stored as B: B's only records are its registration, its task and beat.
+    let as_b = all_stored(&app.js, "ACC_AGENTS", "acc.agents.*.agent-b").await;
+    assert!(
+        as_b.iter()
+            .all(|m| m["agent_id"] == "agent-b" && m.get("status") != Some(&json!("degraded"))),
+        "{as_b:?}"
+    );
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 0);
+}
+
+#[tokio::test]
+async fn admin_routes_need_the_admin_scope() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let (status, body) = app.get("/orchestrator/agents", None).await;
+    assert_error(status, &body, 401, "MISSING_TOKEN");
+    let (status, body) = app
+        .get("/orchestrator/agents", Some(&token("agent-a")))
+        .await;
+    assert_error(status, &body, 403, "INSUFFICIENT_SCOPE");
+    // A scope that merely contains the admin scope's name is not the admin scope.
+    let sneaky = auto_com_center::auth::mint(
+        &secret(),
+        &auto_com_center::domain::AgentId::parse("agent-a").unwrap(),
+        "orchestrator.admin.not orchestrator.adminx",
+        Duration::from_secs(600),
+    );
+    let (status, body) = app.get("/orchestrator/agents", Some(&sneaky)).await;
+    assert_error(status, &body, 403, "INSUFFICIENT_SCOPE");
+    let (status, body) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn an_agent_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
+    let nats = NatsServer::start();
+    let app =
+        TestApp::spawn_with(&nats, &["--rate-limit-per-agent=2", "--rate-limit-burst=5"]).await;
+    let a = token("agent-a");
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..12 {
+        let response = app
+            .http
+            .post(app.url("/orchestrator/events"))
+            .bearer_auth(&a)
+            .json(&event("agent-a", &format!("e-{i}")))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u32>().unwrap());
+            let (status, body) = read(response).await;
+            assert_error(status, &body, 429, "RATE_LIMITED");
+            statuses.push(429);
+        } else {
+            statuses.push(response.status().as_u16());
+        }
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    println!("per-agent limit: 12 requests, {ok} ok, {limited} limited");
+    assert!((5..=6).contains(&ok), "{statuses:?}");
+    assert_eq!(ok + limited, 12, "{statuses:?}");
+    assert!(
+        retry_after.is_some_and(|s| s >= 1),
+        "429 carries Retry-After"
+    );
+    // Only the refused requests' events are missing: every 200 was stored.
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, ok as u64);
+    // Another agent is not affected.
+    let (status, body) = app
+        .post(
+            "/orchestrator/events",
+            Some(&token("agent-b")),
+            &event("agent-b", "b-1"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The bucket refills.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body) = app
+        .post("/orchestrator/events", Some(&a), &event("agent-a", "later"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn an_address_that_keeps_failing_authentication_is_refused_before_its_tokens_are_checked() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--auth-failure-burst=5", "--auth-failure-interval=1m"],
+    )
+    .await;
+    // Requests without a token do not count: they cannot be guessing anything.
+    for _ in 0..10 {
+        let (status, body) = app.get("/orchestrator/agents", None).await;
+        assert_error(status, &body, 401, "MISSING_TOKEN");
+    }
+    for i in 0..5 {
+        let (status, body) = app
+            .get("/orchestrator/agents", Some(&format!("forged.{i}.token")))
+            .await;
+        assert_error(status, &body, 401, "INVALID_TOKEN");
+    }
+    let response = app
+        .http
+        .get(app.url("/orchestrator/agents"))
+        .bearer_auth("forged.again.token")
+        .send()
+        .await
+        .unwrap();
+    let retry_after: u32 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let (status, body) = read(response).await;
+    assert_error(status, &body, 429, "RATE_LIMITED");
+    // While blocked, the address gets 429 even with a valid token: nothing is checked for it.
+    let (status, body) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+    assert_error(status, &body, 429, "RATE_LIMITED");
+    // Health probes are not behind authentication.
+    let (status, _) = app.get("/health/live", None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// Opens a POST whose body never finishes (raw TCP: headers and half the declared body): the
+/// request holds its in-flight slot until the socket is dropped.
+async fn stalled_request(app: &TestApp) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /orchestrator/register HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"agent_id\":",
+        app.addr,
+        token("agent-a")
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.flush().await.unwrap();
+    socket
+}
+
+#[tokio::test]
+async fn past_the_in_flight_cap_requests_are_shed_with_503_not_queued() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--max-in-flight=3"]).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(stalled_request(&app).await);
+    }
+    let t = token("agent-b");
+    // Give the three stalled requests time to take their slots.
+    let shed = eventually(Duration::from_secs(5), "a shed request", || async {
+        let started = Instant::now();
+        let response = app
+            .http
+            .post(app.url("/orchestrator/events"))
+            .bearer_auth(&t)
+            .json(&event("agent-b", "shed"))
+            .send()
+            .await
+            .unwrap();
+        (response.status() == StatusCode::SERVICE_UNAVAILABLE)
+            .then(|| (response, started.elapsed()))
+    })
+    .await;
+    let (response, elapsed) = shed;
+    assert!(
+        elapsed < Duration::from_millis(500),
+        "shed at once, took {elapsed:?}"
+    );
+    assert_eq!(response.headers()["retry-after"], "1");
+    let (status, body) = read(response).await;
+    assert_error(status, &body, 503, "OVERLOADED");
+    // Health is still answered.
+    let (status, _) = app.get("/health/live", None).await;
+    assert_eq!(status, StatusCode::OK);
+    // Freed slots serve again.
+    drop(held);
+    let body = eventually(
+        Duration::from_secs(5),
+        "a 200 after the slots free",
+        || async {
+            let (status, body) = app
+                .post("/orchestrator/events", Some(&t), &event("agent-b", "after"))
+                .await;
+            (status == StatusCode::OK).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(body["success"], true);
+}
+
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
+}
+
+/// `n` events from `agent`, one every 25 ms (40 a second, under its limit); their latencies.
+async fn measure(app: &TestApp, agent: &str, prefix: &str, n: usize) -> Vec<Duration> {
+    let t = token(agent);
+    let mut latencies = Vec::with_capacity(n);
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    for i in 0..n {
+        tick.tick().await;
+        let started = Instant::now();
+        let (status, body) = app
+            .post(
+                "/orchestrator/events",
+                Some(&t),
+                &event(agent, &format!("{prefix}-{i}")),
+            )
+            .await;
+        latencies.push(started.elapsed());
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    latencies
+}
+
+/// A flooding agent: two loops of 500 requests a second each, until `stop`. Returns the counts
+/// (accepted, refused with 429) when stopped.
+fn flood(
+    app: &TestApp,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<(u64, u64)> {
+    let (http, url) = (app.http.clone(), app.url("/orchestrator/events"));
+    tokio::spawn(async move {
+        let mut loops = tokio::task::JoinSet::new();
+        for f in 0..2 {
+            let (http, url, stop) = (http.clone(), url.clone(), stop.clone());
+            loops.spawn(async move {
+                let t = token("flooder");
+                let mut tick = tokio::time::interval(Duration::from_millis(2));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let (mut accepted, mut refused) = (0u64, 0u64);
+                let mut i = 0u64;
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    let status = http
+                        .post(&url)
+                        .bearer_auth(&t)
+                        .json(&event(
+                            "flooder",
+                            &format!("f{f}-{i}-{}", rand::random::<u32>()),
+                        ))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status();
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        refused += 1;
+                    } else {
+                        accepted += 1;
+                    }
+                    i += 1;
+                }
+                (accepted, refused)
+            });
+        }
+        let mut total = (0, 0);
+        while let Some(counts) = loops.join_next().await {
+            let (a, r) = counts.unwrap();
+            total = (total.0 + a, total.1 + r);
+        }
+        total
+    })
+}
+
+#[tokio::test]
+async fn a_flooding_agent_does_not_raise_other_agents_p99() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &[
+            "--rate-limit-per-agent=50",
+            "--rate-limit-burst=50",
+            "--durability=interval",
+        ],
+    )
+    .await;
+    // Warm up connections and code paths.
+    measure(&app, "quiet", "warm", 20).await;
+    // Alternate quiet and flooded rounds, so that whatever else the machine is doing weighs on
+    // both samples alike.
+    let (mut baseline, mut flooded) = (Vec::new(), Vec::new());
+    let (mut flood_ok, mut flood_limited) = (0, 0);
+    for round in 0..5 {
+        baseline.extend(measure(&app, "quiet", &format!("base{round}"), 40).await);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let flooder = flood(&app, stop.clone());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        flooded.extend(measure(&app, "quiet", &format!("flood{round}"), 40).await);
+        stop.cancel();
+        let (ok, limited) = flooder.await.unwrap();
+        flood_ok += ok;
+        flood_limited += limited;
+    }
+    let (base, under) = (p99(&mut baseline), p99(&mut flooded));
+    println!(
+        "flood: quiet agent p99 {base:?} alone, {under:?} while a flooder sent {} requests \
+         ({flood_ok} accepted, {flood_limited} refused 429)",
+        flood_ok + flood_limited
+    );
+    assert!(flood_limited > flood_ok, "the flooder was limited");
+    // "A few milliseconds": at most 10 ms more on a quiet machine. The flooder's refused requests
+    // never touch the bus but cost CPU (so does the flooding client, in this process), so on a
+    // machine already busy with other work the allowance is the quiet p99 itself.
+    let allowance = Duration::from_millis(10).max(base);
+    assert!(
+        under <= base + allowance,
+        "p99 {base:?} alone, {under:?} under flood"
+    );
+}
