@@ -145,6 +145,9 @@ pub fn settings(nats_url: Option<&str>, flags: &[&str]) -> Settings {
         "--publish-timeout=2s".to_owned(),
         "--shutdown-timeout=5s".to_owned(),
         "--log-level=warn".to_owned(),
+        // JetStream reserves every stream's max_bytes against the disk's free space: keep the
+        // reservation of a test small so the suite runs on a small or busy disk.
+        "--stream-max-bytes=64MiB".to_owned(),
     ];
     if let Some(url) = nats_url {
         argv.push(format!("--nats-url={url}"));
@@ -459,6 +462,8 @@ pub fn binary() -> Command {
         command.env_remove(name);
     }
     command
+        // As in `settings`: a small reservation per stream (a test may set its own).
+        .env("STREAM_MAX_BYTES", "64MiB")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env_remove("OTEL_SERVICE_NAME")
         .stdin(Stdio::null());
