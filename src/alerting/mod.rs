@@ -33,7 +33,7 @@ use crate::config::AlertingSettings;
 use crate::metrics::STALE_AFTER_INTERVALS;
 use crate::metrics::snapshot::{FleetEndpoint, FleetSnapshot, merge};
 use crate::metrics::worker::{agent_records, replica_snapshots};
-use engine::{Engine, Policy, Sample};
+use engine::{Engine, Notification, Outcome, Policy, Sample};
 use lease::Lease;
 use routes::Notifier;
 use rules::{CheckedRule, Metric};
@@ -139,23 +139,8 @@ async fn evaluate(
     let acks = store::acks(kv).await?;
     let silences = store::silences(kv).await?;
     let now = Utc::now();
-    let before = engine.alerts.clone();
     let mut outcome = engine.evaluate(rules, &samples, &acks, &silences, policy, now);
-    for notification in &outcome.notifications {
-        if let Err(err) = notifier.send(notification).await {
-            // Not sent: put back what the engine noted as sent, so the next round owes it again.
-            tracing::warn!(error = %err, alert_id = %notification.alert.id, "notification not sent; will retry");
-            let id = &notification.alert.id;
-            if let (Some(alert), Some(old)) = (engine.alerts.get_mut(id), before.get(id)) {
-                alert.notified_firing_at = old.notified_firing_at;
-                alert.firing_notifications = old.firing_notifications;
-                alert.notified_resolved = old.notified_resolved;
-                alert.escalated_at = old.escalated_at;
-                outcome.changed.retain(|c| &c.id != id);
-                outcome.changed.push(alert.clone());
-            }
-        }
-    }
+    dispatch(engine, &mut outcome, &mut { notifier }).await;
     for alert in &outcome.changed {
         store::put_alert(kv, alert).await?;
     }
@@ -172,6 +157,49 @@ async fn evaluate(
         }
     }
     Ok(())
+}
+
+/// Where [`dispatch`] sends notifications: the [`Notifier`], or a test's stand-in.
+pub trait Sink {
+    type Error: std::fmt::Display;
+    fn send(
+        &mut self,
+        notification: &Notification,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send;
+}
+
+impl Sink for &Notifier {
+    type Error = crate::bus::PublishFailure;
+    fn send(
+        &mut self,
+        notification: &Notification,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        Notifier::send(self, notification)
+    }
+}
+
+/// Sends each notification of `outcome` through `send` and notes in the engine only those
+/// that went out, adding their new state to what must be stored. A failed send stays owed, so
+/// the next evaluation sends it again (with the same key); the others are not repeated.
+/// Returns how many were sent.
+pub async fn dispatch(engine: &mut Engine, outcome: &mut Outcome, sink: &mut impl Sink) -> usize {
+    let mut sent = 0;
+    for notification in &outcome.notifications {
+        match sink.send(notification).await {
+            Ok(()) => {
+                sent += 1;
+                if let Some(alert) = engine.confirm(notification) {
+                    outcome.changed.retain(|c| c.id != alert.id);
+                    outcome.changed.push(alert);
+                }
+            }
+            Err(err) => tracing::warn!(
+                error = %err, alert_id = %notification.alert.id,
+                "notification not sent; owed again next evaluation"
+            ),
+        }
+    }
+    sent
 }
 
 /// The last fleet snapshot, when younger than `max_age`.
@@ -192,7 +220,9 @@ async fn latest_fleet(
 }
 
 /// Samples of the per-endpoint rules. Endpoints with less traffic than a rule's
-/// `min_requests` (at least one request) are not judged: no traffic is no data, not "fast".
+/// `min_requests` (at least one request) get no sample, nor does any endpoint when the figures
+/// could not be read (`None`): no data is not "fast", so the engine keeps those endpoints'
+/// alerts as they are (neither fires nor resolves them).
 pub fn endpoint_samples(
     rules: &[CheckedRule],
     endpoints: Option<&BTreeMap<String, FleetEndpoint>>,
@@ -254,4 +284,68 @@ async fn agent_samples(rules: &[CheckedRule], agents: &Store) -> anyhow::Result<
         }
     }
     Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::alerting::rules::{RuleFile, check, defaults};
+
+    #[tokio::test]
+    async fn a_notification_that_failed_to_send_is_delivered_exactly_once_after_recovery() {
+        // The plan's defaults: AgentOffline fires in its first round (for: 0s).
+        let rules = check(RuleFile {
+            rules: defaults()
+                .rules
+                .into_iter()
+                .filter(|r| r.name == "AgentOffline")
+                .collect(),
+        })
+        .unwrap();
+        let offline = vec![Sample {
+            rule: 0,
+            labels: BTreeMap::from([("agent_id".to_owned(), "agent-1".to_owned())]),
+            value: 400.0,
+        }];
+        let policy = Policy {
+            repeat_interval: Duration::from_secs(3600),
+            escalate_after: Duration::from_secs(3600),
+        };
+        let mut engine = Engine::default();
+        struct Flaky {
+            up: bool,
+            delivered: Vec<String>,
+        }
+        impl Sink for Flaky {
+            type Error = &'static str;
+            fn send(
+                &mut self,
+                n: &Notification,
+            ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+                let result = if self.up {
+                    self.delivered.push(n.key.clone());
+                    Ok(())
+                } else {
+                    Err("bus down")
+                };
+                std::future::ready(result)
+            }
+        }
+        let mut sink = Flaky {
+            up: false,
+            delivered: Vec::new(),
+        };
+        let start = Utc::now();
+        for round in 0..4 {
+            let now = start + chrono::Duration::seconds(round * 10);
+            let mut outcome = engine.evaluate(&rules, &offline, &HashMap::new(), &[], policy, now);
+            dispatch(&mut engine, &mut outcome, &mut sink).await;
+            // Stored state: what a replica taking over would load.
+            engine = Engine::from_states(engine.alerts.values().cloned());
+            sink.up = round >= 1;
+        }
+        assert_eq!(sink.delivered.len(), 1, "exactly once: {:?}", sink.delivered);
+    }
 }

@@ -164,9 +164,14 @@ async fn snapshots_of_two_ingress_replicas_merge_into_fleet_figures_on_the_bus()
         "{text}"
     );
     assert!(text.contains("acc_agents{status=\"online\"} 1"), "{text}");
-    // /health uses the fleet figures when it has them.
-    let (_, health) = second.get("/health", None).await;
-    assert_eq!(health["orchestrator"]["source"], "fleet", "{health}");
+    // /health judges the replica's own figures and adds the fleet's for information.
+    let (status, health) = second.get("/health", None).await;
+    assert_eq!(status.as_u16(), 200, "{health}");
+    assert_eq!(health["orchestrator"]["source"], "replica", "{health}");
+    assert!(
+        health["fleet"]["p95_latency_register"].is_number(),
+        "{health}"
+    );
 }
 
 /// Checks each sample line: `name{labels} value` with a number for value.
