@@ -92,22 +92,27 @@ pub async fn run(
             continue;
         }
         next_eval = tokio::time::Instant::now() + settings.eval_interval;
-        let Some(engine) = engine.as_mut() else {
+        let Some(acting) = engine.as_mut() else {
             continue;
         };
         if let Err(err) = evaluate(
-            engine,
+            acting,
             &settings.rules,
             &js,
             &agents,
             &kv,
             &notifier,
+            &lease,
             policy,
             snapshot_interval,
         )
         .await
         {
             tracing::warn!(error = ?err, "alert evaluation failed; next interval");
+            if !lease.acting() {
+                // Possibly sent without storing: reload the stored states when acting again.
+                engine = None;
+            }
         }
     }
 }
@@ -121,6 +126,7 @@ async fn evaluate(
     agents: &Store,
     kv: &Store,
     notifier: &Notifier,
+    lease: &Lease,
     policy: Policy,
     snapshot_interval: Duration,
 ) -> anyhow::Result<()> {
@@ -140,11 +146,15 @@ async fn evaluate(
     let silences = store::silences(kv).await?;
     let now = Utc::now();
     let mut outcome = engine.evaluate(rules, &samples, &acks, &silences, policy, now);
-    dispatch(engine, &mut outcome, &mut { notifier }).await;
+    dispatch(engine, &mut outcome, &mut { notifier }, || lease.acting()).await;
+    // Fencing: past the lease's local deadline another replica may act; store nothing.
+    let fenced = || anyhow::anyhow!("alerting lease deadline passed; not storing until renewed");
     for alert in &outcome.changed {
+        anyhow::ensure!(lease.acting(), fenced());
         store::put_alert(kv, alert).await?;
     }
     for id in &outcome.removed {
+        anyhow::ensure!(lease.acting(), fenced());
         store::delete_alert(kv, id).await?;
     }
     // Silences that ended long ago are only clutter.
@@ -181,10 +191,20 @@ impl Sink for &Notifier {
 /// Sends each notification of `outcome` through `send` and notes in the engine only those
 /// that went out, adding their new state to what must be stored. A failed send stays owed, so
 /// the next evaluation sends it again (with the same key); the others are not repeated.
-/// Returns how many were sent.
-pub async fn dispatch(engine: &mut Engine, outcome: &mut Outcome, sink: &mut impl Sink) -> usize {
+/// Stops sending once `acting` says the lease's local deadline has passed. Returns how many
+/// were sent.
+pub async fn dispatch(
+    engine: &mut Engine,
+    outcome: &mut Outcome,
+    sink: &mut impl Sink,
+    acting: impl Fn() -> bool,
+) -> usize {
     let mut sent = 0;
     for notification in &outcome.notifications {
+        if !acting() {
+            tracing::warn!("alerting lease deadline passed; sending nothing until renewed");
+            break;
+        }
         match sink.send(notification).await {
             Ok(()) => {
                 sent += 1;
@@ -341,7 +361,7 @@ mod tests {
         for round in 0..4 {
             let now = start + chrono::Duration::seconds(round * 10);
             let mut outcome = engine.evaluate(&rules, &offline, &HashMap::new(), &[], policy, now);
-            dispatch(&mut engine, &mut outcome, &mut sink).await;
+            dispatch(&mut engine, &mut outcome, &mut sink, || true).await;
             // Stored state: what a replica taking over would load.
             engine = Engine::from_states(engine.alerts.values().cloned());
             sink.up = round >= 1;

@@ -296,18 +296,12 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
                     number(threshold)
                 )
                 .replace("acc_fleet_error_rate{}", "acc_fleet_error_rate"),
-                Metric::AgentOfflineSeconds => {
-                    let agents = selector("agent_id", &rule.agents);
-                    let sel = if agents.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{{{agents}}}")
-                    };
-                    format!(
-                        "time() - max by (agent_id) (acc_agent_offline_last_seen_timestamp_seconds{sel}) > {}",
-                        number(threshold)
-                    )
-                }
+                // `/metrics` carries no agent ids (they are admin-only), so the export watches
+                // the oldest offline agent of the fleet; an `agents` selector cannot apply there.
+                Metric::AgentOfflineSeconds => format!(
+                    "time() - min(acc_agents_offline_oldest_last_seen_timestamp_seconds) > {}",
+                    number(threshold)
+                ),
             };
             let hold = if checked.hold.is_zero() {
                 "0s".to_owned()
