@@ -105,7 +105,7 @@ fn status(notification: &Notification) -> &'static str {
 
 /// The part of a webhook URL fit for logs: paths and queries of webhook URLs often carry
 /// tokens (Slack, Teams, PagerDuty), so only the scheme, host and port are shown.
-fn redacted(url: &url::Url) -> String {
+pub fn redacted(url: &url::Url) -> String {
     match (url.host_str(), url.port()) {
         (Some(host), Some(port)) => format!("{}://{host}:{port}/…", url.scheme()),
         (Some(host), None) => format!("{}://{host}/…", url.scheme()),

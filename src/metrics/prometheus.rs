@@ -382,7 +382,7 @@ mod tests {
 
     #[test]
     fn offline_agents_are_counted_never_named() {
-        let seen = |secs| chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap();
+        let seen = |secs: i64| chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap();
         let fleet = FleetSnapshot {
             generated_at: seen(100),
             replicas: 1,
