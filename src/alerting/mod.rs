@@ -233,10 +233,8 @@ async fn latest_fleet(
         .await
         .ok()?;
     let fleet: FleetSnapshot = serde_json::from_slice(&message.payload).ok()?;
-    let age = (Utc::now() - fleet.generated_at)
-        .to_std()
-        .unwrap_or_default();
-    (age <= max_age).then_some(fleet)
+    // The server's stamp, not the producer's `generated_at`.
+    (crate::metrics::stored_age(&message) <= max_age).then_some(fleet)
 }
 
 /// Samples of the per-endpoint rules. Endpoints with less traffic than a rule's
