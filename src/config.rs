@@ -887,9 +887,16 @@ mod tests {
                 assert!(!shown.contains(secret), "{secret} leaked in {shown:?}");
             }
         }
-        let err = parse_urls("ALERT_WEBHOOKS_WARNING", "ftp://user:pw@hooks.example.com/x")
-            .unwrap_err();
-        assert!(err.message.contains("ftp://hooks.example.com/"), "{}", err.message);
+        let err = parse_urls(
+            "ALERT_WEBHOOKS_WARNING",
+            "ftp://user:pw@hooks.example.com/x",
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("ftp://hooks.example.com/"),
+            "{}",
+            err.message
+        );
     }
 
     fn args(extra: &[&str]) -> ServeArgs {

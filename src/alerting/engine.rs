@@ -558,23 +558,71 @@ mod tests {
         let rules = rules("30s");
         let mut engine = Engine::default();
         let none = HashMap::new();
-        let out = run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(0));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(0),
+        );
         assert!(out.notifications.is_empty(), "pending does not notify");
-        let out = run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(10));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
         assert!(out.notifications.is_empty());
-        let out = run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(30));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(30),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Warning, "warning".into(), "firing".into())]
         );
-        let out = run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(40));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(40),
+        );
         assert!(out.notifications.is_empty(), "no duplicate while firing");
-        let out = run(&mut engine, &rules, &sample(5.0), &none, &[], POLICY, at(50));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(5.0),
+            &none,
+            &[],
+            POLICY,
+            at(50),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Warning, "warning".into(), "resolved".into())]
         );
-        let out = run(&mut engine, &rules, &sample(5.0), &none, &[], POLICY, at(60));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(5.0),
+            &none,
+            &[],
+            POLICY,
+            at(60),
+        );
         assert!(out.notifications.is_empty());
     }
 
@@ -583,8 +631,24 @@ mod tests {
         let rules = rules("30s");
         let mut engine = Engine::default();
         let none = HashMap::new();
-        run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(0));
-        let out = run(&mut engine, &rules, &sample(1.0), &none, &[], POLICY, at(10));
+        run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(0),
+        );
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
         assert!(out.notifications.is_empty());
         assert_eq!(out.removed.len(), 1);
         assert!(engine.alerts.is_empty());
@@ -599,18 +663,42 @@ mod tests {
         };
         let mut engine = Engine::default();
         let none = HashMap::new();
-        let out = run(&mut engine, &rules, &sample(25.0), &none, &[], policy, at(0));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(0),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Critical, "critical".into(), "firing".into())]
         );
-        let out = run(&mut engine, &rules, &sample(25.0), &none, &[], policy, at(3600));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(3600),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Critical, "critical".into(), "firing".into())]
         );
         // Falls below critical: the critical resolves and the warning, no longer inhibited, fires.
-        let out = run(&mut engine, &rules, &sample(15.0), &none, &[], policy, at(3601));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            policy,
+            at(3601),
+        );
         let mut got = sent(&out);
         got.sort_by_key(|g| g.1.clone());
         assert_eq!(
@@ -631,17 +719,49 @@ mod tests {
         };
         let none = HashMap::new();
         let mut engine = Engine::default();
-        run(&mut engine, &rules, &sample(25.0), &none, &[], policy, at(0));
-        let out = run(&mut engine, &rules, &sample(25.0), &none, &[], policy, at(59));
+        run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(0),
+        );
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(59),
+        );
         assert!(out.notifications.is_empty());
-        let out = run(&mut engine, &rules, &sample(25.0), &none, &[], policy, at(60));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(60),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Escalation, "critical".into(), "firing".into())]
         );
 
         let mut engine = Engine::default();
-        run(&mut engine, &rules, &sample(25.0), &none, &[], policy, at(0));
+        run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(0),
+        );
         let id = engine
             .alerts
             .values()
@@ -657,7 +777,15 @@ mod tests {
                 acked_at: at(30),
             },
         )]);
-        let out = run(&mut engine, &rules, &sample(25.0), &acks, &[], policy, at(120));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &acks,
+            &[],
+            policy,
+            at(120),
+        );
         assert!(out.notifications.is_empty(), "acknowledged: no escalation");
     }
 
@@ -674,7 +802,8 @@ mod tests {
             comment: String::new(),
         };
         let mut engine = Engine::default();
-        let out = run(&mut engine, 
+        let out = run(
+            &mut engine,
             &rules,
             &sample(15.0),
             &none,
@@ -683,7 +812,8 @@ mod tests {
             at(0),
         );
         assert!(out.notifications.is_empty());
-        let out = run(&mut engine, 
+        let out = run(
+            &mut engine,
             &rules,
             &sample(15.0),
             &none,
@@ -705,9 +835,25 @@ mod tests {
         let out = run(&mut first, &rules, &sample(15.0), &none, &[], POLICY, at(0));
         assert_eq!(out.notifications.len(), 1);
         let mut second = Engine::from_states(out.changed);
-        let out = run(&mut second, &rules, &sample(15.0), &none, &[], POLICY, at(10));
+        let out = run(
+            &mut second,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
         assert!(out.notifications.is_empty());
-        let out = run(&mut second, &rules, &sample(1.0), &none, &[], POLICY, at(20));
+        let out = run(
+            &mut second,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            POLICY,
+            at(20),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Warning, "warning".into(), "resolved".into())]
@@ -722,10 +868,30 @@ mod tests {
         // A brand-new alert fires in its first round (for: 0s); the send fails.
         let failed = engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(0));
         assert_eq!(failed.notifications.len(), 1);
-        let again = run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(10));
-        assert_eq!(again.notifications.len(), 1, "still owed after a failed send");
+        let again = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
+        assert_eq!(
+            again.notifications.len(),
+            1,
+            "still owed after a failed send"
+        );
         assert_eq!(again.notifications[0].key, failed.notifications[0].key);
-        let out = run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(20));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(20),
+        );
         assert!(out.notifications.is_empty(), "sent once, not again");
     }
 
@@ -748,7 +914,15 @@ mod tests {
         );
         // The critical route went out, the escalation did not.
         engine.confirm(&out.notifications[0]).unwrap();
-        let out = run(&mut engine, &rules, &sample(25.0), &none, &[], policy, at(10));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(10),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Escalation, "critical".into(), "firing".into())]
@@ -760,12 +934,36 @@ mod tests {
         let rules = rules("0s");
         let none = HashMap::new();
         let mut engine = Engine::default();
-        run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(0));
-        run(&mut engine, &rules, &sample(1.0), &none, &[], POLICY, at(10));
+        run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(0),
+        );
+        run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
         // Fires again while stored as resolved; this send fails.
         let failed = engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(20));
         assert_eq!(failed.notifications.len(), 1);
-        let out = run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(30));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(30),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Warning, "warning".into(), "firing".into())]
@@ -777,7 +975,15 @@ mod tests {
         let rules = rules("0s");
         let none = HashMap::new();
         let mut engine = Engine::default();
-        run(&mut engine, &rules, &sample(15.0), &none, &[], POLICY, at(0));
+        run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(0),
+        );
         // No figures (bus hiccup, or below min_requests): no sample at all.
         let out = run(&mut engine, &rules, &[], &none, &[], POLICY, at(10));
         assert!(out.notifications.is_empty(), "no data is not resolved");
@@ -785,7 +991,15 @@ mod tests {
             engine.alerts.values().all(|a| a.phase == Phase::Firing),
             "still firing"
         );
-        let out = run(&mut engine, &rules, &sample(1.0), &none, &[], POLICY, at(20));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            POLICY,
+            at(20),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Warning, "warning".into(), "resolved".into())]

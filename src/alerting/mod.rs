@@ -364,6 +364,11 @@ mod tests {
             engine = Engine::from_states(engine.alerts.values().cloned());
             sink.up = round >= 1;
         }
-        assert_eq!(sink.delivered.len(), 1, "exactly once: {:?}", sink.delivered);
+        assert_eq!(
+            sink.delivered.len(),
+            1,
+            "exactly once: {:?}",
+            sink.delivered
+        );
     }
 }

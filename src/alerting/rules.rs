@@ -203,12 +203,15 @@ pub fn check(file: RuleFile) -> Result<Vec<CheckedRule>, String> {
                 "rule {name}: agents selects agents, this metric is per endpoint"
             ));
         }
-        if let Some(unknown) = rule
-            .endpoints
-            .iter()
-            .find(|e| !crate::stats::Endpoint::ALL.iter().any(|k| k.name() == e.as_str()))
-        {
-            let known: Vec<&str> = crate::stats::Endpoint::ALL.iter().map(|e| e.name()).collect();
+        if let Some(unknown) = rule.endpoints.iter().find(|e| {
+            !crate::stats::Endpoint::ALL
+                .iter()
+                .any(|k| k.name() == e.as_str())
+        }) {
+            let known: Vec<&str> = crate::stats::Endpoint::ALL
+                .iter()
+                .map(|e| e.name())
+                .collect();
             return Err(format!(
                 "rule {name}: unknown endpoint {unknown:?} (known: {})",
                 known.join(", ")

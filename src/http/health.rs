@@ -72,10 +72,7 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
                 .get(endpoint.name())
                 .map(|f| (f.p95_ms, f.error_rate))
         };
-        let (register, heartbeat) = (
-            figures(Endpoint::Register),
-            figures(Endpoint::Heartbeat),
-        );
+        let (register, heartbeat) = (figures(Endpoint::Register), figures(Endpoint::Heartbeat));
         body["fleet"] = json!({
             "generated_at": fleet.generated_at,
             "p95_latency_register": register.map(|f| f.0),

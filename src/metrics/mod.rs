@@ -155,7 +155,10 @@ pub fn stored_age(message: &async_nats::jetstream::message::StreamMessage) -> Du
 pub const MAX_SKEW: Duration = Duration::from_secs(5);
 
 /// `now - then`, with a `then` more than [`MAX_SKEW`] in the future treated as stale.
-pub fn age_since(now: chrono::DateTime<chrono::Utc>, then: chrono::DateTime<chrono::Utc>) -> Duration {
+pub fn age_since(
+    now: chrono::DateTime<chrono::Utc>,
+    then: chrono::DateTime<chrono::Utc>,
+) -> Duration {
     match (now - then).to_std() {
         Ok(age) => age,
         Err(_) if (then - now).to_std().is_ok_and(|ahead| ahead <= MAX_SKEW) => Duration::ZERO,
@@ -170,8 +173,17 @@ mod tests {
     #[test]
     fn metrics_freshness_treats_a_future_timestamp_as_stale() {
         let now = chrono::Utc::now();
-        assert_eq!(age_since(now, now - chrono::Duration::seconds(3)), Duration::from_secs(3));
-        assert_eq!(age_since(now, now + chrono::Duration::seconds(2)), Duration::ZERO);
-        assert_eq!(age_since(now, now + chrono::Duration::hours(1)), Duration::MAX);
+        assert_eq!(
+            age_since(now, now - chrono::Duration::seconds(3)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            age_since(now, now + chrono::Duration::seconds(2)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            age_since(now, now + chrono::Duration::hours(1)),
+            Duration::MAX
+        );
     }
 }
