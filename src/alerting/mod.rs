@@ -9,10 +9,13 @@
 //! - [`lease`]: one acting replica at a time.
 //! - [`store`]: alert states, acknowledgements and silences in the `acc_alerting` bucket.
 //!
-//! Order per notification: send (the bus first), then store what was sent. A replica that
-//! takes over loads the stored states and so does not re-send; the only window for a repeat is
-//! a crash between sending and storing (at least once, never lost), and the bus copy is
-//! deduplicated even then.
+//! Order per notification: send (the bus first), and only once the bus acknowledged it note
+//! it as sent ([`Engine::confirm`]); then store. A failed send stays owed and goes out at the
+//! next evaluation under the same dedupe id. A replica that takes over loads the stored states
+//! and so does not re-send; a crash between sending and storing can repeat a notification (the
+//! bus copy is deduplicated even then, a webhook may see it twice). Webhook retries live in
+//! memory only; the copy on `ACC_ALERTS` is the durable record. Past the lease's local
+//! deadline nothing is sent or stored ([`lease::Fence`]).
 
 pub mod engine;
 pub mod lease;
