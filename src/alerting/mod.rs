@@ -73,6 +73,8 @@ pub async fn run(
         tokio::select! {
             () = stop.cancelled() => {
                 lease.release().await;
+                // Bounded by SHUTDOWN_TIMEOUT: the app aborts the role past it.
+                notifier.finish_deliveries().await;
                 return Ok(());
             }
             _ = ticker.tick() => {}

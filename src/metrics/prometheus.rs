@@ -301,13 +301,14 @@ fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
     }
     // No per-agent series: `/metrics` is unauthenticated, and agent ids (which the agents
     // list keeps behind the admin scope) would also make the label set unbounded.
+    header(
+        out,
+        "acc_agents_offline_oldest_last_seen_timestamp_seconds",
+        "gauge",
+        "Oldest last heartbeat among the agents the registry has marked offline.",
+    );
+    // No sample while no agent is offline: absent, as Prometheus expects of "no value".
     if let Some(oldest) = bus.offline_agents.iter().map(|a| a.last_seen).min() {
-        header(
-            out,
-            "acc_agents_offline_oldest_last_seen_timestamp_seconds",
-            "gauge",
-            "Oldest last heartbeat among the agents the registry has marked offline.",
-        );
         let _ = writeln!(
             out,
             "acc_agents_offline_oldest_last_seen_timestamp_seconds {}",

@@ -1083,3 +1083,40 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
         "{thresholds:?}"
     );
 }
+
+#[tokio::test]
+async fn a_graceful_stop_waits_for_webhook_retries_still_running() {
+    let nats = NatsServer::start();
+    // Two refusals: the delivery succeeds on the third attempt, ~600 ms after the first.
+    let hook = Receiver::start(2).await;
+    let (_dir, rules) = rules_file(json!([offline_rule(0.5, None)]));
+    let warning = format!("--alert-webhooks-warning={}", hook.url);
+    let app = TestApp::spawn_with(
+        &nats,
+        &flags(&[
+            "--agent-stale-after=300ms",
+            "--agent-sweep-interval=100ms",
+            &rules,
+            &warning,
+        ]),
+    )
+    .await;
+    app.register("leaving").await;
+    // The notification is on the bus: its webhook delivery has started and is being refused.
+    let js = app.js.clone();
+    eventually(Duration::from_secs(10), "the alert on the bus", || async {
+        (!all_stored(&js, "ACC_ALERTS", "acc.alerts.>")
+            .await
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(hook.all().len(), 0, "not delivered yet");
+    app.stop().await;
+    assert_eq!(
+        hook.count("warning", "firing", "leaving"),
+        1,
+        "the stop waited for the retry: {:?}",
+        hook.seen()
+    );
+}
