@@ -1120,3 +1120,54 @@ async fn a_graceful_stop_waits_for_webhook_retries_still_running() {
         hook.seen()
     );
 }
+
+#[tokio::test]
+async fn a_notification_the_bus_refused_is_delivered_once_after_the_bus_recovers() {
+    let nats = NatsServer::start();
+    let hook = Receiver::start(0).await;
+    // AgentOffline fires in its first round (for: 0s): the case the old rollback lost.
+    let (_dir, rules) = rules_file(json!([offline_rule(0.5, None)]));
+    let warning = format!("--alert-webhooks-warning={}", hook.url);
+    let app = TestApp::spawn_with(
+        &nats,
+        &flags(&[
+            "--agent-stale-after=300ms",
+            "--agent-sweep-interval=100ms",
+            &rules,
+            &warning,
+        ]),
+    )
+    .await;
+    // The route fails: no stream takes acc.alerts.*, so every alert publish is refused.
+    let mut stream = app.js.get_stream("ACC_ALERTS").await.unwrap();
+    let original = stream.info().await.unwrap().config.clone();
+    let mut broken = original.clone();
+    broken.subjects = vec!["acc.alerts-disabled.>".to_owned()];
+    app.js.update_stream(broken).await.unwrap();
+
+    app.register("unlucky").await;
+    let (_, listed) = eventually(Duration::from_secs(10), "the alert firing", || async {
+        let (status, body) = app.get("/orchestrator/alerts", Some(&admin_token())).await;
+        body["active"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a["phase"] == "firing"))
+            .then_some((status, body))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(hook.all().is_empty(), "nothing could be sent: {listed}");
+
+    // The bus recovers: the owed notification goes out, once.
+    app.js.update_stream(original).await.unwrap();
+    hook.wait_for("warning", "firing", "unlucky", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        hook.count("warning", "firing", "unlucky"),
+        1,
+        "{:?}",
+        hook.seen()
+    );
+    let on_bus = all_stored(&app.js, "ACC_ALERTS", "acc.alerts.>").await;
+    assert_eq!(on_bus.len(), 1, "{on_bus:?}");
+}
