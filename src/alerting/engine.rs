@@ -56,9 +56,14 @@ pub struct AlertState {
     pub notified_resolved: bool,
     /// When the escalation route was notified in this episode.
     pub escalated_at: Option<DateTime<Utc>>,
-    /// The escalation route was told of the resolution.
-    #[serde(default)]
+    /// The escalation route was told of the resolution. Reset when the alert resolves; states
+    /// stored before this field existed sent both resolutions together, hence the default.
+    #[serde(default = "stored_before_the_field")]
     pub notified_escalation_resolved: bool,
+}
+
+fn stored_before_the_field() -> bool {
+    true
 }
 
 /// The route a notification goes to.
@@ -315,6 +320,7 @@ impl Engine {
                 Phase::Firing => {
                     alert.phase = Phase::Resolved;
                     alert.resolved_at = Some(now);
+                    alert.notified_escalation_resolved = false;
                     outcome.changed.push(alert.clone());
                 }
                 Phase::Resolved => {
@@ -1004,5 +1010,56 @@ mod tests {
             sent(&out),
             [(Route::Warning, "warning".into(), "resolved".into())]
         );
+    }
+
+    #[test]
+    fn an_escalated_alert_tells_the_escalation_route_it_resolved_once() {
+        let rules = rules("0s");
+        let policy = Policy {
+            escalate_after: Duration::from_secs(0),
+            ..POLICY
+        };
+        let none = HashMap::new();
+        let mut engine = Engine::default();
+        run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(0),
+        );
+        // Resolves; the escalation's copy fails to send.
+        let out = engine.evaluate(&rules, &sample(1.0), &none, &[], policy, at(10));
+        let critical = out
+            .notifications
+            .iter()
+            .find(|n| n.route == Route::Critical)
+            .unwrap();
+        engine.confirm(critical).unwrap();
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            policy,
+            at(20),
+        );
+        assert_eq!(
+            sent(&out),
+            [(Route::Escalation, "critical".into(), "resolved".into())]
+        );
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            policy,
+            at(30),
+        );
+        assert!(out.notifications.is_empty());
     }
 }
