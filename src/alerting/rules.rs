@@ -78,7 +78,8 @@ pub struct Rule {
     /// How long the condition must hold before the alert fires ("0s", "1m").
     #[serde(rename = "for", default = "zero")]
     pub hold: String,
-    /// Fewest requests in the window for an endpoint to be judged (per-endpoint metrics).
+    /// Fewest requests in the window for an endpoint to be judged (per-endpoint metrics); below
+    /// it the endpoint's alerts keep their state (neither fire nor resolve).
     #[serde(default)]
     pub min_requests: u64,
     /// One line for people; `{endpoint}`, `{agent_id}`, `{value}` and `{threshold}` are
