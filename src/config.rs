@@ -833,16 +833,27 @@ fn parse_agent_list(setting: &'static str, raw: &str) -> Result<Vec<AgentId>, Co
     Ok(agents)
 }
 
-/// Comma-separated http(s) URLs (webhooks).
+/// Comma-separated http(s) URLs (webhooks). Errors never print the URL: webhook paths and
+/// queries often carry tokens, so they name the entry by position (and, when it parses, by
+/// scheme, host and port only).
 fn parse_urls(setting: &'static str, raw: &str) -> Result<Vec<url::Url>, ConfigError> {
     let mut urls = Vec::new();
-    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for (index, item) in raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .enumerate()
+    {
+        let n = index + 1;
         let url = url::Url::parse(item)
-            .map_err(|e| ConfigError::new(setting, format!("{item:?} is not a URL ({e})")))?;
+            .map_err(|e| ConfigError::new(setting, format!("entry {n} is not a URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(ConfigError::new(
                 setting,
-                format!("{item:?}: scheme must be http or https"),
+                format!(
+                    "entry {n} ({}): scheme must be http or https",
+                    crate::alerting::routes::redacted(&url)
+                ),
             ));
         }
         urls.push(url);
@@ -959,6 +970,30 @@ pub fn parse_bytes(setting: &'static str, raw: &str) -> Result<usize, ConfigErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_webhook_url_is_refused_without_printing_its_credentials() {
+        for raw in [
+            "ftp://user:hunter2@hooks.example.com/services/T0/B0/secret?token=abc",
+            "https://ok.example.com/hook, hooks.example.com/services/secret?token=abc",
+        ] {
+            let err = parse_urls("ALERT_WEBHOOKS_WARNING", raw).unwrap_err();
+            let shown = format!("{}: {}", err.setting, err.message);
+            for secret in ["hunter2", "user", "secret", "token", "abc", "services"] {
+                assert!(!shown.contains(secret), "{secret} leaked in {shown:?}");
+            }
+        }
+        let err = parse_urls(
+            "ALERT_WEBHOOKS_WARNING",
+            "ftp://user:pw@hooks.example.com/x",
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("ftp://hooks.example.com/"),
+            "{}",
+            err.message
+        );
+    }
 
     fn args(extra: &[&str]) -> ServeArgs {
         let mut argv = vec!["auto-com-center", "serve"];

@@ -4,8 +4,11 @@
 //! the error rate from here; the error rate counts server-side failures (5xx), as the plan
 //! defines it.
 //!
-//! Recording takes one uncontended mutex per endpoint and touches only that endpoint's current
-//! slice and its cumulative counters, so the request path stays cheap.
+//! Recording takes one mutex per endpoint (requests to the same route share it) and touches only
+//! that endpoint's current slice, a running sum of the window and its cumulative counters. Readers
+//! (`/health`, `/metrics`, snapshots) hold it only to clone the running sum, never to merge the
+//! slices, so they do not stall the request path; a slice leaving the window is subtracted from
+//! the sum once, on rotation.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -139,6 +142,8 @@ struct Window {
     slices: Vec<Slice>,
     current: usize,
     slice: Duration,
+    /// The sum of every slice still in the window (the slices' figures merged, kept current).
+    running: Slice,
     totals: Cumulative,
 }
 
@@ -148,20 +153,49 @@ impl Window {
             slices: (0..SLICES).map(|_| Slice::new(now)).collect(),
             current: 0,
             slice,
+            running: Slice::new(now),
             totals: Cumulative::default(),
         }
     }
 
-    /// Moves to a fresh slice when the current one is older than one slice.
-    fn rotate(&mut self, now: Instant) {
-        let age = now.saturating_duration_since(self.slices[self.current].started);
-        if age < self.slice {
+    /// Takes slice `index` out of the running sum and empties it, keeping its start.
+    fn expire(&mut self, index: usize) {
+        let slice = &mut self.slices[index];
+        if slice.requests == 0 {
             return;
         }
-        let steps = ((age.as_nanos() / self.slice.as_nanos()) as usize).min(SLICES);
-        for _ in 0..steps {
-            self.current = (self.current + 1) % SLICES;
-            self.slices[self.current].reset(now);
+        self.running
+            .latency
+            .subtract(&slice.latency)
+            .expect("the slice was added to the sum");
+        self.running.requests -= slice.requests;
+        self.running.client_errors -= slice.client_errors;
+        self.running.server_errors -= slice.server_errors;
+        let started = slice.started;
+        slice.reset(started);
+    }
+
+    /// Moves to a fresh slice when the current one is older than one slice, and takes slices
+    /// that left the window out of the running sum.
+    fn rotate(&mut self, now: Instant) {
+        let age = now.saturating_duration_since(self.slices[self.current].started);
+        if age >= self.slice {
+            let steps = ((age.as_nanos() / self.slice.as_nanos()) as usize).min(SLICES);
+            for _ in 0..steps {
+                self.current = (self.current + 1) % SLICES;
+                self.expire(self.current);
+                self.slices[self.current].reset(now);
+            }
+        }
+        // Slices start in ring order, oldest just after the current one; a slice can be older
+        // than the window while still in the ring when rotations came late.
+        let span = self.slice * SLICES as u32;
+        for k in 1..SLICES {
+            let index = (self.current + k) % SLICES;
+            if now.saturating_duration_since(self.slices[index].started) < span {
+                break;
+            }
+            self.expire(index);
         }
     }
 }
@@ -222,17 +256,19 @@ impl Stats {
         totals.count += 1;
         totals.sum_micros += micros;
         let current = window.current;
-        let slice = &mut window.slices[current];
-        slice.requests += 1;
-        match status {
-            400..=499 => slice.client_errors += 1,
-            500..=599 => slice.server_errors += 1,
-            _ => {}
+        let window = &mut *window;
+        for slice in [&mut window.slices[current], &mut window.running] {
+            slice.requests += 1;
+            match status {
+                400..=499 => slice.client_errors += 1,
+                500..=599 => slice.server_errors += 1,
+                _ => {}
+            }
+            slice
+                .latency
+                .record(micros)
+                .expect("value clamped into bounds");
         }
-        slice
-            .latency
-            .record(micros)
-            .expect("value clamped into bounds");
     }
 
     /// Counters of `endpoint` since start.
@@ -248,22 +284,18 @@ impl Stats {
     /// The window's figures and its merged latency histogram (µs), for snapshots.
     pub fn window_histogram(&self, endpoint: Endpoint) -> (WindowFigures, Histogram<u64>) {
         let now = Instant::now();
-        let mut merged = new_histogram();
-        let (mut requests, mut client_errors, mut server_errors) = (0, 0, 0);
-        {
+        // Under the lock: one clone of the running sum (no merging), then figures outside it.
+        let (merged, requests, client_errors, server_errors) = {
             let mut window = self.windows[endpoint.index()].lock().expect("not poisoned");
             window.rotate(now);
-            let span = window.slice * SLICES as u32;
-            for slice in &window.slices {
-                if now.saturating_duration_since(slice.started) >= span {
-                    continue;
-                }
-                merged.add(&slice.latency).expect("same bounds");
-                requests += slice.requests;
-                client_errors += slice.client_errors;
-                server_errors += slice.server_errors;
-            }
-        }
+            let running = &window.running;
+            (
+                running.latency.clone(),
+                running.requests,
+                running.client_errors,
+                running.server_errors,
+            )
+        };
         let ms = |q: f64| {
             if merged.is_empty() {
                 0.0
@@ -340,5 +372,49 @@ mod tests {
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(stats.figures(Endpoint::Register).requests, 0);
         assert_eq!(stats.cumulative(Endpoint::Register).count, 1);
+    }
+
+    /// Checks, at one instant, that the running sum equals the merge of the slices still in
+    /// the window (the way figures were computed before the running sum).
+    fn assert_running_matches_slices(stats: &Stats, endpoint: Endpoint, round: u64) {
+        let mut window = stats.windows[endpoint.index()].lock().unwrap();
+        let now = Instant::now();
+        window.rotate(now);
+        let span = window.slice * SLICES as u32;
+        let mut merged = new_histogram();
+        let (mut requests, mut server_errors) = (0, 0);
+        for slice in &window.slices {
+            if now.saturating_duration_since(slice.started) >= span {
+                continue;
+            }
+            merged.add(&slice.latency).unwrap();
+            requests += slice.requests;
+            server_errors += slice.server_errors;
+        }
+        let running = &window.running;
+        assert_eq!(running.requests, requests, "round {round}");
+        assert_eq!(running.server_errors, server_errors, "round {round}");
+        assert_eq!(running.latency, merged, "round {round}");
+    }
+
+    #[test]
+    fn the_running_window_agrees_with_its_slices_as_they_rotate_out() {
+        let stats = Stats::with_window(Duration::from_millis(300));
+        for round in 0..40u64 {
+            for i in 0..5 {
+                stats.record(
+                    Endpoint::Events,
+                    if i == 0 { 503 } else { 200 },
+                    Duration::from_micros(100 + round * 50 + i),
+                );
+            }
+            // Sometimes a gap longer than a slice, sometimes longer than the window.
+            std::thread::sleep(Duration::from_millis(match round {
+                10 => 120,
+                25 => 330,
+                _ => 10,
+            }));
+            assert_running_matches_slices(&stats, Endpoint::Events, round);
+        }
     }
 }

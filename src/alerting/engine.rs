@@ -56,6 +56,14 @@ pub struct AlertState {
     pub notified_resolved: bool,
     /// When the escalation route was notified in this episode.
     pub escalated_at: Option<DateTime<Utc>>,
+    /// The escalation route was told of the resolution. Reset when the alert resolves; states
+    /// stored before this field existed sent both resolutions together, hence the default.
+    #[serde(default = "stored_before_the_field")]
+    pub notified_escalation_resolved: bool,
+}
+
+fn stored_before_the_field() -> bool {
+    true
 }
 
 /// The route a notification goes to.
@@ -88,8 +96,22 @@ impl Route {
 pub struct Notification {
     pub route: Route,
     pub alert: AlertState,
-    /// A stable id for this notification (dedupe id on the bus).
+    /// A stable id for this notification (dedupe id on the bus); a retry of an unsent
+    /// notification gets the same key.
     pub key: String,
+    /// What [`Engine::confirm`] notes once it was sent.
+    pub effect: Effect,
+    /// The firing notification's number in its episode (first = 1; 0 for resolved).
+    pub count: u32,
+}
+
+/// What a sent notification changes in its alert's state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Effect {
+    Firing { at: DateTime<Utc> },
+    Escalated { at: DateTime<Utc> },
+    Resolved,
+    EscalationResolved,
 }
 
 /// A measured value for one rule and label set.
@@ -199,6 +221,8 @@ impl Engine {
         let mut outcome = Outcome::default();
         // Which alerts' conditions hold now, with their value; criticals first.
         let mut holding: Vec<Holding> = Vec::new();
+        // Every alert a sample spoke about, holding or not.
+        let mut judged = std::collections::HashSet::new();
         for sample in samples {
             let Some(rule) = rules.get(sample.rule) else {
                 continue;
@@ -208,6 +232,7 @@ impl Engine {
                 labels.insert("alertname".into(), rule.rule.name.clone());
                 labels.insert("severity".into(), severity.as_str().into());
                 let id = fingerprint(&rule.rule.name, severity, &labels);
+                judged.insert(id.clone());
                 if sample.value > threshold {
                     holding.push((id, sample.rule, severity, threshold, sample.value, labels));
                 } else if let Some(alert) = self.alerts.get_mut(&id) {
@@ -238,6 +263,7 @@ impl Engine {
                 firing_notifications: 0,
                 notified_resolved: false,
                 escalated_at: None,
+                notified_escalation_resolved: false,
             });
             if alert.phase == Phase::Resolved {
                 // A new episode of the same alert.
@@ -250,6 +276,7 @@ impl Engine {
                     firing_notifications: 0,
                     notified_resolved: false,
                     escalated_at: None,
+                    notified_escalation_resolved: false,
                     ..alert.clone()
                 };
                 outcome.changed.push(alert.clone());
@@ -270,10 +297,22 @@ impl Engine {
             }
         }
 
-        // Conditions that stopped: pending alerts are forgotten, firing ones resolve.
+        // Conditions that stopped: pending alerts are forgotten, firing ones resolve. An
+        // endpoint alert without a sample this round (figures unreadable, or too little
+        // traffic) is not judged: missing data keeps it as it is. An agent alert without a
+        // sample means the agent is no longer offline.
         let mut forget = Vec::new();
         for (id, alert) in self.alerts.iter_mut() {
             if holding_ids.contains(id) {
+                continue;
+            }
+            let unjudged = alert.phase != Phase::Resolved
+                && !judged.contains(id)
+                && rules
+                    .iter()
+                    .find(|r| r.rule.name == alert.rule)
+                    .is_some_and(|r| r.rule.metric.per_endpoint());
+            if unjudged {
                 continue;
             }
             match alert.phase {
@@ -281,6 +320,7 @@ impl Engine {
                 Phase::Firing => {
                     alert.phase = Phase::Resolved;
                     alert.resolved_at = Some(now);
+                    alert.notified_escalation_resolved = false;
                     outcome.changed.push(alert.clone());
                 }
                 Phase::Resolved => {
@@ -296,25 +336,24 @@ impl Engine {
             outcome.removed.push(id);
         }
 
-        // Notifications, criticals first so that inhibition sees them.
+        // Notifications, criticals first so that inhibition sees them. Nothing is marked as
+        // sent here: the caller sends each notification and calls [`Engine::confirm`] only when
+        // it went out, so a failed send stays owed for the next evaluation.
         let mut ids: Vec<String> = self.alerts.keys().cloned().collect();
         ids.sort_by_key(|id| {
             let a = &self.alerts[id];
             (std::cmp::Reverse(a.severity), a.id.clone())
         });
         for id in ids {
-            let inhibited = {
-                let alert = &self.alerts[&id];
-                alert.severity == Severity::Warning && self.critical_sibling_firing(alert)
-            };
-            let alert = self.alerts.get_mut(&id).expect("listed");
+            let alert = &self.alerts[&id];
+            let inhibited =
+                alert.severity == Severity::Warning && self.critical_sibling_firing(alert);
             let silenced = silences
                 .iter()
                 .any(|s| s.active(now) && s.matches(&alert.labels));
             let acked = acks
                 .get(&alert.id)
                 .is_some_and(|ack| ack.acked_at >= alert.active_since);
-            let before = alert.clone();
             match alert.phase {
                 Phase::Firing if !silenced && !inhibited => {
                     let due = match alert.notified_firing_at {
@@ -322,12 +361,10 @@ impl Engine {
                         Some(at) => since(now, at) >= policy.repeat_interval,
                     };
                     if due {
-                        alert.notified_firing_at = Some(now);
-                        alert.firing_notifications += 1;
                         outcome.notifications.push(notification(
                             Route::of(alert.severity),
                             alert,
-                            "firing",
+                            Effect::Firing { at: now },
                         ));
                     }
                     let escalate = alert.severity == Severity::Critical
@@ -337,40 +374,53 @@ impl Engine {
                             .fired_at
                             .is_some_and(|at| since(now, at) >= policy.escalate_after);
                     if escalate {
-                        alert.escalated_at = Some(now);
                         outcome.notifications.push(notification(
                             Route::Escalation,
                             alert,
-                            "firing",
+                            Effect::Escalated { at: now },
                         ));
                     }
                 }
-                Phase::Resolved
-                    if alert.notified_firing_at.is_some() && !alert.notified_resolved =>
-                {
-                    alert.notified_resolved = true;
-                    outcome.notifications.push(notification(
-                        Route::of(alert.severity),
-                        alert,
-                        "resolved",
-                    ));
-                    if alert.escalated_at.is_some() {
+                Phase::Resolved if alert.notified_firing_at.is_some() => {
+                    if !alert.notified_resolved {
+                        outcome.notifications.push(notification(
+                            Route::of(alert.severity),
+                            alert,
+                            Effect::Resolved,
+                        ));
+                    }
+                    if alert.escalated_at.is_some() && !alert.notified_escalation_resolved {
                         outcome.notifications.push(notification(
                             Route::Escalation,
                             alert,
-                            "resolved",
+                            Effect::EscalationResolved,
                         ));
                     }
                 }
                 _ => {}
             }
-            if *alert != before {
-                let alert = alert.clone();
-                outcome.changed.retain(|c| c.id != alert.id);
-                outcome.changed.push(alert);
-            }
         }
         outcome
+    }
+
+    /// Notes that `notification` was sent: call it only after a successful send. Returns the
+    /// alert's new state, to be stored, or `None` when the alert has moved on since (forgotten,
+    /// or a new episode), in which case nothing is noted.
+    pub fn confirm(&mut self, notification: &Notification) -> Option<AlertState> {
+        let alert = self.alerts.get_mut(&notification.alert.id)?;
+        if alert.active_since != notification.alert.active_since {
+            return None;
+        }
+        match notification.effect {
+            Effect::Firing { at } => {
+                alert.notified_firing_at = Some(at);
+                alert.firing_notifications = alert.firing_notifications.max(notification.count);
+            }
+            Effect::Escalated { at } => alert.escalated_at = Some(at),
+            Effect::Resolved => alert.notified_resolved = true,
+            Effect::EscalationResolved => alert.notified_escalation_resolved = true,
+        }
+        Some(alert.clone())
     }
 
     /// True when the critical alert of the same rule and labels is firing.
@@ -384,11 +434,11 @@ impl Engine {
     }
 }
 
-fn notification(route: Route, alert: &AlertState, status: &str) -> Notification {
-    let n = if status == "firing" {
-        alert.firing_notifications
-    } else {
-        0
+fn notification(route: Route, alert: &AlertState, effect: Effect) -> Notification {
+    let (status, n) = match effect {
+        Effect::Firing { .. } => ("firing", alert.firing_notifications + 1),
+        Effect::Escalated { .. } => ("firing", alert.firing_notifications),
+        Effect::Resolved | Effect::EscalationResolved => ("resolved", 0),
     };
     Notification {
         route,
@@ -400,6 +450,8 @@ fn notification(route: Route, alert: &AlertState, status: &str) -> Notification 
             alert.active_since.timestamp_millis(),
             route.as_str()
         ),
+        effect,
+        count: n,
     }
 }
 
@@ -465,6 +517,25 @@ mod tests {
         escalate_after: Duration::from_secs(600),
     };
 
+    /// One evaluation whose notifications all went out.
+    fn run(
+        engine: &mut Engine,
+        rules: &[CheckedRule],
+        samples: &[Sample],
+        acks: &HashMap<String, Ack>,
+        silences: &[Silence],
+        policy: Policy,
+        now: DateTime<Utc>,
+    ) -> Outcome {
+        let mut out = engine.evaluate(rules, samples, acks, silences, policy, now);
+        for n in out.notifications.clone() {
+            let alert = engine.confirm(&n).expect("alert still there");
+            out.changed.retain(|c| c.id != alert.id);
+            out.changed.push(alert);
+        }
+        out
+    }
+
     fn at(secs: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
     }
@@ -493,23 +564,71 @@ mod tests {
         let rules = rules("30s");
         let mut engine = Engine::default();
         let none = HashMap::new();
-        let out = engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(0));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(0),
+        );
         assert!(out.notifications.is_empty(), "pending does not notify");
-        let out = engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(10));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
         assert!(out.notifications.is_empty());
-        let out = engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(30));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(30),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Warning, "warning".into(), "firing".into())]
         );
-        let out = engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(40));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(40),
+        );
         assert!(out.notifications.is_empty(), "no duplicate while firing");
-        let out = engine.evaluate(&rules, &sample(5.0), &none, &[], POLICY, at(50));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(5.0),
+            &none,
+            &[],
+            POLICY,
+            at(50),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Warning, "warning".into(), "resolved".into())]
         );
-        let out = engine.evaluate(&rules, &sample(5.0), &none, &[], POLICY, at(60));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(5.0),
+            &none,
+            &[],
+            POLICY,
+            at(60),
+        );
         assert!(out.notifications.is_empty());
     }
 
@@ -518,8 +637,24 @@ mod tests {
         let rules = rules("30s");
         let mut engine = Engine::default();
         let none = HashMap::new();
-        engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(0));
-        let out = engine.evaluate(&rules, &sample(1.0), &none, &[], POLICY, at(10));
+        run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(0),
+        );
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
         assert!(out.notifications.is_empty());
         assert_eq!(out.removed.len(), 1);
         assert!(engine.alerts.is_empty());
@@ -534,18 +669,42 @@ mod tests {
         };
         let mut engine = Engine::default();
         let none = HashMap::new();
-        let out = engine.evaluate(&rules, &sample(25.0), &none, &[], policy, at(0));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(0),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Critical, "critical".into(), "firing".into())]
         );
-        let out = engine.evaluate(&rules, &sample(25.0), &none, &[], policy, at(3600));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(3600),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Critical, "critical".into(), "firing".into())]
         );
         // Falls below critical: the critical resolves and the warning, no longer inhibited, fires.
-        let out = engine.evaluate(&rules, &sample(15.0), &none, &[], policy, at(3601));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            policy,
+            at(3601),
+        );
         let mut got = sent(&out);
         got.sort_by_key(|g| g.1.clone());
         assert_eq!(
@@ -566,17 +725,49 @@ mod tests {
         };
         let none = HashMap::new();
         let mut engine = Engine::default();
-        engine.evaluate(&rules, &sample(25.0), &none, &[], policy, at(0));
-        let out = engine.evaluate(&rules, &sample(25.0), &none, &[], policy, at(59));
+        run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(0),
+        );
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(59),
+        );
         assert!(out.notifications.is_empty());
-        let out = engine.evaluate(&rules, &sample(25.0), &none, &[], policy, at(60));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(60),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Escalation, "critical".into(), "firing".into())]
         );
 
         let mut engine = Engine::default();
-        engine.evaluate(&rules, &sample(25.0), &none, &[], policy, at(0));
+        run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(0),
+        );
         let id = engine
             .alerts
             .values()
@@ -592,7 +783,15 @@ mod tests {
                 acked_at: at(30),
             },
         )]);
-        let out = engine.evaluate(&rules, &sample(25.0), &acks, &[], policy, at(120));
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &acks,
+            &[],
+            policy,
+            at(120),
+        );
         assert!(out.notifications.is_empty(), "acknowledged: no escalation");
     }
 
@@ -609,7 +808,8 @@ mod tests {
             comment: String::new(),
         };
         let mut engine = Engine::default();
-        let out = engine.evaluate(
+        let out = run(
+            &mut engine,
             &rules,
             &sample(15.0),
             &none,
@@ -618,7 +818,8 @@ mod tests {
             at(0),
         );
         assert!(out.notifications.is_empty());
-        let out = engine.evaluate(
+        let out = run(
+            &mut engine,
             &rules,
             &sample(15.0),
             &none,
@@ -637,15 +838,228 @@ mod tests {
         let rules = rules("0s");
         let none = HashMap::new();
         let mut first = Engine::default();
-        let out = first.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(0));
+        let out = run(&mut first, &rules, &sample(15.0), &none, &[], POLICY, at(0));
         assert_eq!(out.notifications.len(), 1);
         let mut second = Engine::from_states(out.changed);
-        let out = second.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(10));
+        let out = run(
+            &mut second,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
         assert!(out.notifications.is_empty());
-        let out = second.evaluate(&rules, &sample(1.0), &none, &[], POLICY, at(20));
+        let out = run(
+            &mut second,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            POLICY,
+            at(20),
+        );
         assert_eq!(
             sent(&out),
             [(Route::Warning, "warning".into(), "resolved".into())]
         );
+    }
+
+    #[test]
+    fn an_unconfirmed_notification_stays_owed_and_keeps_its_key() {
+        let rules = rules("0s");
+        let none = HashMap::new();
+        let mut engine = Engine::default();
+        // A brand-new alert fires in its first round (for: 0s); the send fails.
+        let failed = engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(0));
+        assert_eq!(failed.notifications.len(), 1);
+        let again = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
+        assert_eq!(
+            again.notifications.len(),
+            1,
+            "still owed after a failed send"
+        );
+        assert_eq!(again.notifications[0].key, failed.notifications[0].key);
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(20),
+        );
+        assert!(out.notifications.is_empty(), "sent once, not again");
+    }
+
+    #[test]
+    fn of_two_notifications_only_the_unconfirmed_one_is_owed_again() {
+        let rules = rules("0s");
+        let policy = Policy {
+            escalate_after: Duration::from_secs(0),
+            ..POLICY
+        };
+        let none = HashMap::new();
+        let mut engine = Engine::default();
+        let out = engine.evaluate(&rules, &sample(25.0), &none, &[], policy, at(0));
+        assert_eq!(
+            sent(&out),
+            [
+                (Route::Critical, "critical".into(), "firing".into()),
+                (Route::Escalation, "critical".into(), "firing".into())
+            ]
+        );
+        // The critical route went out, the escalation did not.
+        engine.confirm(&out.notifications[0]).unwrap();
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(10),
+        );
+        assert_eq!(
+            sent(&out),
+            [(Route::Escalation, "critical".into(), "firing".into())]
+        );
+    }
+
+    #[test]
+    fn a_refiring_alert_owes_its_new_episode_even_if_the_first_send_fails() {
+        let rules = rules("0s");
+        let none = HashMap::new();
+        let mut engine = Engine::default();
+        run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(0),
+        );
+        run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            POLICY,
+            at(10),
+        );
+        // Fires again while stored as resolved; this send fails.
+        let failed = engine.evaluate(&rules, &sample(15.0), &none, &[], POLICY, at(20));
+        assert_eq!(failed.notifications.len(), 1);
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(30),
+        );
+        assert_eq!(
+            sent(&out),
+            [(Route::Warning, "warning".into(), "firing".into())]
+        );
+    }
+
+    #[test]
+    fn missing_endpoint_figures_neither_resolve_nor_fire() {
+        let rules = rules("0s");
+        let none = HashMap::new();
+        let mut engine = Engine::default();
+        run(
+            &mut engine,
+            &rules,
+            &sample(15.0),
+            &none,
+            &[],
+            POLICY,
+            at(0),
+        );
+        // No figures (bus hiccup, or below min_requests): no sample at all.
+        let out = run(&mut engine, &rules, &[], &none, &[], POLICY, at(10));
+        assert!(out.notifications.is_empty(), "no data is not resolved");
+        assert!(
+            engine.alerts.values().all(|a| a.phase == Phase::Firing),
+            "still firing"
+        );
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            POLICY,
+            at(20),
+        );
+        assert_eq!(
+            sent(&out),
+            [(Route::Warning, "warning".into(), "resolved".into())]
+        );
+    }
+
+    #[test]
+    fn an_escalated_alert_tells_the_escalation_route_it_resolved_once() {
+        let rules = rules("0s");
+        let policy = Policy {
+            escalate_after: Duration::from_secs(0),
+            ..POLICY
+        };
+        let none = HashMap::new();
+        let mut engine = Engine::default();
+        run(
+            &mut engine,
+            &rules,
+            &sample(25.0),
+            &none,
+            &[],
+            policy,
+            at(0),
+        );
+        // Resolves; the escalation's copy fails to send.
+        let out = engine.evaluate(&rules, &sample(1.0), &none, &[], policy, at(10));
+        let critical = out
+            .notifications
+            .iter()
+            .find(|n| n.route == Route::Critical)
+            .unwrap();
+        engine.confirm(critical).unwrap();
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            policy,
+            at(20),
+        );
+        assert_eq!(
+            sent(&out),
+            [(Route::Escalation, "critical".into(), "resolved".into())]
+        );
+        let out = run(
+            &mut engine,
+            &rules,
+            &sample(1.0),
+            &none,
+            &[],
+            policy,
+            at(30),
+        );
+        assert!(out.notifications.is_empty());
     }
 }

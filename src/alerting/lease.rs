@@ -5,6 +5,11 @@
 //!
 //! Expiry compares wall clocks of the replicas: keep them in sync (NTP), and keep the TTL well
 //! above the skew.
+//!
+//! Fencing: the holder also keeps a local deadline on its monotonic clock — when its last
+//! successful renewal *started*, plus the TTL, minus a margin ([`Fence`]). Past it (renewals
+//! failing, the process stalled), [`Lease::acting`] is false and the worker sends and stores
+//! nothing until a renewal succeeds, because another replica may have taken over by then.
 
 use std::time::Duration;
 
@@ -22,12 +27,38 @@ pub struct LeaseRecord {
     pub expires_at: DateTime<Utc>,
 }
 
+/// The share of the TTL kept as a safety margin before the local deadline.
+const MARGIN_DIVISOR: u32 = 4;
+
+/// The local deadline of a held lease, on the monotonic clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fence {
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Fence {
+    /// A renewal that started at `started` succeeded.
+    pub fn renewed(&mut self, started: tokio::time::Instant, ttl: Duration) {
+        self.deadline = Some(started + ttl - ttl / MARGIN_DIVISOR);
+    }
+
+    pub fn lost(&mut self) {
+        self.deadline = None;
+    }
+
+    /// True while the lease is surely still ours at `now`.
+    pub fn allows(&self, now: tokio::time::Instant) -> bool {
+        self.deadline.is_some_and(|deadline| now < deadline)
+    }
+}
+
 /// This replica's view of the lease.
 pub struct Lease {
     kv: Store,
     holder: String,
     ttl: Duration,
     held: bool,
+    fence: Fence,
 }
 
 impl Lease {
@@ -37,6 +68,7 @@ impl Lease {
             holder,
             ttl,
             held: false,
+            fence: Fence::default(),
         }
     }
 
@@ -46,6 +78,7 @@ impl Lease {
 
     /// Takes or renews the lease; true while this replica holds it.
     pub async fn acquire(&mut self) -> bool {
+        let started = tokio::time::Instant::now();
         let held = self.try_acquire().await.unwrap_or_else(|err| {
             tracing::warn!(error = %err, "alerting lease: cannot reach the bucket");
             false
@@ -58,7 +91,18 @@ impl Lease {
             }
         }
         self.held = held;
+        if held {
+            self.fence.renewed(started, self.ttl);
+        } else {
+            self.fence.lost();
+        }
         held
+    }
+
+    /// True while this replica may act: it holds the lease and its local deadline has not
+    /// passed. Checked before every send and store.
+    pub fn acting(&self) -> bool {
+        self.held && self.fence.allows(tokio::time::Instant::now())
     }
 
     async fn try_acquire(&self) -> Result<bool, async_nats::Error> {
@@ -90,6 +134,7 @@ impl Lease {
             return;
         }
         self.held = false;
+        self.fence.lost();
         let Ok(Some(entry)) = self.kv.entry(KEY).await else {
             return;
         };
@@ -104,5 +149,28 @@ impl Lease {
                 let _ = self.kv.update(KEY, value.into(), entry.revision).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fence_closes_before_the_ttl_runs_out() {
+        let ttl = Duration::from_secs(8);
+        let start = tokio::time::Instant::now();
+        let mut fence = Fence::default();
+        assert!(!fence.allows(start), "never renewed");
+        fence.renewed(start, ttl);
+        assert!(fence.allows(start + Duration::from_secs(5)));
+        assert!(
+            !fence.allows(start + Duration::from_secs(6)),
+            "past TTL minus the margin"
+        );
+        fence.renewed(start + Duration::from_secs(5), ttl);
+        assert!(fence.allows(start + Duration::from_secs(10)));
+        fence.lost();
+        assert!(!fence.allows(start + Duration::from_secs(10)));
     }
 }

@@ -9,10 +9,13 @@
 //! - [`lease`]: one acting replica at a time.
 //! - [`store`]: alert states, acknowledgements and silences in the `acc_alerting` bucket.
 //!
-//! Order per notification: send (the bus first), then store what was sent. A replica that
-//! takes over loads the stored states and so does not re-send; the only window for a repeat is
-//! a crash between sending and storing (at least once, never lost), and the bus copy is
-//! deduplicated even then.
+//! Order per notification: send (the bus first), and only once the bus acknowledged it note
+//! it as sent ([`Engine::confirm`]); then store. A failed send stays owed and goes out at the
+//! next evaluation under the same dedupe id. A replica that takes over loads the stored states
+//! and so does not re-send; a crash between sending and storing can repeat a notification (the
+//! bus copy is deduplicated even then, a webhook may see it twice). Webhook retries live in
+//! memory only; the copy on `ACC_ALERTS` is the durable record. Past the lease's local
+//! deadline nothing is sent or stored ([`lease::Fence`]).
 
 pub mod engine;
 pub mod lease;
@@ -33,7 +36,7 @@ use crate::config::AlertingSettings;
 use crate::metrics::STALE_AFTER_INTERVALS;
 use crate::metrics::snapshot::{FleetEndpoint, FleetSnapshot, merge};
 use crate::metrics::worker::{agent_records, replica_snapshots};
-use engine::{Engine, Policy, Sample};
+use engine::{Engine, Notification, Outcome, Policy, Sample};
 use lease::Lease;
 use routes::Notifier;
 use rules::{CheckedRule, Metric};
@@ -70,6 +73,8 @@ pub async fn run(
         tokio::select! {
             () = stop.cancelled() => {
                 lease.release().await;
+                // Bounded by SHUTDOWN_TIMEOUT: the app aborts the role past it.
+                notifier.finish_deliveries().await;
                 return Ok(());
             }
             _ = ticker.tick() => {}
@@ -92,22 +97,27 @@ pub async fn run(
             continue;
         }
         next_eval = tokio::time::Instant::now() + settings.eval_interval;
-        let Some(engine) = engine.as_mut() else {
+        let Some(acting) = engine.as_mut() else {
             continue;
         };
         if let Err(err) = evaluate(
-            engine,
+            acting,
             &settings.rules,
             &js,
             &agents,
             &kv,
             &notifier,
+            &lease,
             policy,
             snapshot_interval,
         )
         .await
         {
             tracing::warn!(error = ?err, "alert evaluation failed; next interval");
+            if !lease.acting() {
+                // Possibly sent without storing: reload the stored states when acting again.
+                engine = None;
+            }
         }
     }
 }
@@ -121,6 +131,7 @@ async fn evaluate(
     agents: &Store,
     kv: &Store,
     notifier: &Notifier,
+    lease: &Lease,
     policy: Policy,
     snapshot_interval: Duration,
 ) -> anyhow::Result<()> {
@@ -139,27 +150,16 @@ async fn evaluate(
     let acks = store::acks(kv).await?;
     let silences = store::silences(kv).await?;
     let now = Utc::now();
-    let before = engine.alerts.clone();
     let mut outcome = engine.evaluate(rules, &samples, &acks, &silences, policy, now);
-    for notification in &outcome.notifications {
-        if let Err(err) = notifier.send(notification).await {
-            // Not sent: put back what the engine noted as sent, so the next round owes it again.
-            tracing::warn!(error = %err, alert_id = %notification.alert.id, "notification not sent; will retry");
-            let id = &notification.alert.id;
-            if let (Some(alert), Some(old)) = (engine.alerts.get_mut(id), before.get(id)) {
-                alert.notified_firing_at = old.notified_firing_at;
-                alert.firing_notifications = old.firing_notifications;
-                alert.notified_resolved = old.notified_resolved;
-                alert.escalated_at = old.escalated_at;
-                outcome.changed.retain(|c| &c.id != id);
-                outcome.changed.push(alert.clone());
-            }
-        }
-    }
+    dispatch(engine, &mut outcome, &mut { notifier }, || lease.acting()).await;
+    // Fencing: past the lease's local deadline another replica may act; store nothing.
+    let fenced = || anyhow::anyhow!("alerting lease deadline passed; not storing until renewed");
     for alert in &outcome.changed {
+        anyhow::ensure!(lease.acting(), fenced());
         store::put_alert(kv, alert).await?;
     }
     for id in &outcome.removed {
+        anyhow::ensure!(lease.acting(), fenced());
         store::delete_alert(kv, id).await?;
     }
     // Silences that ended long ago are only clutter.
@@ -174,6 +174,59 @@ async fn evaluate(
     Ok(())
 }
 
+/// Where [`dispatch`] sends notifications: the [`Notifier`], or a test's stand-in.
+pub trait Sink {
+    type Error: std::fmt::Display;
+    fn send(
+        &mut self,
+        notification: &Notification,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send;
+}
+
+impl Sink for &Notifier {
+    type Error = crate::bus::PublishFailure;
+    fn send(
+        &mut self,
+        notification: &Notification,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        Notifier::send(self, notification)
+    }
+}
+
+/// Sends each notification of `outcome` through `send` and notes in the engine only those
+/// that went out, adding their new state to what must be stored. A failed send stays owed, so
+/// the next evaluation sends it again (with the same key); the others are not repeated.
+/// Stops sending once `acting` says the lease's local deadline has passed. Returns how many
+/// were sent.
+pub async fn dispatch(
+    engine: &mut Engine,
+    outcome: &mut Outcome,
+    sink: &mut impl Sink,
+    acting: impl Fn() -> bool,
+) -> usize {
+    let mut sent = 0;
+    for notification in &outcome.notifications {
+        if !acting() {
+            tracing::warn!("alerting lease deadline passed; sending nothing until renewed");
+            break;
+        }
+        match sink.send(notification).await {
+            Ok(()) => {
+                sent += 1;
+                if let Some(alert) = engine.confirm(notification) {
+                    outcome.changed.retain(|c| c.id != alert.id);
+                    outcome.changed.push(alert);
+                }
+            }
+            Err(err) => tracing::warn!(
+                error = %err, alert_id = %notification.alert.id,
+                "notification not sent; owed again next evaluation"
+            ),
+        }
+    }
+    sent
+}
+
 /// The last fleet snapshot, when younger than `max_age`.
 async fn latest_fleet(
     js: &async_nats::jetstream::Context,
@@ -185,14 +238,14 @@ async fn latest_fleet(
         .await
         .ok()?;
     let fleet: FleetSnapshot = serde_json::from_slice(&message.payload).ok()?;
-    let age = (Utc::now() - fleet.generated_at)
-        .to_std()
-        .unwrap_or_default();
-    (age <= max_age).then_some(fleet)
+    // The server's stamp, not the producer's `generated_at`.
+    (crate::metrics::stored_age(&message) <= max_age).then_some(fleet)
 }
 
 /// Samples of the per-endpoint rules. Endpoints with less traffic than a rule's
-/// `min_requests` (at least one request) are not judged: no traffic is no data, not "fast".
+/// `min_requests` (at least one request) get no sample, nor does any endpoint when the figures
+/// could not be read (`None`): no data is not "fast", so the engine keeps those endpoints'
+/// alerts as they are (neither fires nor resolves them).
 pub fn endpoint_samples(
     rules: &[CheckedRule],
     endpoints: Option<&BTreeMap<String, FleetEndpoint>>,
@@ -254,4 +307,73 @@ async fn agent_samples(rules: &[CheckedRule], agents: &Store) -> anyhow::Result<
         }
     }
     Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::alerting::rules::{RuleFile, check, defaults};
+
+    #[tokio::test]
+    async fn a_notification_that_failed_to_send_is_delivered_exactly_once_after_recovery() {
+        // The plan's defaults: AgentOffline fires in its first round (for: 0s).
+        let rules = check(RuleFile {
+            rules: defaults()
+                .rules
+                .into_iter()
+                .filter(|r| r.name == "AgentOffline")
+                .collect(),
+        })
+        .unwrap();
+        let offline = vec![Sample {
+            rule: 0,
+            labels: BTreeMap::from([("agent_id".to_owned(), "agent-1".to_owned())]),
+            value: 400.0,
+        }];
+        let policy = Policy {
+            repeat_interval: Duration::from_secs(3600),
+            escalate_after: Duration::from_secs(3600),
+        };
+        let mut engine = Engine::default();
+        struct Flaky {
+            up: bool,
+            delivered: Vec<String>,
+        }
+        impl Sink for Flaky {
+            type Error = &'static str;
+            fn send(
+                &mut self,
+                n: &Notification,
+            ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+                let result = if self.up {
+                    self.delivered.push(n.key.clone());
+                    Ok(())
+                } else {
+                    Err("bus down")
+                };
+                std::future::ready(result)
+            }
+        }
+        let mut sink = Flaky {
+            up: false,
+            delivered: Vec::new(),
+        };
+        let start = Utc::now();
+        for round in 0..4 {
+            let now = start + chrono::Duration::seconds(round * 10);
+            let mut outcome = engine.evaluate(&rules, &offline, &HashMap::new(), &[], policy, now);
+            dispatch(&mut engine, &mut outcome, &mut sink, || true).await;
+            // Stored state: what a replica taking over would load.
+            engine = Engine::from_states(engine.alerts.values().cloned());
+            sink.up = round >= 1;
+        }
+        assert_eq!(
+            sink.delivered.len(),
+            1,
+            "exactly once: {:?}",
+            sink.delivered
+        );
+    }
 }

@@ -2,7 +2,9 @@
 //! (stream `ACC_ALERTS`); the route's webhooks then get the same body by POST, in
 //! Alertmanager's webhook format (version 4) so existing receivers work. Webhook deliveries
 //! retry with exponential backoff, a bounded number of times, in the background: a slow
-//! receiver never holds up evaluation.
+//! receiver never holds up evaluation. The background deliveries are tracked: a graceful stop
+//! waits for them (within `SHUTDOWN_TIMEOUT`, after which they are abandoned). They live in
+//! memory only; the bus copy is the durable record.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,6 +33,8 @@ pub struct Notifier {
     http: reqwest::Client,
     webhooks: BTreeMap<&'static str, Vec<url::Url>>,
     external_url: String,
+    /// Webhook deliveries still running, so a graceful stop can wait for them.
+    deliveries: tokio_util::task::TaskTracker,
 }
 
 impl Notifier {
@@ -49,7 +53,20 @@ impl Notifier {
             http,
             webhooks,
             external_url: settings.external_url.clone(),
+            deliveries: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Waits for the webhook deliveries still running (graceful stop); no new ones start.
+    pub async fn finish_deliveries(&self) {
+        self.deliveries.close();
+        if !self.deliveries.is_empty() {
+            tracing::info!(
+                pending = self.deliveries.len(),
+                "waiting for alert webhook deliveries"
+            );
+        }
+        self.deliveries.wait().await;
     }
 
     /// Logs, stores on the bus, then hands webhook deliveries to the background. `Err` when the
@@ -89,7 +106,8 @@ impl Notifier {
             .flatten()
         {
             let (http, url, bytes) = (self.http.clone(), url.clone(), bytes.clone());
-            tokio::spawn(async move { deliver(http, url, bytes).await });
+            self.deliveries
+                .spawn(async move { deliver(http, url, bytes).await });
         }
         Ok(())
     }
@@ -105,7 +123,7 @@ fn status(notification: &Notification) -> &'static str {
 
 /// The part of a webhook URL fit for logs: paths and queries of webhook URLs often carry
 /// tokens (Slack, Teams, PagerDuty), so only the scheme, host and port are shown.
-fn redacted(url: &url::Url) -> String {
+pub fn redacted(url: &url::Url) -> String {
     match (url.host_str(), url.port()) {
         (Some(host), Some(port)) => format!("{}://{host}:{port}/…", url.scheme()),
         (Some(host), None) => format!("{}://{host}/…", url.scheme()),

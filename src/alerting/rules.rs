@@ -78,7 +78,8 @@ pub struct Rule {
     /// How long the condition must hold before the alert fires ("0s", "1m").
     #[serde(rename = "for", default = "zero")]
     pub hold: String,
-    /// Fewest requests in the window for an endpoint to be judged (per-endpoint metrics).
+    /// Fewest requests in the window for an endpoint to be judged (per-endpoint metrics); below
+    /// it the endpoint's alerts keep their state (neither fire nor resolve).
     #[serde(default)]
     pub min_requests: u64,
     /// One line for people; `{endpoint}`, `{agent_id}`, `{value}` and `{threshold}` are
@@ -203,6 +204,20 @@ pub fn check(file: RuleFile) -> Result<Vec<CheckedRule>, String> {
                 "rule {name}: agents selects agents, this metric is per endpoint"
             ));
         }
+        if let Some(unknown) = rule.endpoints.iter().find(|e| {
+            !crate::stats::Endpoint::ALL
+                .iter()
+                .any(|k| k.name() == e.as_str())
+        }) {
+            let known: Vec<&str> = crate::stats::Endpoint::ALL
+                .iter()
+                .map(|e| e.name())
+                .collect();
+            return Err(format!(
+                "rule {name}: unknown endpoint {unknown:?} (known: {})",
+                known.join(", ")
+            ));
+        }
         if !rule.metric.per_endpoint() && !rule.endpoints.is_empty() {
             return Err(format!(
                 "rule {name}: endpoints selects endpoints, this metric is per agent"
@@ -232,6 +247,21 @@ pub fn load(path: Option<&std::path::Path>) -> Result<Vec<CheckedRule>, String> 
     check(file)
 }
 
+/// `value` as a literal inside a PromQL double-quoted regex matcher: regex metacharacters are
+/// escaped, and every backslash doubled for the PromQL string.
+fn regex_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push_str("\\\\");
+        } else if c == '"' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// A threshold as Prometheus and people read it.
 fn number(value: f64) -> String {
     format!("{value}")
@@ -249,7 +279,8 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
             if values.is_empty() {
                 String::new()
             } else {
-                format!("{label}=~\"{}\"", values.join("|"))
+                let alternatives: Vec<String> = values.iter().map(|v| regex_escape(v)).collect();
+                format!("{label}=~\"{}\"", alternatives.join("|"))
             }
         };
         for (severity, threshold) in checked.thresholds().into_iter().rev() {
@@ -296,18 +327,12 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
                     number(threshold)
                 )
                 .replace("acc_fleet_error_rate{}", "acc_fleet_error_rate"),
-                Metric::AgentOfflineSeconds => {
-                    let agents = selector("agent_id", &rule.agents);
-                    let sel = if agents.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{{{agents}}}")
-                    };
-                    format!(
-                        "time() - max by (agent_id) (acc_agent_offline_last_seen_timestamp_seconds{sel}) > {}",
-                        number(threshold)
-                    )
-                }
+                // `/metrics` carries no agent ids (they are admin-only), so the export watches
+                // the oldest offline agent of the fleet; an `agents` selector cannot apply there.
+                Metric::AgentOfflineSeconds => format!(
+                    "time() - min(acc_agents_offline_oldest_last_seen_timestamp_seconds) > {}",
+                    number(threshold)
+                ),
             };
             let hold = if checked.hold.is_zero() {
                 "0s".to_owned()
@@ -374,5 +399,25 @@ mod tests {
         file.rules[1].warning = None;
         file.rules[1].critical = None;
         assert!(check(file).is_err());
+    }
+
+    #[test]
+    fn a_misspelt_endpoint_is_refused_naming_the_rule() {
+        let mut file = defaults();
+        file.rules[0].endpoints = vec!["register".into(), "heartbaet".into()];
+        let err = check(file).unwrap_err();
+        assert!(err.contains("EndpointLatencyP95High"), "{err}");
+        assert!(err.contains("heartbaet"), "{err}");
+        let mut file = defaults();
+        file.rules[0].endpoints = vec!["register".into(), "task_callback".into()];
+        assert!(check(file).is_ok());
+    }
+
+    #[test]
+    fn exported_selectors_match_names_literally() {
+        assert_eq!(regex_escape("task_callback"), "task_callback");
+        // In the PromQL string `\\.` is the regex `\.`: a literal dot.
+        assert_eq!(regex_escape("a.b|c"), "a\\\\.b\\\\|c");
+        assert_eq!(regex_escape("q\"x"), "q\\\"x");
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! `/health` is `degraded` (503) when p95 latency of register or heartbeat exceeds 120 ms, when
 //! their server-side error rate exceeds 1 % (the plan's rules, over the stats window), or when the
-//! bus is disconnected. The figures are the fleet's (every ingress replica merged by the
-//! metrics worker) while a fresh fleet snapshot is known, else this replica's own; `source`
-//! in the body says which.
+//! bus is disconnected. The status judges this replica's own figures only, so that a load
+//! balancer pulls a slow replica rather than all of them at once; while a fresh fleet snapshot
+//! is known (every ingress merged by the metrics worker), its figures are added under `fleet`
+//! for information.
 
 use async_nats::connection::State as ConnectionState;
 use axum::extract::State;
@@ -32,19 +33,14 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let fleet = state.fleet.latest();
-    let figures = |endpoint: Endpoint| -> (f64, f64) {
-        let from_fleet = fleet
-            .as_ref()
-            .and_then(|f| f.endpoints.get(endpoint.name()))
-            .map(|f| (f.p95_ms, f.error_rate));
-        from_fleet.unwrap_or_else(|| {
-            let own = state.stats.figures(endpoint);
-            (own.p95_ms, own.error_rate())
-        })
+    // The status code judges this replica only: a load balancer pulls the replica that answers
+    // 503, so a fleet-wide figure must not make every replica degraded at once.
+    let own = |endpoint: Endpoint| -> (f64, f64) {
+        let own = state.stats.figures(endpoint);
+        (own.p95_ms, own.error_rate())
     };
-    let (register_p95, register_errors) = figures(Endpoint::Register);
-    let (heartbeat_p95, heartbeat_errors) = figures(Endpoint::Heartbeat);
+    let (register_p95, register_errors) = own(Endpoint::Register);
+    let (heartbeat_p95, heartbeat_errors) = own(Endpoint::Heartbeat);
     let connected = state.client.connection_state() == ConnectionState::Connected;
     let degraded = !connected
         || [
@@ -64,11 +60,28 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "p95_latency_heartbeat": heartbeat_p95,
             "error_rate_register": register_errors,
             "error_rate_heartbeat": heartbeat_errors,
-            "source": if fleet.is_some() { "fleet" } else { "replica" },
+            "source": "replica",
         },
         "bus": { "connected": connected },
         "refusals": state.limits.refusals.to_json(),
     }));
+    // The fleet's figures (every ingress merged by the metrics worker), for information only.
+    if let Some(fleet) = state.fleet.latest() {
+        let figures = |endpoint: Endpoint| {
+            fleet
+                .endpoints
+                .get(endpoint.name())
+                .map(|f| (f.p95_ms, f.error_rate))
+        };
+        let (register, heartbeat) = (figures(Endpoint::Register), figures(Endpoint::Heartbeat));
+        body["fleet"] = json!({
+            "generated_at": fleet.generated_at,
+            "p95_latency_register": register.map(|f| f.0),
+            "p95_latency_heartbeat": heartbeat.map(|f| f.0),
+            "error_rate_register": register.map(|f| f.1),
+            "error_rate_heartbeat": heartbeat.map(|f| f.1),
+        });
+    }
     if let Some(door) = &state.door {
         body["door"] = json!({ "admitted": door.admitted(), "rejected": door.rejections() });
     }

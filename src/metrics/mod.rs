@@ -119,8 +119,7 @@ impl FleetView {
                 .await
             {
                 if let Ok(snapshot) = serde_json::from_slice::<FleetSnapshot>(&message.payload) {
-                    let age = chrono::Utc::now() - snapshot.generated_at;
-                    if age.to_std().is_ok_and(|age| age <= self.max_age) {
+                    if stored_age(&message) <= self.max_age {
                         self.set(snapshot);
                     }
                 }
@@ -137,5 +136,54 @@ impl FleetView {
                 Err(err) => tracing::warn!(error = %err, "unreadable fleet snapshot"),
             }
         }
+    }
+}
+
+/// How long ago the bus stored `message`, by the server-assigned timestamp rather than one the
+/// producer wrote into the payload: a producer with a clock ahead (or a bogus timestamp) cannot
+/// make an old message look fresh. A stamp ahead of our clock by more than [`MAX_SKEW`] counts
+/// as stale (`Duration::MAX`).
+pub fn stored_age(message: &async_nats::jetstream::message::StreamMessage) -> Duration {
+    let nanos = message.time.unix_timestamp_nanos();
+    let stored = chrono::DateTime::from_timestamp_nanos(
+        nanos.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
+    );
+    age_since(chrono::Utc::now(), stored)
+}
+
+/// Clock disagreement between this process and the NATS server tolerated in [`stored_age`].
+pub const MAX_SKEW: Duration = Duration::from_secs(5);
+
+/// `now - then`, with a `then` more than [`MAX_SKEW`] in the future treated as stale.
+pub fn age_since(
+    now: chrono::DateTime<chrono::Utc>,
+    then: chrono::DateTime<chrono::Utc>,
+) -> Duration {
+    match (now - then).to_std() {
+        Ok(age) => age,
+        Err(_) if (then - now).to_std().is_ok_and(|ahead| ahead <= MAX_SKEW) => Duration::ZERO,
+        Err(_) => Duration::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_freshness_treats_a_future_timestamp_as_stale() {
+        let now = chrono::Utc::now();
+        assert_eq!(
+            age_since(now, now - chrono::Duration::seconds(3)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            age_since(now, now + chrono::Duration::seconds(2)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            age_since(now, now + chrono::Duration::hours(1)),
+            Duration::MAX
+        );
     }
 }

@@ -35,7 +35,7 @@ pub const FAMILIES: &[&str] = &[
     "acc_consumer_ack_pending",
     "acc_consumer_redelivered",
     "acc_agents",
-    "acc_agent_offline_last_seen_timestamp_seconds",
+    "acc_agents_offline_oldest_last_seen_timestamp_seconds",
     "process_resident_memory_bytes",
     "process_virtual_memory_bytes",
     "process_cpu_seconds_total",
@@ -299,18 +299,20 @@ fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
     ] {
         let _ = writeln!(out, "acc_agents{{status=\"{status}\"}} {count}");
     }
+    // No per-agent series: `/metrics` is unauthenticated, and agent ids (which the agents
+    // list keeps behind the admin scope) would also make the label set unbounded.
     header(
         out,
-        "acc_agent_offline_last_seen_timestamp_seconds",
+        "acc_agents_offline_oldest_last_seen_timestamp_seconds",
         "gauge",
-        "Last heartbeat of each agent the registry has marked offline.",
+        "Oldest last heartbeat among the agents the registry has marked offline.",
     );
-    for agent in &bus.offline_agents {
+    // No sample while no agent is offline: absent, as Prometheus expects of "no value".
+    if let Some(oldest) = bus.offline_agents.iter().map(|a| a.last_seen).min() {
         let _ = writeln!(
             out,
-            "acc_agent_offline_last_seen_timestamp_seconds{{agent_id=\"{}\"}} {}",
-            escape(&agent.agent_id),
-            agent.last_seen.timestamp_millis() as f64 / 1e3
+            "acc_agents_offline_oldest_last_seen_timestamp_seconds {}",
+            oldest.timestamp_millis() as f64 / 1e3
         );
     }
 }
@@ -372,4 +374,41 @@ fn render_process(out: &mut String, process: &ProcessFigures) {
         "process_start_time_seconds {}",
         process.start_time_seconds
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::snapshot::{BusFigures, OfflineAgent};
+
+    #[test]
+    fn offline_agents_are_counted_never_named() {
+        let seen = |secs: i64| chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap();
+        let fleet = FleetSnapshot {
+            generated_at: seen(100),
+            replicas: 1,
+            window_seconds: 300.0,
+            endpoints: Default::default(),
+            bus: BusFigures {
+                offline_agents: vec![
+                    OfflineAgent {
+                        agent_id: "secret-agent-7".into(),
+                        last_seen: seen(50),
+                    },
+                    OfflineAgent {
+                        agent_id: "pilot".into(),
+                        last_seen: seen(10),
+                    },
+                ],
+                ..Default::default()
+            },
+        };
+        let text = render(&Stats::new(), Some(&fleet), None);
+        assert!(!text.contains("agent_id"), "{text}");
+        assert!(!text.contains("secret-agent-7"), "{text}");
+        assert!(
+            text.contains("acc_agents_offline_oldest_last_seen_timestamp_seconds 1800000010\n"),
+            "{text}"
+        );
+    }
 }

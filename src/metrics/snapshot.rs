@@ -88,17 +88,21 @@ pub enum DecodeError {
     Varint,
 }
 
-/// Adds the buckets of an [`encode`]d histogram into `into`. Values are clamped into the
-/// bounds, so a malformed but readable snapshot cannot fail the merge.
+/// Adds the buckets of an [`encode`]d histogram into `into`, all or nothing: the whole input is
+/// decoded into a histogram of its own first, and merged only when every byte was valid, so a
+/// snapshot that turns to garbage halfway adds none of its buckets. Values are clamped into the
+/// bounds and counts saturate, so a readable snapshot cannot fail the merge.
 pub fn decode_into(into: &mut Histogram<u64>, encoded: &str) -> Result<(), DecodeError> {
     let bytes = BASE64.decode(encoded)?;
     let mut rest = bytes.as_slice();
     let mut value: u64 = 0;
+    let mut decoded = new_histogram();
     while !rest.is_empty() {
         value = value.saturating_add(take_varint(&mut rest)?);
         let count = take_varint(&mut rest)?;
-        let _ = into.record_n(value.clamp(1, MAX_MICROS), count);
+        let _ = decoded.record_n(value.clamp(1, MAX_MICROS), count);
     }
+    into.add(&decoded).expect("same bounds");
     Ok(())
 }
 
@@ -205,9 +209,10 @@ pub fn merge(snapshots: &[IngressSnapshot]) -> BTreeMap<String, FleetEndpoint> {
                 };
                 (empty, new_histogram(), 0.0)
             });
-            entry.0.requests += window.requests;
-            entry.0.client_errors += window.client_errors;
-            entry.0.server_errors += window.server_errors;
+            // Counts come from the bus: saturate rather than overflow on a bogus one.
+            entry.0.requests = entry.0.requests.saturating_add(window.requests);
+            entry.0.client_errors = entry.0.client_errors.saturating_add(window.client_errors);
+            entry.0.server_errors = entry.0.server_errors.saturating_add(window.server_errors);
             if let Err(err) = decode_into(&mut entry.1, &window.latency) {
                 tracing::warn!(instance = %snapshot.instance, endpoint = %name, error = %err,
                     "unreadable latency histogram in a snapshot; its latencies are left out");
@@ -291,6 +296,36 @@ mod tests {
         assert!(decode_into(&mut histogram, "not base64!").is_err());
         assert!(decode_into(&mut histogram, &BASE64.encode([0x80])).is_err());
         assert!(histogram.is_empty());
+    }
+
+    #[test]
+    fn a_valid_pair_followed_by_garbage_is_not_partly_merged() {
+        let mut bytes = Vec::new();
+        put_varint(&mut bytes, 1_000);
+        put_varint(&mut bytes, 3);
+        // Then a value varint that never ends.
+        bytes.extend_from_slice(&[0x80, 0x80]);
+        let mut histogram = new_histogram();
+        assert!(decode_into(&mut histogram, &BASE64.encode(&bytes)).is_err());
+        assert!(histogram.is_empty(), "{} partly merged", histogram.len());
+    }
+
+    #[test]
+    fn bogus_counts_from_the_bus_saturate() {
+        let window = |requests| EndpointWindow {
+            requests,
+            client_errors: 0,
+            server_errors: requests,
+            latency: String::new(),
+        };
+        let snapshot = |instance: &str, requests| IngressSnapshot {
+            instance: instance.into(),
+            taken_at: Utc::now(),
+            window_seconds: 300.0,
+            endpoints: BTreeMap::from([("events".to_owned(), window(requests))]),
+        };
+        let fleet = merge(&[snapshot("a", u64::MAX - 1), snapshot("b", 5)]);
+        assert_eq!(fleet["events"].requests, u64::MAX);
     }
 
     #[test]

@@ -99,7 +99,6 @@ pub async fn replica_snapshots(
         .try_collect()
         .await
         .context("listing snapshot subjects")?;
-    let now = Utc::now();
     let mut snapshots = Vec::new();
     for (subject, _) in subjects_seen {
         let Ok(message) = stream.get_last_raw_message_by_subject(&subject).await else {
@@ -107,7 +106,8 @@ pub async fn replica_snapshots(
         };
         match serde_json::from_slice::<IngressSnapshot>(&message.payload) {
             Ok(snapshot) => {
-                let age = (now - snapshot.taken_at).to_std().unwrap_or_default();
+                // The server's stamp, not the producer's `taken_at`.
+                let age = super::stored_age(&message);
                 if age <= max_age {
                     snapshots.push(snapshot);
                 } else if age > FORGET_AFTER {

@@ -236,25 +236,95 @@ async fn a_silent_agent_warns_then_goes_critical_then_resolves_once_each_at_the_
     assert_eq!(body["recent"].as_array().unwrap().len(), 2, "{body}");
 }
 
+/// A TCP link to the nats-server that, while `slow` is set, holds every chunk the app sends
+/// for `delay` before passing it on: each request that waits for a JetStream ack is slower by
+/// about that much. The injected cause of a latency alert, removable while traffic goes on.
+struct SlowLink {
+    url: String,
+    slow: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlowLink {
+    async fn start(nats: &NatsServer, delay: Duration) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let upstream = nats.url().trim_start_matches("nats://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let slow = Arc::new(AtomicBool::new(false));
+        let flag = slow.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (mut from_app, mut to_app) = inbound.into_split();
+                let (mut from_nats, mut to_nats) = outbound.into_split();
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from_app.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if flag.load(Ordering::Relaxed) {
+                            tokio::time::sleep(delay).await;
+                        }
+                        if to_nats.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_nats, &mut to_app).await;
+                });
+            }
+        });
+        Self {
+            url: format!("nats://{addr}"),
+            slow,
+        }
+    }
+
+    fn set_slow(&self, slow: bool) {
+        self.slow.store(slow, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[tokio::test]
-async fn p95_above_the_threshold_fires_under_real_traffic_and_resolves_when_it_stops() {
+async fn p95_above_the_threshold_fires_under_real_traffic_and_resolves_once_the_slowness_is_gone() {
     let nats = NatsServer::start();
     let hook = Receiver::start(0).await;
-    // A threshold far below any real latency: every request is "slow".
+    // Normal requests take a few ms; with the link slowed by 150 ms they exceed 50 ms.
     let (_dir, rules) = rules_file(json!([{
         "name": "EndpointLatencyP95High",
         "metric": "latency_p95_ms",
-        "endpoints": ["events"],
-        "warning": 0.01,
+        "warning": 50.0,
         "for": "300ms",
         "min_requests": 5,
         "summary": "p95 of {endpoint} is {value} ms",
     }]));
     let warning = format!("--alert-webhooks-warning={}", hook.url);
-    let app = TestApp::spawn_with(&nats, &flags(&[&rules, &warning])).await;
-    app.register("busy").await;
+    // The ingress talks to NATS through the slow link; the workers talk to it directly, so
+    // the slowness is only in the requests the alert measures.
+    let link = SlowLink::start(&nats, Duration::from_millis(150)).await;
+    let ingress = TestApp::start(settings(
+        Some(&link.url),
+        &flags(&["--roles=ingress,registry"]),
+    ))
+    .await;
+    let _workers = TestApp::spawn_with(
+        &nats,
+        &flags(&["--roles=metrics,alerting", &rules, &warning]),
+    )
+    .await;
+    link.set_slow(true);
+    // One slow registration: below `min_requests`, so never judged (the rule selects every
+    // endpoint, register included).
+    ingress.register("busy").await;
     let traffic = {
-        let (http, url) = (app.http.clone(), app.url("/orchestrator/events"));
+        let (http, url) = (ingress.http.clone(), ingress.url("/orchestrator/events"));
         tokio::spawn(async move {
             for n in 0.. {
                 let _ = http
@@ -267,22 +337,76 @@ async fn p95_above_the_threshold_fires_under_real_traffic_and_resolves_when_it_s
             }
         })
     };
-    hook.wait_for("warning", "firing", "events", Duration::from_secs(10))
+    hook.wait_for("warning", "firing", "events", Duration::from_secs(15))
         .await;
     let firing = &hook.all()[0];
     assert_eq!(
         firing["alerts"][0]["labels"]["alertname"],
         "EndpointLatencyP95High"
     );
-    // Only the endpoint with traffic is judged.
-    assert_eq!(hook.count("warning", "firing", "register"), 0);
 
-    // Remove the cause: the window (2 s) empties and the alert resolves.
-    traffic.abort();
-    hook.wait_for("warning", "resolved", "events", Duration::from_secs(10))
+    // Remove the cause while traffic goes on: fast requests fill the window (2 s) and the
+    // alert resolves.
+    link.set_slow(false);
+    hook.wait_for("warning", "resolved", "events", Duration::from_secs(15))
         .await;
+    traffic.abort();
     assert_eq!(hook.count("warning", "firing", "events"), 1);
     assert_eq!(hook.count("warning", "resolved", "events"), 1);
+    assert_eq!(
+        hook.count("warning", "firing", "register"),
+        0,
+        "a slow endpoint below min_requests is not judged: {:?}",
+        hook.seen()
+    );
+}
+
+#[tokio::test]
+async fn endpoint_alerts_stay_firing_while_traffic_stops() {
+    let nats = NatsServer::start();
+    let hook = Receiver::start(0).await;
+    // A threshold every real request exceeds.
+    let (_dir, rules) = rules_file(json!([{
+        "name": "EndpointLatencyP95High",
+        "metric": "latency_p95_ms",
+        "endpoints": ["events"],
+        "warning": 0.01,
+        "for": "0s",
+        "min_requests": 5,
+        "summary": "p95 of {endpoint} is {value} ms",
+    }]));
+    let warning = format!("--alert-webhooks-warning={}", hook.url);
+    let app = TestApp::spawn_with(&nats, &flags(&[&rules, &warning])).await;
+    app.register("busy").await;
+    for n in 0..10 {
+        let (status, body) = app
+            .post(
+                "/orchestrator/events",
+                Some(&token("busy")),
+                &event("busy", &format!("ev-{n}")),
+            )
+            .await;
+        assert_eq!(status.as_u16(), 200, "{body}");
+    }
+    hook.wait_for("warning", "firing", "events", Duration::from_secs(10))
+        .await;
+    // No more traffic: the window (2 s) empties; no data is not a resolution.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        hook.count("warning", "resolved", "events"),
+        0,
+        "{:?}",
+        hook.seen()
+    );
+    let (_, listed) = app.get("/orchestrator/alerts", Some(&admin_token())).await;
+    assert!(
+        listed["active"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["labels"]["endpoint"] == "events"),
+        "{listed}"
+    );
 }
 
 #[tokio::test]
@@ -714,10 +838,41 @@ async fn alert_routes_need_the_admin_scope_and_silences_can_be_created_listed_an
     assert_eq!(status.as_u16(), 200, "{body}");
     let id = body["silence"]["id"].as_str().unwrap().to_owned();
 
+    // Every write needs the admin scope: an agent's token is refused (403), no token is 401.
+    let silence = json!({"matchers": {"agent_id": "pilot"}, "duration": "1h"});
+    let writes = [
+        (
+            "POST",
+            "/orchestrator/alerts/0123456789abcdef/ack".to_owned(),
+        ),
+        ("POST", "/orchestrator/silences".to_owned()),
+        ("DELETE", format!("/orchestrator/silences/{id}")),
+    ];
+    for (method, path) in &writes {
+        for (caller, want_status, want_code) in [
+            (Some(token("agent-1")), 403, "INSUFFICIENT_SCOPE"),
+            (None, 401, "MISSING_TOKEN"),
+        ] {
+            let mut request = match *method {
+                "POST" => app.http.post(app.url(path)).json(&silence),
+                _ => app.http.delete(app.url(path)),
+            };
+            if let Some(caller) = &caller {
+                request = request.bearer_auth(caller);
+            }
+            let (status, body) = read(request.send().await.unwrap()).await;
+            assert_error(status, &body, want_status, want_code);
+        }
+    }
+
     let (_, listed) = app
         .get("/orchestrator/silences", Some(&admin_token()))
         .await;
     assert_eq!(listed["count"], 1, "{listed}");
+    assert_eq!(
+        listed["silences"][0]["active"], true,
+        "the refused DELETEs left it: {listed}"
+    );
     assert_eq!(listed["silences"][0]["active"], true);
     assert_eq!(listed["silences"][0]["created_by"], "operator");
 
@@ -927,4 +1082,92 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
         thresholds.iter().any(|e| e.contains("> 900")),
         "{thresholds:?}"
     );
+}
+
+#[tokio::test]
+async fn a_graceful_stop_waits_for_webhook_retries_still_running() {
+    let nats = NatsServer::start();
+    // Two refusals: the delivery succeeds on the third attempt, ~600 ms after the first.
+    let hook = Receiver::start(2).await;
+    let (_dir, rules) = rules_file(json!([offline_rule(0.5, None)]));
+    let warning = format!("--alert-webhooks-warning={}", hook.url);
+    let app = TestApp::spawn_with(
+        &nats,
+        &flags(&[
+            "--agent-stale-after=300ms",
+            "--agent-sweep-interval=100ms",
+            &rules,
+            &warning,
+        ]),
+    )
+    .await;
+    app.register("leaving").await;
+    // The notification is on the bus: its webhook delivery has started and is being refused.
+    let js = app.js.clone();
+    eventually(Duration::from_secs(10), "the alert on the bus", || async {
+        (!all_stored(&js, "ACC_ALERTS", "acc.alerts.>")
+            .await
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(hook.all().len(), 0, "not delivered yet");
+    app.stop().await;
+    assert_eq!(
+        hook.count("warning", "firing", "leaving"),
+        1,
+        "the stop waited for the retry: {:?}",
+        hook.seen()
+    );
+}
+
+#[tokio::test]
+async fn a_notification_the_bus_refused_is_delivered_once_after_the_bus_recovers() {
+    let nats = NatsServer::start();
+    let hook = Receiver::start(0).await;
+    // AgentOffline fires in its first round (for: 0s): the case the old rollback lost.
+    let (_dir, rules) = rules_file(json!([offline_rule(0.5, None)]));
+    let warning = format!("--alert-webhooks-warning={}", hook.url);
+    let app = TestApp::spawn_with(
+        &nats,
+        &flags(&[
+            "--agent-stale-after=300ms",
+            "--agent-sweep-interval=100ms",
+            &rules,
+            &warning,
+        ]),
+    )
+    .await;
+    // The route fails: no stream takes acc.alerts.*, so every alert publish is refused.
+    let mut stream = app.js.get_stream("ACC_ALERTS").await.unwrap();
+    let original = stream.info().await.unwrap().config.clone();
+    let mut broken = original.clone();
+    broken.subjects = vec!["acc.alerts-disabled.>".to_owned()];
+    app.js.update_stream(broken).await.unwrap();
+
+    app.register("unlucky").await;
+    let (_, listed) = eventually(Duration::from_secs(10), "the alert firing", || async {
+        let (status, body) = app.get("/orchestrator/alerts", Some(&admin_token())).await;
+        body["active"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a["phase"] == "firing"))
+            .then_some((status, body))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(hook.all().is_empty(), "nothing could be sent: {listed}");
+
+    // The bus recovers: the owed notification goes out, once.
+    app.js.update_stream(original).await.unwrap();
+    hook.wait_for("warning", "firing", "unlucky", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        hook.count("warning", "firing", "unlucky"),
+        1,
+        "{:?}",
+        hook.seen()
+    );
+    let on_bus = all_stored(&app.js, "ACC_ALERTS", "acc.alerts.>").await;
+    assert_eq!(on_bus.len(), 1, "{on_bus:?}");
 }

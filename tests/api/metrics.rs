@@ -164,9 +164,14 @@ async fn snapshots_of_two_ingress_replicas_merge_into_fleet_figures_on_the_bus()
         "{text}"
     );
     assert!(text.contains("acc_agents{status=\"online\"} 1"), "{text}");
-    // /health uses the fleet figures when it has them.
-    let (_, health) = second.get("/health", None).await;
-    assert_eq!(health["orchestrator"]["source"], "fleet", "{health}");
+    // /health judges the replica's own figures and adds the fleet's for information.
+    let (status, health) = second.get("/health", None).await;
+    assert_eq!(status.as_u16(), 200, "{health}");
+    assert_eq!(health["orchestrator"]["source"], "replica", "{health}");
+    assert!(
+        health["fleet"]["p95_latency_register"].is_number(),
+        "{health}"
+    );
 }
 
 /// Checks each sample line: `name{labels} value` with a number for value.
@@ -242,4 +247,55 @@ async fn metrics_serve_prometheus_text_without_a_token() {
         .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
         .collect();
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+}
+
+#[tokio::test]
+async fn a_slow_fleet_does_not_make_a_healthy_replica_report_503() {
+    let nats = NatsServer::start();
+    // No metrics worker: the fleet figures below are the only ones.
+    let app = TestApp::spawn_with(&nats, &["--roles=ingress,registry"]).await;
+    app.register("h-1").await;
+    // Fleet figures as the metrics worker would publish them, far over the 120 ms limit.
+    let slow = serde_json::json!({
+        "requests": 100, "client_errors": 0, "server_errors": 50, "requests_per_second": 1.0,
+        "p50_ms": 400.0, "p95_ms": 900.0, "p99_ms": 950.0, "error_rate": 0.5,
+    });
+    let fleet = serde_json::json!({
+        "generated_at": chrono::Utc::now(),
+        "replicas": 3,
+        "window_seconds": 300.0,
+        "endpoints": { "register": slow, "heartbeat": slow },
+        "bus": {
+            "streams": {}, "consumers": [],
+            "agents": { "total": 1, "online": 1, "offline": 0, "degraded": 0 },
+            "offline_agents": [],
+        },
+    });
+    assert_matches_schema("acc.metrics.fleet", &fleet);
+    app.js
+        .publish(
+            "acc.metrics.fleet",
+            serde_json::to_vec(&fleet).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (status, health) = eventually(
+        Duration::from_secs(5),
+        "the fleet figures in /health",
+        || async {
+            let (status, health) = app.get("/health", None).await;
+            health["fleet"]["p95_latency_register"]
+                .is_number()
+                .then_some((status, health))
+        },
+    )
+    .await;
+    // The replica's own figures are fine: healthy, with the fleet's shown beside them.
+    assert_eq!(status.as_u16(), 200, "{health}");
+    assert_eq!(health["status"], "healthy", "{health}");
+    assert_eq!(health["orchestrator"]["source"], "replica", "{health}");
+    assert_eq!(health["fleet"]["p95_latency_register"], 900.0, "{health}");
+    assert_eq!(health["fleet"]["error_rate_heartbeat"], 0.5, "{health}");
 }
