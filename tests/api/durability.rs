@@ -8,11 +8,6 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-async fn stream_messages(app: &TestApp, stream: &str) -> u64 {
-    let mut stream = app.js.get_stream(stream).await.unwrap();
-    stream.info().await.unwrap().state.messages
-}
-
 #[tokio::test]
 async fn every_200_is_stored_exactly_once_where_it_says() {
     let nats = NatsServer::start();
@@ -55,8 +50,8 @@ async fn every_200_is_stored_exactly_once_where_it_says() {
             _ => assert_eq!(payload["task_id"], id.as_str(), "{subject}"),
         }
     }
-    assert_eq!(stream_messages(&app, "ACC_EVENTS").await, 20);
-    assert_eq!(stream_messages(&app, "ACC_TASKS").await, 20);
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 20);
+    assert_eq!(count_stored(&app.js, "ACC_TASKS").await, 20);
 }
 
 #[tokio::test]
@@ -75,7 +70,7 @@ async fn the_same_event_id_twice_is_stored_once() {
     assert_eq!(status, StatusCode::OK, "{second}");
     assert_eq!(second["duplicate"], true);
     assert_eq!(second["seq"], first["seq"]);
-    assert_eq!(stream_messages(&app, "ACC_EVENTS").await, 1);
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 1);
 
     // Dedupe is per agent: another agent's event with the same id is its own event.
     let (status, other) = app
@@ -87,7 +82,7 @@ async fn the_same_event_id_twice_is_stored_once() {
         .await;
     assert_eq!(status, StatusCode::OK, "{other}");
     assert_eq!(other["duplicate"], false);
-    assert_eq!(stream_messages(&app, "ACC_EVENTS").await, 2);
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 2);
 }
 
 #[tokio::test]
@@ -109,7 +104,7 @@ async fn a_retried_register_or_callback_is_a_duplicate_not_a_copy() {
         .await;
     assert_eq!(one["duplicate"], false);
     assert_eq!(two["duplicate"], true);
-    assert_eq!(stream_messages(&app, "ACC_TASKS").await, 1);
+    assert_eq!(count_stored(&app.js, "ACC_TASKS").await, 1);
 
     // A different result for the same task is a new report.
     let (_, three) = app
@@ -233,7 +228,7 @@ async fn a_full_stream_answers_503_stream_full_and_never_200() {
     );
     assert_error(status, &answer, 503, "STREAM_FULL");
     assert!(stored_ok > 0 && stored_ok < 10, "{stored_ok} stored");
-    assert_eq!(stream_messages(&app, "ACC_EVENTS").await, stored_ok);
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, stored_ok);
     // The operator sees it: /health counts the refusal by its code.
     let (_, health) = app.get("/health", None).await;
     assert_eq!(health["refusals"]["stream_full"], 1, "{health}");

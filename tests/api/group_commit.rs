@@ -56,16 +56,7 @@ async fn concurrent_writes_share_batches_and_each_gets_its_own_seq() {
             *batches.entry(batch).or_default() += 1;
         }
     }
-    let stream_len = app
-        .js
-        .get_stream("ACC_EVENTS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let stream_len = count_stored(&app.js, "ACC_EVENTS").await;
     assert_eq!(stream_len, 300);
     assert!(
         batches.values().any(|&n| n >= 2),
@@ -122,15 +113,6 @@ async fn repeats_inside_a_burst_are_duplicates_and_the_rest_are_stored() {
         "one copy of a repeated id is stored, one is a duplicate: {twice:?}"
     );
     assert_eq!(twice[0]["seq"], twice[1]["seq"]);
-    let stream_len = app
-        .js
-        .get_stream("ACC_EVENTS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    let stream_len = count_stored(&app.js, "ACC_EVENTS").await;
     assert_eq!(stream_len, 1 + 100 + 1, "old once, 100 new, twice once");
 }
