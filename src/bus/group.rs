@@ -231,18 +231,20 @@ impl Writer {
         }
     }
 
-    /// Ordinary publishes, all sent before any ack is awaited.
+    /// Ordinary publishes, all sent before any ack is awaited. One deadline covers the whole
+    /// group, so a dead server holds the write slot for one timeout, not one per message.
     async fn singles(&self, group: Vec<Pending>) {
         self.counts
             .single_messages
             .fetch_add(group.len() as u64, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let mut waiting = Vec::with_capacity(group.len());
         for p in group {
             let message = PublishMessage::build()
                 .payload(p.payload)
                 .headers(p.headers)
                 .message_id(p.msg_id);
-            let sent = tokio::time::timeout(self.timeout, self.js.send_publish(p.subject, message))
+            let sent = tokio::time::timeout_at(deadline, self.js.send_publish(p.subject, message))
                 .await
                 .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))
                 .and_then(|sent| sent.map_err(classify));
@@ -250,7 +252,7 @@ impl Writer {
         }
         for (answer, sent) in waiting {
             let result = match sent {
-                Ok(ack) => tokio::time::timeout(self.timeout, ack)
+                Ok(ack) => tokio::time::timeout_at(deadline, ack)
                     .await
                     .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))
                     .and_then(|acked| acked.map_err(classify))
