@@ -19,9 +19,9 @@ use auto_com_center::admission::{Admission, Call};
 use auto_com_center::auth::{self, Caller, Verifier};
 use auto_com_center::bus::Publisher;
 use auto_com_center::config::{AuthSettings, Secret};
+use auto_com_center::contract::Refusal;
 use auto_com_center::directory::Directory;
 use auto_com_center::domain::AgentId;
-use auto_com_center::http::error::ApiError;
 use serde_json::Value;
 
 struct World {
@@ -126,7 +126,7 @@ pub fn run(data: &[u8]) {
     };
     if selector & 0x80 != 0 {
         if let Err(err) = world.verifier.verify_header(Some(rest)) {
-            let status = ApiError::from(err).status().as_u16();
+            let status = Refusal::from(err).status();
             assert_eq!(status, 401, "a refused token is a 401");
         }
         return;
@@ -153,8 +153,7 @@ pub fn run(data: &[u8]) {
     match outcome {
         Ok(answer) => panic!("admitted without a bus: {answer}"),
         Err(err) => {
-            let err = ApiError::from(err);
-            let status = err.status().as_u16();
+            let status = err.status();
             assert!(
                 (400..500).contains(&status) || status == 503,
                 "status {status} ({}) for {body:?}",

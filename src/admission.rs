@@ -3,7 +3,8 @@
 //! identity to the token, stamps the server-owned fields, derives a dedupe id, publishes onto the
 //! verified subject and returns only once JetStream acknowledged the write.
 //!
-//! The HTTP door calls it today; any other door must call the same functions.
+//! Both doors call it: the HTTP door (`http`) and the NATS door (`door`). What it refuses is a
+//! [`Refusal`], which each door renders its own way.
 
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
@@ -12,45 +13,14 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::auth::Caller;
-use crate::bus::{Ack, PublishFailure, Publisher, subjects};
-use crate::directory::{Directory, LookupError};
+use crate::bus::{Ack, Publisher, subjects};
+use crate::contract::{Code, Refusal};
+use crate::directory::Directory;
 use crate::domain::{
     AgentId, AgentProfile, Event, FieldError, Heartbeat, Registration, RegistrationOrigin,
     ReportedStatus, TaskId, TaskResult, optional_string, required_string,
 };
 use crate::telemetry::with_trace_id;
-
-/// Why a message was not admitted. Each variant has one HTTP status (see `http::error`).
-#[derive(Debug, thiserror::Error)]
-pub enum AdmissionError {
-    /// 400 `INVALID_PAYLOAD`: a field is missing, mistyped or out of range.
-    #[error("{0}")]
-    InvalidPayload(FieldError),
-    /// 400 `MISSING_AGENT_ID`: a heartbeat without `agent_id`.
-    #[error("agent_id is required")]
-    MissingAgentId,
-    /// 400 `INVALID_IDEMPOTENCY_KEY`.
-    #[error("Idempotency-Key must be 1 to 128 visible ASCII characters")]
-    InvalidIdempotencyKey,
-    /// 403 `IDENTITY_MISMATCH`: the body names another agent than the token.
-    #[error("token is for agent {caller:?} but the request is for {claimed:?}")]
-    IdentityMismatch { caller: String, claimed: String },
-    /// 404 `AGENT_NOT_FOUND`: a heartbeat from an agent that never registered.
-    #[error("Agent not registered")]
-    AgentNotFound,
-    /// 503: the registration lookup could not be answered.
-    #[error(transparent)]
-    Lookup(#[from] LookupError),
-    /// The publish failed; the variant says how.
-    #[error(transparent)]
-    Publish(#[from] PublishFailure),
-}
-
-impl From<FieldError> for AdmissionError {
-    fn from(err: FieldError) -> Self {
-        Self::InvalidPayload(err)
-    }
-}
 
 /// What the caller gets back after an admitted write.
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +70,7 @@ impl Admission {
         caller: &Caller,
         body: &Map<String, Value>,
         idempotency_key: Option<&str>,
-    ) -> Result<Value, AdmissionError> {
+    ) -> Result<Value, Refusal> {
         let answer = match call {
             Call::Register => {
                 let receipt = self.register(caller, body, idempotency_key).await?;
@@ -161,7 +131,7 @@ impl Admission {
         caller: &Caller,
         body: &Map<String, Value>,
         idempotency_key: Option<&str>,
-    ) -> Result<Receipt<AgentId>, AdmissionError> {
+    ) -> Result<Receipt<AgentId>, Refusal> {
         let agent_id = parse_agent_id(body)?;
         let profile = AgentProfile::parse(body)?;
         bind(caller, &agent_id)?;
@@ -191,10 +161,12 @@ impl Admission {
         caller: &Caller,
         body: &Map<String, Value>,
         idempotency_key: Option<&str>,
-    ) -> Result<Receipt<AgentId>, AdmissionError> {
+    ) -> Result<Receipt<AgentId>, Refusal> {
         let agent_id = match body.get("agent_id") {
-            None | Some(Value::Null) => return Err(AdmissionError::MissingAgentId),
-            Some(Value::String(s)) if s.is_empty() => return Err(AdmissionError::MissingAgentId),
+            None | Some(Value::Null) => return Err(Refusal::new(Code::MissingAgentId)),
+            Some(Value::String(s)) if s.is_empty() => {
+                return Err(Refusal::new(Code::MissingAgentId));
+            }
             Some(_) => parse_agent_id(body)?,
         };
         let status = match body.get("status") {
@@ -208,7 +180,7 @@ impl Admission {
         let details = body.get("details").filter(|v| !v.is_null()).cloned();
         bind(caller, &agent_id)?;
         if !self.directory.is_known(&agent_id).await? {
-            return Err(AdmissionError::AgentNotFound);
+            return Err(Refusal::new(Code::AgentNotFound));
         }
         let now = now();
         let msg_id = dedupe_id("hb", &agent_id, idempotency_key, || {
@@ -238,7 +210,7 @@ impl Admission {
         task_id: &str,
         body: &Map<String, Value>,
         idempotency_key: Option<&str>,
-    ) -> Result<Receipt<TaskId>, AdmissionError> {
+    ) -> Result<Receipt<TaskId>, Refusal> {
         let task_id =
             TaskId::parse(task_id).map_err(|reason| FieldError::new("task_id", reason))?;
         if let Some(named) = body.get("task_id").filter(|v| !v.is_null()) {
@@ -296,7 +268,7 @@ impl Admission {
         &self,
         caller: &Caller,
         body: &Map<String, Value>,
-    ) -> Result<Receipt<String>, AdmissionError> {
+    ) -> Result<Receipt<String>, Refusal> {
         let event_id = required_string(body, "event_id", MAX_KEY_LEN)?;
         if !is_visible_ascii(&event_id) {
             return Err(FieldError::new("event_id", "must be visible ASCII without spaces").into());
@@ -342,7 +314,7 @@ impl Admission {
         subject: String,
         msg_id: &str,
         message: &T,
-    ) -> Result<Ack, AdmissionError> {
+    ) -> Result<Ack, Refusal> {
         let payload = Bytes::from(serde_json::to_vec(message).expect("domain types serialize"));
         Ok(self
             .publisher
@@ -367,23 +339,25 @@ fn parse_agent_id(body: &Map<String, Value>) -> Result<AgentId, FieldError> {
     AgentId::parse(&raw).map_err(|reason| FieldError::new("agent_id", reason))
 }
 
-fn mismatch(caller: &Caller, claimed: &Value) -> AdmissionError {
-    AdmissionError::IdentityMismatch {
-        caller: caller.agent_id.to_string(),
-        claimed: claimed.to_string(),
-    }
+fn mismatch(caller: &Caller, claimed: &Value) -> Refusal {
+    identity_mismatch(caller, &claimed.to_string())
 }
 
 /// The token speaks for one agent; the body must not name another.
-fn bind(caller: &Caller, claimed: &AgentId) -> Result<(), AdmissionError> {
+fn bind(caller: &Caller, claimed: &AgentId) -> Result<(), Refusal> {
     if &caller.agent_id == claimed {
         Ok(())
     } else {
-        Err(AdmissionError::IdentityMismatch {
-            caller: caller.agent_id.to_string(),
-            claimed: claimed.to_string(),
-        })
+        Err(identity_mismatch(caller, claimed.as_str()))
     }
+}
+
+/// 403 `IDENTITY_MISMATCH` naming both agents.
+fn identity_mismatch(caller: &Caller, claimed: &str) -> Refusal {
+    Refusal::new(Code::IdentityMismatch).with_message(format!(
+        "token is for agent {:?} but the request is for {claimed:?}",
+        caller.agent_id.as_str()
+    ))
 }
 
 fn is_visible_ascii(s: &str) -> bool {
@@ -397,10 +371,10 @@ fn dedupe_id(
     agent: &AgentId,
     idempotency_key: Option<&str>,
     derive: impl FnOnce() -> String,
-) -> Result<String, AdmissionError> {
+) -> Result<String, Refusal> {
     match idempotency_key {
         Some(key) if key.is_empty() || key.len() > MAX_KEY_LEN || !is_visible_ascii(key) => {
-            Err(AdmissionError::InvalidIdempotencyKey)
+            Err(Refusal::new(Code::InvalidIdempotencyKey))
         }
         Some(key) => Ok(format!("{kind}:{agent}:key:{key}")),
         None => Ok(format!("{kind}:{agent}:{}", derive())),

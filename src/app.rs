@@ -19,8 +19,9 @@ use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
 use crate::bus::group::GroupSettings;
 use crate::bus::{self, Publisher, provision, subjects};
 use crate::config::{Durability, GroupCommitMode, NatsAuth, NatsTarget, Role, Settings};
+use crate::contract::Tally;
 use crate::directory::Directory;
-use crate::door::{Door, DoorMetrics};
+use crate::door::Door;
 use crate::http::{self, AppState};
 use crate::metrics::FleetView;
 use crate::stats::Stats;
@@ -125,7 +126,7 @@ impl Application {
             client,
             publisher,
         } = self;
-        let door_metrics = Arc::new(DoorMetrics::default());
+        let door_tally = Arc::new(Tally::default());
         let js = publisher.jetstream().clone();
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -213,7 +214,7 @@ impl Application {
                 publisher.clone(),
                 &settings.door,
                 settings.body_limit,
-                door_metrics.clone(),
+                door_tally.clone(),
             );
             let stop = stop.clone();
             tasks.spawn(async move { door.run(inbound, stop).await.context("NATS door") });
@@ -258,7 +259,7 @@ impl Application {
                 js: js.clone(),
                 body_limit: settings.body_limit,
                 lookup_timeout: settings.publish_timeout,
-                door: runs_door.then_some(door_metrics),
+                door: runs_door.then_some(door_tally),
                 fleet,
                 alerting,
                 limits: http::limits::Limits::new(&settings.limits),

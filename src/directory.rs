@@ -32,8 +32,14 @@ pub struct AgentCounts {
 
 /// The existence check could not be answered.
 #[derive(Debug, thiserror::Error)]
-#[error("agent lookup failed: {0}")]
-pub struct LookupError(pub String);
+pub enum LookupError {
+    /// The registration stream did not answer within the lookup timeout.
+    #[error("agent lookup timed out")]
+    TimedOut,
+    /// The registration stream answered with an error.
+    #[error("agent lookup failed")]
+    Failed(#[source] async_nats::jetstream::stream::LastRawMessageError),
+}
 
 #[derive(Clone)]
 pub struct Directory {
@@ -91,8 +97,8 @@ impl Directory {
         match tokio::time::timeout(self.lookup_timeout, lookup).await {
             Ok(Ok(_)) => Ok(true),
             Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
-            Ok(Err(err)) => Err(LookupError(err.to_string())),
-            Err(_) => Err(LookupError("timed out".into())),
+            Ok(Err(err)) => Err(LookupError::Failed(err)),
+            Err(_) => Err(LookupError::TimedOut),
         }
     }
 

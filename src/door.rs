@@ -12,7 +12,7 @@
 //!
 //! A message admission refuses (a 4xx over HTTP) never reaches a verified subject: it is stored
 //! on `acc.rejected.<CODE>` with the reason and the authenticated caller in headers, counted per
-//! code ([`DoorMetrics`]), and charged to the caller's token bucket. A caller whose bucket is
+//! code (a [`Tally`]), and charged to the caller's token bucket. A caller whose bucket is
 //! empty gets `RATE_LIMITED` (429) for every further message, without admission, until the bucket
 //! refills (drop with record: the refused message is in `ACC_REJECTED`). A failure on our side
 //! (a 5xx over HTTP: the bus did not acknowledge) is not the caller's fault: the message is left
@@ -20,11 +20,9 @@
 //!
 //! Every message is handled in a `door.admit` span.
 
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::Message;
@@ -32,7 +30,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::stream::Stream;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -40,154 +38,19 @@ use crate::admission::{Admission, Call};
 use crate::auth::{Caller, Verifier};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::config::DoorSettings;
-use crate::http::error::ApiError;
+use crate::contract::bucket::{Buckets, retry_after_secs};
+use crate::contract::{self, Code, Refusal, Tally};
+use crate::telemetry;
 use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
 
 /// The caller key of messages whose token did not verify: they share one bucket.
 const ANONYMOUS: &str = "anonymous";
 /// Longest reply subject the door publishes on.
 const MAX_REPLY_SUBJECT: usize = 256;
-/// Seconds a rate-limited caller is told to wait (`Retry-After` on the answer).
-const RATE_LIMIT_RETRY_AFTER: u64 = 1;
 
-/// Counts of what the door did since start: admitted messages and rejections per error code.
-#[derive(Debug, Default)]
-pub struct DoorMetrics {
-    admitted: AtomicU64,
-    rejected: Mutex<BTreeMap<&'static str, u64>>,
-}
-
-impl DoorMetrics {
-    /// Messages admitted onto a verified subject (duplicates included).
-    pub fn admitted(&self) -> u64 {
-        self.admitted.load(Ordering::Relaxed)
-    }
-
-    /// Rejections per error code, e.g. `{"INVALID_TOKEN": 3}`.
-    pub fn rejections(&self) -> BTreeMap<String, u64> {
-        self.rejected
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .map(|(code, n)| ((*code).to_owned(), *n))
-            .collect()
-    }
-
-    /// Counts one rejection and returns the new count for its code.
-    fn count_rejection(&self, code: &'static str) -> u64 {
-        let mut rejected = self.rejected.lock().expect("not poisoned");
-        let count = rejected.entry(code).or_default();
-        *count += 1;
-        *count
-    }
-}
-
-/// Why the door refused a message: the HTTP-equivalent status, code and envelope.
-#[derive(Debug)]
-struct Refusal {
-    status: u16,
-    code: &'static str,
-    body: Value,
-}
-
-impl Refusal {
-    fn api(err: &ApiError) -> Self {
-        Self {
-            status: err.status().as_u16(),
-            code: err.code(),
-            body: err.body(),
-        }
-    }
-
-    fn own(status: u16, code: &'static str, message: &str) -> Self {
-        Self {
-            status,
-            code,
-            body: json!({ "success": false, "error": { "code": code, "message": message } }),
-        }
-    }
-
-    fn rate_limited() -> Self {
-        Self::own(
-            429,
-            "RATE_LIMITED",
-            "Too many rejected messages from this caller; retry later",
-        )
-    }
-
-    fn invalid_reply_to() -> Self {
-        Self::own(
-            400,
-            "INVALID_REPLY_TO",
-            "Acc-Reply-To must be a subject under acc.reply.<your agent_id>.",
-        )
-    }
-
-    /// The reason kept with the record: the message, and the details when there are any.
-    fn reason(&self) -> String {
-        let error = &self.body["error"];
-        match (error["message"].as_str(), error["details"].as_str()) {
-            (Some(message), Some(details)) => format!("{message}: {details}"),
-            (Some(message), None) => message.to_owned(),
-            _ => self.code.to_owned(),
-        }
-    }
-}
-
-/// A token bucket of rejections a caller may still cause.
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
-
-/// Per-caller token buckets, refilled by one token per `interval` up to `burst`.
-#[derive(Debug)]
-struct RejectionLimiter {
-    burst: f64,
-    interval: Duration,
-    buckets: Mutex<HashMap<String, Bucket>>,
-}
-
-impl RejectionLimiter {
-    fn new(settings: &DoorSettings) -> Self {
-        Self {
-            burst: f64::from(settings.reject_burst),
-            interval: settings.reject_interval,
-            buckets: Mutex::default(),
-        }
-    }
-
-    /// True while `caller` may still cause a rejection.
-    fn allows(&self, caller: &str) -> bool {
-        let mut buckets = self.buckets.lock().expect("not poisoned");
-        match buckets.get_mut(caller) {
-            Some(bucket) => {
-                self.refill(bucket);
-                bucket.tokens >= 1.0
-            }
-            None => true,
-        }
-    }
-
-    /// Charges one rejection to `caller`.
-    fn charge(&self, caller: &str) {
-        let mut buckets = self.buckets.lock().expect("not poisoned");
-        let bucket = buckets.entry(caller.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            updated: Instant::now(),
-        });
-        self.refill(bucket);
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
-    }
-
-    fn refill(&self, bucket: &mut Bucket) {
-        let now = Instant::now();
-        let earned = now.duration_since(bucket.updated).as_secs_f64() / self.interval.as_secs_f64();
-        bucket.tokens = (bucket.tokens + earned).min(self.burst);
-        bucket.updated = now;
-    }
-}
+/// The door's limit on rejections: one token bucket per caller (unauthenticated messages share
+/// one, [`ANONYMOUS`]). A caller with no token left gets `RATE_LIMITED` without admission.
+type RejectionLimiter = Buckets<str>;
 
 /// The door role: admits inbound NATS messages with the HTTP door's admission.
 pub struct Door {
@@ -197,7 +60,7 @@ pub struct Door {
     client: Client,
     body_limit: usize,
     limiter: RejectionLimiter,
-    metrics: std::sync::Arc<DoorMetrics>,
+    tally: Arc<Tally>,
 }
 
 impl Door {
@@ -207,7 +70,7 @@ impl Door {
         publisher: Publisher,
         settings: &DoorSettings,
         body_limit: usize,
-        metrics: std::sync::Arc<DoorMetrics>,
+        tally: Arc<Tally>,
     ) -> Self {
         let client = publisher.client().clone();
         Self {
@@ -216,8 +79,8 @@ impl Door {
             publisher,
             client,
             body_limit,
-            limiter: RejectionLimiter::new(settings),
-            metrics,
+            limiter: Buckets::per_interval(settings.reject_interval, settings.reject_burst),
+            tally,
         }
     }
 
@@ -259,35 +122,38 @@ impl Door {
             _ => None,
         };
 
-        let outcome = if !self.limiter.allows(&caller_key) {
-            Err(Refusal::rate_limited())
-        } else {
-            match caller {
-                Err(err) => Err(Refusal::api(&ApiError::from(err))),
-                Ok(_) if requested_reply.is_some() && reply.is_none() => {
-                    Err(Refusal::invalid_reply_to())
-                }
-                Ok(caller) => self.admit(message, &caller, inbound_seq).await,
+        let outcome = match (self.limiter.check(&caller_key), caller) {
+            (Err(wait), _) => Err(Refusal::rate_limited(retry_after_secs(wait))
+                .with_message("Too many rejected messages from this caller; retry later")),
+            (Ok(()), Err(err)) => Err(Refusal::from(err)),
+            (Ok(()), Ok(_)) if requested_reply.is_some() && reply.is_none() => {
+                Err(Refusal::new(Code::InvalidReplyTo))
             }
+            (Ok(()), Ok(caller)) => self.admit(message, &caller, inbound_seq).await,
         };
         match outcome {
             Ok(answer) => {
-                self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
+                self.tally.admit();
                 span.record("code", "OK");
-                self.answer(reply.as_deref(), 200, &answer).await;
+                self.answer(reply.as_deref(), 200, None, &answer).await;
                 Ok(())
             }
-            Err(refusal) if refusal.status >= 500 => Err(HandleError::Transient(format!(
-                "{} ({})",
-                refusal.code,
-                refusal.reason()
-            ))),
+            Err(refusal) if refusal.code().is_server_error() => {
+                tracing::warn!(code = %refusal.code(), error = %telemetry::error_chain(&refusal), "admission failed on our side");
+                Err(HandleError::Transient(refusal.to_string()))
+            }
             Err(refusal) => {
-                span.record("code", refusal.code);
+                span.record("code", refusal.code().as_str());
                 self.reject(message, inbound_seq, &caller_key, &refusal)
                     .await?;
-                self.answer(reply.as_deref(), refusal.status, &refusal.body)
-                    .await;
+                let body = refusal.body();
+                self.answer(
+                    reply.as_deref(),
+                    refusal.status(),
+                    refusal.retry_after(),
+                    &body,
+                )
+                .await;
                 Ok(())
             }
         }
@@ -303,21 +169,10 @@ impl Door {
     ) -> Result<Value, Refusal> {
         let headers = message.headers.as_ref();
         let Some(call) = call_of(&message.subject) else {
-            let err = ApiError::RouteNotFound(message.subject.to_string());
-            return Err(Refusal::api(&err));
+            return Err(Refusal::new(Code::NotFound)
+                .with_message(format!("No route for {}", message.subject)));
         };
-        if message.payload.len() > self.body_limit {
-            let err = ApiError::PayloadTooLarge(format!("the limit is {} bytes", self.body_limit));
-            return Err(Refusal::api(&err));
-        }
-        let body = match serde_json::from_slice::<Value>(&message.payload) {
-            Ok(Value::Object(map)) => map,
-            Ok(_) => {
-                let err = ApiError::InvalidJson("the body must be a JSON object".into());
-                return Err(Refusal::api(&err));
-            }
-            Err(err) => return Err(Refusal::api(&ApiError::InvalidJson(err.to_string()))),
-        };
+        let body = contract::json_object(&message.payload, self.body_limit)?;
         // A header that is not text is passed on as an empty key, refused by admission as over
         // HTTP. A heartbeat without a key gets one from its place in the inbound stream, so a
         // redelivery after a door crash is the same heartbeat, not a second one.
@@ -333,16 +188,7 @@ impl Door {
             }
             (_, None) => None,
         };
-        self.admission
-            .admit(call, caller, &body, key)
-            .await
-            .map_err(|err| {
-                let err = ApiError::from(err);
-                if err.status().is_server_error() {
-                    tracing::warn!(code = err.code(), error = ?err, "admission failed on our side");
-                }
-                Refusal::api(&err)
-            })
+        self.admission.admit(call, caller, &body, key).await
     }
 
     /// Stores the refused message on `acc.rejected.<code>` with the reason, counts it and
@@ -357,10 +203,11 @@ impl Door {
     ) -> Result<(), HandleError> {
         let reason = refusal.reason();
         let mut headers = HeaderMap::new();
-        headers.insert(subjects::REJECTED_CODE, refusal.code);
+        let code = refusal.code();
+        headers.insert(subjects::REJECTED_CODE, code.as_str());
         headers.insert(
             subjects::REJECTED_STATUS,
-            refusal.status.to_string().as_str(),
+            code.status().to_string().as_str(),
         );
         headers.insert(subjects::REJECTED_REASON, truncate(&reason, 512));
         if caller_key != ANONYMOUS {
@@ -374,7 +221,7 @@ impl Door {
         let stored = self
             .publisher
             .publish(
-                subjects::rejected(refusal.code),
+                subjects::rejected(code.as_str()),
                 &format!("rejected:{inbound_seq}"),
                 message.payload.clone(),
                 Some(headers),
@@ -385,14 +232,19 @@ impl Door {
             Err(err @ (PublishFailure::StreamFull(_) | PublishFailure::TooLarge)) => {
                 tracing::error!(error = %err, "cannot store the rejection; counting it only");
             }
-            Err(err) => return Err(HandleError::Transient(format!("storing rejection: {err}"))),
+            Err(err) => {
+                let reason = telemetry::error_chain(&err);
+                return Err(HandleError::Transient(format!(
+                    "storing rejection: {reason}"
+                )));
+            }
         }
-        if refusal.code != "RATE_LIMITED" {
-            self.limiter.charge(caller_key);
+        if code != Code::RateLimited {
+            let _ = self.limiter.take(caller_key);
         }
-        let count = self.metrics.count_rejection(refusal.code);
+        let count = self.tally.refused.count(code);
         tracing::warn!(
-            code = refusal.code,
+            code = code.as_str(),
             caller = caller_key,
             subject = %message.subject,
             inbound_seq,
@@ -403,14 +255,21 @@ impl Door {
         Ok(())
     }
 
-    /// Publishes the answer on `reply` (when there is one): the JSON body with `Acc-Status`.
-    /// Best effort: the message is already handled, a lost answer only costs the caller a retry.
-    async fn answer(&self, reply: Option<&str>, status: u16, body: &Value) {
+    /// Publishes the answer on `reply` (when there is one): the JSON body with `Acc-Status`,
+    /// and `Retry-After` when the caller should come back later. Best effort: the message is
+    /// already handled, a lost answer only costs the caller a retry.
+    async fn answer(
+        &self,
+        reply: Option<&str>,
+        status: u16,
+        retry_after: Option<u32>,
+        body: &Value,
+    ) {
         let Some(reply) = reply else { return };
         let mut headers = HeaderMap::new();
         headers.insert(subjects::REPLY_STATUS, status.to_string().as_str());
-        if status == 429 {
-            headers.insert("Retry-After", RATE_LIMIT_RETRY_AFTER.to_string().as_str());
+        if let Some(secs) = retry_after {
+            headers.insert("Retry-After", secs.to_string().as_str());
         }
         let payload = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
         if let Err(err) = self
@@ -556,21 +415,5 @@ mod tests {
             Some(Call::TaskResult { task_id: "t-1" })
         ));
         assert!(call_of("acc.in.other").is_none());
-    }
-
-    #[test]
-    fn a_caller_runs_out_of_rejections_and_earns_them_back() {
-        let limiter = RejectionLimiter::new(&DoorSettings {
-            reject_burst: 2,
-            reject_interval: Duration::from_millis(50),
-        });
-        assert!(limiter.allows("a"));
-        limiter.charge("a");
-        assert!(limiter.allows("a"));
-        limiter.charge("a");
-        assert!(!limiter.allows("a"), "burst of 2 spent");
-        assert!(limiter.allows("b"), "buckets are per caller");
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(limiter.allows("a"), "one rejection earned back");
     }
 }

@@ -11,6 +11,7 @@ pub mod app;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod contract;
 pub mod directory;
 pub mod domain;
 pub mod door;

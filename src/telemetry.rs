@@ -442,6 +442,23 @@ pub fn current_trace_id() -> Option<String> {
     ids(&tracing::Span::current()).map(|(trace_id, _)| trace_id)
 }
 
+/// An internal cause kept for the log. Shared, so that one failure (a refused batch, say) can be
+/// the cause of many refusals.
+pub type Cause = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error and every cause under it on one line (`a: b: c`), for logs: causes are kept as
+/// sources, not flattened into strings, and printed here.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
 /// Adds the trace id of the current span to a JSON answer, so a caller can find its request.
 pub fn with_trace_id(mut answer: Value) -> Value {
     if let Some(trace_id) = current_trace_id() {

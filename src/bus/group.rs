@@ -149,17 +149,15 @@ impl GroupCommit {
         };
         self.queue.try_send(pending).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => {
-                PublishFailure::Unavailable("too many writes waiting for the bus".into())
+                PublishFailure::unavailable("too many writes waiting for the bus")
             }
             mpsc::error::TrySendError::Closed(_) => {
-                PublishFailure::Unavailable("the stream writer has stopped".into())
+                PublishFailure::unavailable("the stream writer has stopped")
             }
         })?;
-        answered.await.unwrap_or_else(|_| {
-            Err(PublishFailure::Unavailable(
-                "the write was abandoned".into(),
-            ))
-        })
+        answered
+            .await
+            .unwrap_or_else(|_| Err(PublishFailure::unavailable("the write was abandoned")))
     }
 }
 
@@ -212,7 +210,7 @@ impl Writer {
             for p in group {
                 let _ = p
                     .answer
-                    .send(Err(PublishFailure::Unavailable("not connected".into())));
+                    .send(Err(PublishFailure::unavailable("not connected")));
             }
             return;
         }
@@ -246,7 +244,7 @@ impl Writer {
                 .message_id(p.msg_id);
             let sent = tokio::time::timeout_at(deadline, self.js.send_publish(p.subject, message))
                 .await
-                .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))
+                .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))
                 .and_then(|sent| sent.map_err(classify));
             waiting.push((p.answer, sent));
         }
@@ -254,7 +252,7 @@ impl Writer {
             let result = match sent {
                 Ok(ack) => tokio::time::timeout_at(deadline, ack)
                     .await
-                    .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))
+                    .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))
                     .and_then(|acked| acked.map_err(classify))
                     .map(|ack| Ack {
                         stream: ack.stream,
@@ -293,7 +291,10 @@ impl Writer {
                 .await
             {
                 // Nothing is stored without the commit; the server drops the partial batch.
-                return Err(fail_all(batch, &err.to_string()));
+                return Err(fail_all(
+                    batch,
+                    PublishFailure::unavailable_by("batch not sent", err),
+                ));
             }
         }
         let commit = commit.expect("a batch has a last message");
@@ -301,12 +302,21 @@ impl Writer {
             Ok(Ok(reply)) => reply,
             // Unknown outcome: the batch may or may not be stored. Each request gets a 503 and
             // its client's retry, with the same dedupe id, finds out.
-            Ok(Err(err)) => return Err(fail_all(batch, &err.to_string())),
-            Err(_) => return Err(fail_all(batch, "no acknowledgement in time")),
+            Ok(Err(err)) => {
+                let failure = PublishFailure::unavailable_by("batch commit failed", err);
+                return Err(fail_all(batch, failure));
+            }
+            Err(_) => {
+                let failure = PublishFailure::unavailable("no acknowledgement in time");
+                return Err(fail_all(batch, failure));
+            }
         };
         let ack = match serde_json::from_slice::<BatchAck>(&reply.payload) {
             Ok(ack) => ack,
-            Err(err) => return Err(fail_all(batch, &format!("unreadable batch ack: {err}"))),
+            Err(err) => {
+                let failure = PublishFailure::unavailable_by("unreadable batch ack", err);
+                return Err(fail_all(batch, failure));
+            }
         };
         if let Some(error) = ack.error {
             tracing::debug!(
@@ -327,7 +337,10 @@ impl Writer {
                 count = ack.count,
                 "atomic batch ack does not match the batch"
             );
-            fail_all(batch, "batch acknowledgement does not match the batch");
+            fail_all(
+                batch,
+                PublishFailure::unavailable("batch acknowledgement does not match the batch"),
+            );
             return Ok(());
         }
         tracing::trace!(
@@ -353,11 +366,9 @@ impl Writer {
 }
 
 /// Answers every request of a batch with 503. Returns nothing to resend.
-fn fail_all(batch: Vec<Pending>, why: &str) -> Vec<Pending> {
+fn fail_all(batch: Vec<Pending>, failure: PublishFailure) -> Vec<Pending> {
     for p in batch {
-        let _ = p
-            .answer
-            .send(Err(PublishFailure::Unavailable(why.to_owned())));
+        let _ = p.answer.send(Err(failure.clone()));
     }
     Vec::new()
 }

@@ -7,6 +7,7 @@ pub mod provision;
 pub mod subjects;
 
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -20,6 +21,7 @@ use serde::Serialize;
 use tracing::Instrument as _;
 
 use crate::config::NatsAuth;
+use crate::telemetry::Cause;
 use group::{GroupCommit, GroupSettings};
 
 /// Opens a client that reconnects forever with capped exponential backoff. Returns at once;
@@ -87,21 +89,47 @@ pub struct Ack {
     pub duplicate: bool,
 }
 
-/// Why a publish did not produce an ack. Each kind maps to one HTTP answer.
-#[derive(Debug, thiserror::Error)]
+/// Why a publish did not produce an ack. Each kind maps to one answer (see `contract`); the
+/// cause is kept as the error's source, for the log.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishFailure {
     /// Not connected, timed out or no stream answered: try again later (503).
-    #[error("the message bus is unavailable: {0}")]
-    Unavailable(String),
+    #[error("the message bus is unavailable ({reason})")]
+    Unavailable {
+        reason: &'static str,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// Bigger than the server's max payload (413).
     #[error("message exceeds the bus's maximum payload")]
     TooLarge,
     /// The stream is at its limit and refuses new messages (`discard: new`) (503).
-    #[error("the stream refused the message: {0}")]
-    StreamFull(String),
+    #[error("the stream refused the message")]
+    StreamFull(#[source] Cause),
     /// Any other refusal (500): a bug or a misconfigured server.
-    #[error("the bus refused the message: {0}")]
-    Rejected(String),
+    #[error("the bus refused the message")]
+    Rejected(#[source] Cause),
+}
+
+impl PublishFailure {
+    /// Unavailable for a reason of our own (a timeout, no connection), with no deeper cause.
+    pub fn unavailable(reason: &'static str) -> Self {
+        Self::Unavailable {
+            reason,
+            cause: None,
+        }
+    }
+
+    /// Unavailable because of `cause`.
+    pub fn unavailable_by(
+        reason: &'static str,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Unavailable {
+            reason,
+            cause: Some(Arc::from(cause.into())),
+        }
+    }
 }
 
 /// Publishes and waits for the JetStream acknowledgement, never longer than `timeout`.
@@ -219,7 +247,7 @@ impl Publisher {
         headers: HeaderMap,
     ) -> Result<Ack, PublishFailure> {
         if self.client.connection_state() != State::Connected {
-            return Err(PublishFailure::Unavailable("not connected".into()));
+            return Err(PublishFailure::unavailable("not connected"));
         }
         if let Some(writer) = subjects::stream_of(&subject).and_then(|s| self.group(s)) {
             return tokio::time::timeout(
@@ -227,7 +255,7 @@ impl Publisher {
                 writer.publish(subject, msg_id, payload, headers),
             )
             .await
-            .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))?;
+            .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))?;
         }
         let message = PublishMessage::build()
             .payload(payload)
@@ -239,7 +267,7 @@ impl Publisher {
         };
         let ack = tokio::time::timeout(self.timeout, attempt)
             .await
-            .map_err(|_| PublishFailure::Unavailable("no acknowledgement in time".into()))?
+            .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))?
             .map_err(classify)?;
         Ok(Ack {
             stream: ack.stream,
@@ -259,33 +287,34 @@ fn subject_family(subject: &str) -> &str {
 /// Maps an async-nats publish error to what it means for the caller, by kind and server error
 /// code, never by message text.
 fn classify(err: jetstream::context::PublishError) -> PublishFailure {
-    match err.kind() {
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::StreamNotFound
-        | PublishErrorKind::MaxAckPending => PublishFailure::Unavailable(err.kind().to_string()),
-        PublishErrorKind::MaxPayloadExceeded => PublishFailure::TooLarge,
+    let unavailable = match err.kind() {
+        PublishErrorKind::TimedOut => Some("timed out"),
+        PublishErrorKind::BrokenPipe => Some("connection lost"),
+        PublishErrorKind::StreamNotFound => Some("no stream answered"),
+        PublishErrorKind::MaxAckPending => Some("too many acknowledgements pending"),
+        PublishErrorKind::MaxPayloadExceeded => return PublishFailure::TooLarge,
         PublishErrorKind::WrongLastMessageId
         | PublishErrorKind::WrongLastSequence
-        | PublishErrorKind::Other => {
-            let server = err
-                .source()
-                .and_then(|s| s.downcast_ref::<jetstream::Error>());
-            match server.map(jetstream::Error::error_code) {
-                Some(
-                    ErrorCode::STREAM_STORE_FAILED
-                    | ErrorCode::STORAGE_RESOURCES_EXCEEDED
-                    | ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
-                    | ErrorCode::INSUFFICIENT_RESOURCES,
-                ) => {
-                    PublishFailure::StreamFull(server.map(ToString::to_string).unwrap_or_default())
-                }
-                Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishFailure::TooLarge,
-                Some(ErrorCode::CLUSTER_NOT_AVAILABLE | ErrorCode::CLUSTER_NO_PEERS) => {
-                    PublishFailure::Unavailable(err.to_string())
-                }
-                _ => PublishFailure::Rejected(err.to_string()),
-            }
+        | PublishErrorKind::Other => None,
+    };
+    if let Some(reason) = unavailable {
+        return PublishFailure::unavailable_by(reason, err);
+    }
+    let code = err
+        .source()
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .map(jetstream::Error::error_code);
+    match code {
+        Some(
+            ErrorCode::STREAM_STORE_FAILED
+            | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            | ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
+            | ErrorCode::INSUFFICIENT_RESOURCES,
+        ) => PublishFailure::StreamFull(Arc::new(err)),
+        Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishFailure::TooLarge,
+        Some(ErrorCode::CLUSTER_NOT_AVAILABLE | ErrorCode::CLUSTER_NO_PEERS) => {
+            PublishFailure::unavailable_by("no cluster quorum", err)
         }
+        _ => PublishFailure::Rejected(Arc::new(err)),
     }
 }

@@ -16,13 +16,13 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use super::AppState;
-use super::error::ApiError;
 use super::extract::{Authenticated, JsonObject};
+use super::{AppState, routes};
 use crate::alerting::engine::{Ack, Phase, Silence};
 use crate::alerting::store::{self, ACK_PREFIX, SILENCE_PREFIX, StoreError};
 use crate::auth::Caller;
 use crate::config::{ADMIN_SCOPE, parse_duration};
+use crate::contract::{Code, Refusal};
 use crate::telemetry::with_trace_id;
 
 /// Most matchers a silence may carry, and the longest label name or value.
@@ -31,33 +31,31 @@ const MAX_LABEL_BYTES: usize = 256;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/orchestrator/alerts", get(list_alerts))
-        .route("/orchestrator/alerts/{id}/ack", post(ack))
-        .route(
-            "/orchestrator/silences",
-            get(list_silences).post(create_silence),
-        )
-        .route("/orchestrator/silences/{id}", delete(expire_silence))
+        .route(routes::ALERTS.path, get(list_alerts))
+        .route(routes::ALERT_ACK.path, post(ack))
+        .route(routes::SILENCES.path, get(list_silences))
+        .route(routes::SILENCE_CREATE.path, post(create_silence))
+        .route(routes::SILENCE_EXPIRE.path, delete(expire_silence))
 }
 
-fn admin(caller: &Caller) -> Result<(), ApiError> {
+fn admin(caller: &Caller) -> Result<(), Refusal> {
     if caller.is_admin() {
         Ok(())
     } else {
-        Err(ApiError::InsufficientScope(ADMIN_SCOPE))
+        Err(Refusal::insufficient_scope(ADMIN_SCOPE))
     }
 }
 
-impl From<StoreError> for ApiError {
+impl From<StoreError> for Refusal {
     fn from(err: StoreError) -> Self {
-        ApiError::BusUnavailable(err.to_string())
+        Refusal::bus_unavailable(err)
     }
 }
 
 async fn list_alerts(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     admin(&caller)?;
     let mut alerts = store::alerts(&state.alerting).await?;
     let acks = store::acks(&state.alerting).await?;
@@ -91,16 +89,16 @@ async fn ack(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
     Authenticated(caller): Authenticated,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     admin(&caller)?;
     let Ok(Path(id)) = id else {
-        return Err(ApiError::AlertNotFound);
+        return Err(Refusal::new(Code::AlertNotFound));
     };
     if !store::valid_id(&id) {
-        return Err(ApiError::AlertNotFound);
+        return Err(Refusal::new(Code::AlertNotFound));
     }
     let Some(alert) = store::alert(&state.alerting, &id).await? else {
-        return Err(ApiError::AlertNotFound);
+        return Err(Refusal::new(Code::AlertNotFound));
     };
     let ack = Ack {
         alert_id: alert.id.clone(),
@@ -119,7 +117,7 @@ async fn ack(
 async fn list_silences(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     admin(&caller)?;
     let mut silences = store::silences(&state.alerting).await?;
     silences.sort_by_key(|s| std::cmp::Reverse(s.starts_at));
@@ -143,27 +141,27 @@ async fn create_silence(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     admin(&caller)?;
     let Some(Value::Object(raw)) = body.get("matchers") else {
-        return Err(ApiError::InvalidPayload(
-            "matchers: required, an object of label: value".into(),
+        return Err(Refusal::invalid_payload(
+            "matchers: required, an object of label: value",
         ));
     };
     if raw.is_empty() || raw.len() > MAX_MATCHERS {
-        return Err(ApiError::InvalidPayload(format!(
+        return Err(Refusal::invalid_payload(format!(
             "matchers: 1 to {MAX_MATCHERS} labels"
         )));
     }
     let mut matchers = BTreeMap::new();
     for (label, value) in raw {
         let Value::String(value) = value else {
-            return Err(ApiError::InvalidPayload(format!(
+            return Err(Refusal::invalid_payload(format!(
                 "matchers.{label}: must be a string"
             )));
         };
         if label.is_empty() || label.len() > MAX_LABEL_BYTES || value.len() > MAX_LABEL_BYTES {
-            return Err(ApiError::InvalidPayload(format!(
+            return Err(Refusal::invalid_payload(format!(
                 "matchers: labels and values of 1 to {MAX_LABEL_BYTES} bytes"
             )));
         }
@@ -171,10 +169,10 @@ async fn create_silence(
     }
     let duration = match body.get("duration") {
         Some(Value::String(raw)) => parse_duration("duration", raw)
-            .map_err(|e| ApiError::InvalidPayload(format!("duration: {}", e.message)))?,
+            .map_err(|e| Refusal::invalid_payload(format!("duration: {}", e.message)))?,
         _ => {
-            return Err(ApiError::InvalidPayload(
-                "duration: required, like \"30m\" or \"2h\"".into(),
+            return Err(Refusal::invalid_payload(
+                "duration: required, like \"30m\" or \"2h\"",
             ));
         }
     };
@@ -182,8 +180,8 @@ async fn create_silence(
         None | Some(Value::Null) => String::new(),
         Some(Value::String(c)) if c.len() <= 1024 => c.clone(),
         Some(_) => {
-            return Err(ApiError::InvalidPayload(
-                "comment: a string of at most 1024 bytes".into(),
+            return Err(Refusal::invalid_payload(
+                "comment: a string of at most 1024 bytes",
             ));
         }
     };
@@ -191,7 +189,7 @@ async fn create_silence(
     let ends_at = chrono::Duration::from_std(duration)
         .ok()
         .and_then(|d| now.checked_add_signed(d))
-        .ok_or_else(|| ApiError::InvalidPayload("duration: too long".into()))?;
+        .ok_or_else(|| Refusal::invalid_payload("duration: too long"))?;
     let silence = Silence {
         id: format!("{:016x}", rand::random::<u64>()),
         matchers,
@@ -217,16 +215,16 @@ async fn expire_silence(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
     Authenticated(caller): Authenticated,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     admin(&caller)?;
     let Ok(Path(id)) = id else {
-        return Err(ApiError::SilenceNotFound);
+        return Err(Refusal::new(Code::SilenceNotFound));
     };
     if !store::valid_id(&id) {
-        return Err(ApiError::SilenceNotFound);
+        return Err(Refusal::new(Code::SilenceNotFound));
     }
     let Some(mut silence) = store::silence(&state.alerting, &id).await? else {
-        return Err(ApiError::SilenceNotFound);
+        return Err(Refusal::new(Code::SilenceNotFound));
     };
     let now = Utc::now();
     if silence.ends_at > now {

@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, header, request::Parts};
 use serde_json::{Map, Value};
 
 use super::AppState;
-use super::error::ApiError;
 use crate::auth::{AuthError, Caller};
+use crate::contract::{self, Code, Refusal};
 
 /// The verified caller of this request, within its rate.
 ///
@@ -21,9 +21,9 @@ use crate::auth::{AuthError, Caller};
 pub struct Authenticated(pub Caller);
 
 impl FromRequestParts<AppState> for Authenticated {
-    type Rejection = ApiError;
+    type Rejection = Refusal;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Refusal> {
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -53,41 +53,38 @@ impl FromRequestParts<AppState> for Authenticated {
 pub struct JsonObject(pub Map<String, Value>);
 
 impl FromRequest<AppState> for JsonObject {
-    type Rejection = ApiError;
+    type Rejection = Refusal;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Refusal> {
         if !is_json(req.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
+            return Err(Refusal::new(Code::UnsupportedMediaType));
         }
         let limit = state.body_limit;
-        let too_large = || ApiError::PayloadTooLarge(format!("the limit is {limit} bytes"));
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit as u64) {
-            return Err(too_large());
+            return Err(Refusal::too_large(limit));
         }
-        let body: Body = req.into_body();
-        let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
-            if is_length_limit(&err) {
-                too_large()
-            } else {
-                ApiError::InvalidJson(format!("could not read the body: {err}"))
-            }
-        })?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(Self(map)),
-            Ok(_) => Err(ApiError::InvalidJson(
-                "the body must be a JSON object".into(),
-            )),
-            Err(err) => Err(ApiError::InvalidJson(err.to_string())),
-        }
+        let bytes = read_body(req.into_body(), limit).await?;
+        contract::json_object(&bytes, limit).map(Self)
     }
 }
 
-pub(super) fn is_length_limit(err: &axum::Error) -> bool {
+/// Reads a body of at most `limit` bytes: 413 past it, 400 `INVALID_JSON` when it cannot be read.
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, Refusal> {
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        if is_length_limit(&err) {
+            Refusal::too_large(limit)
+        } else {
+            Refusal::invalid_json(format!("could not read the body: {err}"))
+        }
+    })
+}
+
+fn is_length_limit(err: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {

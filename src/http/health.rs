@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, routes};
 use crate::bus::provision;
 use crate::stats::Endpoint;
 use crate::telemetry::with_trace_id;
@@ -27,9 +27,9 @@ pub const DEGRADED_ERROR_RATE: f64 = 0.01;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/health", get(health))
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
+        .route(routes::HEALTH.path, get(health))
+        .route(routes::HEALTH_LIVE.path, get(live))
+        .route(routes::HEALTH_READY.path, get(ready))
 }
 
 async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
@@ -63,7 +63,7 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             "source": "replica",
         },
         "bus": { "connected": connected },
-        "refusals": state.limits.refusals.to_json(),
+        "refusals": state.limits.refusals_json(),
     }));
     // The fleet's figures (every ingress merged by the metrics worker), for information only.
     if let Some(fleet) = state.fleet.latest() {
@@ -83,7 +83,7 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         });
     }
     if let Some(door) = &state.door {
-        body["door"] = json!({ "admitted": door.admitted(), "rejected": door.rejections() });
+        body["door"] = json!({ "admitted": door.admitted(), "rejected": door.refused.nonzero() });
     }
     let status = if degraded {
         StatusCode::SERVICE_UNAVAILABLE

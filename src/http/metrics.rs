@@ -8,11 +8,11 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use super::AppState;
+use super::{AppState, routes};
 use crate::metrics::{process, prometheus};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(metrics))
+    Router::new().route(routes::METRICS.path, get(metrics))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -8,6 +8,7 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod orchestrator;
+pub mod routes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,10 +27,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::admission::Admission;
 use crate::auth::Verifier;
-use crate::door::DoorMetrics;
-use crate::stats::{Endpoint, Stats};
+use crate::contract::{Code, Refusal, Tally};
+use crate::stats::Stats;
 use crate::telemetry;
-use error::ApiError;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -47,7 +47,7 @@ pub struct Inner {
     /// Bound on reads from the bus made while answering a request.
     pub lookup_timeout: Duration,
     /// The NATS door's counts, when this process runs the door.
-    pub door: Option<Arc<DoorMetrics>>,
+    pub door: Option<Arc<Tally>>,
     /// The latest fleet figures from the metrics worker, for `/metrics` and `/health`.
     pub fleet: Arc<crate::metrics::FleetView>,
     /// The alerting bucket: alert states, acknowledgements, silences (admin routes).
@@ -82,18 +82,18 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), limits::shed))
         .layer(CatchPanicLayer::custom(
             |_panic: Box<dyn std::any::Any + Send>| {
-                ApiError::Internal("handler panicked".into()).into_response()
+                Refusal::internal("handler panicked").into_response()
             },
         ))
         .with_state(state)
 }
 
-async fn not_found(uri: Uri) -> ApiError {
-    ApiError::RouteNotFound(uri.path().to_owned())
+async fn not_found(uri: Uri) -> Refusal {
+    error::route_not_found(uri.path())
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
+async fn method_not_allowed() -> Refusal {
+    Refusal::new(Code::MethodNotAllowed)
 }
 
 /// Wraps every request: one server span continuing the caller's trace (from `traceparent`, or
@@ -104,10 +104,10 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     // `MatchedPath` is an `Arc<str>`: cloning it does not copy the route.
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map(MatchedPath::as_str);
-    let endpoint = route.and_then(endpoint_of);
+    let endpoint = route.and_then(routes::endpoint_of);
     let method = request.method().clone();
-    let span = match span_name(&method, route) {
-        Some(name) => tracing::info_span!(
+    let span = match route.and_then(|path| routes::find(&method, path)) {
+        Some((_, name)) => tracing::info_span!(
             "http.request",
             otel.name = name,
             otel.kind = "server",
@@ -179,15 +179,9 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
 async fn peek_trace_id(
     request: Request,
     limit: usize,
-) -> Result<(Request, Option<String>), ApiError> {
+) -> Result<(Request, Option<String>), Refusal> {
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
-        if extract::is_length_limit(&err) {
-            ApiError::PayloadTooLarge(format!("the limit is {limit} bytes"))
-        } else {
-            ApiError::InvalidJson(format!("could not read the body: {err}"))
-        }
-    })?;
+    let bytes = extract::read_body(body, limit).await?;
     let trace_id = mentions_trace_id(&bytes)
         .then(|| serde_json::from_slice::<TraceIdOnly>(&bytes).ok())
         .flatten()
@@ -204,32 +198,4 @@ fn mentions_trace_id(bytes: &[u8]) -> bool {
 struct TraceIdOnly {
     #[serde(default)]
     trace_id: Option<String>,
-}
-
-/// The span name of a known route, without allocating.
-fn span_name(method: &Method, route: Option<&str>) -> Option<&'static str> {
-    Some(match (method.as_str(), route?) {
-        ("POST", "/orchestrator/register") => "POST /orchestrator/register",
-        ("POST", "/orchestrator/heartbeat") => "POST /orchestrator/heartbeat",
-        ("POST", "/orchestrator/tasks/{task_id}/callback") => {
-            "POST /orchestrator/tasks/{task_id}/callback"
-        }
-        ("GET", "/orchestrator/tasks/{task_id}") => "GET /orchestrator/tasks/{task_id}",
-        ("POST", "/orchestrator/events") => "POST /orchestrator/events",
-        ("GET", "/orchestrator/agents") => "GET /orchestrator/agents",
-        ("GET", "/health") => "GET /health",
-        _ => return None,
-    })
-}
-
-fn endpoint_of(path: &str) -> Option<Endpoint> {
-    Some(match path {
-        "/orchestrator/register" => Endpoint::Register,
-        "/orchestrator/heartbeat" => Endpoint::Heartbeat,
-        "/orchestrator/tasks/{task_id}/callback" => Endpoint::TaskCallback,
-        "/orchestrator/tasks/{task_id}" => Endpoint::TaskStatus,
-        "/orchestrator/events" => Endpoint::Events,
-        "/orchestrator/agents" => Endpoint::Agents,
-        _ => return None,
-    })
 }

@@ -9,26 +9,23 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use super::AppState;
-use super::error::ApiError;
 use super::extract::{Authenticated, JsonObject, idempotency_key};
+use super::{AppState, routes};
 use crate::admission::Call;
 use crate::bus::subjects;
 use crate::config::ADMIN_SCOPE;
+use crate::contract::{Code, Refusal};
 use crate::domain::{TaskId, TaskResult};
 use crate::telemetry::with_trace_id;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/orchestrator/register", post(register))
-        .route("/orchestrator/heartbeat", post(heartbeat))
-        .route(
-            "/orchestrator/tasks/{task_id}/callback",
-            post(task_callback),
-        )
-        .route("/orchestrator/tasks/{task_id}", get(task_status))
-        .route("/orchestrator/events", post(event))
-        .route("/orchestrator/agents", get(list_agents))
+        .route(routes::REGISTER.path, post(register))
+        .route(routes::HEARTBEAT.path, post(heartbeat))
+        .route(routes::TASK_CALLBACK.path, post(task_callback))
+        .route(routes::TASK_STATUS.path, get(task_status))
+        .route(routes::EVENTS.path, post(event))
+        .route(routes::AGENTS.path, get(list_agents))
 }
 
 async fn register(
@@ -36,7 +33,7 @@ async fn register(
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     let key = idempotency_key(&headers);
     let answer = state.admission.admit(Call::Register, &caller, &body, key);
     Ok(Json(answer.await?))
@@ -47,7 +44,7 @@ async fn heartbeat(
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     let key = idempotency_key(&headers);
     let answer = state.admission.admit(Call::Heartbeat, &caller, &body, key);
     Ok(Json(answer.await?))
@@ -59,8 +56,8 @@ async fn task_callback(
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, ApiError> {
-    let Path(task_id) = task_id.map_err(|e| ApiError::InvalidPayload(format!("task_id: {e}")))?;
+) -> Result<Json<Value>, Refusal> {
+    let Path(task_id) = task_id.map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
     let key = idempotency_key(&headers);
     let call = Call::TaskResult { task_id: &task_id };
     Ok(Json(
@@ -72,7 +69,7 @@ async fn event(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     let answer = state.admission.admit(Call::Event, &caller, &body, None);
     Ok(Json(answer.await?))
 }
@@ -82,26 +79,25 @@ async fn task_status(
     State(state): State<AppState>,
     task_id: Result<Path<String>, PathRejection>,
     Authenticated(caller): Authenticated,
-) -> Result<Json<Value>, ApiError> {
-    let Path(task_id) = task_id.map_err(|e| ApiError::InvalidPayload(format!("task_id: {e}")))?;
+) -> Result<Json<Value>, Refusal> {
+    let Path(task_id) = task_id.map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
     let task_id =
-        TaskId::parse(&task_id).map_err(|e| ApiError::InvalidPayload(format!("task_id: {e}")))?;
+        TaskId::parse(&task_id).map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
     let subject = subjects::task_result(&task_id);
     let lookup = state.tasks.get_last_raw_message_by_subject(&subject);
     let message = match tokio::time::timeout(state.lookup_timeout, lookup).await {
         Ok(Ok(message)) => message,
         Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
-            return Err(ApiError::TaskNotFound);
+            return Err(Refusal::new(Code::TaskNotFound));
         }
-        Ok(Err(err)) => return Err(ApiError::BusUnavailable(err.to_string())),
-        Err(_) => return Err(ApiError::BusUnavailable("task lookup timed out".into())),
+        Ok(Err(err)) => return Err(Refusal::bus_unavailable(err)),
+        Err(_) => return Err(Refusal::bus_unavailable("task lookup timed out")),
     };
-    let record: TaskResult = serde_json::from_slice(&message.payload)
-        .map_err(|e| ApiError::Internal(format!("stored task result unreadable: {e}")))?;
+    let record: TaskResult = serde_json::from_slice(&message.payload).map_err(Refusal::internal)?;
     if record.reported_by != caller.agent_id && !caller.is_admin() {
-        return Err(ApiError::Forbidden(
-            "this task was reported by another agent".into(),
-        ));
+        return Err(
+            Refusal::new(Code::Forbidden).with_message("this task was reported by another agent")
+        );
     }
     Ok(Json(with_trace_id(json!({
         "success": true,
@@ -120,9 +116,9 @@ async fn task_status(
 async fn list_agents(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Refusal> {
     if !caller.is_admin() {
-        return Err(ApiError::InsufficientScope(ADMIN_SCOPE));
+        return Err(Refusal::insufficient_scope(ADMIN_SCOPE));
     }
     let agents: Vec<Value> = state
         .admission

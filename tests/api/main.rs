@@ -16,6 +16,7 @@ mod faults;
 mod fuzz_smoke;
 mod group_commit;
 mod hostile;
+mod layers;
 mod metrics;
 mod properties;
 mod registry;
