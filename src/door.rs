@@ -39,7 +39,6 @@ use tracing::Instrument as _;
 use crate::admission::{Admission, Call};
 use crate::auth::{Caller, Verifier};
 use crate::bus::{PublishFailure, Publisher, subjects};
-use crate::config::DoorSettings;
 use crate::http::error::ApiError;
 use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
 
@@ -49,6 +48,15 @@ const ANONYMOUS: &str = "anonymous";
 const MAX_REPLY_SUBJECT: usize = 256;
 /// Seconds a rate-limited caller is told to wait (`Retry-After` on the answer).
 const RATE_LIMIT_RETRY_AFTER: u64 = 1;
+
+/// The NATS door's limit on rejections: a token bucket per caller.
+#[derive(Debug, Clone)]
+pub struct DoorSettings {
+    /// Rejections a caller may cause in a burst.
+    pub reject_burst: u32,
+    /// One rejection is allowed again after this long.
+    pub reject_interval: Duration,
+}
 
 /// Counts of what the door did since start: admitted messages and rejections per error code.
 #[derive(Debug, Default)]
@@ -499,7 +507,7 @@ fn truncate(text: &str, max: usize) -> &str {
 mod tests {
     use super::*;
     use crate::auth;
-    use crate::config::{AuthSettings, Secret};
+    use crate::auth::{AuthSettings, Secret};
     use crate::domain::AgentId;
 
     fn caller(agent: &str) -> Caller {

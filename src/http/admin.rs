@@ -21,8 +21,8 @@ use super::error::ApiError;
 use super::extract::{Authenticated, JsonObject};
 use crate::alerting::engine::{Ack, Phase, Silence};
 use crate::alerting::store::{self, ACK_PREFIX, SILENCE_PREFIX, StoreError};
-use crate::auth::Caller;
-use crate::config::{ADMIN_SCOPE, parse_duration};
+use crate::auth::{ADMIN_SCOPE, Caller};
+use crate::domain::parse_duration;
 use crate::telemetry::with_trace_id;
 
 /// Most matchers a silence may carry, and the longest label name or value.
@@ -170,8 +170,9 @@ async fn create_silence(
         matchers.insert(label.clone(), value.clone());
     }
     let duration = match body.get("duration") {
-        Some(Value::String(raw)) => parse_duration("duration", raw)
-            .map_err(|e| ApiError::InvalidPayload(format!("duration: {}", e.message)))?,
+        Some(Value::String(raw)) => {
+            parse_duration(raw).map_err(|e| ApiError::InvalidPayload(format!("duration: {e}")))?
+        }
         _ => {
             return Err(ApiError::InvalidPayload(
                 "duration: required, like \"30m\" or \"2h\"".into(),

@@ -29,7 +29,21 @@ use tokio::sync::Semaphore;
 
 use super::AppState;
 use super::error::{ApiError, RefusalCode};
-use crate::config::LimitSettings;
+
+/// The HTTP door's load limits.
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// Sustained requests per second per agent; `None` disables the per-agent limit.
+    pub per_agent_rate: Option<f64>,
+    /// Requests an agent may send in a burst above its rate.
+    pub per_agent_burst: u32,
+    /// Failed authentications a source address may cause in a burst.
+    pub auth_failure_burst: u32,
+    /// One more failed authentication is allowed per this interval.
+    pub auth_failure_interval: Duration,
+    /// Requests handled at once; more are refused with 503 `OVERLOADED`.
+    pub max_in_flight: usize,
+}
 
 /// The limiters of one HTTP door.
 pub struct Limits {

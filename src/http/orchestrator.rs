@@ -13,8 +13,8 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{Authenticated, JsonObject, idempotency_key};
 use crate::admission::Call;
+use crate::auth::ADMIN_SCOPE;
 use crate::bus::subjects;
-use crate::config::ADMIN_SCOPE;
 use crate::domain::{TaskId, TaskResult};
 use crate::telemetry::with_trace_id;
 
