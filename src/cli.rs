@@ -1,7 +1,7 @@
 //! The command line, the top layer: the clap types ([`Cli`] and its subcommands), the [`Role`]s
-//! a process runs, and the aggregate [`Settings`] that `serve` hands to [`crate::app`]. Every
-//! knob has a flag and an environment variable and is shown by `--help`; defaults live here and
-//! only here (the README table is written from them).
+//! a process runs, and the aggregate [`Settings`] that `serve` hands to the
+//! [`Application`](crate::Application). Every knob has a flag and an environment variable and is
+//! shown by `--help`; defaults live here and only here (the README table is written from them).
 //!
 //! Values are typed as clap reads them (the parsers are in [`values`]; durations use
 //! [`crate::domain::parse_duration`]), so a bad value is refused before anything starts, and
@@ -209,7 +209,12 @@ pub struct TokenArgs {
     #[arg(long, default_value = "3600", value_parser = parse_duration)]
     pub ttl: Duration,
     /// The longest lifetime the service accepts; a longer --ttl is refused.
-    #[arg(long, env = "MAX_TOKEN_LIFETIME", default_value = DEFAULT_MAX_TOKEN_LIFETIME, value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "MAX_TOKEN_LIFETIME",
+        default_value = DEFAULT_MAX_TOKEN_LIFETIME,
+        value_parser = parse_duration
+    )]
     pub max_token_lifetime: Duration,
 }
 
@@ -223,7 +228,12 @@ pub struct ServeArgs {
     pub secret: SecretArg,
 
     /// Address the HTTP ingress listens on.
-    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080", value_parser = values::socket_addr)]
+    #[arg(
+        long,
+        env = "HTTP_ADDR",
+        default_value = "127.0.0.1:8080",
+        value_parser = values::socket_addr
+    )]
     pub http_addr: SocketAddr,
 
     /// Comma-separated roles this process runs: ingress, registry, door, metrics, alerting.
@@ -271,7 +281,12 @@ pub struct ServeArgs {
 
     /// Rejected inbound NATS messages a caller may cause in a burst before the door refuses its
     /// further messages with RATE_LIMITED.
-    #[arg(long, env = "DOOR_REJECT_BURST", default_value = "20", value_parser = values::at_least(1u32))]
+    #[arg(
+        long,
+        env = "DOOR_REJECT_BURST",
+        default_value = "20",
+        value_parser = values::at_least(1u32)
+    )]
     pub door_reject_burst: u32,
 
     /// The door allows a caller one more rejection per this interval, up to DOOR_REJECT_BURST.
@@ -291,15 +306,30 @@ pub struct ServeArgs {
     pub group_commit_min_batch: usize,
 
     /// Most writes in one atomic batch (the server allows at most 1000).
-    #[arg(long, env = "GROUP_COMMIT_MAX_BATCH", default_value = "1000", value_parser = values::between(1, SERVER_MAX_BATCH))]
+    #[arg(
+        long,
+        env = "GROUP_COMMIT_MAX_BATCH",
+        default_value = "1000",
+        value_parser = values::between(1, SERVER_MAX_BATCH)
+    )]
     pub group_commit_max_batch: usize,
 
     /// Most batches or groups per stream on their way to the server at once (1 to 50).
-    #[arg(long, env = "GROUP_COMMIT_IN_FLIGHT", default_value = "4", value_parser = values::between(1usize, 50))]
+    #[arg(
+        long,
+        env = "GROUP_COMMIT_IN_FLIGHT",
+        default_value = "4",
+        value_parser = values::between(1usize, 50)
+    )]
     pub group_commit_in_flight: usize,
 
     /// Replicas per stream and KV bucket (3 on a 3-node cluster).
-    #[arg(long, env = "STREAM_REPLICAS", default_value = "1", value_parser = values::between(1usize, 5))]
+    #[arg(
+        long,
+        env = "STREAM_REPLICAS",
+        default_value = "1",
+        value_parser = values::between(1usize, 5)
+    )]
     pub stream_replicas: usize,
 
     /// Oldest message a stream keeps.
@@ -343,11 +373,21 @@ pub struct ServeArgs {
     pub jwt_leeway: Duration,
 
     /// Longest accepted bearer token in bytes.
-    #[arg(long, env = "MAX_TOKEN_BYTES", default_value = "8192", value_parser = values::at_least(64usize))]
+    #[arg(
+        long,
+        env = "MAX_TOKEN_BYTES",
+        default_value = "8192",
+        value_parser = values::at_least(64usize)
+    )]
     pub max_token_bytes: usize,
 
     /// How often each ingress publishes its window snapshot, and the metrics worker merges them.
-    #[arg(long, env = "METRICS_SNAPSHOT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "METRICS_SNAPSHOT_INTERVAL",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
     pub metrics_snapshot_interval: Duration,
 
     /// Sliding window of the latency and error figures (kept in 30 slices).
@@ -414,12 +454,22 @@ pub struct ServeArgs {
     pub rate_limit_per_agent: f64,
 
     /// Requests an agent may send in a burst above RATE_LIMIT_PER_AGENT.
-    #[arg(long, env = "RATE_LIMIT_BURST", default_value = "1000", value_parser = values::at_least(1u32))]
+    #[arg(
+        long,
+        env = "RATE_LIMIT_BURST",
+        default_value = "1000",
+        value_parser = values::at_least(1u32)
+    )]
     pub rate_limit_burst: u32,
 
     /// Failed authentications one source address may cause in a burst; past it, its requests get
     /// 429 RATE_LIMITED before their tokens are checked.
-    #[arg(long, env = "AUTH_FAILURE_BURST", default_value = "50", value_parser = values::at_least(1u32))]
+    #[arg(
+        long,
+        env = "AUTH_FAILURE_BURST",
+        default_value = "50",
+        value_parser = values::at_least(1u32)
+    )]
     pub auth_failure_burst: u32,
 
     /// A source address is allowed one more failed authentication per this interval.
@@ -427,11 +477,21 @@ pub struct ServeArgs {
     pub auth_failure_interval: Duration,
 
     /// Requests the HTTP door handles at once; more are refused at once with 503 OVERLOADED.
-    #[arg(long, env = "MAX_IN_FLIGHT", default_value = "1024", value_parser = values::at_least(1usize))]
+    #[arg(
+        long,
+        env = "MAX_IN_FLIGHT",
+        default_value = "1024",
+        value_parser = values::at_least(1usize)
+    )]
     pub max_in_flight: usize,
 
     /// Longest accepted token lifetime (`exp − iat`, and `exp − now`).
-    #[arg(long, env = "MAX_TOKEN_LIFETIME", default_value = DEFAULT_MAX_TOKEN_LIFETIME, value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "MAX_TOKEN_LIFETIME",
+        default_value = DEFAULT_MAX_TOKEN_LIFETIME,
+        value_parser = parse_duration
+    )]
     pub max_token_lifetime: Duration,
 
     /// Log format: text or json.

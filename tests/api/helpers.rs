@@ -430,7 +430,7 @@ impl TestApp {
     }
 }
 
-/// Every environment variable a setting reads, scanned from `env = "..."` in `src/config.rs`,
+/// Every environment variable a setting reads, scanned from `env = "..."` in `src/cli.rs`,
 /// so that a new setting is covered without editing the tests.
 pub fn setting_env_vars() -> Vec<String> {
     const MARK: &str = "env = \"";
