@@ -178,6 +178,7 @@ fn env_var_of(command: &clap::Command, flag: &str) -> Option<String> {
         })
 }
 
+/// The shared secret, read alike by `serve` and `token`.
 #[derive(Debug, Args)]
 pub struct SecretArg {
     /// HS256 shared secret, at least 32 bytes. Never logged.
@@ -507,16 +508,27 @@ pub struct ServeArgs {
 /// configures.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Where the HTTP ingress listens.
     pub http_addr: SocketAddr,
+    /// The roles this process runs, each once.
     pub roles: Vec<Role>,
+    /// Embedded or external NATS.
     pub nats: NatsTarget,
+    /// Limits of every stream and bucket.
     pub streams: StreamSettings,
+    /// Token verification.
     pub auth: AuthSettings,
+    /// The registry role.
     pub registry: RegistrySettings,
+    /// The NATS door's rejection limit.
     pub door: DoorSettings,
+    /// Group commit of writes.
     pub group_commit: GroupCommitSettings,
+    /// Snapshots and the metrics role.
     pub metrics: MetricsSettings,
+    /// The alerting role.
     pub alerting: AlertingSettings,
+    /// The HTTP door's load limits.
     pub limits: LimitSettings,
     /// Largest accepted request body.
     pub body_limit: usize,
@@ -524,6 +536,7 @@ pub struct Settings {
     pub publish_timeout: Duration,
     /// Longest wait for in-flight work on shutdown.
     pub shutdown_timeout: Duration,
+    /// Text or JSON log lines.
     pub log_format: LogFormat,
     /// Log filter, in `EnvFilter` syntax (already checked).
     pub log_level: String,
