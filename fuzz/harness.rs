@@ -16,9 +16,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use auto_com_center::admission::{Admission, Call};
-use auto_com_center::auth::{self, Caller, Verifier};
+use auto_com_center::auth::{self, AuthSettings, Caller, Secret, Verifier};
 use auto_com_center::bus::Publisher;
-use auto_com_center::config::{AuthSettings, Secret};
 use auto_com_center::contract::Refusal;
 use auto_com_center::directory::Directory;
 use auto_com_center::domain::AgentId;

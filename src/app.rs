@@ -17,8 +17,10 @@ use crate::admission::Admission;
 use crate::auth::Verifier;
 use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
 use crate::bus::group::GroupSettings;
-use crate::bus::{self, Publisher, provision, subjects};
-use crate::config::{Durability, GroupCommitMode, NatsAuth, NatsTarget, Role, Settings};
+use crate::bus::{
+    self, Durability, GroupCommitMode, NatsAuth, NatsTarget, Publisher, provision, subjects,
+};
+use crate::cli::{Role, Settings};
 use crate::contract::Tally;
 use crate::directory::Directory;
 use crate::door::Door;

@@ -3,15 +3,84 @@
 //! `jku`, `x5u`, `jwk`, `x5c`) are never acted on: the one key is the shared secret, so no file
 //! or network is ever read to verify a token. Both doors call [`Verifier::verify`]; the result is a
 //! [`Caller`], the only identity the rest of the code trusts.
+//!
+//! It also owns what configures it: the [`Secret`] (checked once, never printed) and
+//! [`AuthSettings`].
 
+use std::fmt;
 use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ADMIN_SCOPE, AUDIENCE, AuthSettings, Secret};
 use crate::domain::AgentId;
+
+/// The shortest shared secret we accept: HS256 with fewer than 32 bytes of key is guessable.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The JWT audience every token must carry.
+pub const AUDIENCE: &str = "auto-com-center";
+
+/// The scope that unlocks operator routes such as `GET /orchestrator/agents`.
+pub const ADMIN_SCOPE: &str = "orchestrator.admin";
+
+/// The shared secret, wrapped so that it never prints.
+#[derive(Clone)]
+pub struct Secret(String);
+
+/// Why a shared secret was refused. The message never contains the secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    /// No secret, or an empty one.
+    #[error(
+        "not set; export SHARED_SECRET with at least {MIN_SECRET_BYTES} random bytes (for example: openssl rand -hex 32)"
+    )]
+    Missing,
+    /// Fewer than [`MIN_SECRET_BYTES`] bytes.
+    #[error("must be at least {MIN_SECRET_BYTES} bytes, got {0}")]
+    TooShort(usize),
+}
+
+impl Secret {
+    /// Wraps a secret as is, unchecked (tests and tools; the service uses [`Secret::parse`]).
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// Accepts a secret of at least [`MIN_SECRET_BYTES`] bytes.
+    pub fn parse(raw: &str) -> Result<Self, SecretError> {
+        match raw.len() {
+            0 => Err(SecretError::Missing),
+            n if n < MIN_SECRET_BYTES => Err(SecretError::TooShort(n)),
+            _ => Ok(Self(raw.to_owned())),
+        }
+    }
+
+    /// The key bytes, for signing and verifying.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// The HS256 key.
+    pub secret: Secret,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Longest accepted bearer token in bytes.
+    pub max_token_bytes: usize,
+    /// Longest accepted `exp − iat`.
+    pub max_lifetime: Duration,
+}
 
 /// The claims we read. Unknown claims are ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,8 +4,11 @@
 //!
 //! Ids that become NATS subject tokens or KV keys ([`AgentId`], [`TaskId`]) are limited to
 //! `[A-Za-z0-9_-]`, so `.`, `*`, `>` and whitespace can never inject a subject.
+//!
+//! Durations have one syntax everywhere ([`parse_duration`]): settings, alert rules, silences.
 
 use std::fmt;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -316,10 +319,56 @@ pub fn optional_string(
     }
 }
 
+/// Why a duration was refused. Displays as a sentence fit to follow the field's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Not a number of seconds, nor a duration humantime reads.
+    #[error("{raw:?} is not a duration like 500ms, 90s, 5m ({reason})")]
+    Malformed {
+        /// The text as given, trimmed.
+        raw: String,
+        /// What the parser objected to.
+        reason: String,
+    },
+    /// A duration of zero, which no setting or request means.
+    #[error("must be greater than zero")]
+    Zero,
+}
+
+/// Parses a positive duration: `500ms`, `90s`, `5m`, `7d`, `1h 30m`; a bare number is seconds.
+pub fn parse_duration(raw: &str) -> Result<Duration, DurationError> {
+    let raw = raw.trim();
+    let value = match raw.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(raw).map_err(|e| DurationError::Malformed {
+            raw: raw.to_owned(),
+            reason: e.to_string(),
+        })?,
+    };
+    if value.is_zero() {
+        return Err(DurationError::Zero);
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn durations_parse_and_zero_is_refused() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration(" 90 "), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("0s"), Err(DurationError::Zero));
+        assert_eq!(parse_duration("0"), Err(DurationError::Zero));
+        let err = parse_duration("soon").unwrap_err().to_string();
+        assert!(
+            err.starts_with("\"soon\" is not a duration like 500ms, 90s, 5m ("),
+            "{err}"
+        );
+    }
 
     #[test]
     fn ids_that_could_inject_a_subject_are_refused() {

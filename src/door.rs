@@ -37,7 +37,6 @@ use tracing::Instrument as _;
 use crate::admission::{Admission, Call};
 use crate::auth::{Caller, Verifier};
 use crate::bus::{PublishFailure, Publisher, subjects};
-use crate::config::DoorSettings;
 use crate::contract::bucket::{Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
 use crate::telemetry;
@@ -47,6 +46,15 @@ use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
 const ANONYMOUS: &str = "anonymous";
 /// Longest reply subject the door publishes on.
 const MAX_REPLY_SUBJECT: usize = 256;
+
+/// The NATS door's limit on rejections: a token bucket per caller.
+#[derive(Debug, Clone)]
+pub struct DoorSettings {
+    /// Rejections a caller may cause in a burst.
+    pub reject_burst: u32,
+    /// One rejection is allowed again after this long.
+    pub reject_interval: Duration,
+}
 
 /// The door's limit on rejections: one token bucket per caller (unauthenticated messages share
 /// one, [`ANONYMOUS`]). A caller with no token left gets `RATE_LIMITED` without admission.
@@ -358,7 +366,7 @@ fn truncate(text: &str, max: usize) -> &str {
 mod tests {
     use super::*;
     use crate::auth;
-    use crate::config::{AuthSettings, Secret};
+    use crate::auth::{AuthSettings, Secret};
     use crate::domain::AgentId;
 
     fn caller(agent: &str) -> Caller {

@@ -4,13 +4,17 @@
 //!
 //! Where a heartbeat goes: [`http`] → [`admission`] → [`bus`] → [`workers::registry`].
 //! Where a latency figure goes: [`stats`] → [`metrics`] (snapshot, fleet) → [`alerting`].
+//!
+//! [`cli`] sits on top: it reads the command line into [`cli::Settings`], made of the settings
+//! type each module owns ([`auth::AuthSettings`], [`bus::StreamSettings`], …). No other module
+//! imports it.
 
 pub mod admission;
 pub mod alerting;
 pub mod app;
 pub mod auth;
 pub mod bus;
-pub mod config;
+pub mod cli;
 pub mod contract;
 pub mod directory;
 pub mod domain;

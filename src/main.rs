@@ -2,32 +2,39 @@
 
 use std::process::ExitCode;
 
-use auto_com_center::config::{self, Cli, Command, Settings};
-use auto_com_center::domain::AgentId;
+use auto_com_center::cli::{Cli, Command, ConfigError, RulesFormat, Settings};
 use auto_com_center::telemetry::{self, OtelConfig};
 use auto_com_center::{Application, app, auth};
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => match ConfigError::from_clap(&err) {
+            // A refused value: one line naming the setting, like every other bad setting.
+            Some(refusal) => {
+                eprintln!("error: {refusal}");
+                return ExitCode::from(2);
+            }
+            // Help, version, usage mistakes: as clap prints them.
+            None => err.exit(),
+        },
+    };
     match cli.command {
         Command::Token(args) => {
-            let minted = config::parse_secret(&args.secret)
+            let minted = args
+                .secret
+                .require()
                 .map_err(|e| e.to_string())
                 .and_then(|secret| {
-                    let agent = AgentId::parse(&args.agent_id)
-                        .map_err(|e| format!("invalid --agent-id: {e}"))?;
-                    let ttl =
-                        config::parse_duration("--ttl", &args.ttl).map_err(|e| e.to_string())?;
-                    let max = config::parse_duration("MAX_TOKEN_LIFETIME", &args.max_token_lifetime)
-                        .map_err(|e| e.to_string())?;
-                    if ttl > max {
+                    if args.ttl > args.max_token_lifetime {
                         return Err(format!(
                             "--ttl {} is longer than MAX_TOKEN_LIFETIME ({}); the service would refuse the token",
-                            args.ttl, args.max_token_lifetime
+                            humantime::format_duration(args.ttl),
+                            humantime::format_duration(args.max_token_lifetime)
                         ));
                     }
-                    Ok(auth::mint(&secret, &agent, &args.scope, ttl))
+                    Ok(auth::mint(&secret, &args.agent_id, &args.scope, args.ttl))
                 });
             match minted {
                 Ok(token) => {
@@ -44,13 +51,13 @@ fn main() -> ExitCode {
             match auto_com_center::alerting::rules::load(args.alert_rules.as_deref()) {
                 Ok(rules) => {
                     match args.format {
-                        config::RulesFormat::Prometheus => {
+                        RulesFormat::Prometheus => {
                             print!(
                                 "{}",
                                 auto_com_center::alerting::rules::to_prometheus(&rules)
                             );
                         }
-                        config::RulesFormat::Json => {
+                        RulesFormat::Json => {
                             let file = auto_com_center::alerting::rules::RuleFile {
                                 rules: rules.into_iter().map(|r| r.rule).collect(),
                             };

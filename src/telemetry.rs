@@ -9,6 +9,8 @@
 //!
 //! Secrets never reach a log line: the shared secret and NATS password are wrapped types that
 //! print `***`, and no code logs a token.
+//!
+//! [`LogFormat`] is the one log setting this module owns; the filter is `EnvFilter` syntax.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -37,7 +39,14 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
-use crate::config::LogFormat;
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with `trace_id` and `span_id`.
+    Json,
+}
 
 /// Where and how spans are exported, from the standard OpenTelemetry variables.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,6 +8,7 @@
 //! - [`routes`]: the bus, the log, webhooks in Alertmanager's format.
 //! - [`lease`]: one acting replica at a time.
 //! - [`store`]: alert states, acknowledgements and silences in the `acc_alerting` bucket.
+//! - [`AlertingSettings`]: the rules, the intervals, the webhooks.
 //!
 //! Order per notification: send (the bus first), and only once the bus acknowledged it note
 //! it as sent ([`Engine::confirm`]); then store. A failed send stays owed and goes out at the
@@ -32,7 +33,6 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Publisher, subjects};
-use crate::config::AlertingSettings;
 use crate::metrics::STALE_AFTER_INTERVALS;
 use crate::metrics::snapshot::{FleetEndpoint, FleetSnapshot, merge};
 use crate::metrics::worker::{agent_records, replica_snapshots};
@@ -40,6 +40,46 @@ use engine::{Engine, Notification, Outcome, Policy, Sample};
 use lease::Lease;
 use routes::Notifier;
 use rules::{CheckedRule, Metric};
+
+/// The alerting worker's configuration.
+#[derive(Clone)]
+pub struct AlertingSettings {
+    /// The checked rules.
+    pub rules: Vec<CheckedRule>,
+    /// How often the acting replica evaluates the rules.
+    pub eval_interval: Duration,
+    /// A firing alert is notified again after this long.
+    pub repeat_interval: Duration,
+    /// A firing CRITICAL not acknowledged within this long is escalated.
+    pub escalate_after: Duration,
+    /// Lifetime of the alerting lease.
+    pub lease_ttl: Duration,
+    /// Webhooks for WARN notifications.
+    pub webhooks_warning: Vec<url::Url>,
+    /// Webhooks for CRITICAL notifications.
+    pub webhooks_critical: Vec<url::Url>,
+    /// Webhooks for escalations.
+    pub webhooks_escalation: Vec<url::Url>,
+    /// Public URL of the bridge, for links in notifications.
+    pub external_url: String,
+}
+
+impl std::fmt::Debug for AlertingSettings {
+    /// Webhook URLs may carry tokens: only their number is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertingSettings")
+            .field("rules", &self.rules.len())
+            .field("eval_interval", &self.eval_interval)
+            .field("repeat_interval", &self.repeat_interval)
+            .field("escalate_after", &self.escalate_after)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("webhooks_warning", &self.webhooks_warning.len())
+            .field("webhooks_critical", &self.webhooks_critical.len())
+            .field("webhooks_escalation", &self.webhooks_escalation.len())
+            .field("external_url", &self.external_url)
+            .finish()
+    }
+}
 
 /// Runs the alerting role until `stop`.
 pub async fn run(

@@ -12,9 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
+use super::AlertingSettings;
 use super::engine::{Notification, Phase};
 use crate::bus::{PublishFailure, Publisher, subjects};
-use crate::config::AlertingSettings;
 
 /// Attempts per webhook delivery.
 const WEBHOOK_ATTEMPTS: u32 = 5;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::parse_duration;
+use crate::domain::parse_duration;
 
 /// What a rule measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,8 +226,7 @@ pub fn check(file: RuleFile) -> Result<Vec<CheckedRule>, String> {
         let hold = if rule.hold.trim() == "0s" || rule.hold.trim() == "0" {
             Duration::ZERO
         } else {
-            parse_duration("ALERT_RULES", &rule.hold)
-                .map_err(|e| format!("rule {name}: for: {}", e.message))?
+            parse_duration(&rule.hold).map_err(|e| format!("rule {name}: for: {e}"))?
         };
         checked.push(CheckedRule { rule, hold });
     }

@@ -27,8 +27,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::subjects;
-use crate::config::{Durability, EmbeddedSettings};
+use crate::bus::{Durability, EmbeddedSettings, subjects};
 use crate::domain::AgentId;
 
 /// The oldest server we run. Older servers are refused at start rather than run with settings

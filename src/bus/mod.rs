@@ -1,10 +1,17 @@
 //! Everything that touches NATS: subject names, stream/KV provisioning, the embedded server,
-//! the connection, and publish-and-ack with dedupe ids and a bounded wait.
+//! the connection, and publish-and-ack with dedupe ids and a bounded wait; and the settings of
+//! all of these ([`NatsTarget`], [`StreamSettings`], [`GroupCommitSettings`]).
 
 pub mod embedded;
 pub mod group;
 pub mod provision;
+mod settings;
 pub mod subjects;
+
+pub use settings::{
+    Durability, EmbeddedSettings, GroupCommitMode, GroupCommitSettings, NatsAuth, NatsTarget,
+    StreamSettings,
+};
 
 use std::error::Error as _;
 use std::sync::Arc;
@@ -20,7 +27,6 @@ use bytes::Bytes;
 use serde::Serialize;
 use tracing::Instrument as _;
 
-use crate::config::NatsAuth;
 use crate::telemetry::Cause;
 use group::{GroupCommit, GroupSettings};
 

@@ -12,8 +12,8 @@ use async_nats::jetstream::Context;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 
+use super::StreamSettings;
 use super::subjects::{self, AGENTS_BUCKET, ALERTING_BUCKET};
-use crate::config::StreamSettings;
 
 /// The streams the bridge owns.
 pub const STREAMS: &[&str] = &[

@@ -20,9 +20,9 @@ use super::extract::{Authenticated, JsonObject};
 use super::{AppState, routes};
 use crate::alerting::engine::{Ack, Phase, Silence};
 use crate::alerting::store::{self, ACK_PREFIX, SILENCE_PREFIX, StoreError};
-use crate::auth::Caller;
-use crate::config::{ADMIN_SCOPE, parse_duration};
+use crate::auth::{ADMIN_SCOPE, Caller};
 use crate::contract::{Code, Refusal};
+use crate::domain::parse_duration;
 use crate::telemetry::with_trace_id;
 
 /// Most matchers a silence may carry, and the longest label name or value.
@@ -168,8 +168,9 @@ async fn create_silence(
         matchers.insert(label.clone(), value.clone());
     }
     let duration = match body.get("duration") {
-        Some(Value::String(raw)) => parse_duration("duration", raw)
-            .map_err(|e| Refusal::invalid_payload(format!("duration: {}", e.message)))?,
+        Some(Value::String(raw)) => {
+            parse_duration(raw).map_err(|e| Refusal::invalid_payload(format!("duration: {e}")))?
+        }
         _ => {
             return Err(Refusal::invalid_payload(
                 "duration: required, like \"30m\" or \"2h\"",

@@ -15,6 +15,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -22,9 +23,23 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
 use super::AppState;
-use crate::config::LimitSettings;
 use crate::contract::bucket::{Buckets, retry_after_secs};
 use crate::contract::{Code, Refusal, RefusalCounts};
+
+/// The HTTP door's load limits.
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// Sustained requests per second per agent; `None` disables the per-agent limit.
+    pub per_agent_rate: Option<f64>,
+    /// Requests an agent may send in a burst above its rate.
+    pub per_agent_burst: u32,
+    /// Failed authentications a source address may cause in a burst.
+    pub auth_failure_burst: u32,
+    /// One more failed authentication is allowed per this interval.
+    pub auth_failure_interval: Duration,
+    /// Requests handled at once; more are refused with 503 `OVERLOADED`.
+    pub max_in_flight: usize,
+}
 
 /// The limiters of one HTTP door.
 pub struct Limits {

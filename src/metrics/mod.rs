@@ -6,6 +6,7 @@
 //!   publishes the fleet snapshot.
 //! - [`FleetView`]: the latest fleet snapshot as seen by an ingress (for `/metrics`, `/health`).
 //! - [`prometheus`], [`process`]: the `/metrics` text and the process figures.
+//! - [`MetricsSettings`]: how often snapshots are taken, over which window.
 
 pub mod process;
 pub mod prometheus;
@@ -24,6 +25,15 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Publisher, subjects};
 use crate::stats::Stats;
 use snapshot::{FleetSnapshot, IngressSnapshot};
+
+/// Ingress snapshots and the metrics worker.
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    /// How often each ingress publishes its snapshot, and the worker merges them.
+    pub snapshot_interval: Duration,
+    /// Sliding window of the latency and error figures.
+    pub window: Duration,
+}
 
 /// A fleet or replica snapshot older than this many intervals is ignored: its producer is gone.
 pub const STALE_AFTER_INTERVALS: u32 = 3;

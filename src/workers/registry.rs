@@ -7,6 +7,8 @@
 //! replicas can share the durable consumer. A status change is first stored in the record as
 //! `pending`, then published under a dedupe id derived from its cause, then cleared: it is
 //! announced only once it really happened, and a crash in between is finished by the next writer.
+//!
+//! [`RegistrySettings`] configures it: staleness, sweep interval, pre-registered agents.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,11 +26,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::{HandleError, Handler, MAX_DELIVER, consume};
 use crate::bus::{Publisher, subjects};
-use crate::config::RegistrySettings;
 use crate::domain::{
     AgentId, AgentProfile, AgentRecord, AgentStatus, Heartbeat, PendingChange, Registration,
     RegistrationOrigin, StatusChange,
 };
+
+/// How the registry judges staleness, and the agents it knows before any registers.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// An agent without a heartbeat for this long is marked offline.
+    pub stale_after: Duration,
+    /// How often the registry looks for stale agents.
+    pub sweep_interval: Duration,
+    /// Agents registered from the configuration.
+    pub preregistered: BTreeMap<AgentId, AgentProfile>,
+}
 
 /// Runs the registry until `stop` fires: consumes registrations and heartbeats, and sweeps.
 pub async fn run(

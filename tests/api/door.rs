@@ -641,7 +641,7 @@ async fn the_door_stopped_mid_stream_and_restarted_admits_every_message_exactly_
     assert!(rejections(&app.js).await.is_empty());
 }
 
-fn embedded_with_agents(data: &TempDir, port: u16) -> auto_com_center::config::Settings {
+fn embedded_with_agents(data: &TempDir, port: u16) -> auto_com_center::cli::Settings {
     settings(
         None,
         &[

@@ -17,7 +17,7 @@ use crate::helpers::*;
 /// The publish timeout `helpers::settings` configures.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn embedded_settings(data: &TempDir, flags: &[&str]) -> auto_com_center::config::Settings {
+fn embedded_settings(data: &TempDir, flags: &[&str]) -> auto_com_center::cli::Settings {
     let data_dir = format!("--data-dir={}", data.path().display());
     let mut all = vec![data_dir.as_str(), "--embedded-nats-port=0"];
     all.extend_from_slice(flags);

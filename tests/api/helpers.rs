@@ -10,8 +10,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use auto_com_center::Application;
 use auto_com_center::auth;
+use auto_com_center::auth::Secret;
 use auto_com_center::bus::subjects::CATALOG;
-use auto_com_center::config::{Cli, Command as CliCommand, Secret, Settings};
+use auto_com_center::cli::{Cli, Command as CliCommand, Settings};
 use auto_com_center::domain::AgentId;
 use clap::Parser as _;
 use reqwest::StatusCode;
@@ -429,11 +430,11 @@ impl TestApp {
     }
 }
 
-/// Every environment variable a setting reads, scanned from `env = "..."` in `src/config.rs`,
+/// Every environment variable a setting reads, scanned from `env = "..."` in `src/cli.rs`,
 /// so that a new setting is covered without editing the tests.
 pub fn setting_env_vars() -> Vec<String> {
     const MARK: &str = "env = \"";
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config.rs");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cli.rs");
     let source = std::fs::read_to_string(&path).unwrap();
     let mut names: Vec<String> = Vec::new();
     let mut rest = source.as_str();

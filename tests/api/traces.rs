@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use auto_com_center::config::LogFormat;
+use auto_com_center::telemetry::LogFormat;
 use auto_com_center::telemetry::{
     self, Endpoint, ExportProtocol, OtelConfig, SamplerConfig, Telemetry,
 };
