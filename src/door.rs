@@ -39,7 +39,6 @@ use crate::auth::{Caller, Verifier};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
-use crate::telemetry;
 use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
 
 /// The caller key of messages whose token did not verify: they share one bucket.
@@ -146,10 +145,10 @@ impl Door {
                 self.answer(reply.as_deref(), 200, None, &answer).await;
                 Ok(())
             }
-            Err(refusal) if refusal.code().is_server_error() => {
-                tracing::warn!(code = %refusal.code(), error = %telemetry::error_chain(&refusal), "admission failed on our side");
-                Err(HandleError::Transient(refusal.to_string()))
-            }
+            Err(refusal) if refusal.code().is_server_error() => Err(HandleError::transient_by(
+                "admission failed on our side",
+                refusal,
+            )),
             Err(refusal) => {
                 span.record("code", refusal.code().as_str());
                 self.reject(message, inbound_seq, &caller_key, &refusal)
@@ -240,12 +239,7 @@ impl Door {
             Err(err @ (PublishFailure::StreamFull(_) | PublishFailure::TooLarge)) => {
                 tracing::error!(error = %err, "cannot store the rejection; counting it only");
             }
-            Err(err) => {
-                let reason = telemetry::error_chain(&err);
-                return Err(HandleError::Transient(format!(
-                    "storing rejection: {reason}"
-                )));
-            }
+            Err(err) => return Err(HandleError::transient_by("storing rejection", err)),
         }
         if code != Code::RateLimited {
             let _ = self.limiter.take(caller_key);

@@ -5,7 +5,9 @@
 
 pub mod registry;
 
+use std::borrow::Cow;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -17,7 +19,7 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::bus::{Publisher, subjects};
-use crate::telemetry;
+use crate::telemetry::{self, Cause};
 
 /// A message whose handling fails on its fifth delivery is dead-lettered.
 pub const DEAD_LETTER_AFTER: i64 = 5;
@@ -33,15 +35,53 @@ fn retry_delay(delivered: i64) -> Duration {
     Duration::from_millis(DELAYS_MS[index])
 }
 
-/// Why a handler did not finish a message.
+/// Why a handler did not finish a message: what it was doing, and the cause as the error's
+/// source (logged, and kept in the dead-letter reason, as a chain).
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     /// Might work later (bus hiccup, a CAS race, an agent not yet applied): redeliver.
-    #[error("transient: {0}")]
-    Transient(String),
+    #[error("transient: {context}")]
+    Transient {
+        context: Cow<'static, str>,
+        #[source]
+        source: Option<Cause>,
+    },
     /// Will never work (unreadable payload): dead-letter now.
-    #[error("permanent: {0}")]
-    Permanent(String),
+    #[error("permanent: {context}")]
+    Permanent {
+        context: Cow<'static, str>,
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+/// Anything that can be the cause of a failed message: an error, or a message of our own.
+type Source = Box<dyn std::error::Error + Send + Sync>;
+
+impl HandleError {
+    /// Transient, with nothing under it.
+    pub fn transient(context: impl Into<Cow<'static, str>>) -> Self {
+        Self::Transient {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// Transient, caused by `source`.
+    pub fn transient_by(context: &'static str, source: impl Into<Source>) -> Self {
+        Self::Transient {
+            context: context.into(),
+            source: Some(Arc::from(source.into())),
+        }
+    }
+
+    /// Permanent, caused by `source`.
+    pub fn permanent_by(context: &'static str, source: impl Into<Source>) -> Self {
+        Self::Permanent {
+            context: context.into(),
+            source: Some(Arc::from(source.into())),
+        }
+    }
 }
 
 /// What a worker does with one message.
@@ -155,8 +195,9 @@ async fn settle(
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     let result = match outcome {
         Ok(()) => message.ack().await,
-        Err(HandleError::Transient(reason)) if delivered < DEAD_LETTER_AFTER => {
+        Err(err @ HandleError::Transient { .. }) if delivered < DEAD_LETTER_AFTER => {
             tracing::Span::current().record("otel.status_code", "ERROR");
+            let reason = telemetry::error_chain(&err);
             tracing::warn!(consumer, subject = %message.subject, delivered, reason, "handler failed; will retry");
             message
                 .ack_with(AckKind::Nak(Some(retry_delay(delivered))))
@@ -164,7 +205,7 @@ async fn settle(
         }
         Err(err) => {
             tracing::Span::current().record("otel.status_code", "ERROR");
-            let reason = err.to_string();
+            let reason = telemetry::error_chain(&err);
             tracing::error!(consumer, subject = %message.subject, delivered, reason, "dead-lettering message");
             if let Err(dead) = dead_letter(publisher, stream, consumer, &message, &reason).await {
                 // Not stored anywhere yet: leave it to redelivery rather than drop it.

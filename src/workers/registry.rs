@@ -166,9 +166,10 @@ impl Handler for Registry {
             })
             .await
         } else {
-            Err(HandleError::Permanent(format!(
-                "registry does not handle subject {subject}"
-            )))
+            Err(HandleError::permanent_by(
+                "registry does not handle this subject",
+                subject.to_owned(),
+            ))
         }
     }
 }
@@ -208,8 +209,8 @@ impl Registry {
                 return Ok(());
             }
         }
-        Err(HandleError::Transient(
-            "lost the compare-and-set race 10 times".into(),
+        Err(HandleError::transient(
+            "lost the compare-and-set race 10 times",
         ))
     }
 
@@ -218,12 +219,11 @@ impl Registry {
             .bucket
             .entry(agent.as_str())
             .await
-            .map_err(|e| HandleError::Transient(format!("reading agent record: {e}")))?;
+            .map_err(|e| HandleError::transient_by("reading agent record", e))?;
         match entry {
             Some(entry) if entry.operation == Operation::Put => {
-                let record = serde_json::from_slice(&entry.value).map_err(|e| {
-                    HandleError::Permanent(format!("stored agent record unreadable: {e}"))
-                })?;
+                let record = serde_json::from_slice(&entry.value)
+                    .map_err(|e| HandleError::permanent_by("stored agent record unreadable", e))?;
                 Ok(Loaded {
                     record: Some(record),
                     revision: Some(entry.revision),
@@ -269,12 +269,12 @@ impl Registry {
             Some(revision) => match self.bucket.update(agent.as_str(), value, revision).await {
                 Ok(revision) => Ok(Some(revision)),
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
-                Err(e) => Err(HandleError::Transient(format!("writing agent record: {e}"))),
+                Err(e) => Err(HandleError::transient_by("writing agent record", e)),
             },
             None => match self.bucket.create(agent.as_str(), value).await {
                 Ok(revision) => Ok(Some(revision)),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
-                Err(e) => Err(HandleError::Transient(format!("writing agent record: {e}"))),
+                Err(e) => Err(HandleError::transient_by("writing agent record", e)),
             },
         }
     }
@@ -294,7 +294,7 @@ impl Registry {
         self.publisher
             .publish(subjects::status_change(agent), &pending.id, payload, None)
             .await
-            .map_err(|e| HandleError::Transient(format!("publishing status change: {e}")))?;
+            .map_err(|e| HandleError::transient_by("publishing status change", e))?;
         tracing::info!(
             agent_id = %agent,
             from = ?pending.change.from,
@@ -389,8 +389,7 @@ fn pending_change(
 }
 
 fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, HandleError> {
-    serde_json::from_slice(payload)
-        .map_err(|e| HandleError::Permanent(format!("unreadable payload: {e}")))
+    serde_json::from_slice(payload).map_err(|e| HandleError::permanent_by("unreadable payload", e))
 }
 
 fn on_registration(current: Option<&AgentRecord>, registration: &Registration) -> Outcome {
@@ -438,7 +437,7 @@ fn on_heartbeat(
 ) -> Result<Outcome, HandleError> {
     let Some(current) = current else {
         // The ingress saw the registration in the stream; this worker has not applied it yet.
-        return Err(HandleError::Transient(format!(
+        return Err(HandleError::transient(format!(
             "agent {} not in the registry yet",
             heartbeat.agent_id
         )));
@@ -513,7 +512,7 @@ mod tests {
     fn a_heartbeat_before_its_registration_is_retried() {
         assert!(matches!(
             on_heartbeat(None, &heartbeat(1, ReportedStatus::Online)),
-            Err(HandleError::Transient(_))
+            Err(HandleError::Transient { .. })
         ));
     }
 }
