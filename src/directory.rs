@@ -19,16 +19,7 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::subjects;
-use crate::domain::{AgentId, AgentRecord, AgentStatus};
-
-/// Agent counts for `/health`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct AgentCounts {
-    pub total: usize,
-    pub online: usize,
-    pub offline: usize,
-    pub degraded: usize,
-}
+use crate::domain::{AgentCounts, AgentId, AgentRecord};
 
 /// The existence check could not be answered.
 #[derive(Debug, thiserror::Error)]
@@ -65,20 +56,9 @@ impl Directory {
         list
     }
 
+    /// Agent counts by status, for `/health`.
     pub fn counts(&self) -> AgentCounts {
-        let agents = self.agents.read().expect("not poisoned");
-        let mut counts = AgentCounts {
-            total: agents.len(),
-            ..AgentCounts::default()
-        };
-        for record in agents.values() {
-            match record.status {
-                AgentStatus::Online => counts.online += 1,
-                AgentStatus::Offline => counts.offline += 1,
-                AgentStatus::Degraded => counts.degraded += 1,
-            }
-        }
-        counts
+        AgentCounts::tally(self.agents.read().expect("not poisoned").values())
     }
 
     /// True when the agent is registered: in the view, or (read-your-writes) with a stored

@@ -280,6 +280,33 @@ pub struct AgentRecord {
     pub pending: Option<PendingChange>,
 }
 
+/// Agents by registry status: what `/health` shows and the fleet snapshot carries
+/// (`bus.agents`), both with this JSON shape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentCounts {
+    pub total: u64,
+    pub online: u64,
+    pub offline: u64,
+    pub degraded: u64,
+}
+
+impl AgentCounts {
+    /// Counts `records` by status.
+    pub fn tally<'a>(records: impl IntoIterator<Item = &'a AgentRecord>) -> Self {
+        records
+            .into_iter()
+            .fold(Self::default(), |mut counts, record| {
+                counts.total += 1;
+                match record.status {
+                    AgentStatus::Online => counts.online += 1,
+                    AgentStatus::Offline => counts.offline += 1,
+                    AgentStatus::Degraded => counts.degraded += 1,
+                }
+                counts
+            })
+    }
+}
+
 /// A status change waiting to be published, with its dedupe id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PendingChange {
@@ -378,6 +405,35 @@ mod tests {
         for good in ["agent-1", "student_pilot", "A9"] {
             assert!(AgentId::parse(good).is_ok(), "{good:?} refused");
         }
+    }
+
+    #[test]
+    fn agent_counts_tally_records_by_status_in_the_wire_shape() {
+        let record = |id: &str, status| AgentRecord {
+            agent_id: AgentId::parse(id).unwrap(),
+            profile: AgentProfile {
+                name: id.into(),
+                base_url: "https://x.example".into(),
+                capabilities: vec![],
+            },
+            registered_at: DateTime::UNIX_EPOCH,
+            last_seen: DateTime::UNIX_EPOCH,
+            status,
+            status_at: DateTime::UNIX_EPOCH,
+            pending: None,
+        };
+        let records = [
+            record("a", AgentStatus::Online),
+            record("b", AgentStatus::Offline),
+            record("c", AgentStatus::Online),
+            record("d", AgentStatus::Degraded),
+        ];
+        let counts = AgentCounts::tally(&records);
+        assert_eq!(
+            serde_json::to_value(counts).unwrap(),
+            json!({"total": 4, "online": 2, "offline": 1, "degraded": 1})
+        );
+        assert_eq!(AgentCounts::tally([]), AgentCounts::default());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The ingress's own figures: per endpoint, an HDR latency histogram and request counts over a
 //! sliding window (by default 5 minutes in 30 slices of 10 seconds), plus counters since start
-//! for Prometheus (requests by status class, latency in fixed buckets). `/health` reads p95 and
+//! for Prometheus (requests by status class and by exact status code, latency in fixed buckets). `/health` reads p95 and
 //! the error rate from here; the error rate counts server-side failures (5xx), as the plan
 //! defines it.
 //!
@@ -76,11 +76,43 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_MICROS, SIGFIGS).expect("valid bounds")
 }
 
+/// Requests per exact status code, sorted by code.
+///
+/// An endpoint answers with a handful of distinct codes, so a sorted vector is smaller and
+/// faster than a hash map: counting a code seen before is a binary search and an increment, and
+/// only the first request with a new code allocates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CodeCounts(Vec<(u16, u64)>);
+
+impl CodeCounts {
+    /// Counts one request answered `code`.
+    pub fn add(&mut self, code: u16) {
+        match self.0.binary_search_by_key(&code, |&(c, _)| c) {
+            Ok(i) => self.0[i].1 += 1,
+            Err(i) => self.0.insert(i, (code, 1)),
+        }
+    }
+
+    /// Requests answered `code` (0 when none was).
+    pub fn get(&self, code: u16) -> u64 {
+        self.0
+            .binary_search_by_key(&code, |&(c, _)| c)
+            .map_or(0, |i| self.0[i].1)
+    }
+
+    /// `(code, count)` of every code seen, in ascending code order.
+    pub fn iter(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.0.iter().copied()
+    }
+}
+
 /// Counters since the process started, for Prometheus counters and histograms.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Cumulative {
     /// Requests per status class, indexed like [`CLASSES`].
     pub by_class: [u64; 5],
+    /// Requests per exact status code; each class is the sum of its codes.
+    pub by_code: CodeCounts,
     /// Requests per latency bucket (not cumulative), indexed like [`BUCKETS_MICROS`]; slower
     /// requests are only in `count`.
     pub buckets: [u64; BUCKETS_MICROS.len()],
@@ -241,6 +273,7 @@ impl Stats {
         self.started.elapsed()
     }
 
+    /// Counts one request to `endpoint` answered `status` after `latency`.
     pub fn record(&self, endpoint: Endpoint, status: u16, latency: Duration) {
         let now = Instant::now();
         let micros = (latency.as_micros() as u64).clamp(1, MAX_MICROS);
@@ -250,6 +283,7 @@ impl Stats {
         window.rotate(now);
         let totals = &mut window.totals;
         totals.by_class[class] += 1;
+        totals.by_code.add(status);
         if let Some(count) = totals.buckets.get_mut(bucket) {
             *count += 1;
         }
@@ -345,6 +379,32 @@ mod tests {
         let totals = stats.cumulative(Endpoint::Heartbeat);
         assert_eq!(totals.by_class, [0, 2, 0, 2, 1]);
         assert_eq!(totals.count, 5);
+    }
+
+    #[test]
+    fn cumulative_counts_keep_the_exact_status_code() {
+        let stats = Stats::new();
+        for status in [404, 200, 401, 200, 503, 401, 200] {
+            stats.record(Endpoint::Heartbeat, status, Duration::from_millis(1));
+        }
+        let totals = stats.cumulative(Endpoint::Heartbeat);
+        assert_eq!(
+            totals.by_code.iter().collect::<Vec<_>>(),
+            [(200, 3), (401, 2), (404, 1), (503, 1)],
+            "sorted by code"
+        );
+        assert_eq!(totals.by_code.get(401), 2);
+        assert_eq!(totals.by_code.get(500), 0);
+        assert_eq!(totals.by_class, [0, 3, 0, 3, 1]);
+        // Every code counted is in the class counts, once.
+        assert_eq!(
+            totals.by_code.iter().map(|(_, n)| n).sum::<u64>(),
+            totals.count
+        );
+        assert_eq!(
+            stats.cumulative(Endpoint::Events).by_code,
+            CodeCounts::default()
+        );
     }
 
     #[test]

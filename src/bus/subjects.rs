@@ -218,8 +218,10 @@ pub fn stream_of(subject: &str) -> Option<&'static str> {
         .map(|spec| spec.stream)
 }
 
-/// NATS wildcard matching: `*` is one token, a final `>` one or more.
-fn matches(pattern: &str, subject: &str) -> bool {
+/// True when concrete `subject` falls under `pattern` (one of the patterns above), by NATS
+/// wildcard rules: `*` is one token, a final `>` one or more. Lets a consumer of several
+/// patterns tell its messages apart without spelling any subject itself.
+pub fn matches(pattern: &str, subject: &str) -> bool {
     let mut tokens = subject.split('.');
     for want in pattern.split('.') {
         match (want, tokens.next()) {

@@ -1,7 +1,7 @@
 //! `GET /metrics` in the Prometheus text exposition format (version 0.0.4).
 //!
 //! This replica's figures: counters since start (`acc_http_requests_total` by endpoint and
-//! status class), a latency histogram in fixed buckets (`acc_http_request_duration_seconds`),
+//! status class, `acc_http_responses_total` by endpoint and exact status code), a latency histogram in fixed buckets (`acc_http_request_duration_seconds`),
 //! and gauges of the sliding window. When a fleet snapshot from the metrics worker is known,
 //! fleet gauges (`acc_fleet_*`), bus figures (`acc_stream_*`, `acc_consumer_*`) and agent counts
 //! (`acc_agents`) follow, so scraping any one ingress gives the whole picture. Process metrics
@@ -20,6 +20,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// this list.
 pub const FAMILIES: &[&str] = &[
     "acc_http_requests_total",
+    "acc_http_responses_total",
     "acc_http_request_duration_seconds",
     "acc_http_window_requests",
     "acc_http_window_latency_seconds",
@@ -90,6 +91,22 @@ fn render_ingress(out: &mut String, stats: &Stats) {
             let _ = writeln!(
                 out,
                 "acc_http_requests_total{{endpoint=\"{endpoint}\",class=\"{class}\"}} {count}"
+            );
+        }
+    }
+    // A family of its own rather than a `code` label on the class series: one family with two
+    // label sets would count every request twice in `sum(acc_http_requests_total)`.
+    header(
+        out,
+        "acc_http_responses_total",
+        "counter",
+        "HTTP requests served by this replica, by endpoint and exact status code (codes seen).",
+    );
+    for (endpoint, cumulative, _) in &totals {
+        for (code, count) in cumulative.by_code.iter() {
+            let _ = writeln!(
+                out,
+                "acc_http_responses_total{{endpoint=\"{endpoint}\",code=\"{code}\"}} {count}"
             );
         }
     }

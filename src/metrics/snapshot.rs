@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::AgentCounts;
 use crate::stats::{Endpoint, MAX_MICROS, Stats, new_histogram};
 
 /// One ingress replica's window, published every `METRICS_SNAPSHOT_INTERVAL`.
@@ -168,14 +169,6 @@ pub struct ConsumerFigures {
     pub ack_pending: u64,
     /// Delivered more than once and not yet acknowledged.
     pub redelivered: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct AgentCounts {
-    pub total: u64,
-    pub online: u64,
-    pub offline: u64,
-    pub degraded: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -18,11 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::STALE_AFTER_INTERVALS;
 use super::snapshot::{
-    AgentCounts, BusFigures, ConsumerFigures, FleetSnapshot, IngressSnapshot, OfflineAgent,
-    StreamFigures, merge,
+    BusFigures, ConsumerFigures, FleetSnapshot, IngressSnapshot, OfflineAgent, StreamFigures, merge,
 };
 use crate::bus::{Publisher, provision, subjects};
-use crate::domain::{AgentRecord, AgentStatus};
+use crate::domain::{AgentCounts, AgentRecord, AgentStatus};
 
 /// Runs the metrics role until `stop`.
 pub async fn run(
@@ -162,22 +161,15 @@ async fn bus_figures(js: &jetstream::Context, agents: &Store) -> anyhow::Result<
 /// Agent counts by status, and the offline agents with their last heartbeat.
 pub async fn agent_figures(agents: &Store) -> anyhow::Result<(AgentCounts, Vec<OfflineAgent>)> {
     let records = agent_records(agents).await?;
-    let mut counts = AgentCounts::default();
-    let mut offline = Vec::new();
-    for record in records {
-        counts.total += 1;
-        match record.status {
-            AgentStatus::Online => counts.online += 1,
-            AgentStatus::Degraded => counts.degraded += 1,
-            AgentStatus::Offline => {
-                counts.offline += 1;
-                offline.push(OfflineAgent {
-                    agent_id: record.agent_id.to_string(),
-                    last_seen: record.last_seen,
-                });
-            }
-        }
-    }
+    let counts = AgentCounts::tally(&records);
+    let offline = records
+        .into_iter()
+        .filter(|record| record.status == AgentStatus::Offline)
+        .map(|record| OfflineAgent {
+            agent_id: record.agent_id.to_string(),
+            last_seen: record.last_seen,
+        })
+        .collect();
     Ok((counts, offline))
 }
 

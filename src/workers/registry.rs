@@ -151,14 +151,14 @@ impl Handler for Registry {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let subject = message.subject.as_str();
-        if subject.starts_with("acc.agents.registered.") {
+        if subjects::matches(subjects::REGISTRATIONS, subject) {
             let registration: Registration = parse(&message.payload)?;
             let agent = registration.agent_id.clone();
             self.apply(&agent, &format!("status:{agent}:{seq}"), |current| {
                 Ok(on_registration(current, &registration))
             })
             .await
-        } else if subject.starts_with("acc.agents.heartbeat.") {
+        } else if subjects::matches(subjects::HEARTBEATS, subject) {
             let heartbeat: Heartbeat = parse(&message.payload)?;
             let agent = heartbeat.agent_id.clone();
             self.apply(&agent, &format!("status:{agent}:{seq}"), |current| {

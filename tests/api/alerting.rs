@@ -978,15 +978,7 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
         Duration::from_secs(10),
         "fleet metrics on /metrics",
         || async {
-            let text = app
-                .http
-                .get(app.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = app.metrics_text().await;
             text.contains("acc_fleet_replicas").then_some(text)
         },
     )

@@ -223,6 +223,12 @@ impl TestApp {
         read(request.send().await.unwrap()).await
     }
 
+    /// `GET /metrics` as text, without a token (scrapers have none).
+    pub async fn metrics_text(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     /// Registers `agent` with its own token and asserts the 200.
     pub async fn register(&self, agent: &str) -> Value {
         let (status, body) = self

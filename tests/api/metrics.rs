@@ -146,15 +146,7 @@ async fn snapshots_of_two_ingress_replicas_merge_into_fleet_figures_on_the_bus()
         Duration::from_secs(5),
         "fleet figures on /metrics",
         || async {
-            let text = second
-                .http
-                .get(second.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = second.metrics_text().await;
             text.contains("acc_fleet_replicas 2").then_some(text)
         },
     )
@@ -247,6 +239,65 @@ async fn metrics_serve_prometheus_text_without_a_token() {
         .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
         .collect();
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+}
+
+#[tokio::test]
+async fn request_counters_carry_the_exact_status_code() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    for agent in ["c-1", "c-2"] {
+        app.register(agent).await;
+    }
+    let heartbeat = |agent: &str| serde_json::json!({ "agent_id": agent, "status": "online" });
+    let calls = [
+        ("/orchestrator/register", None, registration("c-3"), 401),
+        (
+            "/orchestrator/heartbeat",
+            Some(token("c-1")),
+            heartbeat("c-1"),
+            200,
+        ),
+        ("/orchestrator/heartbeat", None, heartbeat("c-1"), 401),
+        // A valid token of an agent that never registered.
+        (
+            "/orchestrator/heartbeat",
+            Some(token("c-9")),
+            heartbeat("c-9"),
+            404,
+        ),
+        (
+            "/orchestrator/heartbeat",
+            Some(token("c-8")),
+            heartbeat("c-8"),
+            404,
+        ),
+    ];
+    for (path, token, body, want) in &calls {
+        let (status, answer) = app.post(path, token.as_deref(), body).await;
+        assert_eq!(status.as_u16(), *want, "{path}: {answer}");
+    }
+
+    let text = app.metrics_text().await;
+    assert_prometheus_text(&text);
+    for line in [
+        "# TYPE acc_http_responses_total counter",
+        "acc_http_responses_total{endpoint=\"register\",code=\"200\"} 2",
+        "acc_http_responses_total{endpoint=\"register\",code=\"401\"} 1",
+        "acc_http_responses_total{endpoint=\"heartbeat\",code=\"200\"} 1",
+        "acc_http_responses_total{endpoint=\"heartbeat\",code=\"401\"} 1",
+        "acc_http_responses_total{endpoint=\"heartbeat\",code=\"404\"} 2",
+        // The class series are unchanged beside them.
+        "acc_http_requests_total{endpoint=\"heartbeat\",class=\"4xx\"} 3",
+        "acc_http_requests_total{endpoint=\"register\",class=\"4xx\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    // Only codes that were answered have a series.
+    let codes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("acc_http_responses_total{"))
+        .collect();
+    assert_eq!(codes.len(), 5, "{codes:#?}");
 }
 
 #[tokio::test]
