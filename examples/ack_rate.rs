@@ -1,6 +1,6 @@
 //! Measures what each durability mode costs: one publisher storing messages one at a time and
 //! awaiting each JetStream ack, against a fresh nats-server with `sync_interval: always` (fsync)
-//! and with the default interval. The README's durability figures come from this.
+//! and with the default interval. The durability figures in docs/operations.md come from this.
 //!
 //! ```sh
 //! cargo run --release --example ack_rate -- 2000

@@ -1,6 +1,6 @@
 //! A small agent: registers, sends a heartbeat on an interval, emits an event, reports a task
 //! result, and stops cleanly on Ctrl-C. It talks to the NATS door by default, or to the HTTP
-//! door with `--http`. The README's "Writing an agent" section walks through it.
+//! door with `--http`. docs/nats.md, "Writing an agent", walks through it.
 //!
 //! ```sh
 //! export SHARED_SECRET=...            # the bridge's secret, to mint the token

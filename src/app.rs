@@ -58,7 +58,7 @@ impl Application {
                     tracing::warn!(
                         "DURABILITY=fsync with NATS_URL: the bridge cannot see the server's \
                          sync_interval; configure `jetstream {{ sync_interval: always }}` on every \
-                         server (see README, Durability)"
+                         server (see docs/operations.md, Durability)"
                     );
                 }
                 (None, urls.clone(), auth.clone())

@@ -1,7 +1,7 @@
 //! The command line, the top layer: the clap types ([`Cli`] and its subcommands), the [`Role`]s
 //! a process runs, and the aggregate [`Settings`] that `serve` hands to the
 //! [`Application`](crate::Application). Every knob has a flag and an environment variable and is
-//! shown by `--help`; defaults live here and only here (the README table is written from them).
+//! shown by `--help`; defaults live here and only here (the table in docs/operations.md, Configuration reference, is written from them).
 //!
 //! Values are typed as clap reads them (the parsers are in [`values`]; durations use
 //! [`crate::domain::parse_duration`]), so a bad value is refused before anything starts, and
@@ -395,7 +395,7 @@ pub struct ServeArgs {
     #[arg(long, env = "METRICS_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub metrics_window: Duration,
 
-    /// Alert rules file (JSON, see README); unset: the plan's thresholds.
+    /// Alert rules file (JSON, see docs/alerting.md, Rules); unset: the plan's thresholds.
     #[arg(long, env = "ALERT_RULES")]
     pub alert_rules: Option<PathBuf>,
 

@@ -1,6 +1,6 @@
 //! Alert rules: what is measured, for which endpoints or agents, above which thresholds, for how
 //! long. Loaded from the JSON file named by `ALERT_RULES`; without one, the plan's table
-//! (DESIGN.md §2) applies.
+//! (docs/architecture.md, Alert defaults) applies.
 //!
 //! A rule carries both severities: `warning` and `critical` thresholds (either may be absent).
 //! Each severity of each matching endpoint or agent is one alert, labelled `alertname`,
@@ -127,7 +127,7 @@ pub struct RuleFile {
     pub rules: Vec<Rule>,
 }
 
-/// The plan's alert table (DESIGN.md §2). Latency and error rate must hold for a minute, so a
+/// The plan's alert table (docs/architecture.md, Alert defaults). Latency and error rate must hold for a minute, so a
 /// single slow burst does not page; an offline agent is judged by the time since its last
 /// heartbeat, which already spans minutes.
 pub fn defaults() -> RuleFile {

@@ -1,5 +1,5 @@
 //! The subject catalog in `subjects/` and the code agree; streams carry the durability settings
-//! of DESIGN.md §3; provisioning is idempotent when replicas race.
+//! of docs/architecture.md, Subjects, streams and KV; provisioning is idempotent when replicas race.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

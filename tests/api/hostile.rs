@@ -1,7 +1,7 @@
 //! Hostile bodies get a clear 4xx with the JSON envelope and change nothing: oversize bodies are
 //! refused without being read to the end, a message the bus would refuse as too large is a 413
 //! (not a 500), and malformed, mistyped, deeply nested, huge or non-UTF-8 JSON is a 400.
-//! Unknown fields are ignored and not stored (the policy in the README).
+//! Unknown fields are ignored and not stored (the policy in docs/api.md, Request bodies).
 
 use std::time::{Duration, Instant};
 
