@@ -27,6 +27,7 @@ use crate::door::Door;
 use crate::http::{self, AppState};
 use crate::metrics::FleetView;
 use crate::stats::Stats;
+use crate::streams::{Hub, Slots};
 use crate::workers;
 use futures::FutureExt as _;
 
@@ -248,6 +249,12 @@ impl Application {
                     .follow(client.clone(), js.clone(), stop.clone())
                     .map(Ok),
             );
+            let events = js
+                .get_stream(subjects::EVENTS_STREAM)
+                .await
+                .context("opening the events stream")?;
+            let hub = Hub::new(events, settings.live.buffer);
+            tasks.spawn(hub.clone().run(stop.clone()).map(Ok));
             let alerting = js
                 .get_key_value(subjects::ALERTING_BUCKET)
                 .await
@@ -265,6 +272,15 @@ impl Application {
                 fleet,
                 alerting,
                 limits: http::limits::Limits::new(&settings.limits),
+                live: http::streams::Live {
+                    hub,
+                    slots: Slots::new(
+                        settings.live.max_streams,
+                        settings.live.max_streams_per_caller,
+                    ),
+                    settings: settings.live.clone(),
+                    stop: stop.clone(),
+                },
             });
             let app = http::router(state);
             let stop = stop.clone();

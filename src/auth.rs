@@ -25,6 +25,9 @@ pub const AUDIENCE: &str = "auto-com-center";
 /// The scope that unlocks operator routes such as `GET /orchestrator/agents`.
 pub const ADMIN_SCOPE: &str = "orchestrator.admin";
 
+/// The scope that lets a caller subscribe to the event streams.
+pub const EVENTS_READ_SCOPE: &str = "orchestrator.events.read";
+
 /// The shared secret, wrapped so that it never prints.
 #[derive(Clone)]
 pub struct Secret(String);

@@ -29,6 +29,7 @@ use crate::domain::{AgentId, AgentProfile, parse_duration};
 use crate::door::DoorSettings;
 use crate::http::limits::LimitSettings;
 use crate::metrics::MetricsSettings;
+use crate::streams::StreamsSettings;
 use crate::telemetry::LogFormat;
 use crate::workers::registry::RegistrySettings;
 
@@ -446,6 +447,38 @@ pub struct ServeArgs {
     )]
     pub alert_webhooks_escalation: CommaSeparated<url::Url>,
 
+    /// A comment is sent this often on an idle event stream, so proxies keep it open.
+    #[arg(long, env = "SSE_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
+    pub sse_keepalive: Duration,
+
+    /// Events a stream subscriber may fall behind the newest before its stream is ended (it
+    /// resumes by Last-Event-ID). Memory: at most this many events per replica.
+    #[arg(
+        long,
+        env = "SSE_BUFFER",
+        default_value = "1024",
+        value_parser = values::between(16usize, 1_000_000)
+    )]
+    pub sse_buffer: usize,
+
+    /// Event streams open at once on this replica; more get 503 OVERLOADED.
+    #[arg(
+        long,
+        env = "SSE_MAX_STREAMS",
+        default_value = "2000",
+        value_parser = values::at_least(1usize)
+    )]
+    pub sse_max_streams: usize,
+
+    /// Event streams one caller may hold open at once; more get 429 TOO_MANY_STREAMS.
+    #[arg(
+        long,
+        env = "SSE_MAX_STREAMS_PER_CALLER",
+        default_value = "64",
+        value_parser = values::at_least(1usize)
+    )]
+    pub sse_max_streams_per_caller: usize,
+
     /// Public URL of the bridge, for externalURL and generatorURL in notifications.
     #[arg(long, env = "ALERT_EXTERNAL_URL", default_value = "")]
     pub alert_external_url: String,
@@ -530,6 +563,8 @@ pub struct Settings {
     pub alerting: AlertingSettings,
     /// The HTTP door's load limits.
     pub limits: LimitSettings,
+    /// The event streams.
+    pub live: StreamsSettings,
     /// Largest accepted request body.
     pub body_limit: usize,
     /// Longest wait for JetStream to acknowledge a write.
@@ -642,6 +677,12 @@ impl Settings {
                 auth_failure_interval: args.auth_failure_interval,
                 max_in_flight: args.max_in_flight,
             },
+            live: StreamsSettings {
+                keepalive: args.sse_keepalive,
+                buffer: args.sse_buffer,
+                max_streams: args.sse_max_streams,
+                max_streams_per_caller: args.sse_max_streams_per_caller,
+            },
             body_limit: args.body_limit,
             publish_timeout: args.publish_timeout,
             shutdown_timeout: args.shutdown_timeout,
@@ -679,6 +720,24 @@ fn nats_auth(args: &ServeArgs) -> Result<NatsAuth, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_configuration_reference_lists_every_setting() {
+        use clap::CommandFactory as _;
+        let reference = include_str!("../docs/operations.md");
+        let command = Cli::command();
+        let serve = command.find_subcommand("serve").expect("serve");
+        let missing: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .filter(|env| !reference.contains(&format!("`{env}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/operations.md does not list {missing:?}"
+        );
+    }
 
     fn args(extra: &[&str]) -> ServeArgs {
         let mut argv = vec!["auto-com-center", "serve"];

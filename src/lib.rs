@@ -22,6 +22,7 @@ pub mod door;
 pub mod http;
 pub mod metrics;
 pub mod stats;
+pub mod streams;
 pub mod telemetry;
 pub mod workers;
 

@@ -72,6 +72,8 @@ codes! {
     NotFound = ("NOT_FOUND", 404, "No such route"),
     /// HTTP: the route exists, the method does not.
     MethodNotAllowed = ("METHOD_NOT_ALLOWED", 405, "Method not allowed on this route"),
+    /// The caller holds `SSE_MAX_STREAMS_PER_CALLER` open streams; sent with `Retry-After`.
+    TooManyStreams = ("TOO_MANY_STREAMS", 429, "Too many open streams for this caller; close one first"),
     /// Over a rate (per agent, failed authentications per address, door rejections per
     /// caller); sent with `Retry-After`.
     RateLimited = ("RATE_LIMITED", 429, "Too many requests; retry later"),

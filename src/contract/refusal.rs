@@ -65,6 +65,12 @@ impl Refusal {
         self
     }
 
+    /// Tells the client to come back after `secs` seconds (`Retry-After`).
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
     /// 400 `INVALID_PAYLOAD` with `details`.
     pub fn invalid_payload(details: impl Into<String>) -> Self {
         Self::new(Code::InvalidPayload).with_details(details)

@@ -9,6 +9,7 @@ pub mod limits;
 pub mod metrics;
 pub mod orchestrator;
 pub mod routes;
+pub mod streams;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +55,8 @@ pub struct Inner {
     pub alerting: async_nats::jetstream::kv::Store,
     /// Rate limits and the in-flight cap.
     pub limits: limits::Limits,
+    /// The event streams: this replica's hub, the stream slots, the stop signal.
+    pub live: streams::Live,
 }
 
 impl std::ops::Deref for AppState {
@@ -75,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(metrics::router())
         .merge(admin::router())
+        .merge(streams::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))

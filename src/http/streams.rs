@@ -1,0 +1,175 @@
+//! `GET /orchestrator/events/stream`: stored events as Server-Sent Events (scope
+//! `orchestrator.events.read`, or admin). `id:` is the event's `ACC_EVENTS` sequence and `data:`
+//! the stored JSON. Filters: `type` (repeatable; exact or `*`/`>` patterns) and `source`. Resume
+//! with `Last-Event-ID` or `?from_seq=N`, or start at `?since=<RFC 3339>`; with none, only new
+//! events. A resume point older than the stream holds is answered `event: reset` with
+//! `{"first_seq": N}` first. A subscriber that falls `SSE_BUFFER` events behind gets
+//! `event: overflow` and its stream ends; it resumes by its last id.
+
+use std::convert::Infallible;
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::extract::Authenticated;
+use super::{AppState, routes};
+use crate::auth::{ADMIN_SCOPE, Caller, EVENTS_READ_SCOPE};
+use crate::contract::{Code, Refusal};
+use crate::streams::{
+    Filter, Hub, Item, MAX_PATTERNS, Slots, SlotsFull, Start, StreamsSettings, Subscription,
+    TypePattern,
+};
+
+/// What the stream routes need: the replica's hub, the slots, the settings, and the stop signal
+/// that ends every stream on shutdown.
+pub struct Live {
+    pub hub: Hub,
+    pub slots: Slots,
+    pub settings: StreamsSettings,
+    pub stop: CancellationToken,
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route(routes::EVENTS_STREAM.path, get(events_stream))
+}
+
+fn may_read_events(caller: &Caller) -> Result<(), Refusal> {
+    if caller.has_scope(EVENTS_READ_SCOPE) || caller.has_scope(ADMIN_SCOPE) {
+        Ok(())
+    } else {
+        Err(Refusal::insufficient_scope(EVENTS_READ_SCOPE))
+    }
+}
+
+async fn events_stream(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Refusal> {
+    may_read_events(&caller)?;
+    let (start, filter) = parse_request(&headers, query.as_deref().unwrap_or(""))?;
+    let live = &state.live;
+    let slot = live
+        .slots
+        .take(caller.agent_id.as_str())
+        .map_err(|full| match full {
+            SlotsFull::Caller => Refusal::new(Code::TooManyStreams).with_retry_after(1),
+            SlotsFull::Total => Refusal::new(Code::Overloaded),
+        })?;
+    let subscription = Subscription::open(&live.hub, start, filter, slot, live.stop.clone())
+        .await
+        .map_err(|err| Refusal::bus_unavailable(err.to_string()))?;
+    Ok(Sse::new(sse_events(subscription))
+        .keep_alive(KeepAlive::new().interval(live.settings.keepalive))
+        .into_response())
+}
+
+/// The subscription's items as SSE events.
+fn sse_events(subscription: Subscription) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures::stream::unfold(subscription.items, |mut items| async move {
+        let item = items.recv().await?;
+        let event = match item {
+            Item::Reset { first_seq } => Event::default()
+                .event("reset")
+                .data(json!({ "first_seq": first_seq }).to_string()),
+            Item::Event(event) => Event::default()
+                .id(event.seq.to_string())
+                .data(String::from_utf8_lossy(&event.payload)),
+            Item::Overflow => Event::default()
+                .event("overflow")
+                .data(r#"{"reason":"the subscriber fell behind; resume with Last-Event-ID"}"#),
+        };
+        Some((Ok(event), items))
+    })
+}
+
+/// The resume point and the filter, from `Last-Event-ID` and the query.
+fn parse_request(headers: &HeaderMap, query: &str) -> Result<(Start, Filter), Refusal> {
+    let mut filter = Filter::default();
+    let mut start = Start::New;
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "type" => {
+                if filter.types.len() == MAX_PATTERNS {
+                    return Err(Refusal::invalid_payload(format!(
+                        "type: at most {MAX_PATTERNS} patterns"
+                    )));
+                }
+                filter.types.push(TypePattern::parse(&value)?);
+            }
+            "source" => filter.source = Some(value.into_owned()),
+            "from_seq" => {
+                let seq = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        Refusal::invalid_payload("from_seq: must be a stream sequence (1 or more)")
+                    })?;
+                start = Start::At(seq);
+            }
+            "since" => {
+                let time = DateTime::parse_from_rfc3339(&value)
+                    .map_err(|_| Refusal::invalid_payload("since: must be an RFC 3339 timestamp"))?
+                    .with_timezone(&Utc);
+                start = Start::Since(time);
+            }
+            other => {
+                return Err(Refusal::invalid_payload(format!(
+                    "{other}: unknown parameter (type, source, from_seq, since)"
+                )));
+            }
+        }
+    }
+    // The browser's reconnect carries Last-Event-ID: it wins over the query it reconnects with.
+    if let Some(raw) = headers.get("last-event-id") {
+        let seq = raw
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                Refusal::invalid_payload("Last-Event-ID: must be the id of an event received")
+            })?;
+        start = Start::After(seq);
+    }
+    Ok((start, filter))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_event_id_wins_over_the_query_and_bad_values_are_400() {
+        let mut headers = HeaderMap::new();
+        let (start, filter) =
+            parse_request(&headers, "type=a.*&type=b&source=x&from_seq=5").unwrap();
+        assert_eq!(start, Start::At(5));
+        assert_eq!(filter.types.len(), 2);
+        assert_eq!(filter.source.as_deref(), Some("x"));
+        headers.insert("last-event-id", "42".parse().unwrap());
+        let (start, _) = parse_request(&headers, "from_seq=5").unwrap();
+        assert_eq!(start, Start::After(42));
+        for bad in [
+            "from_seq=0",
+            "from_seq=x",
+            "since=yesterday",
+            "type=a..b",
+            "colour=red",
+        ] {
+            let err = parse_request(&HeaderMap::new(), bad).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidPayload, "{bad}");
+        }
+        headers.insert("last-event-id", "nope".parse().unwrap());
+        assert!(parse_request(&headers, "").is_err());
+    }
+}

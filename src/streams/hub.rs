@@ -1,0 +1,143 @@
+//! [`Hub`]: the one bus subscription per replica behind every event stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::stream::Stream;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde::Deserialize;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::subjects;
+
+/// One stored event as subscribers see it.
+#[derive(Debug)]
+pub struct StreamedEvent {
+    /// Its sequence in `ACC_EVENTS`: the SSE `id`.
+    pub seq: u64,
+    /// Its `type`, for filters.
+    pub kind: String,
+    /// Its `source`, for filters.
+    pub source: String,
+    /// The stored JSON, sent as it is.
+    pub payload: Bytes,
+}
+
+impl StreamedEvent {
+    /// Reads what filters need from a stored event; `None` when it is not an event.
+    pub fn decode(seq: u64, payload: Bytes) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Fields {
+            #[serde(rename = "type")]
+            kind: String,
+            source: String,
+        }
+        let fields: Fields = serde_json::from_slice(&payload).ok()?;
+        Some(Self {
+            seq,
+            kind: fields.kind,
+            source: fields.source,
+            payload,
+        })
+    }
+}
+
+/// Follows `ACC_EVENTS` with one ordered consumer and broadcasts each new event. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    events: Stream,
+    sender: broadcast::Sender<Arc<StreamedEvent>>,
+    /// The first sequence the hub covers, once its consumer exists: every event from there on
+    /// is broadcast, in order.
+    covers_from: watch::Sender<Option<u64>>,
+}
+
+impl Hub {
+    /// A hub over `events` whose subscribers may fall `buffer` events behind.
+    pub fn new(events: Stream, buffer: usize) -> Self {
+        let (sender, _) = broadcast::channel(buffer.max(1));
+        Self {
+            inner: Arc::new(Inner {
+                events,
+                sender,
+                covers_from: watch::Sender::new(None),
+            }),
+        }
+    }
+
+    /// The events stream, for replays.
+    pub fn events(&self) -> &Stream {
+        &self.inner.events
+    }
+
+    /// A receiver of every event the hub broadcasts from now on, once the hub follows the
+    /// stream (so that every event stored after this call reaches the receiver).
+    pub async fn subscribe(&self) -> broadcast::Receiver<Arc<StreamedEvent>> {
+        let mut ready = self.inner.covers_from.subscribe();
+        let _ = ready.wait_for(Option::is_some).await;
+        self.inner.sender.subscribe()
+    }
+
+    /// Subscribers right now.
+    pub fn subscribers(&self) -> usize {
+        self.inner.sender.receiver_count()
+    }
+
+    /// Follows the stream until `stop` fires, re-creating its consumer after any interruption
+    /// from the next sequence it has not broadcast.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut next: Option<u64> = None;
+        loop {
+            let followed = tokio::select! {
+                () = stop.cancelled() => return,
+                followed = self.follow(&mut next) => followed,
+            };
+            if let Err(err) = followed {
+                tracing::warn!(error = %err, "event hub interrupted; following again");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    async fn follow(&self, next: &mut Option<u64>) -> Result<(), async_nats::Error> {
+        let start = match *next {
+            Some(seq) => seq,
+            None => self.inner.events.get_info().await?.state.last_sequence + 1,
+        };
+        let consumer = self
+            .inner
+            .events
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subjects::EVENTS.to_owned(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        *next = Some(start);
+        self.inner.covers_from.send_replace(Some(start));
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            let seq = message.info()?.stream_sequence;
+            *next = Some(seq + 1);
+            match StreamedEvent::decode(seq, message.payload.clone()) {
+                // No receiver is not an error: nobody is subscribed right now.
+                Some(event) => drop(self.inner.sender.send(Arc::new(event))),
+                None => tracing::warn!(seq, "unreadable stored event; not streamed"),
+            }
+        }
+        Ok(())
+    }
+}

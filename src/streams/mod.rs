@@ -1,0 +1,39 @@
+//! Live subscriptions to stored events: one bus subscription per replica, fanned out to many
+//! HTTP subscribers, each able to resume exactly where it left off.
+//!
+//! - [`Hub`]: one ordered JetStream consumer on `ACC_EVENTS` per replica, broadcasting every new
+//!   event with its stream sequence into a bounded ring. A subscriber that falls more than the
+//!   ring's length behind is cut off (it resumes by its last id); it never slows the bus or the
+//!   other subscribers, and memory stays bounded by the ring.
+//! - [`Subscription`]: what one subscriber gets — an optional `reset` (its resume point is older
+//!   than the stream still holds), the stored gap replayed from the stream, then the live
+//!   events, with no duplicate and no loss at the hand-over. Ids are stream sequences, so a
+//!   resume works whichever replica serves it.
+//! - [`Filter`]: `type` patterns (exact, or NATS-style `*`/`>` over dot-separated tokens) and
+//!   `source`.
+//! - [`Slots`]: the caps on concurrent streams, per caller and in total.
+
+mod filter;
+mod hub;
+mod slots;
+mod subscription;
+
+pub use filter::{Filter, MAX_PATTERNS, TypePattern};
+pub use hub::{Hub, StreamedEvent};
+pub use slots::{Slot, Slots, SlotsFull};
+pub use subscription::{Item, Start, Subscription};
+
+use std::time::Duration;
+
+/// Settings of the event streams.
+#[derive(Debug, Clone)]
+pub struct StreamsSettings {
+    /// A comment is sent this often on an idle stream, so proxies keep it open.
+    pub keepalive: Duration,
+    /// Events a subscriber may fall behind the newest before it is cut off.
+    pub buffer: usize,
+    /// Concurrent streams in all, on this replica.
+    pub max_streams: usize,
+    /// Concurrent streams one caller may hold.
+    pub max_streams_per_caller: usize,
+}
