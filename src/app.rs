@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
+use crate::audit::Audit;
 use crate::auth::Verifier;
 use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
 use crate::bus::group::GroupSettings;
@@ -249,12 +250,24 @@ impl Application {
                     .follow(client.clone(), js.clone(), stop.clone())
                     .map(Ok),
             );
-            let events = js
-                .get_stream(subjects::EVENTS_STREAM)
-                .await
-                .context("opening the events stream")?;
-            let hub = Hub::new(events, settings.live.buffer);
-            tasks.spawn(hub.clone().run(stop.clone()).map(Ok));
+            let hubs = [
+                (subjects::EVENTS_STREAM, subjects::EVENTS),
+                (subjects::AGENTS_STREAM, subjects::STATUS_CHANGES),
+                (subjects::ALERTS_STREAM, subjects::ALERTS),
+                (subjects::AUDIT_STREAM, subjects::AUDIT_ALL),
+            ];
+            let mut followed = Vec::with_capacity(hubs.len());
+            for (stream, subject) in hubs {
+                let stream = js
+                    .get_stream(stream)
+                    .await
+                    .with_context(|| format!("opening {stream}"))?;
+                let hub = Hub::new(stream, subject, settings.live.buffer);
+                tasks.spawn(hub.clone().run(stop.clone()).map(Ok));
+                followed.push(hub);
+            }
+            let [events, agents, alerts, audit_hub]: [Hub; 4] =
+                followed.try_into().ok().expect("one hub per stream");
             let alerting = js
                 .get_key_value(subjects::ALERTING_BUCKET)
                 .await
@@ -273,7 +286,10 @@ impl Application {
                 alerting,
                 limits: http::limits::Limits::new(&settings.limits),
                 live: http::streams::Live {
-                    hub,
+                    events,
+                    agents,
+                    alerts,
+                    audit: audit_hub,
                     slots: Slots::new(
                         settings.live.max_streams,
                         settings.live.max_streams_per_caller,
@@ -281,6 +297,7 @@ impl Application {
                     settings: settings.live.clone(),
                     stop: stop.clone(),
                 },
+                audit: Audit::new(publisher.clone()),
             });
             let app = http::router(state);
             let stop = stop.clone();

@@ -338,6 +338,15 @@ pub struct ServeArgs {
     #[arg(long, env = "STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
     pub stream_max_age: Duration,
 
+    /// Oldest event the events stream keeps (how far back event streams can resume); unset:
+    /// STREAM_MAX_AGE.
+    #[arg(long, env = "EVENTS_MAX_AGE", value_parser = parse_duration)]
+    pub events_max_age: Option<Duration>,
+
+    /// Oldest record the audit trail keeps; the audit stream denies delete and purge.
+    #[arg(long, env = "AUDIT_MAX_AGE", default_value = "90d", value_parser = parse_duration)]
+    pub audit_max_age: Duration,
+
     /// Largest size of each stream; a full stream refuses writes (discard new).
     #[arg(long, env = "STREAM_MAX_BYTES", default_value = "1GiB", value_parser = values::byte_size)]
     pub stream_max_bytes: usize,
@@ -599,11 +608,18 @@ impl Settings {
                 auth: nats_auth(args)?,
             },
         };
-        if args.duplicate_window > args.stream_max_age {
-            return Err(ConfigError::new(
-                "DUPLICATE_WINDOW",
-                "must not be longer than STREAM_MAX_AGE",
-            ));
+        let events_max_age = args.events_max_age.unwrap_or(args.stream_max_age);
+        for (setting, age) in [
+            ("STREAM_MAX_AGE", args.stream_max_age),
+            ("EVENTS_MAX_AGE", events_max_age),
+            ("AUDIT_MAX_AGE", args.audit_max_age),
+        ] {
+            if args.duplicate_window > age {
+                return Err(ConfigError::new(
+                    "DUPLICATE_WINDOW",
+                    format!("must not be longer than {setting}"),
+                ));
+            }
         }
         if args.group_commit_min_batch < 2 {
             return Err(ConfigError::new(
@@ -631,6 +647,8 @@ impl Settings {
                 max_bytes: i64::try_from(args.stream_max_bytes)
                     .map_err(|_| ConfigError::new("STREAM_MAX_BYTES", "too large"))?,
                 duplicate_window: args.duplicate_window,
+                events_max_age,
+                audit_max_age: args.audit_max_age,
             },
             auth: AuthSettings {
                 secret,

@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod alerting;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod cli;

@@ -25,6 +25,7 @@ pub const STREAMS: &[&str] = &[
     subjects::REJECTED_STREAM,
     subjects::METRICS_STREAM,
     subjects::ALERTS_STREAM,
+    subjects::AUDIT_STREAM,
 ];
 
 /// Metric snapshots matter for minutes: only the last few per subject are kept.
@@ -37,6 +38,14 @@ pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
         // Old snapshots are worthless: per subject only the last few stay (the per-subject
         // limit drops the oldest even with `discard: new`), so the stream stays small.
         config.max_messages_per_subject = METRICS_PER_SUBJECT;
+    }
+    if name == subjects::EVENTS_STREAM {
+        config.max_age = settings.events_max_age;
+    }
+    if name == subjects::AUDIT_STREAM {
+        // Nobody rewrites the audit trail: records leave only by age.
+        config.max_age = settings.audit_max_age;
+        config.deny_purge = true;
     }
     config
 }

@@ -58,6 +58,10 @@ pub struct StreamSettings {
     pub max_bytes: i64,
     /// Window in which a repeated dedupe id is recognised.
     pub duplicate_window: Duration,
+    /// Oldest event `ACC_EVENTS` keeps (the replay horizon of the event streams).
+    pub events_max_age: Duration,
+    /// Oldest record the audit trail keeps; nothing else removes one.
+    pub audit_max_age: Duration,
 }
 
 /// How to reach NATS.

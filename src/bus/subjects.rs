@@ -20,6 +20,8 @@ pub const REJECTED_STREAM: &str = "ACC_REJECTED";
 pub const METRICS_STREAM: &str = "ACC_METRICS";
 /// Stream of alert notifications, one message per notification sent.
 pub const ALERTS_STREAM: &str = "ACC_ALERTS";
+/// The audit trail: admin writes and refused credentials. Denies delete and purge.
+pub const AUDIT_STREAM: &str = "ACC_AUDIT";
 
 /// KV bucket holding one [`crate::domain::AgentRecord`] per agent.
 pub const AGENTS_BUCKET: &str = "acc_agents";
@@ -43,6 +45,11 @@ pub const METRIC_SNAPSHOTS: &str = "acc.metrics.snapshot.*";
 pub const FLEET_METRICS: &str = "acc.metrics.fleet";
 /// `acc.alerts.<route>`: alert notifications; the route is `warning`, `critical` or `escalation`.
 pub const ALERTS: &str = "acc.alerts.*";
+/// `acc.audit.admin`: an admin write; `acc.audit.credential`: a refused credential.
+pub const AUDIT_ADMIN: &str = "acc.audit.admin";
+pub const AUDIT_CREDENTIAL: &str = "acc.audit.credential";
+/// Every audit subject.
+pub const AUDIT_ALL: &str = "acc.audit.*";
 
 /// Inbound subjects: agents publish the HTTP calls' JSON bodies here, with the JWT in an
 /// `Authorization: Bearer …` header. Nothing past the door reads them except the door.
@@ -207,6 +214,16 @@ pub const CATALOG: &[SubjectSpec] = &[
         subject: ALERTS,
         stream: ALERTS_STREAM,
         schema: Some("alert_notification.json"),
+    },
+    SubjectSpec {
+        subject: AUDIT_ADMIN,
+        stream: AUDIT_STREAM,
+        schema: Some("audit_entry.json"),
+    },
+    SubjectSpec {
+        subject: AUDIT_CREDENTIAL,
+        stream: AUDIT_STREAM,
+        schema: Some("audit_entry.json"),
     },
 ];
 

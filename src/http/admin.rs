@@ -105,6 +105,10 @@ async fn ack(
         acked_by: caller.agent_id.to_string(),
         acked_at: Utc::now(),
     };
+    state
+        .audit
+        .admin_write(&caller.agent_id, "alert.ack", &id)
+        .await?;
     store::put(&state.alerting, format!("{ACK_PREFIX}{id}"), &ack).await?;
     Ok(Json(with_trace_id(json!({
         "success": true,
@@ -199,6 +203,10 @@ async fn create_silence(
         created_by: caller.agent_id.to_string(),
         comment,
     };
+    state
+        .audit
+        .admin_write(&caller.agent_id, "silence.create", &silence.id)
+        .await?;
     store::put(
         &state.alerting,
         format!("{SILENCE_PREFIX}{}", silence.id),
@@ -230,6 +238,10 @@ async fn expire_silence(
     let now = Utc::now();
     if silence.ends_at > now {
         silence.ends_at = now;
+        state
+            .audit
+            .admin_write(&caller.agent_id, "silence.expire", &id)
+            .await?;
         store::put(&state.alerting, format!("{SILENCE_PREFIX}{id}"), &silence).await?;
     }
     Ok(Json(with_trace_id(json!({

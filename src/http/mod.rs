@@ -2,6 +2,7 @@
 //! failure including unknown routes, wrong methods and panics.
 
 pub mod admin;
+pub mod audit;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -55,8 +56,10 @@ pub struct Inner {
     pub alerting: async_nats::jetstream::kv::Store,
     /// Rate limits and the in-flight cap.
     pub limits: limits::Limits,
-    /// The event streams: this replica's hub, the stream slots, the stop signal.
+    /// The event streams: this replica's hubs, the stream slots, the stop signal.
     pub live: streams::Live,
+    /// The audit trail, for admin writes and refused credentials.
+    pub audit: crate::audit::Audit,
 }
 
 impl std::ops::Deref for AppState {
@@ -79,8 +82,14 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics::router())
         .merge(admin::router())
         .merge(streams::router())
+        .merge(audit::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside `observe`: a record carries the request's trace id.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            audit::record_refusals,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         // Outside `observe`: a shed request costs no span and no body read.
         .layer(middleware::from_fn_with_state(state.clone(), limits::shed))

@@ -48,6 +48,10 @@ pub const TASK_STATUS: Route = route(
 pub const EVENTS: Route = route(Method::POST, "/orchestrator/events", Some(Endpoint::Events));
 pub const AGENTS: Route = route(Method::GET, "/orchestrator/agents", Some(Endpoint::Agents));
 pub const EVENTS_STREAM: Route = route(Method::GET, "/orchestrator/events/stream", None);
+pub const AGENTS_STREAM: Route = route(Method::GET, "/orchestrator/agents/stream", None);
+pub const ALERTS_STREAM: Route = route(Method::GET, "/orchestrator/alerts/stream", None);
+pub const AUDIT: Route = route(Method::GET, "/orchestrator/audit", None);
+pub const AUDIT_STREAM: Route = route(Method::GET, "/orchestrator/audit/stream", None);
 pub const HEALTH: Route = route(Method::GET, "/health", None);
 pub const HEALTH_LIVE: Route = route(Method::GET, "/health/live", None);
 pub const HEALTH_READY: Route = route(Method::GET, "/health/ready", None);
@@ -59,13 +63,17 @@ pub const SILENCE_CREATE: Route = route(Method::POST, "/orchestrator/silences", 
 pub const SILENCE_EXPIRE: Route = route(Method::DELETE, "/orchestrator/silences/{id}", None);
 
 /// Every route, for lookups.
-pub static ALL: [Route; 16] = [
+pub static ALL: [Route; 20] = [
     REGISTER,
     HEARTBEAT,
     TASK_CALLBACK,
     TASK_STATUS,
     EVENTS,
     EVENTS_STREAM,
+    AGENTS_STREAM,
+    ALERTS_STREAM,
+    AUDIT,
+    AUDIT_STREAM,
     AGENTS,
     HEALTH,
     HEALTH_LIVE,

@@ -1,5 +1,10 @@
-//! `GET /orchestrator/events/stream`: stored events as Server-Sent Events (scope
-//! `orchestrator.events.read`, or admin). `id:` is the event's `ACC_EVENTS` sequence and `data:`
+//! Streams as Server-Sent Events: `GET /orchestrator/events/stream` (scope
+//! `orchestrator.events.read`, or admin); `GET /orchestrator/agents/stream` (agent status
+//! changes), `GET /orchestrator/alerts/stream` (alert notifications) and
+//! `GET /orchestrator/audit/stream` (the audit trail), admin only. What follows is said of
+//! events and holds for every stream, each with the sequences of its own stream.
+//!
+//! For events: `id:` is the event's `ACC_EVENTS` sequence and `data:`
 //! the stored JSON. Filters: `type` (repeatable; exact or `*`/`>` patterns) and `source`. Resume
 //! with `Last-Event-ID` or `?from_seq=N`, or start at `?since=<RFC 3339>`; with none, only new
 //! events. A resume point older than the stream holds is answered `event: reset` with
@@ -28,17 +33,24 @@ use crate::streams::{
     TypePattern,
 };
 
-/// What the stream routes need: the replica's hub, the slots, the settings, and the stop signal
-/// that ends every stream on shutdown.
+/// What the stream routes need: the replica's hubs, the slots, the settings, and the stop
+/// signal that ends every stream on shutdown.
 pub struct Live {
-    pub hub: Hub,
+    pub events: Hub,
+    pub agents: Hub,
+    pub alerts: Hub,
+    pub audit: Hub,
     pub slots: Slots,
     pub settings: StreamsSettings,
     pub stop: CancellationToken,
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new().route(routes::EVENTS_STREAM.path, get(events_stream))
+    Router::new()
+        .route(routes::EVENTS_STREAM.path, get(events_stream))
+        .route(routes::AGENTS_STREAM.path, get(agents_stream))
+        .route(routes::ALERTS_STREAM.path, get(alerts_stream))
+        .route(routes::AUDIT_STREAM.path, get(audit_stream))
 }
 
 fn may_read_events(caller: &Caller) -> Result<(), Refusal> {
@@ -56,7 +68,84 @@ async fn events_stream(
     RawQuery(query): RawQuery,
 ) -> Result<Response, Refusal> {
     may_read_events(&caller)?;
-    let (start, filter) = parse_request(&headers, query.as_deref().unwrap_or(""))?;
+    serve(
+        &state,
+        &caller,
+        &state.live.events,
+        &headers,
+        query.as_deref(),
+    )
+    .await
+}
+
+async fn agents_stream(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Refusal> {
+    admin(&caller)?;
+    serve(
+        &state,
+        &caller,
+        &state.live.agents,
+        &headers,
+        query.as_deref(),
+    )
+    .await
+}
+
+async fn alerts_stream(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Refusal> {
+    admin(&caller)?;
+    serve(
+        &state,
+        &caller,
+        &state.live.alerts,
+        &headers,
+        query.as_deref(),
+    )
+    .await
+}
+
+async fn audit_stream(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Refusal> {
+    admin(&caller)?;
+    serve(
+        &state,
+        &caller,
+        &state.live.audit,
+        &headers,
+        query.as_deref(),
+    )
+    .await
+}
+
+fn admin(caller: &Caller) -> Result<(), Refusal> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(Refusal::insufficient_scope(ADMIN_SCOPE))
+    }
+}
+
+/// Opens one stream of `hub` for `caller`: its slot, its resume point and filter, its task.
+async fn serve(
+    state: &AppState,
+    caller: &Caller,
+    hub: &Hub,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, Refusal> {
+    let (start, filter) = parse_request(headers, query.unwrap_or(""))?;
     let live = &state.live;
     let slot = live
         .slots
@@ -65,7 +154,7 @@ async fn events_stream(
             SlotsFull::Caller => Refusal::new(Code::TooManyStreams).with_retry_after(1),
             SlotsFull::Total => Refusal::new(Code::Overloaded),
         })?;
-    let subscription = Subscription::open(&live.hub, start, filter, slot, live.stop.clone())
+    let subscription = Subscription::open(hub, start, filter, slot, live.stop.clone())
         .await
         .map_err(|err| Refusal::bus_unavailable(err.to_string()))?;
     Ok(Sse::new(sse_events(subscription))

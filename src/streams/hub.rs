@@ -1,4 +1,5 @@
-//! [`Hub`]: the one bus subscription per replica behind every event stream.
+//! [`Hub`]: the one bus subscription per replica behind every stream of one kind (events,
+//! agent status changes, alerts, the audit trail).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +11,6 @@ use futures::StreamExt as _;
 use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-
-use crate::bus::subjects;
 
 /// One stored event as subscribers see it.
 #[derive(Debug)]
@@ -27,12 +26,14 @@ pub struct StreamedEvent {
 }
 
 impl StreamedEvent {
-    /// Reads what filters need from a stored event; `None` when it is not an event.
+    /// Reads what filters need from a stored message (`type` and `source`, empty when the
+    /// message has none); `None` when it is not a JSON object.
     pub fn decode(seq: u64, payload: Bytes) -> Option<Self> {
         #[derive(Deserialize)]
         struct Fields {
-            #[serde(rename = "type")]
+            #[serde(rename = "type", default)]
             kind: String,
+            #[serde(default)]
             source: String,
         }
         let fields: Fields = serde_json::from_slice(&payload).ok()?;
@@ -45,7 +46,8 @@ impl StreamedEvent {
     }
 }
 
-/// Follows `ACC_EVENTS` with one ordered consumer and broadcasts each new event. Cheap to clone.
+/// Follows one subject pattern of one stream with one ordered consumer and broadcasts each new
+/// message. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<Inner>,
@@ -53,6 +55,8 @@ pub struct Hub {
 
 struct Inner {
     events: Stream,
+    /// The subjects followed, e.g. `acc.events.*`.
+    subject: &'static str,
     sender: broadcast::Sender<Arc<StreamedEvent>>,
     /// The first sequence the hub covers, once its consumer exists: every event from there on
     /// is broadcast, in order.
@@ -60,21 +64,27 @@ struct Inner {
 }
 
 impl Hub {
-    /// A hub over `events` whose subscribers may fall `buffer` events behind.
-    pub fn new(events: Stream, buffer: usize) -> Self {
+    /// A hub over `subject` of `events` whose subscribers may fall `buffer` messages behind.
+    pub fn new(events: Stream, subject: &'static str, buffer: usize) -> Self {
         let (sender, _) = broadcast::channel(buffer.max(1));
         Self {
             inner: Arc::new(Inner {
                 events,
+                subject,
                 sender,
                 covers_from: watch::Sender::new(None),
             }),
         }
     }
 
-    /// The events stream, for replays.
+    /// The stream followed, for replays.
     pub fn events(&self) -> &Stream {
         &self.inner.events
+    }
+
+    /// The subjects followed, for replays.
+    pub fn subject(&self) -> &'static str {
+        self.inner.subject
     }
 
     /// A receiver of every event the hub broadcasts from now on, once the hub follows the
@@ -118,7 +128,7 @@ impl Hub {
             .inner
             .events
             .create_consumer(pull::OrderedConfig {
-                filter_subject: subjects::EVENTS.to_owned(),
+                filter_subject: self.inner.subject.to_owned(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: start,
                 },
@@ -135,7 +145,11 @@ impl Hub {
             match StreamedEvent::decode(seq, message.payload.clone()) {
                 // No receiver is not an error: nobody is subscribed right now.
                 Some(event) => drop(self.inner.sender.send(Arc::new(event))),
-                None => tracing::warn!(seq, "unreadable stored event; not streamed"),
+                None => tracing::warn!(
+                    seq,
+                    subject = self.inner.subject,
+                    "unreadable stored message; not streamed"
+                ),
             }
         }
         Ok(())

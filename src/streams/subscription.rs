@@ -16,7 +16,6 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{Filter, Hub, Slot, StreamedEvent};
-use crate::bus::subjects;
 
 /// Where a subscriber starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +178,7 @@ impl Task {
             .hub
             .events()
             .create_consumer(pull::Config {
-                filter_subject: subjects::EVENTS.to_owned(),
+                filter_subject: self.hub.subject().to_owned(),
                 deliver_policy: policy,
                 ack_policy: AckPolicy::None,
                 inactive_threshold: Duration::from_secs(10),

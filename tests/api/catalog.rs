@@ -77,6 +77,7 @@ async fn streams_are_provisioned_with_explicit_durability_settings() {
             "--stream-max-bytes=32MiB",
             "--stream-max-age=2d",
             "--duplicate-window=90s",
+            "--audit-max-age=3d",
         ],
     )
     .await;
@@ -87,7 +88,11 @@ async fn streams_are_provisioned_with_explicit_durability_settings() {
         assert_eq!(config.discard, DiscardPolicy::New, "{name}");
         assert_eq!(config.retention, RetentionPolicy::Limits, "{name}");
         assert_eq!(config.max_bytes, 32 << 20, "{name}");
-        assert_eq!(config.max_age, Duration::from_secs(2 * 86_400), "{name}");
+        // The audit trail has an age of its own, and nobody may purge it.
+        let days = if *name == "ACC_AUDIT" { 3 } else { 2 };
+        assert_eq!(config.max_age, Duration::from_secs(days * 86_400), "{name}");
+        assert_eq!(config.deny_purge, *name == "ACC_AUDIT", "{name}");
+        assert!(config.deny_delete, "{name}");
         assert_eq!(config.duplicate_window, Duration::from_secs(90), "{name}");
         assert_eq!(config.num_replicas, 1, "{name}");
     }

@@ -5,6 +5,7 @@ mod helpers;
 
 mod alerting;
 mod attacks;
+mod audit;
 mod auth;
 mod catalog;
 mod cli;

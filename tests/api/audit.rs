@@ -1,0 +1,192 @@
+//! The audit trail: every admin write and every refused credential on `ACC_AUDIT`, which nobody
+//! can delete from or purge; read by `GET /orchestrator/audit` and streamed by
+//! `/orchestrator/audit/stream`; and the admin streams of agent status changes.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn audit(app: &TestApp, query: &str) -> Value {
+    let (status, body) = app
+        .get(&format!("/orchestrator/audit{query}"), Some(&admin_token()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn every_admin_write_is_in_the_audit_trail_with_who_and_what() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let (status, created) = app
+        .post(
+            "/orchestrator/silences",
+            Some(&admin_token()),
+            &json!({ "matchers": { "alertname": "AgentOffline" }, "duration": "1h" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let silence = created["silence"]["id"].as_str().unwrap().to_owned();
+    let response = app
+        .http
+        .delete(app.url(&format!("/orchestrator/silences/{silence}")))
+        .bearer_auth(admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let body = audit(&app, "?kind=admin").await;
+    let records = body["records"].as_array().unwrap();
+    let actions: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("silence.create", silence.as_str()),
+            ("silence.expire", silence.as_str())
+        ]
+    );
+    for record in records {
+        assert_eq!(record["actor"], "operator");
+        assert_matches_schema("acc.audit.admin", &record_without_seq(record));
+    }
+}
+
+/// `seq` is where the record is stored, added by the listing, not part of the record.
+fn record_without_seq(record: &Value) -> Value {
+    let mut record = record.clone();
+    record.as_object_mut().unwrap().remove("seq");
+    record
+}
+
+#[tokio::test]
+async fn refused_credentials_are_recorded_by_address_and_code_never_the_token() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let forged = "eyJhbGciOiJIUzI1NiJ9.eyJhZ2VudF9pZCI6Im1hbGxvcnkifQ.c2VjcmV0LXRva2VuLXZhbHVl";
+    let (status, _) = app.get("/orchestrator/agents", Some(forged)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A valid token without the admin scope.
+    let (status, _) = app
+        .get("/orchestrator/agents", Some(&token("agent-a")))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // No token at all is not a refused credential.
+    let (status, _) = app.get("/orchestrator/agents", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let body = eventually(Duration::from_secs(5), "two credential records", || async {
+        let body = audit(&app, "?kind=credential").await;
+        (body["count"] == 2).then_some(body)
+    })
+    .await;
+    let codes: Vec<&str> = body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["INVALID_TOKEN", "INSUFFICIENT_SCOPE"]);
+    let text = body.to_string();
+    assert!(
+        text.contains("127.0.0.1"),
+        "the address is recorded: {text}"
+    );
+    assert!(text.contains("GET /orchestrator/agents"), "{text}");
+    assert!(
+        !text.contains("c2VjcmV0LXRva2VuLXZhbHVl"),
+        "never the token: {text}"
+    );
+}
+
+#[tokio::test]
+async fn the_audit_trail_denies_delete_and_purge_and_pages_with_a_cursor() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    for _ in 0..3 {
+        let (status, _) = app
+            .post(
+                "/orchestrator/silences",
+                Some(&admin_token()),
+                &json!({ "matchers": { "severity": "warning" }, "duration": "5m" }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let first = audit(&app, "?limit=2").await;
+    assert_eq!(first["count"], 2);
+    let cursor = first["next_cursor"].as_u64().expect("a next page");
+    let second = audit(&app, &format!("?limit=2&cursor={cursor}")).await;
+    assert_eq!(second["count"], 1);
+    assert!(second.get("next_cursor").is_none(), "{second}");
+
+    let stream = app.js.get_stream("ACC_AUDIT").await.unwrap();
+    let seq = first["records"][0]["seq"].as_u64().unwrap();
+    assert!(
+        stream.delete_message(seq).await.is_err(),
+        "delete is refused"
+    );
+    assert!(stream.purge().await.is_err(), "purge is refused");
+    assert_eq!(audit(&app, "").await["count"], 3, "all records still there");
+
+    let (status, body) = app
+        .get("/orchestrator/audit", Some(&token("agent-a")))
+        .await;
+    assert_error(status, &body, 403, "INSUFFICIENT_SCOPE");
+    let (status, body) = app
+        .get("/orchestrator/audit?limit=0", Some(&admin_token()))
+        .await;
+    assert_error(status, &body, 400, "INVALID_PAYLOAD");
+    let (status, body) = app
+        .get("/orchestrator/audit?colour=red", Some(&admin_token()))
+        .await;
+    assert_error(status, &body, 400, "INVALID_PAYLOAD");
+}
+
+#[tokio::test]
+async fn admins_can_follow_agent_status_changes_and_the_audit_trail_as_streams() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    for route in ["agents", "alerts", "audit"] {
+        let response = app
+            .http
+            .get(app.url(&format!("/orchestrator/{route}/stream")))
+            .bearer_auth(token("agent-a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{route}");
+    }
+    app.register("agent-s").await;
+    let response = app
+        .http
+        .get(app.url("/orchestrator/agents/stream?from_seq=1"))
+        .bearer_auth(admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = read_until(response, "\"agent_id\":\"agent-s\"").await;
+    assert!(text.contains("id: "), "{text}");
+}
+
+/// Reads a streaming body until it contains `needle` (or 10 s pass).
+async fn read_until(response: reqwest::Response, needle: &str) -> String {
+    use futures::StreamExt as _;
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !text.contains(needle) {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => panic!("{needle} did not arrive: {text}"),
+        }
+    }
+    text
+}
