@@ -452,6 +452,29 @@ pub fn parent_from_trace_id(trace_id: &str) -> Option<Context> {
     Some(Context::new().with_remote_span_context(parent))
 }
 
+/// A parent context for routine work nobody asked to trace (a `/metrics` scrape, a periodic
+/// metrics snapshot): a fresh trace marked not sampled, so the parent-based samplers (the
+/// default) record none of it, nor anything under it on the bus. `always_on` still records it.
+pub fn routine_parent() -> Context {
+    let trace_id = TraceId::from(rand::random::<u128>().max(1));
+    let span_id = SpanId::from(rand::random::<u64>().max(1));
+    let parent = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::default(),
+        true,
+        TraceState::default(),
+    );
+    Context::new().with_remote_span_context(parent)
+}
+
+/// A span for routine periodic work, under a [`routine_parent`].
+pub fn routine_span(name: &'static str) -> tracing::Span {
+    let span = tracing::info_span!("routine", otel.name = name);
+    let _ = span.set_parent(routine_parent());
+    span
+}
+
 /// The W3C ids of `span`: `(trace_id, traceparent)`, when it has a valid context.
 pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
     let context = span.context();
