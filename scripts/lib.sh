@@ -57,6 +57,12 @@ ensure_k6() {
   fi
 }
 
+# Prints the directory cargo builds into (CARGO_TARGET_DIR, .cargo/config.toml or ./target).
+cargo_target_dir() {
+  cargo metadata --format-version 1 --no-deps --locked \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])'
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }

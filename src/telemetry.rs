@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io;
+use std::io::{self, IsTerminal as _};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
@@ -239,20 +239,41 @@ impl Telemetry {
 }
 
 /// Installs the global subscriber writing to stderr. Returns `None` if one was already installed.
+/// Text lines are coloured only when stderr is a terminal and `NO_COLOR` is not set.
 pub fn init(
     format: LogFormat,
     filter: &str,
     otel: &OtelConfig,
 ) -> Result<Option<Telemetry>, anyhow::Error> {
-    init_with_writer(format, filter, otel, io::stderr)
+    let ansi = colour_logs(io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
+    install(format, filter, otel, io::stderr, ansi)
 }
 
-/// [`init`] with another destination for log lines (tests capture them).
+/// [`init`] with another destination for log lines (tests capture them), never coloured.
 pub fn init_with_writer<W>(
     format: LogFormat,
     filter: &str,
     otel: &OtelConfig,
     writer: W,
+) -> Result<Option<Telemetry>, anyhow::Error>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    install(format, filter, otel, writer, false)
+}
+
+/// Whether log lines get ANSI colours: only on a terminal, and never when `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>).
+fn colour_logs(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+fn install<W>(
+    format: LogFormat,
+    filter: &str,
+    otel: &OtelConfig,
+    writer: W,
+    ansi: bool,
 ) -> Result<Option<Telemetry>, anyhow::Error>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -304,7 +325,10 @@ where
         .with_target(false)
         .with_filter(Targets::new().with_target("auto_com_center", Level::INFO));
     let fmt_layer = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(writer)
             .event_format(JsonLines)
@@ -426,6 +450,29 @@ pub fn parent_from_trace_id(trace_id: &str) -> Option<Context> {
         TraceState::default(),
     );
     Some(Context::new().with_remote_span_context(parent))
+}
+
+/// A parent context for routine work nobody asked to trace (a `/metrics` scrape, a periodic
+/// metrics snapshot): a fresh trace marked not sampled, so the parent-based samplers (the
+/// default) record none of it, nor anything under it on the bus. `always_on` still records it.
+pub fn routine_parent() -> Context {
+    let trace_id = TraceId::from(rand::random::<u128>().max(1));
+    let span_id = SpanId::from(rand::random::<u64>().max(1));
+    let parent = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::default(),
+        true,
+        TraceState::default(),
+    );
+    Context::new().with_remote_span_context(parent)
+}
+
+/// A span for routine periodic work, under a [`routine_parent`].
+pub fn routine_span(name: &'static str) -> tracing::Span {
+    let span = tracing::info_span!("routine", otel.name = name);
+    let _ = span.set_parent(routine_parent());
+    span
 }
 
 /// The W3C ids of `span`: `(trace_id, traceparent)`, when it has a valid context.
@@ -587,6 +634,17 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.variable, "OTEL_TRACES_SAMPLER_ARG");
+    }
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour_logs(true, None));
+        assert!(
+            colour_logs(true, Some("".into())),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!colour_logs(true, Some("1".into())));
+        assert!(!colour_logs(false, None));
     }
 
     #[test]

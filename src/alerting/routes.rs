@@ -163,6 +163,16 @@ async fn deliver(http: reqwest::Client, url: url::Url, body: Bytes) {
     tracing::error!(url = %shown, "alert webhook delivery abandoned");
 }
 
+/// The `groupKey` of a notification. Each notification carries one alert, so its group is that
+/// alert: the key is Alertmanager's `<route>:<group labels>` with the root route (`{}`) and every
+/// label of the alert (the labels that make its fingerprint), written as Alertmanager writes a
+/// label set: `{}:{agent_id="a", alertname="AgentOffline", severity="warning"}`. Two alerts of one
+/// rule (say, the register and the heartbeat endpoint) never share a key.
+pub fn group_key(labels: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    format!("{{}}:{{{}}}", pairs.join(", "))
+}
+
 /// The Alertmanager webhook body (version 4) for one notification.
 pub fn payload(notification: &Notification, external_url: &str) -> Value {
     let alert = &notification.alert;
@@ -178,11 +188,11 @@ pub fn payload(notification: &Notification, external_url: &str) -> Value {
     let receiver = notification.route.as_str();
     json!({
         "version": "4",
-        "groupKey": format!("{{}}:{{alertname=\"{}\"}}", alert.rule),
+        "groupKey": group_key(&alert.labels),
         "truncatedAlerts": 0,
         "status": status,
         "receiver": receiver,
-        "groupLabels": { "alertname": alert.rule },
+        "groupLabels": alert.labels,
         "commonLabels": alert.labels,
         "commonAnnotations": alert.annotations,
         "externalURL": external_url,
@@ -204,6 +214,31 @@ pub fn payload(notification: &Notification, external_url: &str) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_group_key_names_every_label_of_the_one_alert_it_groups() {
+        let register = labels(&[
+            ("alertname", "HighLatency"),
+            ("endpoint", "register"),
+            ("severity", "warning"),
+        ]);
+        let mut heartbeat = register.clone();
+        heartbeat.insert("endpoint".into(), "heartbeat".into());
+        assert_eq!(
+            super::group_key(&register),
+            r#"{}:{alertname="HighLatency", endpoint="register", severity="warning"}"#
+        );
+        assert_ne!(super::group_key(&register), super::group_key(&heartbeat));
+    }
+
     #[test]
     fn logged_webhook_urls_keep_no_path_or_query() {
         let url =

@@ -81,7 +81,10 @@ impl EmbeddedNats {
             .context("DATA_DIR: cannot resolve data directory")?;
         let port = match settings.port {
             0 => free_port()?,
-            port => port,
+            port => {
+                ensure_port_free(port)?;
+                port
+            }
         };
         let password = generate_password();
         let mut agents = Vec::new();
@@ -351,6 +354,19 @@ fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .context("finding a free port for nats-server")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Refuses a configured port that something already listens on. The readiness check connects to
+/// the port, so another server there would pass it while ours fails to bind and is restarted for
+/// ever; this fails start-up at once instead.
+fn ensure_port_free(port: u16) -> anyhow::Result<()> {
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(err) => bail!(
+            "EMBEDDED_NATS_PORT: 127.0.0.1:{port} is not free ({err}); another NATS server may be \
+             running there: set NATS_URL to use it, or EMBEDDED_NATS_PORT to a free port (0 picks one)"
+        ),
+    }
 }
 
 fn generate_password() -> String {

@@ -215,7 +215,7 @@ impl Publisher {
     ) -> Result<Ack, PublishFailure> {
         let span = tracing::info_span!(
             "nats.publish",
-            otel.name = %format!("send {}", subject_family(&subject)),
+            otel.name = %format!("send {}", subjects::family(&subject)),
             otel.kind = "producer",
             otel.status_code = tracing::field::Empty,
             messaging.system = "nats",
@@ -281,13 +281,6 @@ impl Publisher {
             duplicate: ack.duplicate,
         })
     }
-}
-
-/// A subject without its last token (the agent or task id), to keep span names low-cardinality.
-fn subject_family(subject: &str) -> &str {
-    subject
-        .rsplit_once('.')
-        .map_or(subject, |(family, _)| family)
 }
 
 /// Maps an async-nats publish error to what it means for the caller, by kind and server error

@@ -251,6 +251,28 @@ pub fn matches(pattern: &str, subject: &str) -> bool {
     tokens.next().is_none()
 }
 
+/// The low-cardinality name of a concrete subject, for span names: the [`CATALOG`] pattern it
+/// falls under without its wildcard tokens. A subject the catalog names exactly stays whole
+/// (`acc.in.register`, `acc.metrics.fleet`); an id in the last token is dropped
+/// (`acc.agents.registered.agent-1` → `acc.agents.registered`). A subject outside the catalog is
+/// returned as it is.
+pub fn family(subject: &str) -> &str {
+    let Some(spec) = CATALOG.iter().find(|spec| matches(spec.subject, subject)) else {
+        return subject;
+    };
+    // The pattern's literal prefix has the same length in the subject.
+    let literal = spec
+        .subject
+        .split('.')
+        .take_while(|token| !matches!(*token, "*" | ">"))
+        .map(|token| token.len() + 1)
+        .sum::<usize>();
+    match literal.checked_sub(1) {
+        Some(len) if len < subject.len() => &subject[..len],
+        _ => subject,
+    }
+}
+
 /// The subjects a stream stores, taken from [`CATALOG`].
 pub fn subjects_of(stream: &str) -> Vec<String> {
     CATALOG
@@ -258,4 +280,25 @@ pub fn subjects_of(stream: &str) -> Vec<String> {
         .filter(|spec| spec.stream == stream)
         .map(|spec| spec.subject.to_owned())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::family;
+
+    #[test]
+    fn span_names_keep_every_literal_token_and_drop_only_ids() {
+        for (subject, name) in [
+            ("acc.in.register", "acc.in.register"),
+            ("acc.in.task_result.task-9", "acc.in.task_result"),
+            ("acc.metrics.fleet", "acc.metrics.fleet"),
+            ("acc.metrics.snapshot.ingress-1", "acc.metrics.snapshot"),
+            ("acc.agents.registered.agent-1", "acc.agents.registered"),
+            ("acc.events.agent-1", "acc.events"),
+            ("acc.dead_letter.ACC_AGENTS.registry", "acc.dead_letter"),
+            ("somewhere.else", "somewhere.else"),
+        ] {
+            assert_eq!(family(subject), name, "{subject}");
+        }
+    }
 }

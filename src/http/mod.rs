@@ -127,6 +127,8 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             otel.status_code = tracing::field::Empty,
             http.request.method = method.as_str(),
             http.route = route.unwrap_or(""),
+            url.path = %request.uri().path(),
+            url.scheme = "http",
             http.response.status_code = tracing::field::Empty,
             acc.trace_id = tracing::field::Empty,
         ),
@@ -138,11 +140,16 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             otel.status_code = tracing::field::Empty,
             http.request.method = method.as_str(),
             url.path = %request.uri().path(),
+            url.scheme = "http",
             http.response.status_code = tracing::field::Empty,
             acc.trace_id = tracing::field::Empty,
         ),
     };
     let mut parent = telemetry::extract(request.headers());
+    // A scrape is routine: traced only when the scraper sends its own sampled `traceparent`.
+    if route == Some(routes::METRICS.path) && !telemetry::has_remote_parent(&parent) {
+        parent = telemetry::routine_parent();
+    }
     let (request, early) = if telemetry::has_remote_parent(&parent) || method != Method::POST {
         (Some(request), None)
     } else {
@@ -170,7 +177,8 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     .instrument(span.clone())
     .await;
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
+    // An i64, so that it is exported as an int attribute (semantic conventions), not a string.
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }

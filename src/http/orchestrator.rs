@@ -105,7 +105,8 @@ async fn task_status(
         "status": record.status,
         "result": record.result,
         "error": record.error,
-        "trace_id": record.trace_id,
+        // `trace_id` is this answer's own trace, as in every answer; the reporter's stays here.
+        "reported_trace_id": record.trace_id,
         "reported_by": record.reported_by,
         "received_at": record.received_at,
         "stream": subjects::TASKS_STREAM,

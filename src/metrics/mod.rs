@@ -21,9 +21,11 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::bus::{Publisher, subjects};
 use crate::stats::Stats;
+use crate::telemetry;
 use snapshot::{FleetSnapshot, IngressSnapshot};
 
 /// Ingress snapshots and the metrics worker.
@@ -70,7 +72,11 @@ pub async fn publish_snapshots(
             }
         };
         let id = format!("snap:{instance}:{n}");
-        if let Err(err) = publisher.publish(subject.clone(), &id, payload, None).await {
+        let published = publisher
+            .publish(subject.clone(), &id, payload, None)
+            .instrument(telemetry::routine_span("metrics snapshot"))
+            .await;
+        if let Err(err) = published {
             tracing::warn!(error = %err, "cannot publish the metrics snapshot; next interval");
         }
     }

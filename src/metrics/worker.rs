@@ -15,6 +15,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures::{StreamExt as _, TryStreamExt as _};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::STALE_AFTER_INTERVALS;
 use super::snapshot::{
@@ -22,6 +23,7 @@ use super::snapshot::{
 };
 use crate::bus::{Publisher, provision, subjects};
 use crate::domain::{AgentCounts, AgentRecord, AgentStatus};
+use crate::telemetry;
 
 /// Runs the metrics role until `stop`.
 pub async fn run(
@@ -49,6 +51,7 @@ pub async fn run(
                         payload,
                         None,
                     )
+                    .instrument(telemetry::routine_span("fleet metrics"))
                     .await
                 {
                     tracing::warn!(error = %err, "cannot publish fleet metrics; next interval");

@@ -156,9 +156,7 @@ pub async fn consume<H: Handler>(
 fn process_span(message: &Message, stream: &str, consumer: &str) -> tracing::Span {
     let info = message.info().ok();
     let subject = message.subject.as_str();
-    let family = subject
-        .rsplit_once('.')
-        .map_or(subject, |(family, _)| family);
+    let family = subjects::family(subject);
     let message_id = message
         .headers
         .as_ref()

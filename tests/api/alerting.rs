@@ -227,6 +227,13 @@ async fn a_silent_agent_warns_then_goes_critical_then_resolves_once_each_at_the_
     assert_eq!(first["version"], "4");
     assert_eq!(first["alerts"][0]["labels"]["alertname"], "AgentOffline");
     assert_eq!(first["alerts"][0]["endsAt"], "0001-01-01T00:00:00Z");
+    // One alert per notification, so the group is that alert: every label, in the key too.
+    assert_eq!(first["groupLabels"], first["alerts"][0]["labels"]);
+    let severity = first["alerts"][0]["labels"]["severity"].as_str().unwrap();
+    assert_eq!(
+        first["groupKey"],
+        format!(r#"{{}}:{{agent_id="quiet", alertname="AgentOffline", severity="{severity}"}}"#)
+    );
     // The same notifications are on the bus, one message each, valid against the schema.
     let on_bus = all_stored(&app.js, "ACC_ALERTS", "acc.alerts.>").await;
     assert_eq!(on_bus.len(), 4, "{on_bus:?}");

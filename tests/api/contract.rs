@@ -75,7 +75,7 @@ async fn task_callback_is_stored_and_readable_by_its_reporter_and_admins_only() 
         assert_eq!(status, StatusCode::OK, "{read}");
         assert_eq!(read["status"], "succeeded");
         assert_eq!(read["result"]["answer"], 42);
-        assert_eq!(read["trace_id"], "trace-7");
+        assert_eq!(read["reported_trace_id"], "trace-7");
     }
     let (status, read) = app
         .get("/orchestrator/tasks/task-9", Some(&token("worker-b")))

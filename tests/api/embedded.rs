@@ -304,6 +304,34 @@ fn a_missing_nats_server_binary_is_explained() {
 }
 
 #[test]
+fn a_busy_embedded_nats_port_fails_start_up_at_once_naming_the_port() {
+    let data = tempfile::tempdir().unwrap();
+    // Something (here a bare listener, in life another nats-server) already owns the port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+
+    let run = run_to_end(
+        serve(&data, "127.0.0.1:0").env("EMBEDDED_NATS_PORT", port.to_string()),
+        Duration::from_secs(15),
+    );
+    assert!(!run.status.success(), "{run:?}");
+    assert!(run.elapsed < Duration::from_secs(5), "{run:?}");
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{run:?}");
+    assert!(
+        errors[0].contains(&format!("127.0.0.1:{port}"))
+            && errors[0].contains("EMBEDDED_NATS_PORT"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("nats-server ready"), "{run:?}");
+    assert!(!run.stderr.contains("restart"), "{run:?}");
+}
+
+#[test]
 fn a_nats_server_older_than_2_11_is_refused() {
     let data = tempfile::tempdir().unwrap();
     let fake = data.path().join("nats-server");
@@ -420,4 +448,47 @@ async fn sigterm_drains_and_exits_cleanly() {
         log_of(&log)
     );
     eprintln!("stopped {:?} after SIGTERM", sent.elapsed());
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    use std::io::BufRead as _;
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut running = Running(
+        serve(&data, &addr)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the binary"),
+    );
+    let stderr = running.0.stderr.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let mut output = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !output.contains("listening") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match received.recv_timeout(left) {
+            Ok(line) => {
+                output.push_str(&line);
+                output.push('\n');
+            }
+            Err(_) => panic!("no `listening` line within 15s: {output}"),
+        }
+    }
+    signal(running.0.id(), libc::SIGTERM);
+    let _ = running.0.wait();
+    assert!(output.contains("INFO"), "{output}");
+    assert!(
+        !output.contains("\x1b["),
+        "ANSI codes on a pipe: {output:?}"
+    );
 }

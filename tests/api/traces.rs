@@ -100,6 +100,18 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
         })
 }
 
+/// An attribute's value when it was exported as an int (and `None` for any other type).
+fn int_attribute(span: &Span, key: &str) -> Option<i64> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| match v.value {
+            Some(AnyValue::IntValue(i)) => Some(i),
+            _ => None,
+        })
+}
+
 /// Log lines written by the subscriber, kept for inspection.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -234,10 +246,16 @@ async fn one_trace_follows_a_registration_from_http_through_nats_to_the_registry
         format!("00-{CLIENT_TRACE}-{}-01", hex(&server.span_id))
     );
 
+    // Semantic conventions: the status code is an int; the server span has the URL's parts.
     assert_eq!(
-        attribute(server, "http.response.status_code").as_deref(),
-        Some("200")
+        int_attribute(server, "http.response.status_code"),
+        Some(200)
     );
+    assert_eq!(
+        attribute(server, "url.path").as_deref(),
+        Some("/orchestrator/register")
+    );
+    assert_eq!(attribute(server, "url.scheme").as_deref(), Some("http"));
     assert_eq!(
         attribute(publish, "messaging.system").as_deref(),
         Some("nats")
@@ -423,6 +441,90 @@ async fn a_body_trace_id_in_w3c_form_becomes_the_trace_id_and_any_other_is_searc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_task_answers_its_own_trace_id_and_the_reported_one_beside_it() {
+    let (_collector, addr) = Collector::start().await;
+    let telemetry = install(
+        &otel(addr, SamplerConfig::ParentBasedAlwaysOn),
+        &Captured::default(),
+    );
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let (status, answer) = app
+        .post(
+            "/orchestrator/tasks/task-traced/callback",
+            Some(&token("agent-1")),
+            &json!({"status": "succeeded", "trace_id": "job-7"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    let response = app
+        .http
+        .get(app.url("/orchestrator/tasks/task-traced"))
+        .bearer_auth(token("agent-1"))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .send()
+        .await
+        .unwrap();
+    let (status, read) = read(response).await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read["reported_trace_id"], "job-7", "{read}");
+    assert_eq!(read["trace_id"], CLIENT_TRACE, "{read}");
+    app.stop().await;
+    telemetry.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_scrapes_are_not_traced_unless_the_scraper_sends_a_trace() {
+    let (collector, addr) = Collector::start().await;
+    let telemetry = install(
+        &otel(addr, SamplerConfig::ParentBasedAlwaysOn),
+        &Captured::default(),
+    );
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    for _ in 0..3 {
+        app.metrics_text().await;
+    }
+    // A traced request after the scrapes: once its span is in, the scrapes' would be too.
+    let (status, _) = app.get("/health", None).await;
+    assert_eq!(status, StatusCode::OK);
+    collected(&telemetry, "the /health span", || {
+        let spans = collector.spans.lock().unwrap();
+        spans.iter().any(|s| s.name == "GET /health").then_some(())
+    })
+    .await;
+    let names: Vec<String> = collector
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert!(!names.iter().any(|n| n == "GET /metrics"), "{names:?}");
+
+    // A scraper that sends a sampled traceparent gets its trace.
+    let response = app
+        .http
+        .get(app.url("/metrics"))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    collected(&telemetry, "the traced scrape", || {
+        collector
+            .spans_of(CLIENT_TRACE)
+            .iter()
+            .any(|s| s.name == "GET /metrics")
+            .then_some(())
+    })
+    .await;
+    app.stop().await;
+    telemetry.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sampling_ratio_of_zero_exports_nothing() {
     let (collector, addr) = Collector::start().await;
     let telemetry = install(
@@ -519,10 +621,13 @@ async fn trace_context_in_an_agents_nats_headers_continues_through_the_nats_door
     let spans = collected(&telemetry, "door spans in the agent's trace", || {
         let spans = collector.spans_of(CLIENT_TRACE);
         let has = |name: &str| spans.iter().any(|s| s.name == name);
-        (has("process acc.in") && has("send acc.events")).then_some(spans)
+        (has("process acc.in.event") && has("send acc.events")).then_some(spans)
     })
     .await;
-    let process = spans.iter().find(|s| s.name == "process acc.in").unwrap();
+    let process = spans
+        .iter()
+        .find(|s| s.name == "process acc.in.event")
+        .unwrap();
     let publish = spans.iter().find(|s| s.name == "send acc.events").unwrap();
     assert_eq!(
         hex(&process.parent_span_id),
@@ -540,7 +645,7 @@ async fn trace_context_in_an_agents_nats_headers_continues_through_the_nats_door
     }
     assert!(
         ancestor.is_some(),
-        "send acc.events is not under process acc.in"
+        "send acc.events is not under process acc.in.event"
     );
     app.stop().await;
     telemetry.shutdown();
