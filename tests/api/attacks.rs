@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::helpers::*;
 
@@ -396,4 +396,77 @@ async fn a_flooding_agent_does_not_raise_other_agents_p99() {
         under <= base + allowance,
         "p99 {base:?} alone, {under:?} under flood"
     );
+}
+
+/// Issue 13, item 1. An agent's NATS user publishes on an inbound subject with a protected
+/// subject as the NATS reply subject. Before the account split, JetStream's acknowledgement
+/// (`{"stream":"ACC_INBOUND","seq":N}`) was published there, in the bridge's account, and stored
+/// by the stream of that subject: another agent's KV record, a task result, an event, another
+/// agent's answers. Now the acknowledgement goes to the subject in the agent's own account.
+#[tokio::test]
+async fn an_agent_naming_a_protected_subject_as_its_nats_reply_stores_nothing_there() {
+    use futures::StreamExt as _;
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let app = TestApp::start(embedded_with_agents(&data, port)).await;
+    let (a, _) = connect_agent(&data, port, "agent-a").await;
+    let (b, _) = connect_agent(&data, port, "agent-b").await;
+    let (status, answer) = b.call("acc.in.register", &registration("agent-b")).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = app
+        .post(
+            "/orchestrator/tasks/t-b/callback",
+            Some(&token("agent-b")),
+            &json!({"status": "done", "result": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let kv = app.js.get_key_value("acc_agents").await.unwrap();
+    eventually(Duration::from_secs(10), "agent-b's record", || async {
+        kv.get("agent-b").await.unwrap()
+    })
+    .await;
+    let mut b_replies = b.client.subscribe("acc.reply.agent-b.>").await.unwrap();
+    b.client.flush().await.unwrap();
+
+    let protected = [
+        "$KV.acc_agents.agent-b",
+        "acc.tasks.result.t-b",
+        "acc.events.agent-b",
+        "acc.reply.agent-b.x",
+    ];
+    for reply in protected {
+        a.client
+            .publish_with_reply("acc.in.event", reply, "{}".into())
+            .await
+            .unwrap();
+    }
+    a.client.flush().await.unwrap();
+    // The agent's own JetStream publishes are still acknowledged to it.
+    a.send("acc.in.event", async_nats::HeaderMap::new(), b"{}".to_vec())
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let ack_marker = "ACC_INBOUND";
+    for stream in ["KV_acc_agents", "ACC_TASKS", "ACC_EVENTS", "ACC_AGENTS"] {
+        let planted: Vec<String> = raw_messages(&app.js, stream)
+            .await
+            .into_iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .filter(|payload| payload.contains(ack_marker))
+            .collect();
+        assert!(planted.is_empty(), "{stream} stores {planted:?}");
+    }
+    let leaked = tokio::time::timeout(Duration::from_millis(300), b_replies.next()).await;
+    assert!(
+        !matches!(leaked, Ok(Some(_))),
+        "an acknowledgement reached agent-b's replies"
+    );
+    let record: Value = serde_json::from_slice(&kv.get("agent-b").await.unwrap().unwrap()).unwrap();
+    assert_eq!(record["agent_id"], "agent-b", "{record}");
+    let (status, body) = app
+        .get("/orchestrator/tasks/t-b", Some(&token("agent-b")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    app.stop().await;
 }

@@ -10,7 +10,6 @@ use async_nats::HeaderMap;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tempfile::TempDir;
 
 use crate::helpers::*;
 
@@ -639,55 +638,6 @@ async fn the_door_stopped_mid_stream_and_restarted_admits_every_message_exactly_
     assert_eq!(heartbeats_now.len(), heartbeats.len());
     assert_eq!(heartbeats_now.len(), heartbeats_sent, "no heartbeat twice");
     assert!(rejections(&app.js).await.is_empty());
-}
-
-fn embedded_with_agents(data: &TempDir, port: u16) -> auto_com_center::cli::Settings {
-    settings(
-        None,
-        &[
-            &format!("--data-dir={}", data.path().display()),
-            &format!("--embedded-nats-port={port}"),
-            "--nats-agents=agent-a,agent-b",
-        ],
-    )
-}
-
-async fn connect_agent(data: &TempDir, port: u16, agent: &str) -> (NatsAgent, ServerErrors) {
-    let password = std::fs::read_to_string(
-        data.path()
-            .join("nats-agents")
-            .join(format!("{agent}.password")),
-    )
-    .expect("the agent's password file");
-    let errors = ServerErrors::default();
-    let seen = errors.clone();
-    let options = async_nats::ConnectOptions::with_user_and_password(agent.into(), password)
-        .event_callback(move |event| {
-            let seen = seen.clone();
-            async move {
-                if let async_nats::Event::ServerError(err) = event {
-                    seen.0.lock().unwrap().push(err.to_string());
-                }
-            }
-        });
-    let agent = NatsAgent::connect_with(&format!("nats://127.0.0.1:{port}"), agent, options)
-        .await
-        .expect("the agent user connects");
-    (agent, errors)
-}
-
-/// Errors the server sent to a connection (permission violations arrive this way).
-#[derive(Clone, Default)]
-struct ServerErrors(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
-
-impl ServerErrors {
-    fn any(&self, needle: &str) -> bool {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|e| e.to_ascii_lowercase().contains(needle))
-    }
 }
 
 #[tokio::test]
