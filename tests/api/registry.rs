@@ -446,3 +446,34 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_the_registry_keep
     );
     assert_eq!(&message.payload[..], b"{\"not\": \"a registration\"}");
 }
+
+/// Issue 13, item 2: the stale sweep used to give up at the first agent record it could not
+/// decode, so every agent after it stayed `online` without heartbeats. Now the bad record is
+/// skipped (counted, logged once) and the others still go offline.
+#[tokio::test]
+async fn one_unreadable_agent_record_does_not_stop_offline_detection_for_the_others() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--agent-stale-after=1s", "--agent-sweep-interval=200ms"],
+    )
+    .await;
+    let kv = app.js.get_key_value(AGENTS_BUCKET).await.unwrap();
+    // Stored first, so every sweep meets it before the real agent.
+    kv.put("agent-0", "not an agent record".into())
+        .await
+        .unwrap();
+    app.register("agent-1").await;
+    let started = Instant::now();
+    wait_for_status(&app, "agent-1", "offline", Duration::from_secs(10)).await;
+    println!(
+        "unreadable record: agent-1 offline {:?} after registering (stale after 1 s)",
+        started.elapsed()
+    );
+    assert!(
+        listed(&app)
+            .await
+            .iter()
+            .all(|a| a["agent_id"] != "agent-0")
+    );
+}
