@@ -181,11 +181,16 @@ impl Door {
         };
         let body = contract::json_object(&message.payload, self.body_limit)?;
         // A header that is not text is passed on as an empty key, refused by admission as over
-        // HTTP. A heartbeat without a key gets one from its place in the inbound stream, so a
-        // redelivery after a door crash is the same heartbeat, not a second one.
-        let sent_key = headers
-            .and_then(|h| h.get(subjects::IDEMPOTENCY_KEY))
-            .map(|v| v.as_str());
+        // HTTP. Without an `Idempotency-Key`, the agent's `Nats-Msg-Id` is the key: admission
+        // scopes every key to the authenticated agent, so no agent can pre-empt another's id
+        // (`ACC_INBOUND` itself does not dedupe). A heartbeat with neither gets its key from its
+        // place in the inbound stream, so a redelivery after a door crash is the same heartbeat,
+        // not a second one.
+        let sent_key = headers.and_then(|h| {
+            h.get(subjects::IDEMPOTENCY_KEY)
+                .or_else(|| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map(|v| v.as_str())
+        });
         let derived;
         let key = match (call, sent_key) {
             (_, Some(key)) => Some(key),
