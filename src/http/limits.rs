@@ -3,8 +3,8 @@
 //! - a token bucket per agent ([`Limits::admit_agent`]): an agent over its rate gets 429
 //!   `RATE_LIMITED` with `Retry-After`, and other agents do not notice;
 //! - a token bucket of failed authentications per source address ([`Limits::auth_blocked`],
-//!   [`Limits::auth_failed`]): an address that keeps presenting bad tokens is answered 429 before
-//!   its tokens are even looked at;
+//!   [`Limits::auth_failed`]): an address that keeps presenting bad tokens gets 429 for every
+//!   further bad one, while a token that verifies is still served;
 //! - a global cap on requests in flight ([`shed`]): past it, requests are refused at once with 503
 //!   `OVERLOADED` instead of queueing without bound (memory stays flat when the bus is slow).
 //!
