@@ -60,10 +60,12 @@ const NOT_NOW: [Code; 4] = [
 ];
 
 impl Limits {
-    /// The "not now" counts as JSON for `/health`, e.g. `{"stream_full": 1, ...}`.
+    /// The "not now" counts and the refusals before admission as JSON for `/health`, e.g.
+    /// `{"stream_full": 1, "invalid_token": 20, ...}`.
     pub fn refusals_json(&self) -> serde_json::Value {
-        NOT_NOW
+        Code::ALL
             .iter()
+            .filter(|code| NOT_NOW.contains(code) || code.is_before_admission())
             .map(|&code| {
                 (
                     code.as_str().to_ascii_lowercase(),

@@ -481,3 +481,55 @@ async fn an_agent_naming_a_protected_subject_as_its_nats_reply_stores_nothing_th
     assert_eq!(status, StatusCode::OK, "{body}");
     app.stop().await;
 }
+
+/// One unauthenticated POST to `/orchestrator/register` whose body trickles in over `delay`;
+/// returns the status line.
+async fn slow_unauthenticated_register(app: &TestApp, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = registration("agent-x").to_string();
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /orchestrator/register HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let (first, rest) = body.split_at(body.len() / 2);
+    socket.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(delay).await;
+    socket.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let _ = socket.read_to_string(&mut answer).await;
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Issue 13, item 6: refusals before admission used to count toward the plan's p95 latency,
+/// timed from before the body was read, so 20 slow requests without a token set `/health` to
+/// degraded (503) for its whole window. Now only admitted requests count; the refusals have
+/// their own counters.
+#[tokio::test]
+async fn slow_unauthenticated_requests_do_not_turn_health_to_503() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    app.register("agent-1").await;
+    let slow: Vec<_> = (0..20)
+        .map(|_| slow_unauthenticated_register(&app, Duration::from_millis(400)))
+        .collect();
+    for status_line in futures::future::join_all(slow).await {
+        assert!(status_line.contains(" 401 "), "{status_line}");
+    }
+    let (status, health) = app.get("/health", None).await;
+    println!(
+        "20 slow unauthenticated registers (400 ms each): /health {status}, register p95 {} ms",
+        health["orchestrator"]["p95_latency_register"]
+    );
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["status"], "healthy", "{health}");
+    assert_eq!(health["refusals"]["missing_token"], 20, "{health}");
+    assert!(
+        app.metrics_text()
+            .await
+            .contains("acc_http_responses_total{endpoint=\"register\",code=\"401\"} 20"),
+        "401s are still counted on /metrics"
+    );
+}
