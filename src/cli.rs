@@ -499,7 +499,10 @@ pub struct ServeArgs {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Log filter, in tracing's EnvFilter syntax.
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info,auto_com_center=debug`). RUST_LOG
+    /// is not read: LOG_LEVEL (or this flag) is the only filter. Message payloads are never
+    /// logged, at any level: the NATS client's debug output (which holds them) stays at info
+    /// unless the filter names async_nats.
     #[arg(long, env = "LOG_LEVEL", default_value = "info", value_parser = values::log_filter)]
     pub log_level: String,
 }
