@@ -449,8 +449,8 @@ pub struct ServeArgs {
     /// Public URL of the bridge, for externalURL and generatorURL in notifications.
     #[arg(long, env = "ALERT_EXTERNAL_URL", default_value = "")]
     pub alert_external_url: String,
-    /// Sustained requests per second each agent may send over HTTP (token bucket); 0 disables.
-    /// Over it: 429 RATE_LIMITED with Retry-After.
+    /// Sustained requests per second each agent may send, over HTTP and the NATS door together
+    /// (token bucket); 0 disables. Over it: 429 RATE_LIMITED with Retry-After.
     #[arg(long, env = "RATE_LIMIT_PER_AGENT", default_value = "500", value_parser = values::rate)]
     pub rate_limit_per_agent: f64,
 

@@ -782,3 +782,51 @@ async fn one_agent_cannot_preempt_another_agents_nats_msg_id() {
     assert_eq!(retry["duplicate"], true, "{retry}");
     assert_eq!(retry["seq"], first["seq"]);
 }
+
+/// Issue 13, item 8: the NATS door had no rate limit for valid messages, so one agent could have
+/// thousands of events admitted in a burst. Valid messages now count against the same per-agent
+/// bucket as HTTP requests; past it they are refused `RATE_LIMITED` and recorded.
+#[tokio::test]
+async fn valid_messages_on_the_nats_door_count_against_the_agents_rate() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--rate-limit-per-agent=1", "--rate-limit-burst=10"],
+    )
+    .await;
+    let flooder = NatsAgent::connect(&nats.url(), "agent-a").await;
+    let sent = 100;
+    for i in 0..sent {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Authorization",
+            format!("Bearer {}", token("agent-a")).as_str(),
+        );
+        let body = serde_json::to_vec(&event("agent-a", &format!("flood-{i}"))).unwrap();
+        flooder.send("acc.in.event", headers, body).await;
+    }
+    let (stored, limited) =
+        eventually(Duration::from_secs(30), "every message handled", || async {
+            let stored = count_stored(&app.js, "ACC_EVENTS").await;
+            let limited = rejections(&app.js)
+                .await
+                .iter()
+                .filter(|r| {
+                    r.headers.get("Acc-Rejected-Code").map(String::as_str) == Some("RATE_LIMITED")
+                })
+                .count() as u64;
+            (stored + limited == sent).then_some((stored, limited))
+        })
+        .await;
+    println!("NATS door flood: {sent} valid events, {stored} admitted, {limited} refused 429");
+    assert!(
+        stored <= 20,
+        "{stored} of {sent} admitted past a burst of 10 at 1/s"
+    );
+    // Another agent is not limited by the flooder's bucket.
+    let other = NatsAgent::connect(&nats.url(), "agent-b").await;
+    let (status, answer) = other
+        .call("acc.in.event", &event("agent-b", "calm-1"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+}
