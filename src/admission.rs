@@ -184,8 +184,9 @@ impl Admission {
         }
         let now = now();
         let msg_id = dedupe_id("hb", &agent_id, idempotency_key, || {
-            // Without a key, repeats of the same heartbeat within one second are one heartbeat.
-            format!("{}:{:?}", now.timestamp(), status)
+            // Without a key, repeats of the same heartbeat within one second are one heartbeat;
+            // a change of status or details is a new one.
+            format!("{}:{}", now.timestamp(), digest(&(status, &details)))
         })?;
         let heartbeat = Heartbeat {
             agent_id: agent_id.clone(),

@@ -206,6 +206,8 @@ impl Application {
             });
         }
 
+        // One bucket per agent for both doors: an agent cannot double its rate by using both.
+        let agent_rate = Arc::new(settings.limits.agent_rate());
         let runs_door = settings.runs(Role::Door);
         if runs_door {
             let inbound = js
@@ -217,6 +219,7 @@ impl Application {
                 Verifier::new(&settings.auth),
                 publisher.clone(),
                 &settings.door,
+                agent_rate.clone(),
                 settings.body_limit,
                 door_tally.clone(),
             );
@@ -284,7 +287,7 @@ impl Application {
                 door: runs_door.then_some(door_tally),
                 fleet,
                 alerting,
-                limits: http::limits::Limits::new(&settings.limits),
+                limits: http::limits::Limits::new(&settings.limits, agent_rate),
                 live: http::streams::Live {
                     events,
                     agents,

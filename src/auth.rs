@@ -1,4 +1,5 @@
-//! JWT verification and minting: HS256 only, `aud` and `exp` required, `nbf` honoured, a small
+//! JWT verification and minting: HS256 only, `aud` (a string, or an array naming us) and `exp`
+//! required, any `crit` header refused, `nbf` honoured, a small
 //! leeway, a bound on token length and on token lifetime. Header fields other than `alg` (`kid`,
 //! `jku`, `x5u`, `jwk`, `x5c`) are never acted on: the one key is the shared secret, so no file
 //! or network is ever read to verify a token. Both doors call [`Verifier::verify`]; the result is a
@@ -89,7 +90,7 @@ pub struct AuthSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub agent_id: String,
-    pub aud: String,
+    pub aud: Audience,
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
@@ -99,6 +100,15 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scope: String,
+}
+
+/// The `aud` claim: one audience, or a list of them (RFC 7519 §4.1.3). The verifier requires
+/// [`AUDIENCE`] to be the one, or among them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// The authenticated caller of a request.
@@ -197,6 +207,13 @@ impl Verifier {
                 kind => AuthError::Invalid(describe(kind)),
             },
         )?;
+        // RFC 7515 §4.1.11: a `crit` header lists extensions the verifier must understand; we
+        // understand none, so a token that has one is refused.
+        if data.header.crit.is_some() {
+            return Err(AuthError::Invalid(
+                "unsupported critical header extension (crit)".into(),
+            ));
+        }
         let claims = data.claims;
         self.check_lifetime(&claims, now_secs())?;
         let agent_id = AgentId::parse(&claims.agent_id)
@@ -253,7 +270,7 @@ pub fn mint(secret: &Secret, agent_id: &AgentId, scope: &str, ttl: Duration) -> 
     let now = now_secs();
     let claims = Claims {
         agent_id: agent_id.as_str().to_owned(),
-        aud: AUDIENCE.to_owned(),
+        aud: Audience::One(AUDIENCE.to_owned()),
         exp: now + ttl.as_secs().max(1),
         iat: Some(now),
         nbf: None,

@@ -491,8 +491,8 @@ pub struct ServeArgs {
     /// Public URL of the bridge, for externalURL and generatorURL in notifications.
     #[arg(long, env = "ALERT_EXTERNAL_URL", default_value = "")]
     pub alert_external_url: String,
-    /// Sustained requests per second each agent may send over HTTP (token bucket); 0 disables.
-    /// Over it: 429 RATE_LIMITED with Retry-After.
+    /// Sustained requests per second each agent may send, over HTTP and the NATS door together
+    /// (token bucket); 0 disables. Over it: 429 RATE_LIMITED with Retry-After.
     #[arg(long, env = "RATE_LIMIT_PER_AGENT", default_value = "500", value_parser = values::rate)]
     pub rate_limit_per_agent: f64,
 
@@ -541,7 +541,10 @@ pub struct ServeArgs {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Log filter, in tracing's EnvFilter syntax.
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info,auto_com_center=debug`). RUST_LOG
+    /// is not read: LOG_LEVEL (or this flag) is the only filter. Message payloads are never
+    /// logged, at any level: the NATS client's debug output (which holds them) stays at info
+    /// unless the filter names async_nats.
     #[arg(long, env = "LOG_LEVEL", default_value = "info", value_parser = values::log_filter)]
     pub log_level: String,
 }

@@ -19,7 +19,11 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::subjects;
+use crate::bus::unreadable::Unreadable;
 use crate::domain::{AgentCounts, AgentId, AgentRecord};
+
+/// Agent records the directory's watch could not read.
+static UNREADABLE: Unreadable = Unreadable::new("agent record");
 
 /// The existence check could not be answered.
 #[derive(Debug, thiserror::Error)]
@@ -128,9 +132,7 @@ impl Directory {
                                 Ok(record) => {
                                     target.insert(agent, record);
                                 }
-                                Err(err) => {
-                                    tracing::warn!(agent_id = %agent, error = %err, "unreadable agent record");
-                                }
+                                Err(err) => UNREADABLE.skip(&entry.key, &err),
                             },
                             Operation::Delete | Operation::Purge => {
                                 target.remove(&agent);

@@ -14,7 +14,10 @@
 //! on `acc.rejected.<CODE>` with the reason and the authenticated caller in headers, counted per
 //! code (a [`Tally`]), and charged to the caller's token bucket. A caller whose bucket is
 //! empty gets `RATE_LIMITED` (429) for every further message, without admission, until the bucket
-//! refills (drop with record: the refused message is in `ACC_REJECTED`). A failure on our side
+//! refills (drop with record: the refused message is in `ACC_REJECTED`). Valid messages count
+//! against the same per-agent rate as HTTP requests ([`AgentRate`], one bucket per agent shared
+//! by both doors): over it, `RATE_LIMITED` with `Retry-After`, recorded the same way, so one
+//! agent's flood is refused cheaply instead of queueing ahead of every other agent. A failure on our side
 //! (a 5xx over HTTP: the bus did not acknowledge) is not the caller's fault: the message is left
 //! to redelivery, and dead-lettered by the shared loop if it never succeeds.
 //!
@@ -37,7 +40,7 @@ use tracing::Instrument as _;
 use crate::admission::{Admission, Call};
 use crate::auth::{Caller, Verifier};
 use crate::bus::{PublishFailure, Publisher, subjects};
-use crate::contract::bucket::{Buckets, retry_after_secs};
+use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
 use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
 
@@ -67,6 +70,8 @@ pub struct Door {
     client: Client,
     body_limit: usize,
     limiter: RejectionLimiter,
+    /// The per-agent rate, shared with the HTTP door: valid messages count against it too.
+    agent_rate: Arc<AgentRate>,
     tally: Arc<Tally>,
 }
 
@@ -76,6 +81,7 @@ impl Door {
         verifier: Verifier,
         publisher: Publisher,
         settings: &DoorSettings,
+        agent_rate: Arc<AgentRate>,
         body_limit: usize,
         tally: Arc<Tally>,
     ) -> Self {
@@ -87,6 +93,7 @@ impl Door {
             client,
             body_limit,
             limiter: Buckets::per_interval(settings.reject_interval, settings.reject_burst),
+            agent_rate,
             tally,
         }
     }
@@ -136,7 +143,10 @@ impl Door {
             (Ok(()), Ok(_)) if requested_reply.is_some() && reply.is_none() => {
                 Err(Refusal::new(Code::InvalidReplyTo))
             }
-            (Ok(()), Ok(caller)) => self.admit(message, &caller, inbound_seq).await,
+            (Ok(()), Ok(caller)) => match self.agent_rate.admit(caller.agent_id.as_str()) {
+                Ok(()) => self.admit(message, &caller, inbound_seq).await,
+                Err(refusal) => Err(refusal),
+            },
         };
         match outcome {
             Ok(answer) => {
@@ -181,11 +191,16 @@ impl Door {
         };
         let body = contract::json_object(&message.payload, self.body_limit)?;
         // A header that is not text is passed on as an empty key, refused by admission as over
-        // HTTP. A heartbeat without a key gets one from its place in the inbound stream, so a
-        // redelivery after a door crash is the same heartbeat, not a second one.
-        let sent_key = headers
-            .and_then(|h| h.get(subjects::IDEMPOTENCY_KEY))
-            .map(|v| v.as_str());
+        // HTTP. Without an `Idempotency-Key`, the agent's `Nats-Msg-Id` is the key: admission
+        // scopes every key to the authenticated agent, so no agent can pre-empt another's id
+        // (`ACC_INBOUND` itself does not dedupe). A heartbeat with neither gets its key from its
+        // place in the inbound stream, so a redelivery after a door crash is the same heartbeat,
+        // not a second one.
+        let sent_key = headers.and_then(|h| {
+            h.get(subjects::IDEMPOTENCY_KEY)
+                .or_else(|| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map(|v| v.as_str())
+        });
         let derived;
         let key = match (call, sent_key) {
             (_, Some(key)) => Some(key),

@@ -305,6 +305,17 @@ impl Stats {
         }
     }
 
+    /// Counts one request to `endpoint` refused before admission (see
+    /// [`crate::contract::Code::is_before_admission`]): only in the counters by status since
+    /// start, never in the window's latency and error figures, so requests without a valid token
+    /// cannot move `/health`.
+    pub fn record_refused(&self, endpoint: Endpoint, status: u16) {
+        let class = (usize::from(status / 100)).clamp(1, 5) - 1;
+        let mut window = self.windows[endpoint.index()].lock().expect("not poisoned");
+        window.totals.by_class[class] += 1;
+        window.totals.by_code.add(status);
+    }
+
     /// Counters of `endpoint` since start.
     pub fn cumulative(&self, endpoint: Endpoint) -> Cumulative {
         let window = self.windows[endpoint.index()].lock().expect("not poisoned");

@@ -313,7 +313,10 @@ where
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let tracer = provider.tracer("auto-com-center");
 
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = without_payloads(
+        EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")),
+        filter,
+    );
     // Only our own spans become OpenTelemetry spans, whatever LOG_LEVEL says: the HTTP, gRPC
     // and NATS libraries' internals (including the exporter's own requests) stay out of traces.
     let otel_layer = tracing_opentelemetry::layer()
@@ -501,6 +504,21 @@ pub fn current_trace_id() -> Option<String> {
 /// An internal cause kept for the log. Shared, so that one failure (a refused batch, say) can be
 /// the cause of many refusals.
 pub type Cause = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// async-nats logs every JetStream API request and response at `debug`, and those carry
+/// agents' message payloads (base64 in stored-message reads). Our own logs give sizes and ids,
+/// never bodies; so when `raw` turns on `debug` or `trace` without naming `async_nats` itself,
+/// that crate logs at `info` at most.
+fn without_payloads(filter: EnvFilter, raw: &str) -> EnvFilter {
+    let verbose = filter
+        .max_level_hint()
+        .is_some_and(|level| level > tracing::level_filters::LevelFilter::INFO);
+    if verbose && !raw.contains("async_nats") {
+        filter.add_directive("async_nats=info".parse().expect("a valid directive"))
+    } else {
+        filter
+    }
+}
 
 /// An error and every cause under it on one line (`a: b: c`), for logs: causes are kept as
 /// sources, not flattened into strings, and printed here.

@@ -9,6 +9,7 @@ use futures::TryStreamExt as _;
 use serde::de::DeserializeOwned;
 
 use super::engine::{Ack, AlertState, Silence};
+use crate::bus::unreadable::Unreadable;
 
 pub const ALERT_PREFIX: &str = "alert.";
 pub const ACK_PREFIX: &str = "ack.";
@@ -31,7 +32,10 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
-/// Every readable value under `prefix`.
+/// Entries of the alerting bucket that could not be read.
+static UNREADABLE: Unreadable = Unreadable::new("alerting entry");
+
+/// Every readable value under `prefix` (unreadable ones are skipped, counted and logged once).
 async fn all<T: DeserializeOwned>(kv: &Store, prefix: &str) -> Result<Vec<T>, StoreError> {
     let keys: Vec<String> = kv
         .keys()
@@ -45,9 +49,7 @@ async fn all<T: DeserializeOwned>(kv: &Store, prefix: &str) -> Result<Vec<T>, St
         if let Some(value) = kv.get(key).await.map_err(err)? {
             match serde_json::from_slice(&value) {
                 Ok(item) => out.push(item),
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "unreadable entry in the alerting bucket")
-                }
+                Err(e) => UNREADABLE.skip(key, &e),
             }
         }
     }

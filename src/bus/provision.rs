@@ -31,6 +31,12 @@ pub const STREAMS: &[&str] = &[
 /// Metric snapshots matter for minutes: only the last few per subject are kept.
 const METRICS_PER_SUBJECT: i64 = 10;
 
+/// `ACC_INBOUND`'s duplicate window: the shortest the server accepts (100 ms). Its window is
+/// shared by every agent, so within it one agent could send another's `Nats-Msg-Id` first and
+/// have the other's message dropped; the default (the streams' `DUPLICATE_WINDOW`) gave minutes
+/// for that. The door dedupes instead, on an id scoped to the authenticated agent (see `door`).
+pub const INBOUND_DUPLICATE_WINDOW: Duration = Duration::from_millis(100);
+
 /// The configuration of one of our streams.
 pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
     let mut config = base_stream_config(name, settings);
@@ -46,6 +52,9 @@ pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
         // Nobody rewrites the audit trail: records leave only by age.
         config.max_age = settings.audit_max_age;
         config.deny_purge = true;
+    }
+    if name == subjects::INBOUND_STREAM {
+        config.duplicate_window = INBOUND_DUPLICATE_WINDOW;
     }
     config
 }

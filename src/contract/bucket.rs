@@ -130,6 +130,28 @@ where
     }
 }
 
+/// The per-agent request rate both doors apply: one bucket per agent, shared by the HTTP door
+/// and the NATS door of a process, so an agent cannot double its rate by using both.
+pub struct AgentRate(Option<Buckets<str>>);
+
+impl AgentRate {
+    /// `rate` requests per second per agent with bursts of `burst`; `None` disables the limit.
+    pub fn new(rate: Option<f64>, burst: u32) -> Self {
+        Self(rate.map(|rate| Buckets::new(rate, f64::from(burst))))
+    }
+
+    /// Takes one request from `agent`'s bucket, or refuses with 429 `RATE_LIMITED` and how long
+    /// to wait.
+    pub fn admit(&self, agent: &str) -> Result<(), super::Refusal> {
+        match &self.0 {
+            None => Ok(()),
+            Some(buckets) => buckets
+                .take(agent)
+                .map_err(|wait| super::Refusal::rate_limited(retry_after_secs(wait))),
+        }
+    }
+}
+
 /// Whole seconds, rounded up, at least 1: what `Retry-After` can say.
 pub fn retry_after_secs(wait: Duration) -> u32 {
     (wait.as_secs_f64().ceil() as u32).max(1)

@@ -88,6 +88,23 @@ codes! {
 }
 
 impl Code {
+    /// True for refusals answered before admission ran: no valid token, missing scope, over a
+    /// rate, a body too large or not JSON, shed. Anyone can cause these without a token, so they
+    /// are counted apart and never weigh on the latency and error figures of `/health`.
+    pub const fn is_before_admission(self) -> bool {
+        matches!(
+            self,
+            Code::MissingToken
+                | Code::InvalidToken
+                | Code::TokenExpired
+                | Code::InsufficientScope
+                | Code::RateLimited
+                | Code::PayloadTooLarge
+                | Code::UnsupportedMediaType
+                | Code::Overloaded
+        )
+    }
+
     /// True for failures on our side (5xx): the client did nothing wrong.
     pub const fn is_server_error(self) -> bool {
         self.status() >= 500

@@ -15,31 +15,28 @@ use crate::contract::{self, Code, Refusal};
 
 /// The verified caller of this request, within its rate.
 ///
-/// An address over its failed authentications is refused (429) before its token is looked at; a
-/// failed verification counts against its address; a verified agent over its rate is refused
-/// (429). A request without a token at all does not count as a failure.
+/// A token that verifies is served whatever its address did: a valid agent behind a shared NAT
+/// is never locked out by someone else's bad tokens. A token that does not verify is refused 429
+/// when its address has used up its failed authentications (so a guesser learns nothing more),
+/// else 401, counted against the address. A request without a token at all does not count as a
+/// failure. A verified agent over its rate is refused (429).
 pub struct Authenticated(pub Caller);
 
 impl FromRequestParts<AppState> for Authenticated {
     type Rejection = Refusal;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Refusal> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
-        if let Some(peer) = peer {
-            state.limits.auth_blocked(peer)?;
-        }
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
         let caller = match state.verifier.verify_header(header) {
             Ok(caller) => caller,
+            Err(AuthError::Missing) => return Err(AuthError::Missing.into()),
             Err(err) => {
-                if let (Some(peer), false) = (peer, matches!(err, AuthError::Missing)) {
-                    state.limits.auth_failed(peer);
+                if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+                    state.limits.auth_blocked(peer.ip())?;
+                    state.limits.auth_failed(peer.ip());
                 }
                 return Err(err.into());
             }

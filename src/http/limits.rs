@@ -1,10 +1,11 @@
 //! Load limits of the HTTP door, all cheap on the hot path:
 //!
-//! - a token bucket per agent ([`Limits::admit_agent`]): an agent over its rate gets 429
-//!   `RATE_LIMITED` with `Retry-After`, and other agents do not notice;
+//! - a token bucket per agent ([`Limits::admit_agent`], an [`AgentRate`] shared with the NATS
+//!   door): an agent over its rate gets 429 `RATE_LIMITED` with `Retry-After`, and other agents
+//!   do not notice;
 //! - a token bucket of failed authentications per source address ([`Limits::auth_blocked`],
-//!   [`Limits::auth_failed`]): an address that keeps presenting bad tokens is answered 429 before
-//!   its tokens are even looked at;
+//!   [`Limits::auth_failed`]): an address that keeps presenting bad tokens gets 429 for every
+//!   further bad one, while a token that verifies is still served;
 //! - a global cap on requests in flight ([`shed`]): past it, requests are refused at once with 503
 //!   `OVERLOADED` instead of queueing without bound (memory stays flat when the bus is slow).
 //!
@@ -23,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
 use super::AppState;
-use crate::contract::bucket::{Buckets, retry_after_secs};
+use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
 use crate::contract::{Code, Refusal, RefusalCounts};
 
 /// The HTTP door's load limits.
@@ -41,9 +42,16 @@ pub struct LimitSettings {
     pub max_in_flight: usize,
 }
 
+impl LimitSettings {
+    /// The per-agent rate these settings describe, for both doors.
+    pub fn agent_rate(&self) -> AgentRate {
+        AgentRate::new(self.per_agent_rate, self.per_agent_burst)
+    }
+}
+
 /// The limiters of one HTTP door.
 pub struct Limits {
-    per_agent: Option<Buckets<str>>,
+    per_agent: Arc<AgentRate>,
     auth_failures: Buckets<IpAddr>,
     in_flight: Arc<Semaphore>,
     /// Refusals answered so far, by code.
@@ -60,10 +68,12 @@ const NOT_NOW: [Code; 4] = [
 ];
 
 impl Limits {
-    /// The "not now" counts as JSON for `/health`, e.g. `{"stream_full": 1, ...}`.
+    /// The "not now" counts and the refusals before admission as JSON for `/health`, e.g.
+    /// `{"stream_full": 1, "invalid_token": 20, ...}`.
     pub fn refusals_json(&self) -> serde_json::Value {
-        NOT_NOW
+        Code::ALL
             .iter()
+            .filter(|code| NOT_NOW.contains(code) || code.is_before_admission())
             .map(|&code| {
                 (
                     code.as_str().to_ascii_lowercase(),
@@ -76,11 +86,10 @@ impl Limits {
 }
 
 impl Limits {
-    pub fn new(settings: &LimitSettings) -> Self {
+    /// `per_agent` is the rate shared with the NATS door ([`LimitSettings::agent_rate`]).
+    pub fn new(settings: &LimitSettings, per_agent: Arc<AgentRate>) -> Self {
         Self {
-            per_agent: settings
-                .per_agent_rate
-                .map(|rate| Buckets::new(rate, f64::from(settings.per_agent_burst))),
+            per_agent,
             auth_failures: Buckets::per_interval(
                 settings.auth_failure_interval,
                 settings.auth_failure_burst,
@@ -92,12 +101,7 @@ impl Limits {
 
     /// Takes one request from `agent`'s bucket, or says how long to wait.
     pub fn admit_agent(&self, agent: &str) -> Result<(), Refusal> {
-        match &self.per_agent {
-            None => Ok(()),
-            Some(buckets) => buckets
-                .take(agent)
-                .map_err(|wait| Refusal::rate_limited(retry_after_secs(wait))),
-        }
+        self.per_agent.admit(agent)
     }
 
     /// Refuses an address that has used up its failed authentications.

@@ -111,7 +111,8 @@ async fn method_not_allowed() -> Refusal {
 
 /// Wraps every request: one server span continuing the caller's trace (from `traceparent`, or
 /// from a W3C `trace_id` in the body when there is no header), a `traceparent` response header,
-/// and latency figures for the routes we keep them for.
+/// and latency figures for the routes we keep them for (refusals before admission are only
+/// counted, see [`crate::stats::Stats::record_refused`]).
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     // `MatchedPath` is an `Arc<str>`: cloning it does not copy the route.
@@ -188,9 +189,15 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         }
     }
     if let Some(endpoint) = endpoint {
-        state
-            .stats
-            .record(endpoint, status.as_u16(), started.elapsed());
+        // Only admitted requests weigh on the plan's latency and error figures.
+        match response.extensions().get::<Code>() {
+            Some(code) if code.is_before_admission() => {
+                state.stats.record_refused(endpoint, status.as_u16());
+            }
+            _ => state
+                .stats
+                .record(endpoint, status.as_u16(), started.elapsed()),
+        }
     }
     response
 }

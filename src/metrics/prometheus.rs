@@ -114,7 +114,7 @@ fn render_ingress(out: &mut String, stats: &Stats) {
         out,
         "acc_http_request_duration_seconds",
         "histogram",
-        "Latency of HTTP requests served by this replica.",
+        "Latency of HTTP requests this replica admitted (refusals before admission are not timed).",
     );
     for (endpoint, cumulative, _) in &totals {
         let mut running = 0;

@@ -21,6 +21,7 @@ use super::STALE_AFTER_INTERVALS;
 use super::snapshot::{
     BusFigures, ConsumerFigures, FleetSnapshot, IngressSnapshot, OfflineAgent, StreamFigures, merge,
 };
+use crate::bus::unreadable::Unreadable;
 use crate::bus::{Publisher, provision, subjects};
 use crate::domain::{AgentCounts, AgentRecord, AgentStatus};
 use crate::telemetry;
@@ -176,7 +177,10 @@ pub async fn agent_figures(agents: &Store) -> anyhow::Result<(AgentCounts, Vec<O
     Ok((counts, offline))
 }
 
-/// Every agent record in the bucket (unreadable ones are skipped).
+/// Agent records the fleet figures could not read.
+static UNREADABLE: Unreadable = Unreadable::new("agent record");
+
+/// Every agent record in the bucket (unreadable ones are skipped, counted and logged once).
 pub async fn agent_records(agents: &Store) -> anyhow::Result<Vec<AgentRecord>> {
     let keys: Vec<String> = match agents.keys().await {
         Ok(keys) => keys.try_collect().await.context("listing agents")?,
@@ -185,8 +189,9 @@ pub async fn agent_records(agents: &Store) -> anyhow::Result<Vec<AgentRecord>> {
     let mut records = Vec::with_capacity(keys.len());
     for key in keys {
         if let Some(value) = agents.get(&key).await.context("reading an agent")? {
-            if let Ok(record) = serde_json::from_slice::<AgentRecord>(&value) {
-                records.push(record);
+            match serde_json::from_slice::<AgentRecord>(&value) {
+                Ok(record) => records.push(record),
+                Err(err) => UNREADABLE.skip(&key, &err),
             }
         }
     }

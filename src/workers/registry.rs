@@ -25,6 +25,7 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::{HandleError, Handler, MAX_DELIVER, consume};
+use crate::bus::unreadable::Unreadable;
 use crate::bus::{Publisher, subjects};
 use crate::domain::{
     AgentId, AgentProfile, AgentRecord, AgentStatus, Heartbeat, PendingChange, Registration,
@@ -322,7 +323,9 @@ impl Registry {
         }
     }
 
-    /// Marks every agent whose last heartbeat is older than the threshold as offline.
+    /// Marks every agent whose last heartbeat is older than the threshold as offline. A record
+    /// that cannot be read (or written) is skipped, counted and logged once: one bad record never
+    /// stops the sweep for the other agents.
     async fn sweep(&self, now: DateTime<Utc>) -> anyhow::Result<()> {
         let stale_after = chrono::Duration::from_std(self.stale_after)?;
         let keys: Vec<String> = self.bucket.keys().await?.try_collect().await?;
@@ -330,45 +333,57 @@ impl Registry {
             let Ok(agent) = AgentId::parse(&key) else {
                 continue;
             };
-            let loaded = self
-                .load_settled(&agent)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            let Some(Loaded {
-                record: Some(record),
-                revision,
-            }) = loaded
-            else {
-                continue;
-            };
-            if record.status == AgentStatus::Offline || now - record.last_seen <= stale_after {
-                continue;
-            }
-            let mut next = AgentRecord {
-                status: AgentStatus::Offline,
-                // The decision rests on `last_seen`: any heartbeat received after it wins.
-                status_at: record.last_seen,
-                ..record.clone()
-            };
-            let id = format!(
-                "status:{agent}:offline:{}",
-                record.last_seen.timestamp_millis()
-            );
-            next.pending = Some(pending_change(&next, Some(record.status), "stale", &id));
-            // A lost race means a heartbeat just arrived: the agent is not stale after all.
-            if let Some(revision) = self
-                .store(&agent, &next, revision)
-                .await
-                .map_err(anyhow::Error::msg)?
-            {
-                self.announce(&agent, next, revision)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
+            match self.sweep_one(&agent, now, stale_after).await {
+                Ok(()) => {}
+                Err(err @ HandleError::Permanent { .. }) => UNREADABLE.skip(&key, &err),
+                Err(err) => tracing::warn!(
+                    agent_id = %agent,
+                    error = %crate::telemetry::error_chain(&err),
+                    "stale-agent sweep skipped an agent; will retry next sweep"
+                ),
             }
         }
         Ok(())
     }
+
+    /// Marks `agent` offline when its last heartbeat is older than `stale_after`.
+    async fn sweep_one(
+        &self,
+        agent: &AgentId,
+        now: DateTime<Utc>,
+        stale_after: chrono::Duration,
+    ) -> Result<(), HandleError> {
+        let Some(Loaded {
+            record: Some(record),
+            revision,
+        }) = self.load_settled(agent).await?
+        else {
+            return Ok(());
+        };
+        if record.status == AgentStatus::Offline || now - record.last_seen <= stale_after {
+            return Ok(());
+        }
+        let mut next = AgentRecord {
+            status: AgentStatus::Offline,
+            // The decision rests on `last_seen`: any heartbeat received after it wins.
+            status_at: record.last_seen,
+            ..record.clone()
+        };
+        let id = format!(
+            "status:{agent}:offline:{}",
+            record.last_seen.timestamp_millis()
+        );
+        next.pending = Some(pending_change(&next, Some(record.status), "stale", &id));
+        // A lost race means a heartbeat just arrived: the agent is not stale after all.
+        if let Some(revision) = self.store(agent, &next, revision).await? {
+            self.announce(agent, next, revision).await?;
+        }
+        Ok(())
+    }
 }
+
+/// Agent records the registry could not read, over every sweep.
+static UNREADABLE: Unreadable = Unreadable::new("agent record");
 
 fn pending_change(
     record: &AgentRecord,

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::helpers::*;
 
@@ -169,7 +169,11 @@ async fn an_agent_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
 }
 
 #[tokio::test]
-async fn an_address_that_keeps_failing_authentication_is_refused_before_its_tokens_are_checked() {
+/// Issue 13, item 5: a valid token used to get 429 behind an address where someone else kept
+/// sending bad ones (one garbage token a second from a shared NAT locked every agent out). Now
+/// the address's failure bucket refuses only tokens that do not verify.
+async fn an_address_that_keeps_failing_authentication_is_refused_but_a_valid_token_behind_it_is_not()
+ {
     let nats = NatsServer::start();
     let app = TestApp::spawn_with(
         &nats,
@@ -202,9 +206,16 @@ async fn an_address_that_keeps_failing_authentication_is_refused_before_its_toke
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     let (status, body) = read(response).await;
     assert_error(status, &body, 429, "RATE_LIMITED");
-    // While blocked, the address gets 429 even with a valid token: nothing is checked for it.
-    let (status, body) = app.get("/orchestrator/agents", Some(&admin_token())).await;
-    assert_error(status, &body, 429, "RATE_LIMITED");
+    // While blocked, a valid token from the same address is served: the block is on guessing.
+    for _ in 0..3 {
+        let (status, body) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // The guesser stays blocked between the valid requests.
+        let (status, body) = app
+            .get("/orchestrator/agents", Some("forged.still.token"))
+            .await;
+        assert_error(status, &body, 429, "RATE_LIMITED");
+    }
     // Health probes are not behind authentication.
     let (status, _) = app.get("/health/live", None).await;
     assert_eq!(status, StatusCode::OK);
@@ -395,5 +406,130 @@ async fn a_flooding_agent_does_not_raise_other_agents_p99() {
     assert!(
         under <= base + allowance,
         "p99 {base:?} alone, {under:?} under flood"
+    );
+}
+
+/// Issue 13, item 1. An agent's NATS user publishes on an inbound subject with a protected
+/// subject as the NATS reply subject. Before the account split, JetStream's acknowledgement
+/// (`{"stream":"ACC_INBOUND","seq":N}`) was published there, in the bridge's account, and stored
+/// by the stream of that subject: another agent's KV record, a task result, an event, another
+/// agent's answers. Now the acknowledgement goes to the subject in the agent's own account.
+#[tokio::test]
+async fn an_agent_naming_a_protected_subject_as_its_nats_reply_stores_nothing_there() {
+    use futures::StreamExt as _;
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let app = TestApp::start(embedded_with_agents(&data, port)).await;
+    let (a, _) = connect_agent(&data, port, "agent-a").await;
+    let (b, _) = connect_agent(&data, port, "agent-b").await;
+    let (status, answer) = b.call("acc.in.register", &registration("agent-b")).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = app
+        .post(
+            "/orchestrator/tasks/t-b/callback",
+            Some(&token("agent-b")),
+            &json!({"status": "done", "result": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let kv = app.js.get_key_value("acc_agents").await.unwrap();
+    eventually(Duration::from_secs(10), "agent-b's record", || async {
+        kv.get("agent-b").await.unwrap()
+    })
+    .await;
+    let mut b_replies = b.client.subscribe("acc.reply.agent-b.>").await.unwrap();
+    b.client.flush().await.unwrap();
+
+    let protected = [
+        "$KV.acc_agents.agent-b",
+        "acc.tasks.result.t-b",
+        "acc.events.agent-b",
+        "acc.reply.agent-b.x",
+    ];
+    for reply in protected {
+        a.client
+            .publish_with_reply("acc.in.event", reply, "{}".into())
+            .await
+            .unwrap();
+    }
+    a.client.flush().await.unwrap();
+    // The agent's own JetStream publishes are still acknowledged to it.
+    a.send("acc.in.event", async_nats::HeaderMap::new(), b"{}".to_vec())
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let ack_marker = "ACC_INBOUND";
+    for stream in ["KV_acc_agents", "ACC_TASKS", "ACC_EVENTS", "ACC_AGENTS"] {
+        let planted: Vec<String> = raw_messages(&app.js, stream)
+            .await
+            .into_iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .filter(|payload| payload.contains(ack_marker))
+            .collect();
+        assert!(planted.is_empty(), "{stream} stores {planted:?}");
+    }
+    let leaked = tokio::time::timeout(Duration::from_millis(300), b_replies.next()).await;
+    assert!(
+        !matches!(leaked, Ok(Some(_))),
+        "an acknowledgement reached agent-b's replies"
+    );
+    let record: Value = serde_json::from_slice(&kv.get("agent-b").await.unwrap().unwrap()).unwrap();
+    assert_eq!(record["agent_id"], "agent-b", "{record}");
+    let (status, body) = app
+        .get("/orchestrator/tasks/t-b", Some(&token("agent-b")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    app.stop().await;
+}
+
+/// One unauthenticated POST to `/orchestrator/register` whose body trickles in over `delay`;
+/// returns the status line.
+async fn slow_unauthenticated_register(app: &TestApp, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let body = registration("agent-x").to_string();
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /orchestrator/register HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let (first, rest) = body.split_at(body.len() / 2);
+    socket.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(delay).await;
+    socket.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let _ = socket.read_to_string(&mut answer).await;
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Issue 13, item 6: refusals before admission used to count toward the plan's p95 latency,
+/// timed from before the body was read, so 20 slow requests without a token set `/health` to
+/// degraded (503) for its whole window. Now only admitted requests count; the refusals have
+/// their own counters.
+#[tokio::test]
+async fn slow_unauthenticated_requests_do_not_turn_health_to_503() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    app.register("agent-1").await;
+    let slow: Vec<_> = (0..20)
+        .map(|_| slow_unauthenticated_register(&app, Duration::from_millis(400)))
+        .collect();
+    for status_line in futures::future::join_all(slow).await {
+        assert!(status_line.contains(" 401 "), "{status_line}");
+    }
+    let (status, health) = app.get("/health", None).await;
+    println!(
+        "20 slow unauthenticated registers (400 ms each): /health {status}, register p95 {} ms",
+        health["orchestrator"]["p95_latency_register"]
+    );
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["status"], "healthy", "{health}");
+    assert_eq!(health["refusals"]["missing_token"], 20, "{health}");
+    assert!(
+        app.metrics_text()
+            .await
+            .contains("acc_http_responses_total{endpoint=\"register\",code=\"401\"} 20"),
+        "401s are still counted on /metrics"
     );
 }

@@ -429,3 +429,42 @@ async fn the_maximum_token_lifetime_is_configurable() {
         .await;
     assert_eq!(status.as_u16(), 200, "{body}");
 }
+
+/// Issue 13, item 11: RFC 7519 allows `aud` as an array, so one naming `auto-com-center` is
+/// accepted (it used to be refused as malformed claims); RFC 7515 §4.1.11 says a `crit` header
+/// naming extensions the verifier does not understand must be refused (it used to be ignored).
+#[tokio::test]
+async fn an_aud_array_naming_us_is_accepted_and_a_crit_header_is_refused() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let listed = sign(
+        Algorithm::HS256,
+        SECRET,
+        &with("aud", json!(["another-service", "auto-com-center"])),
+    );
+    let (status, body) = app
+        .post(
+            "/orchestrator/register",
+            Some(&listed),
+            &registration("agent-1"),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let critical = signed_with_header(
+        &json!({"alg": "HS256", "typ": "JWT", "crit": ["acc-ext"], "acc-ext": true}),
+        SECRET,
+        &claims(),
+    );
+    let (status, body) = app
+        .post(
+            "/orchestrator/register",
+            Some(&critical),
+            &registration("agent-1"),
+        )
+        .await;
+    assert_error(status, &body, 401, "INVALID_TOKEN");
+    assert!(
+        body["error"]["details"].as_str().unwrap().contains("crit"),
+        "{body}"
+    );
+}

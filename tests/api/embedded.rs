@@ -492,3 +492,68 @@ fn logs_written_to_a_pipe_carry_no_colour_codes() {
         "ANSI codes on a pipe: {output:?}"
     );
 }
+
+/// The base64 forms `text` takes inside a longer base64 stream, whatever its offset: for each of
+/// the three alignments, the groups that `text` alone determines.
+fn base64_forms(text: &str) -> Vec<String> {
+    use base64::Engine as _;
+    (0..3)
+        .map(|k| {
+            let shifted = [vec![0u8; k], text.as_bytes().to_vec()].concat();
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&shifted);
+            let whole = shifted.len() / 3 * 4;
+            encoded[4..whole].to_owned()
+        })
+        .collect()
+}
+
+/// Issue 13, item 11: at `LOG_LEVEL=debug` the NATS client logged JetStream API responses, which
+/// hold stored messages in base64, so agents' data reached the log. Now logs carry sizes and
+/// ids only, at any level.
+#[tokio::test]
+async fn debug_logs_never_hold_a_message_payload() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = data.path().join("stderr.log");
+    let _running = Running(
+        serve(&data, &addr)
+            .env("LOG_LEVEL", "debug")
+            .stdout(std::fs::File::create(data.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn the binary"),
+    );
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(15), "ready", || async {
+        let response = http.get(format!("http://{addr}/health/ready")).send().await;
+        response.ok().filter(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    let marker = "agent-secret-data-0123456789-abcdefghij";
+    let response = http
+        .post(format!("http://{addr}/orchestrator/tasks/t-1/callback"))
+        .bearer_auth(token("agent-1"))
+        .json(&json!({"status": "done", "result": {"note": marker}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // A read of the stored result: the JetStream API answers with the message in base64.
+    let response = http
+        .get(format!("http://{addr}/orchestrator/tasks/t-1"))
+        .bearer_auth(token("agent-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let output = log_of(&log) + &log_of(&data.path().join("stdout.log"));
+    assert!(output.contains("DEBUG"), "debug logging is on");
+    assert!(!output.contains(marker), "a payload in the log");
+    for form in base64_forms(marker) {
+        assert!(
+            !output.contains(&form),
+            "a base64 payload in the log: {form}"
+        );
+    }
+}

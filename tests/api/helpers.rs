@@ -633,35 +633,103 @@ pub struct Rejection {
     pub payload: Vec<u8>,
 }
 
-/// Every record in `ACC_REJECTED`, oldest first.
-pub async fn rejections(js: &jetstream::Context) -> Vec<Rejection> {
-    let mut stream = js.get_stream("ACC_REJECTED").await.unwrap();
+/// Every message `stream` still holds, oldest first.
+pub async fn raw_messages(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let mut stream = js.get_stream(stream).await.unwrap();
     let state = stream.info().await.unwrap().state.clone();
     let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
     for seq in state.first_sequence..=state.last_sequence {
-        if state.messages == 0 {
-            break;
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            out.push(message);
         }
-        let message = stream.get_raw_message(seq).await.unwrap();
-        let headers = message
-            .headers
-            .iter()
-            .map(|(name, values)| {
-                let value = values.first().map(|v| v.as_str().to_owned());
-                (name.to_string(), value.unwrap_or_default())
-            })
-            .collect();
-        out.push(Rejection {
-            subject: message.subject.to_string(),
-            headers,
-            payload: message.payload.to_vec(),
-        });
     }
     out
+}
+
+/// Every record in `ACC_REJECTED`, oldest first.
+pub async fn rejections(js: &jetstream::Context) -> Vec<Rejection> {
+    raw_messages(js, "ACC_REJECTED")
+        .await
+        .into_iter()
+        .map(|message| Rejection {
+            subject: message.subject.to_string(),
+            headers: message
+                .headers
+                .iter()
+                .map(|(name, values)| {
+                    let value = values.first().map(|v| v.as_str().to_owned());
+                    (name.to_string(), value.unwrap_or_default())
+                })
+                .collect(),
+            payload: message.payload.to_vec(),
+        })
+        .collect()
 }
 
 /// How many messages `stream` holds.
 pub async fn count_stored(js: &jetstream::Context, stream: &str) -> u64 {
     let mut stream = js.get_stream(stream).await.unwrap();
     stream.info().await.unwrap().state.messages
+}
+
+/// Settings for the embedded server in `data` on `port`, with NATS users for `agent-a` and
+/// `agent-b`.
+pub fn embedded_with_agents(data: &tempfile::TempDir, port: u16) -> auto_com_center::cli::Settings {
+    settings(
+        None,
+        &[
+            &format!("--data-dir={}", data.path().display()),
+            &format!("--embedded-nats-port={port}"),
+            "--nats-agents=agent-a,agent-b",
+        ],
+    )
+}
+
+/// Connects as `agent`'s NATS user (password from its file), collecting the server's errors.
+pub async fn connect_agent(
+    data: &tempfile::TempDir,
+    port: u16,
+    agent: &str,
+) -> (NatsAgent, ServerErrors) {
+    let password = std::fs::read_to_string(
+        data.path()
+            .join("nats-agents")
+            .join(format!("{agent}.password")),
+    )
+    .expect("the agent's password file");
+    let errors = ServerErrors::default();
+    let seen = errors.clone();
+    let options = async_nats::ConnectOptions::with_user_and_password(agent.into(), password)
+        .event_callback(move |event| {
+            let seen = seen.clone();
+            async move {
+                if let async_nats::Event::ServerError(err) = event {
+                    seen.0.lock().unwrap().push(err.to_string());
+                }
+            }
+        });
+    let agent = NatsAgent::connect_with(&format!("nats://127.0.0.1:{port}"), agent, options)
+        .await
+        .expect("the agent user connects");
+    (agent, errors)
+}
+
+/// Errors the server sent to a connection (permission violations arrive this way).
+#[derive(Clone, Default)]
+pub struct ServerErrors(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ServerErrors {
+    pub fn any(&self, needle: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.to_ascii_lowercase().contains(needle))
+    }
 }

@@ -446,3 +446,70 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_the_registry_keep
     );
     assert_eq!(&message.payload[..], b"{\"not\": \"a registration\"}");
 }
+
+/// Issue 13, item 2: the stale sweep used to give up at the first agent record it could not
+/// decode, so every agent after it stayed `online` without heartbeats. Now the bad record is
+/// skipped (counted, logged once) and the others still go offline.
+#[tokio::test]
+async fn one_unreadable_agent_record_does_not_stop_offline_detection_for_the_others() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--agent-stale-after=1s", "--agent-sweep-interval=200ms"],
+    )
+    .await;
+    let kv = app.js.get_key_value(AGENTS_BUCKET).await.unwrap();
+    // Stored first, so every sweep meets it before the real agent.
+    kv.put("agent-0", "not an agent record".into())
+        .await
+        .unwrap();
+    app.register("agent-1").await;
+    let started = Instant::now();
+    wait_for_status(&app, "agent-1", "offline", Duration::from_secs(10)).await;
+    println!(
+        "unreadable record: agent-1 offline {:?} after registering (stale after 1 s)",
+        started.elapsed()
+    );
+    assert!(
+        listed(&app)
+            .await
+            .iter()
+            .all(|a| a["agent_id"] != "agent-0")
+    );
+}
+
+/// Issue 13, item 4: two heartbeats within one second used to dedupe even when the second one
+/// changed `details` (or status), so the change was dropped. Now only an identical repeat is a
+/// duplicate.
+#[tokio::test]
+async fn a_heartbeat_whose_details_changed_within_the_second_is_not_a_duplicate() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    app.register("agent-1").await;
+    let mut answers = Vec::new();
+    for details in [
+        json!({"load": 0.1}),
+        json!({"load": 0.9}),
+        json!({"load": 0.9}),
+    ] {
+        let body = json!({"agent_id": "agent-1", "status": "degraded", "details": details});
+        let (status, answer) = heartbeat(&app, "agent-1", &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        answers.push(answer);
+    }
+    let same_second = answers[0]["timestamp"].as_str().unwrap()[..19]
+        == answers[2]["timestamp"].as_str().unwrap()[..19];
+    assert_eq!(answers[1]["duplicate"], false, "{answers:?}");
+    assert_ne!(answers[1]["seq"], answers[0]["seq"]);
+    if same_second {
+        assert_eq!(
+            answers[2]["duplicate"], true,
+            "an identical repeat: {answers:?}"
+        );
+    }
+    let stored = all_stored(&app.js, AGENTS_STREAM, "acc.agents.heartbeat.agent-1").await;
+    assert!(
+        stored.iter().any(|h| h["details"] == json!({"load": 0.9})),
+        "{stored:?}"
+    );
+}
