@@ -165,7 +165,7 @@ impl Application {
 
         // Both doors read the agents view; one follower serves them.
         let directory = Directory::new(agents_stream, settings.publish_timeout);
-        if listener.is_some() || settings.runs(Role::Door) {
+        if listener.is_some() || settings.runs(Role::Door) || settings.runs(Role::Dispatcher) {
             tasks.spawn({
                 let (directory, client, stop) = (directory.clone(), client.clone(), stop.clone());
                 async move {
@@ -201,6 +201,20 @@ impl Application {
                 crate::alerting::run(publisher, bucket, alerting, interval, stop)
                     .await
                     .context("alerting worker")
+            });
+        }
+
+        if settings.runs(Role::Dispatcher) {
+            let (publisher, directory, tasks_settings, stop) = (
+                publisher.clone(),
+                directory.clone(),
+                settings.tasks,
+                stop.clone(),
+            );
+            tasks.spawn(async move {
+                crate::tasks::dispatcher::run(publisher, directory, tasks_settings, stop)
+                    .await
+                    .context("dispatcher")
             });
         }
 
@@ -252,6 +266,20 @@ impl Application {
                 .get_key_value(subjects::ALERTING_BUCKET)
                 .await
                 .context("opening the alerting bucket")?;
+            let submissions = js
+                .get_stream(subjects::SUBMISSIONS_STREAM)
+                .await
+                .context("opening the submissions stream")?;
+            let task_records = js
+                .get_key_value(subjects::TASKS_BUCKET)
+                .await
+                .context("opening the tasks bucket")?;
+            let task_api = crate::tasks::Tasks::new(
+                publisher.clone(),
+                submissions,
+                task_records,
+                settings.publish_timeout,
+            );
             let state = AppState::new(http::Inner {
                 admission: Admission::new(publisher.clone(), directory),
                 verifier: Verifier::new(&settings.auth),
@@ -265,6 +293,7 @@ impl Application {
                 fleet,
                 alerting,
                 limits: http::limits::Limits::new(&settings.limits),
+                task_api,
             });
             let app = http::router(state);
             let stop = stop.clone();

@@ -29,6 +29,7 @@ use crate::domain::{AgentId, AgentProfile, parse_duration};
 use crate::door::DoorSettings;
 use crate::http::limits::LimitSettings;
 use crate::metrics::MetricsSettings;
+use crate::tasks::TaskSettings;
 use crate::telemetry::LogFormat;
 use crate::workers::registry::RegistrySettings;
 
@@ -106,6 +107,9 @@ pub enum Role {
     Metrics,
     /// The alerting worker: evaluates the alert rules, notifies routes (one replica acts).
     Alerting,
+    /// The task dispatcher: queues submitted tasks, leases them to claiming agents, expires
+    /// leases and retries (one replica acts).
+    Dispatcher,
 }
 
 /// A setting that failed validation. Displays as one line naming the environment variable (or
@@ -237,11 +241,12 @@ pub struct ServeArgs {
     )]
     pub http_addr: SocketAddr,
 
-    /// Comma-separated roles this process runs: ingress, registry, door, metrics, alerting.
+    /// Comma-separated roles this process runs: ingress, registry, door, metrics, alerting,
+    /// dispatcher.
     #[arg(
         long,
         env = "ROLES",
-        default_value = "ingress,registry,door,metrics,alerting",
+        default_value = "ingress,registry,door,metrics,alerting,dispatcher",
         value_parser = values::roles
     )]
     pub roles: CommaSeparated<Role>,
@@ -495,6 +500,16 @@ pub struct ServeArgs {
     )]
     pub max_token_lifetime: Duration,
 
+    /// Lifetime of the dispatcher lease: one replica dispatches tasks, and a successor takes
+    /// over within this long after it stops answering.
+    #[arg(
+        long,
+        env = "DISPATCHER_LEASE_TTL",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub dispatcher_lease_ttl: Duration,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -530,6 +545,8 @@ pub struct Settings {
     pub alerting: AlertingSettings,
     /// The HTTP door's load limits.
     pub limits: LimitSettings,
+    /// The dispatcher role.
+    pub tasks: TaskSettings,
     /// Largest accepted request body.
     pub body_limit: usize,
     /// Longest wait for JetStream to acknowledge a write.
@@ -582,6 +599,12 @@ impl Settings {
         if args.alert_lease_ttl < Duration::from_millis(300) {
             return Err(ConfigError::new(
                 "ALERT_LEASE_TTL",
+                "must be at least 300ms",
+            ));
+        }
+        if args.dispatcher_lease_ttl < Duration::from_millis(300) {
+            return Err(ConfigError::new(
+                "DISPATCHER_LEASE_TTL",
                 "must be at least 300ms",
             ));
         }
@@ -641,6 +664,10 @@ impl Settings {
                 auth_failure_burst: args.auth_failure_burst,
                 auth_failure_interval: args.auth_failure_interval,
                 max_in_flight: args.max_in_flight,
+            },
+            tasks: TaskSettings {
+                lease_ttl: args.dispatcher_lease_ttl,
+                write_timeout: args.publish_timeout,
             },
             body_limit: args.body_limit,
             publish_timeout: args.publish_timeout,

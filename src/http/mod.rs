@@ -9,6 +9,7 @@ pub mod limits;
 pub mod metrics;
 pub mod orchestrator;
 pub mod routes;
+pub mod tasks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +55,8 @@ pub struct Inner {
     pub alerting: async_nats::jetstream::kv::Store,
     /// Rate limits and the in-flight cap.
     pub limits: limits::Limits,
+    /// The task routes: submissions, reads, and requests to the acting dispatcher.
+    pub task_api: crate::tasks::Tasks,
 }
 
 impl std::ops::Deref for AppState {
@@ -72,6 +75,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(orchestrator::router())
+        .merge(tasks::router())
         .merge(health::router())
         .merge(metrics::router())
         .merge(admin::router())

@@ -20,4 +20,5 @@ mod layers;
 mod metrics;
 mod properties;
 mod registry;
+mod tasks;
 mod traces;
