@@ -128,30 +128,22 @@ pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Resul
         .await
         .with_context(|| format!("creating or updating stream {name}"))?;
     }
-    retry(|| async {
-        js.create_or_update_key_value(agents_bucket_config(settings))
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from)
-    })
-    .await
-    .with_context(|| format!("creating or updating KV bucket {AGENTS_BUCKET}"))?;
-    retry(|| async {
-        js.create_or_update_key_value(alerting_bucket_config(settings))
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from)
-    })
-    .await
-    .with_context(|| format!("creating or updating KV bucket {ALERTING_BUCKET}"))?;
-    retry(|| async {
-        js.create_or_update_key_value(tasks_bucket_config(settings))
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from)
-    })
-    .await
-    .with_context(|| format!("creating or updating KV bucket {TASKS_BUCKET}"))?;
+    let buckets = [
+        agents_bucket_config(settings),
+        alerting_bucket_config(settings),
+        tasks_bucket_config(settings),
+    ];
+    for config in buckets {
+        let name = config.bucket.clone();
+        retry(|| async {
+            js.create_or_update_key_value(config.clone())
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        })
+        .await
+        .with_context(|| format!("creating or updating KV bucket {name}"))?;
+    }
     Ok(())
 }
 

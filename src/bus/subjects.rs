@@ -29,7 +29,7 @@ pub const AGENTS_BUCKET: &str = "acc_agents";
 /// KV bucket of the alerting worker: its lease, alert states, acknowledgements and silences.
 pub const ALERTING_BUCKET: &str = "acc_alerting";
 
-/// KV bucket of the task dispatcher: one [`crate::tasks::TaskRecord`] per task (written only
+/// KV bucket of the task dispatcher: one task record per task (written only
 /// by the acting dispatcher, compare-and-set on the revision) and its lease.
 pub const TASKS_BUCKET: &str = "acc_tasks";
 /// The dispatcher's lease key in [`TASKS_BUCKET`] (a `.` keeps it apart from every task id).

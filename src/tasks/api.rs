@@ -217,12 +217,10 @@ impl Tasks {
                 own.is_none_or(|me| &record.submitted_by == me)
             })
             .await?;
-        let tasks: Vec<Value> = records.iter().map(TaskRecord::view).collect();
-        let mut body = json!({ "success": true, "count": tasks.len(), "tasks": tasks });
-        if let Some(next) = next {
-            body["next_cursor"] = next.into();
-        }
-        Ok(body)
+        Ok(page_body(
+            records.iter().map(TaskRecord::view).collect(),
+            next,
+        ))
     }
 
     /// `GET /orchestrator/dlq` (admin): dead-lettered tasks, browsed, never consumed.
@@ -232,12 +230,8 @@ impl Tasks {
             ..filter.clone()
         };
         let (records, next) = self.page(&filter, |_| true).await?;
-        let tasks: Vec<Value> = records.iter().map(TaskRecord::dead_letter_view).collect();
-        let mut body = json!({ "success": true, "count": tasks.len(), "tasks": tasks });
-        if let Some(next) = next {
-            body["next_cursor"] = next.into();
-        }
-        Ok(body)
+        let tasks = records.iter().map(TaskRecord::dead_letter_view).collect();
+        Ok(page_body(tasks, next))
     }
 
     /// `POST /orchestrator/tasks/claim`.
@@ -368,6 +362,15 @@ impl Tasks {
         }
         Ok((page, None))
     }
+}
+
+/// `{success, count, tasks, next_cursor?}`.
+fn page_body(tasks: Vec<Value>, next: Option<String>) -> Value {
+    let mut body = json!({ "success": true, "count": tasks.len(), "tasks": tasks });
+    if let Some(next) = next {
+        body["next_cursor"] = next.into();
+    }
+    body
 }
 
 /// A callback body for an orchestrator task: `{status: "running"|"succeeded"|"failed",
