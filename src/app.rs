@@ -204,15 +204,17 @@ impl Application {
             });
         }
 
+        let task_figures = Arc::new(crate::metrics::tasks::TaskGauges::default());
         if settings.runs(Role::Dispatcher) {
-            let (publisher, directory, tasks_settings, stop) = (
+            let (publisher, directory, tasks_settings, figures, stop) = (
                 publisher.clone(),
                 directory.clone(),
                 settings.tasks,
+                task_figures.clone(),
                 stop.clone(),
             );
             tasks.spawn(async move {
-                crate::tasks::dispatcher::run(publisher, directory, tasks_settings, stop)
+                crate::tasks::dispatcher::run(publisher, directory, tasks_settings, figures, stop)
                     .await
                     .context("dispatcher")
             });
@@ -294,6 +296,7 @@ impl Application {
                 alerting,
                 limits: http::limits::Limits::new(&settings.limits),
                 task_api,
+                task_figures,
             });
             let app = http::router(state);
             let stop = stop.clone();

@@ -57,6 +57,8 @@ pub struct Inner {
     pub limits: limits::Limits,
     /// The task routes: submissions, reads, and requests to the acting dispatcher.
     pub task_api: crate::tasks::Tasks,
+    /// This process's dispatcher figures, for `/metrics`.
+    pub task_figures: Arc<crate::metrics::tasks::TaskGauges>,
 }
 
 impl std::ops::Deref for AppState {

@@ -18,6 +18,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -40,12 +41,15 @@ use crate::contract::{Code, Refusal};
 use crate::directory::Directory;
 use crate::domain::{AgentId, AgentRecord, AgentStatus, TaskId};
 use crate::lease::Lease;
+use crate::metrics::tasks::{OUTCOMES, TaskGauges};
 
 /// How often leases, backoffs and waiting claims are looked at.
 const TICK: Duration = Duration::from_millis(20);
 /// How long the server waits for the dispatcher to acknowledge a submission before another
 /// delivery (a successor taking over gets unacknowledged submissions again after this).
 const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How often the queue depth shown on `/metrics` is recounted.
+const FIGURES_EVERY: Duration = Duration::from_secs(1);
 /// When a write of an expiry or a requeue fails, it is tried again after this long.
 const RETRY_WRITE_AFTER: chrono::Duration = chrono::Duration::milliseconds(500);
 
@@ -54,6 +58,7 @@ pub async fn run(
     publisher: Publisher,
     directory: Directory,
     settings: TaskSettings,
+    figures: Arc<TaskGauges>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = publisher.jetstream().clone();
@@ -93,6 +98,7 @@ pub async fn run(
         lease,
         write_timeout: settings.write_timeout,
         state: State::default(),
+        figures,
     };
     let renew_every = settings.lease_ttl / 3;
     loop {
@@ -171,6 +177,8 @@ struct Dispatcher {
     lease: Lease,
     write_timeout: Duration,
     state: State,
+    /// What `/metrics` shows while this replica acts.
+    figures: Arc<TaskGauges>,
 }
 
 impl Dispatcher {
@@ -190,6 +198,7 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renew_at = tokio::time::Instant::now() + renew_every;
+        let mut figures_at = tokio::time::Instant::now();
         tracing::info!(
             queued = self.state.queue.len(),
             unfinished = self.state.tasks.len(),
@@ -219,6 +228,11 @@ impl Dispatcher {
                     }
                     self.fire_timers().await;
                     self.expire_waiters().await;
+                    if tokio::time::Instant::now() >= figures_at {
+                        figures_at = tokio::time::Instant::now() + FIGURES_EVERY;
+                        let queued = self.state.queue.depth();
+                        self.figures.update(|figures| figures.queued = queued);
+                    }
                 }
             }
         }
@@ -227,6 +241,7 @@ impl Dispatcher {
     /// Forgets everything held in memory (the lease is gone; a successor rebuilds it).
     fn stand_down(&mut self) {
         self.state = State::default();
+        self.figures.clear();
     }
 
     /// Loads every unfinished task from the bucket.
@@ -241,6 +256,7 @@ impl Dispatcher {
             .await
             .context("listing task records")?;
         let mut unfinished = Vec::new();
+        let mut dead_lettered = 0;
         for key in keys.iter().filter(|key| TaskId::parse(key).is_ok()) {
             let Some(entry) = self.kv.entry(key).await.context("reading a task record")? else {
                 continue;
@@ -253,7 +269,9 @@ impl Dispatcher {
                     record,
                     revision: entry.revision,
                 }),
-                Ok(_) => {}
+                Ok(record) => {
+                    dead_lettered += u64::from(record.status == TaskStatus::DeadLettered);
+                }
                 Err(err) => tracing::warn!(task_id = %key, error = %err, "unreadable task record"),
             }
         }
@@ -262,6 +280,9 @@ impl Dispatcher {
             self.index(None, &held.record);
             self.state.tasks.insert(held.record.task_id.clone(), held);
         }
+        self.figures.clear();
+        self.figures
+            .update(|figures| figures.dead_lettered = dead_lettered);
         Ok(())
     }
 
@@ -394,6 +415,9 @@ impl Dispatcher {
     /// Puts a stored record in memory, replacing (and un-indexing) the one it supersedes.
     fn apply(&mut self, held: Held) {
         let old = self.state.tasks.remove(&held.record.task_id);
+        if let Some(old) = &old {
+            self.count(&old.record, &held.record);
+        }
         self.index(old.as_ref().map(|h| &h.record), &held.record);
         if !held.record.is_terminal() {
             self.state.tasks.insert(held.record.task_id.clone(), held);
@@ -422,6 +446,24 @@ impl Dispatcher {
         {
             state.timers.push(Reverse((at, new.task_id.clone())));
         }
+    }
+
+    /// Counts, for `/metrics`, how `old` became `new`: an attempt that ended, a lease that ran
+    /// out, a task that entered the dead-letter queue. (Replays leave it in `replay`, as
+    /// finished records are not held in memory.)
+    fn count(&self, old: &TaskRecord, new: &TaskRecord) {
+        let ended = old.live_attempt().is_some() && new.live_attempt().is_none();
+        let outcome = new.attempts.last().map(|a| a.outcome);
+        let dead = old.status != TaskStatus::DeadLettered && new.status == TaskStatus::DeadLettered;
+        self.figures.update(|figures| {
+            if let (true, Some(outcome)) = (ended, outcome) {
+                if let Some(index) = OUTCOMES.iter().position(|o| *o == outcome.as_str()) {
+                    figures.attempts[index] += 1;
+                }
+                figures.leases_expired += u64::from(outcome == Outcome::Expired);
+            }
+            figures.dead_lettered += u64::from(dead);
+        });
     }
 
     fn unindex(&mut self, old: &TaskRecord) {
@@ -716,6 +758,8 @@ impl Dispatcher {
         let replays = next.replays.len();
         let attempts_before = next.attempts.len();
         self.commit(next, held.revision).await?;
+        self.figures
+            .update(|figures| figures.dead_lettered = figures.dead_lettered.saturating_sub(1));
         tracing::info!(task_id = %request.task_id, replayed_by = %request.by, attempts_before, "dead-lettered task replayed");
         let record = json!({
             "task_id": request.task_id,

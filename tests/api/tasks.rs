@@ -386,6 +386,13 @@ async fn the_third_failure_of_a_three_attempt_task_dead_letters_it_and_replay_th
         "{view}"
     );
 
+    let text = app.metrics_text().await;
+    assert!(text.contains("acc_tasks_dead_lettered 1\n"), "{text}");
+    assert!(
+        text.contains("acc_task_attempts_total{outcome=\"failed\"} 3\n"),
+        "{text}"
+    );
+
     let (status, dlq) = app.get("/orchestrator/dlq", Some(&admin_token())).await;
     assert_eq!(status, StatusCode::OK, "{dlq}");
     assert_eq!(dlq["count"], 1);
@@ -576,6 +583,24 @@ async fn the_list_filters_by_status_and_a_submitter_sees_only_its_own() {
         .get("/orchestrator/tasks?status=lost", Some(&admin_token()))
         .await;
     assert_error(status, &body, 400, "INVALID_PAYLOAD");
+}
+
+#[tokio::test]
+async fn metrics_show_the_queue_depth_by_capability_and_priority() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    submit_ok(&app, json!({"capability": "wait-here", "priority": 1})).await;
+    submit_ok(&app, json!({"capability": "wait-here", "priority": 1})).await;
+    eventually(
+        Duration::from_secs(5),
+        "the queue depth on /metrics",
+        || async {
+            let text = app.metrics_text().await;
+            text.contains("acc_tasks_queued{capability=\"wait-here\",priority=\"1\"} 2\n")
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
