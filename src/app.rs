@@ -228,6 +228,7 @@ impl Application {
                 .context("opening the inbound stream")?;
             let door = Door::new(
                 Admission::new(publisher.clone(), directory.clone()),
+                task_api(&js, &publisher, settings.publish_timeout).await?,
                 Verifier::new(&settings.auth),
                 publisher.clone(),
                 &settings.door,
@@ -268,20 +269,7 @@ impl Application {
                 .get_key_value(subjects::ALERTING_BUCKET)
                 .await
                 .context("opening the alerting bucket")?;
-            let submissions = js
-                .get_stream(subjects::SUBMISSIONS_STREAM)
-                .await
-                .context("opening the submissions stream")?;
-            let task_records = js
-                .get_key_value(subjects::TASKS_BUCKET)
-                .await
-                .context("opening the tasks bucket")?;
-            let task_api = crate::tasks::Tasks::new(
-                publisher.clone(),
-                submissions,
-                task_records,
-                settings.publish_timeout,
-            );
+            let task_api = task_api(&js, &publisher, settings.publish_timeout).await?;
             let state = AppState::new(http::Inner {
                 admission: Admission::new(publisher.clone(), directory),
                 verifier: Verifier::new(&settings.auth),
@@ -326,6 +314,28 @@ impl Application {
         finish(tasks, &settings, client, embedded).await;
         Ok(())
     }
+}
+
+/// The task routes' side of a door (HTTP or NATS).
+async fn task_api(
+    js: &async_nats::jetstream::Context,
+    publisher: &Publisher,
+    timeout: std::time::Duration,
+) -> anyhow::Result<crate::tasks::Tasks> {
+    let submissions = js
+        .get_stream(subjects::SUBMISSIONS_STREAM)
+        .await
+        .context("opening the submissions stream")?;
+    let records = js
+        .get_key_value(subjects::TASKS_BUCKET)
+        .await
+        .context("opening the tasks bucket")?;
+    Ok(crate::tasks::Tasks::new(
+        publisher.clone(),
+        submissions,
+        records,
+        timeout,
+    ))
 }
 
 async fn finish(

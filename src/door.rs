@@ -18,6 +18,12 @@
 //! (a 5xx over HTTP: the bus did not acknowledge) is not the caller's fault: the message is left
 //! to redelivery, and dead-lettered by the shared loop if it never succeeds.
 //!
+//! Tasks ride the same door: `acc.in.task_submit` and `acc.in.task_claim` carry the bodies of
+//! `POST /orchestrator/tasks` and `POST /orchestrator/tasks/claim`, and a result on
+//! `acc.in.task_result.<task_id>` for a task the orchestrator queued goes to the dispatcher, all
+//! through [`Tasks`] as over HTTP. A claim over the door is answered at once (its `wait` is not
+//! honoured: the door handles one message at a time).
+//!
 //! Every message is handled in a `door.admit` span.
 
 use std::future::Future;
@@ -39,6 +45,7 @@ use crate::auth::{Caller, Verifier};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
+use crate::tasks::Tasks;
 use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
 
 /// The caller key of messages whose token did not verify: they share one bucket.
@@ -68,11 +75,13 @@ pub struct Door {
     body_limit: usize,
     limiter: RejectionLimiter,
     tally: Arc<Tally>,
+    tasks: Tasks,
 }
 
 impl Door {
     pub fn new(
         admission: Admission,
+        tasks: Tasks,
         verifier: Verifier,
         publisher: Publisher,
         settings: &DoorSettings,
@@ -81,6 +90,7 @@ impl Door {
     ) -> Self {
         let client = publisher.client().clone();
         Self {
+            tasks,
             admission,
             verifier,
             publisher,
@@ -175,6 +185,9 @@ impl Door {
         inbound_seq: u64,
     ) -> Result<Value, Refusal> {
         let headers = message.headers.as_ref();
+        if let Some(answer) = self.task_call(message, caller).await? {
+            return Ok(answer);
+        }
         let Some(call) = call_of(&message.subject) else {
             return Err(Refusal::new(Code::NotFound)
                 .with_message(format!("No route for {}", message.subject)));
@@ -196,6 +209,34 @@ impl Door {
             (_, None) => None,
         };
         self.admission.admit(call, caller, &body, key).await
+    }
+
+    /// The task calls: a submission, a claim (answered at once), or a result for a task the
+    /// orchestrator queued. `None` for every other message.
+    async fn task_call(
+        &self,
+        message: &Message,
+        caller: &Caller,
+    ) -> Result<Option<Value>, Refusal> {
+        let subject = message.subject.as_str();
+        let task_result = subject.strip_prefix(subjects::INBOUND_TASK_RESULT_PREFIX);
+        if subject != subjects::INBOUND_TASK_SUBMIT
+            && subject != subjects::INBOUND_TASK_CLAIM
+            && task_result.is_none()
+        {
+            return Ok(None);
+        }
+        let mut body = contract::json_object(&message.payload, self.body_limit)?;
+        match task_result {
+            Some(task_id) => self.tasks.callback(caller, task_id, &body).await,
+            None if subject == subjects::INBOUND_TASK_SUBMIT => {
+                self.tasks.submit(caller, &body).await.map(Some)
+            }
+            None => {
+                body.remove("wait");
+                self.tasks.claim(caller, &body).await.map(Some)
+            }
+        }
     }
 
     /// Stores the refused message on `acc.rejected.<code>` with the reason, counts it and

@@ -65,6 +65,10 @@ pub const INBOUND_REGISTER: &str = "acc.in.register";
 pub const INBOUND_HEARTBEAT: &str = "acc.in.heartbeat";
 pub const INBOUND_TASK_RESULTS: &str = "acc.in.task_result.*";
 pub const INBOUND_EVENT: &str = "acc.in.event";
+/// A task submission over NATS (the body of `POST /orchestrator/tasks`).
+pub const INBOUND_TASK_SUBMIT: &str = "acc.in.task_submit";
+/// A claim over NATS (the body of `POST /orchestrator/tasks/claim`; answered at once).
+pub const INBOUND_TASK_CLAIM: &str = "acc.in.task_claim";
 /// Every inbound subject: what agent NATS users may publish on.
 pub const INBOUND_ALL: &str = "acc.in.>";
 /// Prefix of `acc.in.task_result.<task_id>`.
@@ -227,6 +231,16 @@ pub const CATALOG: &[SubjectSpec] = &[
     },
     SubjectSpec {
         subject: INBOUND_EVENT,
+        stream: INBOUND_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: INBOUND_TASK_SUBMIT,
+        stream: INBOUND_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: INBOUND_TASK_CLAIM,
         stream: INBOUND_STREAM,
         schema: None,
     },

@@ -688,3 +688,65 @@ async fn a_callback_for_a_task_the_orchestrator_never_queued_keeps_the_gate_one_
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "completed");
 }
+
+#[tokio::test]
+async fn over_the_nats_door_a_task_is_submitted_claimed_and_reported_like_over_http() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "nats-worker", &["door-work"], 1).await;
+    let client = NatsAgent::connect(&nats.url(), "client-1").await;
+    let (status, answer) = client
+        .call_with(
+            "acc.in.task_submit",
+            Some(&submitter_token()),
+            serde_json::to_vec(&json!({"task_id": "by-nats", "capability": "door-work"})).unwrap(),
+            &[],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the door answers the submission");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["task_id"], "by-nats");
+    assert_eq!(answer["stream"], "ACC_TASK_SUBMISSIONS");
+
+    let worker = NatsAgent::connect(&nats.url(), "nats-worker").await;
+    let tasks = eventually(Duration::from_secs(10), "the task claimed", || async {
+        let (status, answer) = worker
+            .call("acc.in.task_claim", &json!({"wait": "5s"}))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let tasks = answer["tasks"].as_array().unwrap().clone();
+        (!tasks.is_empty()).then_some(tasks)
+    })
+    .await;
+    assert_eq!(tasks[0]["task_id"], "by-nats");
+    let (status, answer) = worker
+        .call(
+            "acc.in.task_result.by-nats",
+            &json!({"status": "succeeded", "result": "ok"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = NatsAgent::connect(&nats.url(), "intruder")
+        .await
+        .call(
+            "acc.in.task_result.by-nats",
+            &json!({"status": "succeeded"}),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (409, json!("STALE_ATTEMPT"))
+    );
+    let view = task(&app, "by-nats").await;
+    assert_eq!(
+        (view["status"].clone(), view["result"].clone()),
+        (json!("succeeded"), json!("ok"))
+    );
+    // Nothing of it went to the Gate-1 results.
+    assert!(
+        all_stored(&app.js, "ACC_TASKS", "acc.tasks.result.>")
+            .await
+            .is_empty()
+    );
+}
