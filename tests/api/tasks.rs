@@ -429,6 +429,36 @@ async fn the_third_failure_of_a_three_attempt_task_dead_letters_it_and_replay_th
 }
 
 #[tokio::test]
+async fn a_retry_goes_to_an_agent_that_has_not_failed_the_task() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "first", &["c"], 1).await;
+    register_worker(&app, "second", &["c"], 1).await;
+    let id = submit_ok(
+        &app,
+        json!({"capability": "c", "backoff": {"initial": "50ms", "max": "50ms"}}),
+    )
+    .await;
+    let tasks = claim(&app, "first", json!({"wait": "5s"})).await;
+    assert_eq!(tasks[0]["attempt"], 1);
+    let failed = json!({"status": "failed", "error": {"message": "no"}});
+    let (status, body) = callback(&app, "first", &id, failed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(Duration::from_secs(5), "the task queued again", || async {
+        (task(&app, &id).await["status"] == "queued").then_some(())
+    })
+    .await;
+    assert!(
+        claim(&app, "first", json!({"wait": "300ms"}))
+            .await
+            .is_empty(),
+        "an online agent that has not failed it can take it"
+    );
+    let tasks = claim(&app, "second", json!({"wait": "5s"})).await;
+    assert_eq!(tasks[0]["attempt"], 2);
+}
+
+#[tokio::test]
 async fn a_failure_that_is_not_retryable_dead_letters_the_task_at_once() {
     let nats = NatsServer::start();
     let app = TestApp::spawn(&nats).await;
