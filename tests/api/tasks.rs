@@ -780,3 +780,106 @@ async fn over_the_nats_door_a_task_is_submitted_claimed_and_reported_like_over_h
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_degraded_agent_gets_a_task_only_when_no_online_agent_has_the_capability() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "healthy", &["shared"], 1).await;
+    register_worker(&app, "limping", &["shared", "rare"], 1).await;
+    let (status, body) = app
+        .post(
+            "/orchestrator/heartbeat",
+            Some(&token("limping")),
+            &json!({"agent_id": "limping", "status": "degraded"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(Duration::from_secs(10), "the agent degraded", || async {
+        let (_, agents) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+        agents["agents"]
+            .as_array()?
+            .iter()
+            .any(|a| a["agent_id"] == "limping" && a["status"] == "degraded")
+            .then_some(())
+    })
+    .await;
+    let shared = submit_ok(&app, json!({"capability": "shared"})).await;
+    assert!(
+        claim(&app, "limping", json!({"wait": "300ms"}))
+            .await
+            .is_empty()
+    );
+    let rare = submit_ok(&app, json!({"capability": "rare"})).await;
+    let tasks = claim(&app, "limping", json!({"wait": "5s"})).await;
+    assert_eq!(tasks[0]["task_id"], rare.as_str());
+    let tasks = claim(&app, "healthy", json!({"wait": "5s"})).await;
+    assert_eq!(tasks[0]["task_id"], shared.as_str());
+}
+
+#[tokio::test]
+async fn with_two_replicas_one_dispatches_and_the_other_takes_over_without_losing_or_doubling_a_task()
+ {
+    let nats = NatsServer::start();
+    let first = TestApp::spawn(&nats).await;
+    let second = TestApp::spawn(&nats).await;
+    register_worker(&first, "steady", &["c"], 10).await;
+    eventually(
+        Duration::from_secs(10),
+        "the agent in both views",
+        || async {
+            let (_, agents) = second
+                .get("/orchestrator/agents", Some(&admin_token()))
+                .await;
+            agents["agents"]
+                .as_array()?
+                .iter()
+                .any(|a| a["agent_id"] == "steady")
+                .then_some(())
+        },
+    )
+    .await;
+    let mut submitted = Vec::new();
+    for n in 0..4 {
+        submitted.push(
+            submit_ok(
+                &second,
+                json!({"task_id": format!("r-{n}"), "capability": "c"}),
+            )
+            .await,
+        );
+    }
+    let mut claimed: Vec<String> = claim(&first, "steady", json!({"wait": "5s"}))
+        .await
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(claimed.len(), 1);
+    first.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while claimed.len() < submitted.len() && Instant::now() < deadline {
+        let (status, answer) = second
+            .post(
+                "/orchestrator/tasks/claim",
+                Some(&token("steady")),
+                &json!({"max": 10, "wait": "1s"}),
+            )
+            .await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        for task in answer["tasks"].as_array().unwrap() {
+            assert_eq!(task["attempt"], 1, "no task is leased twice: {task}");
+            claimed.push(task["task_id"].as_str().unwrap().to_owned());
+        }
+    }
+    claimed.sort();
+    assert_eq!(claimed, submitted);
+    assert!(
+        claim(&second, "steady", json!({"max": 10, "wait": "300ms"}))
+            .await
+            .is_empty()
+    );
+}
