@@ -315,9 +315,8 @@ impl Dispatcher {
         if let Some(held) = self.state.tasks.get(&submission.task_id) {
             return Ok(held.clone());
         }
-        if let Some(held) = self.read(&submission.task_id).await? {
-            return Ok(held);
-        }
+        // Create-only: a record already there (a redelivery, a takeover) makes this fail, and
+        // the record is then read instead — one round trip for a new task.
         let record = TaskRecord::queued(submission, seq);
         self.fence()?;
         let value = encode(&record);
