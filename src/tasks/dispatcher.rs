@@ -48,6 +48,8 @@ const TICK: Duration = Duration::from_millis(20);
 /// How long the server waits for the dispatcher to acknowledge a submission before another
 /// delivery (a successor taking over gets unacknowledged submissions again after this).
 const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How often waiting claims are looked at again when nothing else happened.
+const RESERVE_WAITERS_EVERY: Duration = Duration::from_millis(100);
 /// How often the queue depth shown on `/metrics` is recounted.
 const FIGURES_EVERY: Duration = Duration::from_secs(1);
 /// When a write of an expiry or a requeue fails, it is tried again after this long.
@@ -199,6 +201,7 @@ impl Dispatcher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renew_at = tokio::time::Instant::now() + renew_every;
         let mut figures_at = tokio::time::Instant::now();
+        let mut waiters_at = tokio::time::Instant::now();
         tracing::info!(
             queued = self.state.queue.len(),
             unfinished = self.state.tasks.len(),
@@ -228,6 +231,12 @@ impl Dispatcher {
                     }
                     self.fire_timers().await;
                     self.expire_waiters().await;
+                    if tokio::time::Instant::now() >= waiters_at {
+                        // Waiting claims are also looked at again now and then: an agent the
+                        // view did not know yet, or one whose status changed.
+                        waiters_at = tokio::time::Instant::now() + RESERVE_WAITERS_EVERY;
+                        self.serve_waiters().await;
+                    }
                     if tokio::time::Instant::now() >= figures_at {
                         figures_at = tokio::time::Instant::now() + FIGURES_EVERY;
                         let queued = self.state.queue.depth();
@@ -543,7 +552,13 @@ impl Dispatcher {
     async fn take_for(&mut self, request: &ClaimRequest) -> Result<Vec<Value>, Refusal> {
         let agent_id = &request.agent_id;
         let Some(agent) = self.directory.get(agent_id) else {
-            return Err(Refusal::new(Code::AgentNotFound));
+            // Registered a moment ago, and the view has not caught up: nothing yet (a waiting
+            // claim is looked at again). Never registered: 404.
+            return if self.directory.is_known(agent_id).await? {
+                Ok(Vec::new())
+            } else {
+                Err(Refusal::new(Code::AgentNotFound))
+            };
         };
         let capabilities = self.claimable(&agent, request.capabilities.as_deref());
         let live = self.state.live.get(agent_id).copied().unwrap_or(0);

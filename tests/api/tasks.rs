@@ -258,6 +258,33 @@ async fn a_claim_for_a_capability_nobody_submitted_returns_an_empty_list_after_w
 }
 
 #[tokio::test]
+async fn an_agent_that_claims_right_after_registering_gets_a_waiting_task() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let id = submit_ok(&app, json!({"capability": "fresh"})).await;
+    let body = json!({
+        "agent_id": "newcomer",
+        "name": "Newcomer",
+        "base_url": "https://newcomer.example.com",
+        "capabilities": ["fresh"],
+    });
+    let (status, answer) = app
+        .post("/orchestrator/register", Some(&token("newcomer")), &body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let tasks = claim(&app, "newcomer", json!({"wait": "5s"})).await;
+    assert_eq!(tasks[0]["task_id"], id.as_str());
+    let (status, body) = app
+        .post(
+            "/orchestrator/tasks/claim",
+            Some(&token("never-registered")),
+            &json!({}),
+        )
+        .await;
+    assert_error(status, &body, 404, "AGENT_NOT_FOUND");
+}
+
+#[tokio::test]
 async fn an_agent_never_receives_a_task_for_a_capability_it_did_not_register() {
     let nats = NatsServer::start();
     let app = TestApp::spawn(&nats).await;
