@@ -1,6 +1,8 @@
 //! A small agent: registers, sends a heartbeat on an interval, emits an event, reports a task
-//! result, and stops cleanly on Ctrl-C. It talks to the NATS door by default, or to the HTTP
-//! door with `--http`. docs/nats.md, "Writing an agent", walks through it.
+//! result, then works: claims tasks of its capability (`example.echo`), reports `running` and
+//! echoes each task's input as its result, failing a share of them (`--fail-share`); it stops
+//! cleanly on Ctrl-C. It talks to the NATS door by default, or to the HTTP door with `--http`
+//! (where a claim long-polls). docs/nats.md, "Writing an agent", walks through it.
 //!
 //! ```sh
 //! export SHARED_SECRET=...            # the bridge's secret, to mint the token
@@ -45,7 +47,13 @@ struct Args {
     /// How long to wait for the door's answer to one call.
     #[arg(long, default_value = "5s")]
     answer_timeout: humantime::Duration,
+    /// Share of claimed tasks (0 to 1) to report as failed (retryable), to watch retries.
+    #[arg(long, default_value_t = 0.0)]
+    fail_share: f64,
 }
+
+/// The capability this agent registers and works on.
+const CAPABILITY: &str = "example.echo";
 
 /// One way to reach the bridge.
 enum Door {
@@ -62,12 +70,13 @@ enum Door {
     },
 }
 
-/// The four calls, named as the inbound subject and the HTTP path name them.
+/// The calls, named as the inbound subject and the HTTP path name them.
 enum Call<'a> {
     Register,
     Heartbeat,
     Event,
     TaskResult(&'a str),
+    Claim,
 }
 
 impl Door {
@@ -109,6 +118,7 @@ impl Door {
                     Call::Heartbeat => "acc.in.heartbeat".to_owned(),
                     Call::Event => "acc.in.event".to_owned(),
                     Call::TaskResult(task) => format!("acc.in.task_result.{task}"),
+                    Call::Claim => "acc.in.task_claim".to_owned(),
                 };
                 // Listen for the answer before asking.
                 let reply = client.new_inbox();
@@ -146,6 +156,7 @@ impl Door {
                     Call::Heartbeat => "/orchestrator/heartbeat".to_owned(),
                     Call::Event => "/orchestrator/events".to_owned(),
                     Call::TaskResult(task) => format!("/orchestrator/tasks/{task}/callback"),
+                    Call::Claim => "/orchestrator/tasks/claim".to_owned(),
                 };
                 let response = client
                     .post(format!("{}{path}", base.trim_end_matches('/')))
@@ -182,6 +193,29 @@ async fn send(door: &Door, what: &str, call: Call<'_>, body: Value) -> anyhow::R
     Ok(answer)
 }
 
+/// Claims what there is and works on it: `running`, then the input echoed back as the result,
+/// or (a `fail_share` of the time) a retryable failure. Returns how many tasks it took.
+async fn work(door: &Door, claim: &Value, fail_share: f64) -> anyhow::Result<usize> {
+    let (status, answer) = door.call(Call::Claim, claim).await?;
+    if status != 200 {
+        bail!("claim: {status} {}", answer["error"]);
+    }
+    let tasks = answer["tasks"].as_array().cloned().unwrap_or_default();
+    for task in &tasks {
+        let task_id = task["task_id"].as_str().context("a task without task_id")?;
+        tracing::info!(task_id, attempt = %task["attempt"], "working");
+        let running = json!({"status": "running"});
+        send(door, "running", Call::TaskResult(task_id), running).await?;
+        let report = if rand::random::<f64>() < fail_share {
+            json!({"status": "failed", "error": {"message": "told to fail", "retryable": true}})
+        } else {
+            json!({"status": "succeeded", "result": {"echo": task["input"]}})
+        };
+        send(door, "result", Call::TaskResult(task_id), report).await?;
+    }
+    Ok(tasks.len())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -213,7 +247,7 @@ async fn main() -> anyhow::Result<()> {
             "agent_id": agent,
             "name": format!("Example agent {agent}"),
             "base_url": "http://127.0.0.1:9000",
-            "capabilities": ["example.echo"],
+            "capabilities": [CAPABILITY],
         }),
     )
     .await?;
@@ -242,17 +276,36 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
 
-    // Heartbeats until Ctrl-C. A failed heartbeat is logged, not fatal: the next one may pass.
-    let mut every = tokio::time::interval(args.heartbeat_every.into());
+    // Heartbeats and work until Ctrl-C. A failed call is logged, not fatal: the next may pass.
+    // Heartbeats go between claims, so a long-polling claim is never cut short (a claim dropped
+    // midway may lease a task this agent never sees; its lease would run out).
+    let heartbeat_every: Duration = args.heartbeat_every.into();
+    let mut next_heartbeat = tokio::time::Instant::now();
+    // Over HTTP a claim waits for work; the NATS door answers a claim at once, so poll.
+    let wait = heartbeat_every.min(Duration::from_secs(10));
+    let claim = json!({"capabilities": [CAPABILITY], "wait": format!("{}ms", wait.as_millis())});
+    let idle = Duration::from_millis(if args.http.is_some() { 0 } else { 1_000 });
     loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = every.tick() => {
+        let round = async {
+            if tokio::time::Instant::now() >= next_heartbeat {
+                next_heartbeat = tokio::time::Instant::now() + heartbeat_every;
                 let body = json!({"agent_id": agent, "status": "online"});
                 if let Err(err) = send(&door, "heartbeat", Call::Heartbeat, body).await {
                     tracing::warn!(error = %err, "heartbeat failed");
                 }
             }
+            match work(&door, &claim, args.fail_share).await {
+                Ok(0) => tokio::time::sleep(idle).await,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "work failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            () = round => {}
         }
     }
     tracing::info!("stopping");

@@ -136,9 +136,7 @@ impl Admission {
         let profile = AgentProfile::parse(body)?;
         bind(caller, &agent_id)?;
         let now = now();
-        let msg_id = dedupe_id("reg", &agent_id, idempotency_key, || {
-            digest(&(&profile.name, &profile.base_url, &profile.capabilities))
-        })?;
+        let msg_id = dedupe_id("reg", &agent_id, idempotency_key, || digest(&profile))?;
         let registration = Registration {
             agent_id: agent_id.clone(),
             profile,
@@ -382,8 +380,8 @@ fn dedupe_id(
     }
 }
 
-/// A short, stable digest of some JSON-serializable content.
-fn digest<T: Serialize>(content: &T) -> String {
+/// A short, stable digest of some JSON-serializable content (dedupe ids, task conflicts).
+pub fn digest<T: Serialize>(content: &T) -> String {
     let bytes = serde_json::to_vec(content).expect("serializable");
     let hash = Sha256::digest(&bytes);
     hex::encode(&hash[..16])

@@ -167,7 +167,7 @@ impl Application {
 
         // Both doors read the agents view; one follower serves them.
         let directory = Directory::new(agents_stream, settings.publish_timeout);
-        if listener.is_some() || settings.runs(Role::Door) {
+        if listener.is_some() || settings.runs(Role::Door) || settings.runs(Role::Dispatcher) {
             tasks.spawn({
                 let (directory, client, stop) = (directory.clone(), client.clone(), stop.clone());
                 async move {
@@ -208,6 +208,22 @@ impl Application {
 
         // One bucket per agent for both doors: an agent cannot double its rate by using both.
         let agent_rate = Arc::new(settings.limits.agent_rate());
+        let task_figures = Arc::new(crate::metrics::tasks::TaskGauges::default());
+        if settings.runs(Role::Dispatcher) {
+            let (publisher, directory, tasks_settings, figures, stop) = (
+                publisher.clone(),
+                directory.clone(),
+                settings.tasks,
+                task_figures.clone(),
+                stop.clone(),
+            );
+            tasks.spawn(async move {
+                crate::tasks::dispatcher::run(publisher, directory, tasks_settings, figures, stop)
+                    .await
+                    .context("dispatcher")
+            });
+        }
+
         let runs_door = settings.runs(Role::Door);
         if runs_door {
             let inbound = js
@@ -216,11 +232,11 @@ impl Application {
                 .context("opening the inbound stream")?;
             let door = Door::new(
                 Admission::new(publisher.clone(), directory.clone()),
+                task_api(&js, &publisher, settings.publish_timeout).await?,
                 Verifier::new(&settings.auth),
                 publisher.clone(),
                 &settings.door,
                 agent_rate.clone(),
-                settings.body_limit,
                 door_tally.clone(),
             );
             let stop = stop.clone();
@@ -275,6 +291,7 @@ impl Application {
                 .get_key_value(subjects::ALERTING_BUCKET)
                 .await
                 .context("opening the alerting bucket")?;
+            let task_api = task_api(&js, &publisher, settings.publish_timeout).await?;
             let state = AppState::new(http::Inner {
                 admission: Admission::new(publisher.clone(), directory),
                 verifier: Verifier::new(&settings.auth),
@@ -301,6 +318,8 @@ impl Application {
                     stop: stop.clone(),
                 },
                 audit: Audit::new(publisher.clone()),
+                task_api,
+                task_figures,
             });
             let app = http::router(state);
             let stop = stop.clone();
@@ -330,6 +349,28 @@ impl Application {
         finish(tasks, &settings, client, embedded).await;
         Ok(())
     }
+}
+
+/// The task routes' side of a door (HTTP or NATS).
+async fn task_api(
+    js: &async_nats::jetstream::Context,
+    publisher: &Publisher,
+    timeout: std::time::Duration,
+) -> anyhow::Result<crate::tasks::Tasks> {
+    let submissions = js
+        .get_stream(subjects::SUBMISSIONS_STREAM)
+        .await
+        .context("opening the submissions stream")?;
+    let records = js
+        .get_key_value(subjects::TASKS_BUCKET)
+        .await
+        .context("opening the tasks bucket")?;
+    Ok(crate::tasks::Tasks::new(
+        publisher.clone(),
+        submissions,
+        records,
+        timeout,
+    ))
 }
 
 async fn finish(

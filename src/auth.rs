@@ -29,6 +29,16 @@ pub const ADMIN_SCOPE: &str = "orchestrator.admin";
 /// The scope that lets a caller subscribe to the event streams.
 pub const EVENTS_READ_SCOPE: &str = "orchestrator.events.read";
 
+/// The scope that lets a client submit tasks (`POST /orchestrator/tasks`).
+pub const SUBMIT_SCOPE: &str = "orchestrator.submit";
+
+/// The scope that lets an agent claim tasks and report on them.
+pub const TASK_SCOPE: &str = "orchestrator.task";
+
+/// What a token without a `scope` claim may do: the agent calls of Gate 1 (register,
+/// heartbeat, events) and taking tasks. Submitting tasks is not among them.
+pub const AGENT_SCOPES: &[&str] = &["orchestrator.register", TASK_SCOPE, "orchestrator.events"];
+
 /// The shared secret, wrapped so that it never prints.
 #[derive(Clone)]
 pub struct Secret(String);
@@ -125,6 +135,14 @@ impl Caller {
 
     pub fn is_admin(&self) -> bool {
         self.has_scope(ADMIN_SCOPE)
+    }
+
+    /// True when the caller may use a route that needs `scope`: it carries the scope, it is an
+    /// admin, or its token has no scope claim at all and `scope` is one of [`AGENT_SCOPES`].
+    pub fn allows(&self, scope: &str) -> bool {
+        self.is_admin()
+            || self.has_scope(scope)
+            || (self.scopes.is_empty() && AGENT_SCOPES.contains(&scope))
     }
 }
 

@@ -30,6 +30,7 @@ use crate::door::DoorSettings;
 use crate::http::limits::LimitSettings;
 use crate::metrics::MetricsSettings;
 use crate::streams::StreamsSettings;
+use crate::tasks::TaskSettings;
 use crate::telemetry::LogFormat;
 use crate::workers::registry::RegistrySettings;
 
@@ -107,6 +108,9 @@ pub enum Role {
     Metrics,
     /// The alerting worker: evaluates the alert rules, notifies routes (one replica acts).
     Alerting,
+    /// The task dispatcher: queues submitted tasks, leases them to claiming agents, expires
+    /// leases and retries (one replica acts).
+    Dispatcher,
 }
 
 /// A setting that failed validation. Displays as one line naming the environment variable (or
@@ -238,11 +242,12 @@ pub struct ServeArgs {
     )]
     pub http_addr: SocketAddr,
 
-    /// Comma-separated roles this process runs: ingress, registry, door, metrics, alerting.
+    /// Comma-separated roles this process runs: ingress, registry, door, metrics, alerting,
+    /// dispatcher.
     #[arg(
         long,
         env = "ROLES",
-        default_value = "ingress,registry,door,metrics,alerting",
+        default_value = "ingress,registry,door,metrics,alerting,dispatcher",
         value_parser = values::roles
     )]
     pub roles: CommaSeparated<Role>,
@@ -537,6 +542,16 @@ pub struct ServeArgs {
     )]
     pub max_token_lifetime: Duration,
 
+    /// Lifetime of the dispatcher lease: one replica dispatches tasks, and a successor takes
+    /// over within this long after it stops answering.
+    #[arg(
+        long,
+        env = "DISPATCHER_LEASE_TTL",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub dispatcher_lease_ttl: Duration,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -577,6 +592,8 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// The event streams.
     pub live: StreamsSettings,
+    /// The dispatcher role.
+    pub tasks: TaskSettings,
     /// Largest accepted request body.
     pub body_limit: usize,
     /// Longest wait for JetStream to acknowledge a write.
@@ -639,6 +656,12 @@ impl Settings {
                 "must be at least 300ms",
             ));
         }
+        if args.dispatcher_lease_ttl < Duration::from_millis(300) {
+            return Err(ConfigError::new(
+                "DISPATCHER_LEASE_TTL",
+                "must be at least 300ms",
+            ));
+        }
         Ok(Self {
             http_addr: args.http_addr,
             roles: args.roles.clone(),
@@ -667,6 +690,7 @@ impl Settings {
             door: DoorSettings {
                 reject_burst: args.door_reject_burst,
                 reject_interval: args.door_reject_interval,
+                body_limit: args.body_limit,
             },
             group_commit: GroupCommitSettings {
                 mode: args.group_commit,
@@ -703,6 +727,10 @@ impl Settings {
                 buffer: args.sse_buffer,
                 max_streams: args.sse_max_streams,
                 max_streams_per_caller: args.sse_max_streams_per_caller,
+            },
+            tasks: TaskSettings {
+                lease_ttl: args.dispatcher_lease_ttl,
+                write_timeout: args.publish_timeout,
             },
             body_limit: args.body_limit,
             publish_timeout: args.publish_timeout,

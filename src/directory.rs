@@ -60,6 +60,25 @@ impl Directory {
         list
     }
 
+    /// One agent's record, as the view holds it.
+    pub fn get(&self, agent: &AgentId) -> Option<AgentRecord> {
+        self.agents
+            .read()
+            .expect("not poisoned")
+            .get(agent)
+            .cloned()
+    }
+
+    /// True when some agent in the view satisfies `predicate` (the dispatcher asks whether an
+    /// online agent can take a capability).
+    pub fn any(&self, predicate: impl Fn(&AgentRecord) -> bool) -> bool {
+        self.agents
+            .read()
+            .expect("not poisoned")
+            .values()
+            .any(predicate)
+    }
+
     /// Agent counts by status, for `/health`.
     pub fn counts(&self) -> AgentCounts {
         AgentCounts::tally(self.agents.read().expect("not poisoned").values())

@@ -103,7 +103,17 @@ pub struct AgentProfile {
     pub name: String,
     pub base_url: String,
     pub capabilities: Vec<String>,
+    /// Most live task attempts the agent takes at once (`max_concurrent_tasks`, default 1).
+    #[serde(default = "one_task")]
+    pub max_concurrent_tasks: u32,
 }
+
+fn one_task() -> u32 {
+    1
+}
+
+/// The most `max_concurrent_tasks` a registration may ask for.
+pub const MAX_CONCURRENT_TASKS: u32 = 1024;
 
 const MAX_NAME_LEN: usize = 256;
 const MAX_CAPABILITIES: usize = 256;
@@ -154,10 +164,24 @@ impl AgentProfile {
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let max_concurrent_tasks = match body.get("max_concurrent_tasks") {
+            None | Some(Value::Null) => one_task(),
+            Some(value) => value
+                .as_u64()
+                .filter(|n| (1..=u64::from(MAX_CONCURRENT_TASKS)).contains(n))
+                .map(|n| n as u32)
+                .ok_or_else(|| {
+                    FieldError::new(
+                        "max_concurrent_tasks",
+                        format!("must be an integer from 1 to {MAX_CONCURRENT_TASKS}"),
+                    )
+                })?,
+        };
         Ok(Self {
             name,
             base_url,
             capabilities,
+            max_concurrent_tasks,
         })
     }
 }
@@ -415,6 +439,7 @@ mod tests {
                 name: id.into(),
                 base_url: "https://x.example".into(),
                 capabilities: vec![],
+                max_concurrent_tasks: 1,
             },
             registered_at: DateTime::UNIX_EPOCH,
             last_seen: DateTime::UNIX_EPOCH,

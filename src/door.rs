@@ -21,6 +21,12 @@
 //! (a 5xx over HTTP: the bus did not acknowledge) is not the caller's fault: the message is left
 //! to redelivery, and dead-lettered by the shared loop if it never succeeds.
 //!
+//! Tasks ride the same door: `acc.in.task_submit` and `acc.in.task_claim` carry the bodies of
+//! `POST /orchestrator/tasks` and `POST /orchestrator/tasks/claim`, and a result on
+//! `acc.in.task_result.<task_id>` for a task the orchestrator queued goes to the dispatcher, all
+//! through [`Tasks`] as over HTTP. A claim over the door is answered at once (its `wait` is not
+//! honoured: the door handles one message at a time).
+//!
 //! Every message is handled in a `door.admit` span.
 
 use std::future::Future;
@@ -42,6 +48,7 @@ use crate::auth::{Caller, Verifier};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
+use crate::tasks::Tasks;
 use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
 
 /// The caller key of messages whose token did not verify: they share one bucket.
@@ -56,6 +63,8 @@ pub struct DoorSettings {
     pub reject_burst: u32,
     /// One rejection is allowed again after this long.
     pub reject_interval: Duration,
+    /// Largest accepted message body (`BODY_LIMIT`, as over HTTP).
+    pub body_limit: usize,
 }
 
 /// The door's limit on rejections: one token bucket per caller (unauthenticated messages share
@@ -73,25 +82,27 @@ pub struct Door {
     /// The per-agent rate, shared with the HTTP door: valid messages count against it too.
     agent_rate: Arc<AgentRate>,
     tally: Arc<Tally>,
+    tasks: Tasks,
 }
 
 impl Door {
     pub fn new(
         admission: Admission,
+        tasks: Tasks,
         verifier: Verifier,
         publisher: Publisher,
         settings: &DoorSettings,
         agent_rate: Arc<AgentRate>,
-        body_limit: usize,
         tally: Arc<Tally>,
     ) -> Self {
         let client = publisher.client().clone();
         Self {
+            tasks,
             admission,
             verifier,
             publisher,
             client,
-            body_limit,
+            body_limit: settings.body_limit,
             limiter: Buckets::per_interval(settings.reject_interval, settings.reject_burst),
             agent_rate,
             tally,
@@ -185,6 +196,9 @@ impl Door {
         inbound_seq: u64,
     ) -> Result<Value, Refusal> {
         let headers = message.headers.as_ref();
+        if let Some(answer) = self.task_call(message, caller).await? {
+            return Ok(answer);
+        }
         let Some(call) = call_of(&message.subject) else {
             return Err(Refusal::new(Code::NotFound)
                 .with_message(format!("No route for {}", message.subject)));
@@ -211,6 +225,34 @@ impl Door {
             (_, None) => None,
         };
         self.admission.admit(call, caller, &body, key).await
+    }
+
+    /// The task calls: a submission, a claim (answered at once), or a result for a task the
+    /// orchestrator queued. `None` for every other message.
+    async fn task_call(
+        &self,
+        message: &Message,
+        caller: &Caller,
+    ) -> Result<Option<Value>, Refusal> {
+        let subject = message.subject.as_str();
+        let task_result = subject.strip_prefix(subjects::INBOUND_TASK_RESULT_PREFIX);
+        if subject != subjects::INBOUND_TASK_SUBMIT
+            && subject != subjects::INBOUND_TASK_CLAIM
+            && task_result.is_none()
+        {
+            return Ok(None);
+        }
+        let mut body = contract::json_object(&message.payload, self.body_limit)?;
+        match task_result {
+            Some(task_id) => self.tasks.callback(caller, task_id, &body).await,
+            None if subject == subjects::INBOUND_TASK_SUBMIT => {
+                self.tasks.submit(caller, &body).await.map(Some)
+            }
+            None => {
+                body.remove("wait");
+                self.tasks.claim(caller, &body).await.map(Some)
+            }
+        }
     }
 
     /// Stores the refused message on `acc.rejected.<code>` with the reason, counts it and

@@ -3,6 +3,8 @@
 //! JetStream before the agent gets its 200; workers consume the streams.
 //!
 //! Where a heartbeat goes: [`http`] → [`admission`] → [`bus`] → [`workers::registry`].
+//! Where a task goes: [`http`] → [`tasks`] (submission on the bus, then the acting
+//! [`tasks::dispatcher`] queues it and leases it to an agent's claim).
 //! Where a latency figure goes: [`stats`] → [`metrics`] (snapshot, fleet) → [`alerting`].
 //!
 //! [`cli`] sits on top: it reads the command line into [`cli::Settings`], made of the settings
@@ -21,9 +23,11 @@ pub mod directory;
 pub mod domain;
 pub mod door;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod stats;
 pub mod streams;
+pub mod tasks;
 pub mod telemetry;
 pub mod workers;
 

@@ -19,7 +19,7 @@
 //! deadline nothing is sent or stored ([`lease::Fence`]).
 
 pub mod engine;
-pub mod lease;
+pub use crate::lease;
 pub mod routes;
 pub mod rules;
 pub mod store;
@@ -97,6 +97,8 @@ pub async fn run(
     let notifier = Notifier::new(publisher.clone(), &settings);
     let mut lease = Lease::new(
         kv.clone(),
+        lease::KEY,
+        "alerting",
         crate::metrics::instance_id(),
         settings.lease_ttl,
     );

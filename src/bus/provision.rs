@@ -13,12 +13,13 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 
 use super::StreamSettings;
-use super::subjects::{self, AGENTS_BUCKET, ALERTING_BUCKET};
+use super::subjects::{self, AGENTS_BUCKET, ALERTING_BUCKET, TASKS_BUCKET};
 
 /// The streams the bridge owns.
 pub const STREAMS: &[&str] = &[
     subjects::AGENTS_STREAM,
     subjects::TASKS_STREAM,
+    subjects::SUBMISSIONS_STREAM,
     subjects::EVENTS_STREAM,
     subjects::DEAD_LETTER_STREAM,
     subjects::INBOUND_STREAM,
@@ -55,6 +56,13 @@ pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
     }
     if name == subjects::INBOUND_STREAM {
         config.duplicate_window = INBOUND_DUPLICATE_WINDOW;
+    }
+    if name == subjects::SUBMISSIONS_STREAM {
+        // One submission per task id for the life of the stream: a second message on the
+        // subject is refused (not stored over the first), so a task id is never reused; the
+        // duplicate window answers an identical retry as a duplicate before the limit applies.
+        config.max_messages_per_subject = 1;
+        config.discard_new_per_subject = true;
     }
     config
 }
@@ -111,6 +119,20 @@ pub fn alerting_bucket_config(settings: &StreamSettings) -> kv::Config {
     }
 }
 
+/// The dispatcher's bucket: one record per task and the dispatcher lease, written by the acting
+/// dispatcher only (compare-and-set on the revision).
+pub fn tasks_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: TASKS_BUCKET.to_owned(),
+        description: "task records and the dispatcher lease, written by the dispatcher".to_owned(),
+        history: 1,
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        max_bytes: settings.max_bytes,
+        ..Default::default()
+    }
+}
+
 /// Creates or updates every stream and bucket. Retries briefly when another replica races us.
 pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Result<()> {
     for name in STREAMS {
@@ -124,22 +146,22 @@ pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Resul
         .await
         .with_context(|| format!("creating or updating stream {name}"))?;
     }
-    retry(|| async {
-        js.create_or_update_key_value(agents_bucket_config(settings))
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from)
-    })
-    .await
-    .with_context(|| format!("creating or updating KV bucket {AGENTS_BUCKET}"))?;
-    retry(|| async {
-        js.create_or_update_key_value(alerting_bucket_config(settings))
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from)
-    })
-    .await
-    .with_context(|| format!("creating or updating KV bucket {ALERTING_BUCKET}"))?;
+    let buckets = [
+        agents_bucket_config(settings),
+        alerting_bucket_config(settings),
+        tasks_bucket_config(settings),
+    ];
+    for config in buckets {
+        let name = config.bucket.clone();
+        retry(|| async {
+            js.create_or_update_key_value(config.clone())
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        })
+        .await
+        .with_context(|| format!("creating or updating KV bucket {name}"))?;
+    }
     Ok(())
 }
 
@@ -150,7 +172,9 @@ pub async fn present(js: &Context) -> bool {
             return false;
         }
     }
-    js.get_key_value(AGENTS_BUCKET).await.is_ok() && js.get_key_value(ALERTING_BUCKET).await.is_ok()
+    js.get_key_value(AGENTS_BUCKET).await.is_ok()
+        && js.get_key_value(ALERTING_BUCKET).await.is_ok()
+        && js.get_key_value(TASKS_BUCKET).await.is_ok()
 }
 
 async fn retry<F, Fut>(mut attempt: F) -> anyhow::Result<()>

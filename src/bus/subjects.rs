@@ -7,6 +7,9 @@ use crate::domain::{AgentId, TaskId};
 pub const AGENTS_STREAM: &str = "ACC_AGENTS";
 /// Stream of task results; the last message per task subject is the task's current state.
 pub const TASKS_STREAM: &str = "ACC_TASKS";
+/// Stream of task submissions: one message per task id for the life of the stream (at most one
+/// message per subject, further ones refused), so the task id is the dedupe key.
+pub const SUBMISSIONS_STREAM: &str = "ACC_TASK_SUBMISSIONS";
 /// Stream of agent events.
 pub const EVENTS_STREAM: &str = "ACC_EVENTS";
 /// Stream of messages a worker gave up on, with the reason in headers.
@@ -28,6 +31,14 @@ pub const AGENTS_BUCKET: &str = "acc_agents";
 /// KV bucket of the alerting worker: its lease, alert states, acknowledgements and silences.
 pub const ALERTING_BUCKET: &str = "acc_alerting";
 
+/// KV bucket of the task dispatcher: one task record per task (written only
+/// by the acting dispatcher, compare-and-set on the revision) and its lease.
+pub const TASKS_BUCKET: &str = "acc_tasks";
+/// The dispatcher's lease key in [`TASKS_BUCKET`] (a `.` keeps it apart from every task id).
+pub const DISPATCHER_LEASE_KEY: &str = "lease.dispatcher";
+
+/// Durable consumer of the dispatcher on [`SUBMISSIONS_STREAM`].
+pub const DISPATCHER_CONSUMER: &str = "dispatcher";
 /// Durable consumer of the registry worker on [`AGENTS_STREAM`].
 pub const REGISTRY_CONSUMER: &str = "registry";
 /// Durable consumer of the NATS door on [`INBOUND_STREAM`].
@@ -38,6 +49,10 @@ pub const HEARTBEATS: &str = "acc.agents.heartbeat.*";
 pub const STATUS_CHANGES: &str = "acc.agents.status.*";
 pub const TASK_RESULTS: &str = "acc.tasks.result.*";
 pub const EVENTS: &str = "acc.events.*";
+/// `acc.tasks.submitted.<task_id>`: a submitted task, stored before its 202.
+pub const TASK_SUBMISSIONS: &str = "acc.tasks.submitted.*";
+/// `acc.tasks.replayed.<task_id>`: who replayed a dead-lettered task, and when.
+pub const TASK_REPLAYS: &str = "acc.tasks.replayed.*";
 pub const DEAD_LETTERS: &str = "acc.dead_letter.>";
 /// `acc.metrics.snapshot.<instance>`: one ingress replica's window snapshot.
 pub const METRIC_SNAPSHOTS: &str = "acc.metrics.snapshot.*";
@@ -57,11 +72,24 @@ pub const INBOUND_REGISTER: &str = "acc.in.register";
 pub const INBOUND_HEARTBEAT: &str = "acc.in.heartbeat";
 pub const INBOUND_TASK_RESULTS: &str = "acc.in.task_result.*";
 pub const INBOUND_EVENT: &str = "acc.in.event";
+/// A task submission over NATS (the body of `POST /orchestrator/tasks`).
+pub const INBOUND_TASK_SUBMIT: &str = "acc.in.task_submit";
+/// A claim over NATS (the body of `POST /orchestrator/tasks/claim`; answered at once).
+pub const INBOUND_TASK_CLAIM: &str = "acc.in.task_claim";
 /// Every inbound subject: what agent NATS users may publish on.
 pub const INBOUND_ALL: &str = "acc.in.>";
 /// Prefix of `acc.in.task_result.<task_id>`.
 pub const INBOUND_TASK_RESULT_PREFIX: &str = "acc.in.task_result.";
 pub const REJECTIONS: &str = "acc.rejected.*";
+
+/// Requests to the acting dispatcher (core NATS request/reply, not stored): the ingress asks,
+/// the dispatcher answers on the request's reply inbox.
+pub const DISPATCH_CLAIM: &str = "acc.dispatch.claim";
+pub const DISPATCH_CALLBACK: &str = "acc.dispatch.callback";
+pub const DISPATCH_CANCEL: &str = "acc.dispatch.cancel";
+pub const DISPATCH_REPLAY: &str = "acc.dispatch.replay";
+/// Every dispatcher request subject: what the acting dispatcher subscribes to.
+pub const DISPATCH_ALL: &str = "acc.dispatch.*";
 
 /// Root of the reply namespaces: agent `X` receives the door's answers (and its own JetStream
 /// acknowledgements, as its inbox prefix) under `acc.reply.X.>`, and nothing else.
@@ -104,6 +132,14 @@ pub fn status_change(agent: &AgentId) -> String {
 
 pub fn task_result(task: &TaskId) -> String {
     format!("acc.tasks.result.{task}")
+}
+
+pub fn task_submission(task: &TaskId) -> String {
+    format!("acc.tasks.submitted.{task}")
+}
+
+pub fn task_replay(task: &TaskId) -> String {
+    format!("acc.tasks.replayed.{task}")
 }
 
 pub fn event(agent: &AgentId) -> String {
@@ -166,6 +202,16 @@ pub const CATALOG: &[SubjectSpec] = &[
         schema: Some("task_result.json"),
     },
     SubjectSpec {
+        subject: TASK_SUBMISSIONS,
+        stream: SUBMISSIONS_STREAM,
+        schema: Some("task_submission.json"),
+    },
+    SubjectSpec {
+        subject: TASK_REPLAYS,
+        stream: TASKS_STREAM,
+        schema: Some("task_replay.json"),
+    },
+    SubjectSpec {
         subject: EVENTS,
         stream: EVENTS_STREAM,
         schema: Some("event.json"),
@@ -192,6 +238,16 @@ pub const CATALOG: &[SubjectSpec] = &[
     },
     SubjectSpec {
         subject: INBOUND_EVENT,
+        stream: INBOUND_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: INBOUND_TASK_SUBMIT,
+        stream: INBOUND_STREAM,
+        schema: None,
+    },
+    SubjectSpec {
+        subject: INBOUND_TASK_CLAIM,
         stream: INBOUND_STREAM,
         schema: None,
     },
@@ -224,6 +280,34 @@ pub const CATALOG: &[SubjectSpec] = &[
         subject: AUDIT_CREDENTIAL,
         stream: AUDIT_STREAM,
         schema: Some("audit_entry.json"),
+    },
+];
+
+/// One request subject of the dispatcher, with the JSON Schema of the request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestSpec {
+    pub subject: &'static str,
+    /// File name under `subjects/schemas/`.
+    pub schema: &'static str,
+}
+
+/// Every request subject (core NATS, not stored), listed under `requests` in the catalog file.
+pub const REQUESTS: &[RequestSpec] = &[
+    RequestSpec {
+        subject: DISPATCH_CLAIM,
+        schema: "dispatch_claim.json",
+    },
+    RequestSpec {
+        subject: DISPATCH_CALLBACK,
+        schema: "dispatch_callback.json",
+    },
+    RequestSpec {
+        subject: DISPATCH_CANCEL,
+        schema: "dispatch_cancel.json",
+    },
+    RequestSpec {
+        subject: DISPATCH_REPLAY,
+        schema: "dispatch_replay.json",
     },
 ];
 

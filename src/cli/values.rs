@@ -112,7 +112,7 @@ pub fn roles(raw: &str) -> Result<Vec<Role>, String> {
     for name in entries(raw) {
         let role = Role::from_str(name, true).map_err(|_| {
             format!(
-                "unknown role {name:?}; known roles: ingress, registry, door, metrics, alerting"
+                "unknown role {name:?}; known roles: ingress, registry, door, metrics, alerting, dispatcher"
             )
         })?;
         push_once(&mut roles, role);

@@ -64,6 +64,14 @@ codes! {
     AgentNotFound = ("AGENT_NOT_FOUND", 404, "Agent not registered"),
     /// No result stored for the task.
     TaskNotFound = ("TASK_NOT_FOUND", 404, "No result stored for this task"),
+    /// A task id already submitted with another body.
+    TaskIdConflict = ("TASK_ID_CONFLICT", 409, "A task with this id was submitted with another body"),
+    /// A callback from an agent that does not hold the task's live attempt; nothing stored.
+    StaleAttempt = ("STALE_ATTEMPT", 409, "This agent does not hold the task's live attempt"),
+    /// The task already reached a terminal state.
+    TaskFinished = ("TASK_FINISHED", 409, "The task has already finished"),
+    /// A replay of a task that is not dead-lettered.
+    TaskNotDeadLettered = ("TASK_NOT_DEAD_LETTERED", 409, "Only a dead-lettered task can be replayed"),
     /// No alert with the id.
     AlertNotFound = ("ALERT_NOT_FOUND", 404, "No alert with this id"),
     /// No silence with the id.
@@ -103,6 +111,11 @@ impl Code {
                 | Code::UnsupportedMediaType
                 | Code::Overloaded
         )
+    }
+
+    /// The code of a wire name (`"STALE_ATTEMPT"`), as a refusal relayed over the bus carries it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|code| code.as_str() == name)
     }
 
     /// True for failures on our side (5xx): the client did nothing wrong.

@@ -38,7 +38,8 @@ pub fn router() -> Router<AppState> {
         .route(routes::SILENCE_EXPIRE.path, delete(expire_silence))
 }
 
-fn admin(caller: &Caller) -> Result<(), Refusal> {
+/// 403 `INSUFFICIENT_SCOPE` unless the caller is an admin.
+pub(super) fn admin(caller: &Caller) -> Result<(), Refusal> {
     if caller.is_admin() {
         Ok(())
     } else {

@@ -17,6 +17,12 @@ pub fn router() -> Router<AppState> {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let fleet = state.fleet.latest();
-    let text = prometheus::render(&state.stats, fleet.as_deref(), process::read());
+    let tasks = state.task_figures.latest();
+    let text = prometheus::render(
+        &state.stats,
+        fleet.as_deref(),
+        tasks.as_ref(),
+        process::read(),
+    );
     ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text)
 }

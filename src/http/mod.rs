@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod orchestrator;
 pub mod routes;
 pub mod streams;
+pub mod tasks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +61,10 @@ pub struct Inner {
     pub live: streams::Live,
     /// The audit trail, for admin writes and refused credentials.
     pub audit: crate::audit::Audit,
+    /// The task routes: submissions, reads, and requests to the acting dispatcher.
+    pub task_api: crate::tasks::Tasks,
+    /// This process's dispatcher figures, for `/metrics`.
+    pub task_figures: Arc<crate::metrics::tasks::TaskGauges>,
 }
 
 impl std::ops::Deref for AppState {
@@ -78,6 +83,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(orchestrator::router())
+        .merge(tasks::router())
         .merge(health::router())
         .merge(metrics::router())
         .merge(admin::router())

@@ -1,5 +1,6 @@
 //! `/orchestrator/*`: the agent calls (register, heartbeat, task callback, event), the task
-//! status read, and the admin agent list. Handlers are thin: extract, then admission does the
+//! status read, and the admin agent list. The callback and the status read of a task the
+//! orchestrator queued go to [`crate::tasks`]; those of any other task id stay Gate 1's. Handlers are thin: extract, then admission does the
 //! work and shapes the answer, the same for every door.
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
@@ -58,6 +59,10 @@ async fn task_callback(
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, Refusal> {
     let Path(task_id) = task_id.map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
+    // A task the orchestrator queued goes to the dispatcher; any other keeps Gate 1's path.
+    if let Some(answer) = state.task_api.callback(&caller, &task_id, &body).await? {
+        return Ok(Json(with_trace_id(answer)));
+    }
     let key = idempotency_key(&headers);
     let call = Call::TaskResult { task_id: &task_id };
     Ok(Json(
@@ -83,6 +88,11 @@ async fn task_status(
     let Path(task_id) = task_id.map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
     let task_id =
         TaskId::parse(&task_id).map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
+    if let Some(record) = state.task_api.find(&task_id).await? {
+        return Ok(Json(with_trace_id(
+            state.task_api.view(&caller, &record).await?,
+        )));
+    }
     let subject = subjects::task_result(&task_id);
     let lookup = state.tasks.get_last_raw_message_by_subject(&subject);
     let message = match tokio::time::timeout(state.lookup_timeout, lookup).await {

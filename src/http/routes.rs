@@ -45,6 +45,12 @@ pub const TASK_STATUS: Route = route(
     "/orchestrator/tasks/{task_id}",
     Some(Endpoint::TaskStatus),
 );
+pub const TASK_SUBMIT: Route = route(Method::POST, "/orchestrator/tasks", None);
+pub const TASK_LIST: Route = route(Method::GET, "/orchestrator/tasks", None);
+pub const TASK_CLAIM: Route = route(Method::POST, "/orchestrator/tasks/claim", None);
+pub const TASK_CANCEL: Route = route(Method::POST, "/orchestrator/tasks/{task_id}/cancel", None);
+pub const DLQ: Route = route(Method::GET, "/orchestrator/dlq", None);
+pub const DLQ_REPLAY: Route = route(Method::POST, "/orchestrator/dlq/{task_id}/replay", None);
 pub const EVENTS: Route = route(Method::POST, "/orchestrator/events", Some(Endpoint::Events));
 pub const AGENTS: Route = route(Method::GET, "/orchestrator/agents", Some(Endpoint::Agents));
 pub const EVENTS_STREAM: Route = route(Method::GET, "/orchestrator/events/stream", None);
@@ -63,11 +69,17 @@ pub const SILENCE_CREATE: Route = route(Method::POST, "/orchestrator/silences", 
 pub const SILENCE_EXPIRE: Route = route(Method::DELETE, "/orchestrator/silences/{id}", None);
 
 /// Every route, for lookups.
-pub static ALL: [Route; 20] = [
+pub static ALL: [Route; 26] = [
     REGISTER,
     HEARTBEAT,
     TASK_CALLBACK,
     TASK_STATUS,
+    TASK_SUBMIT,
+    TASK_LIST,
+    TASK_CLAIM,
+    TASK_CANCEL,
+    DLQ,
+    DLQ_REPLAY,
     EVENTS,
     EVENTS_STREAM,
     AGENTS_STREAM,

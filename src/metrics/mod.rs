@@ -6,11 +6,13 @@
 //!   publishes the fleet snapshot.
 //! - [`FleetView`]: the latest fleet snapshot as seen by an ingress (for `/metrics`, `/health`).
 //! - [`prometheus`], [`process`]: the `/metrics` text and the process figures.
+//! - [`tasks`]: the acting dispatcher's task figures.
 //! - [`MetricsSettings`]: how often snapshots are taken, over which window.
 
 pub mod process;
 pub mod prometheus;
 pub mod snapshot;
+pub mod tasks;
 pub mod worker;
 
 use std::sync::{Arc, RwLock};

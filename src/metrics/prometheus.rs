@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 
 use super::process::ProcessFigures;
 use super::snapshot::FleetSnapshot;
+use super::tasks::{OUTCOMES, TaskFigures};
 use crate::stats::{BUCKETS_MICROS, CLASSES, Endpoint, Stats};
 
 /// The content type Prometheus expects.
@@ -37,6 +38,10 @@ pub const FAMILIES: &[&str] = &[
     "acc_consumer_redelivered",
     "acc_agents",
     "acc_agents_offline_oldest_last_seen_timestamp_seconds",
+    "acc_tasks_queued",
+    "acc_tasks_dead_lettered",
+    "acc_task_attempts_total",
+    "acc_task_leases_expired_total",
     "process_resident_memory_bytes",
     "process_virtual_memory_bytes",
     "process_cpu_seconds_total",
@@ -62,12 +67,16 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 pub fn render(
     stats: &Stats,
     fleet: Option<&FleetSnapshot>,
+    tasks: Option<&TaskFigures>,
     process: Option<ProcessFigures>,
 ) -> String {
     let mut out = String::with_capacity(16 * 1024);
     render_ingress(&mut out, stats);
     if let Some(fleet) = fleet {
         render_fleet(&mut out, fleet);
+    }
+    if let Some(tasks) = tasks {
+        render_tasks(&mut out, tasks);
     }
     if let Some(process) = process {
         render_process(&mut out, &process);
@@ -334,6 +343,53 @@ fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
     }
 }
 
+/// The acting dispatcher's figures.
+fn render_tasks(out: &mut String, tasks: &TaskFigures) {
+    header(
+        out,
+        "acc_tasks_queued",
+        "gauge",
+        "Tasks waiting for an agent, by capability and priority.",
+    );
+    for ((capability, priority), count) in &tasks.queued {
+        let _ = writeln!(
+            out,
+            "acc_tasks_queued{{capability=\"{}\",priority=\"{priority}\"}} {count}",
+            escape(capability)
+        );
+    }
+    header(
+        out,
+        "acc_tasks_dead_lettered",
+        "gauge",
+        "Tasks in the dead-letter queue.",
+    );
+    let _ = writeln!(out, "acc_tasks_dead_lettered {}", tasks.dead_lettered);
+    header(
+        out,
+        "acc_task_attempts_total",
+        "counter",
+        "Task attempts ended while this replica dispatched, by outcome.",
+    );
+    for (outcome, count) in OUTCOMES.iter().zip(tasks.attempts) {
+        let _ = writeln!(
+            out,
+            "acc_task_attempts_total{{outcome=\"{outcome}\"}} {count}"
+        );
+    }
+    header(
+        out,
+        "acc_task_leases_expired_total",
+        "counter",
+        "Attempt leases that ran out without a callback while this replica dispatched.",
+    );
+    let _ = writeln!(
+        out,
+        "acc_task_leases_expired_total {}",
+        tasks.leases_expired
+    );
+}
+
 fn render_process(out: &mut String, process: &ProcessFigures) {
     header(
         out,
@@ -420,7 +476,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        let text = render(&Stats::new(), Some(&fleet), None);
+        let text = render(&Stats::new(), Some(&fleet), None, None);
         assert!(!text.contains("agent_id"), "{text}");
         assert!(!text.contains("secret-agent-7"), "{text}");
         assert!(

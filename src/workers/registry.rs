@@ -480,6 +480,7 @@ mod tests {
                 name: "A".into(),
                 base_url: "https://a.example".into(),
                 capabilities: vec![],
+                max_concurrent_tasks: 1,
             },
             origin: RegistrationOrigin::Agent,
             received_at: DateTime::from_timestamp(at, 0).unwrap(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy, StorageType};
 use auto_com_center::bus::provision::{self, STREAMS};
-use auto_com_center::bus::subjects::CATALOG;
+use auto_com_center::bus::subjects::{CATALOG, REQUESTS};
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -56,12 +56,34 @@ fn the_catalog_file_lists_exactly_the_subjects_in_code() {
 }
 
 #[test]
+fn the_catalog_file_lists_exactly_the_request_subjects_in_code() {
+    let file: BTreeSet<(String, String)> = catalog()["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["subject"].as_str().unwrap().to_owned(),
+                row["schema"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let code: BTreeSet<(String, String)> = REQUESTS
+        .iter()
+        .map(|spec| (spec.subject.to_owned(), spec.schema.to_owned()))
+        .collect();
+    assert_eq!(file, code);
+}
+
+#[test]
 fn every_schema_compiles() {
     let mut files: Vec<String> = CATALOG
         .iter()
         .filter_map(|spec| spec.schema.map(str::to_owned))
+        .chain(REQUESTS.iter().map(|spec| spec.schema.to_owned()))
         .collect();
     files.push("agent_record.json".into());
+    files.push("task_record.json".into());
     for file in files {
         let schema = load_schema(&file);
         jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{file}: {e}"));

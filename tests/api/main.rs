@@ -22,4 +22,5 @@ mod metrics;
 mod properties;
 mod registry;
 mod streams;
+mod tasks;
 mod traces;

@@ -1,5 +1,6 @@
-//! Only one alerting replica acts at a time: the holder of the `lease` key in the alerting
-//! bucket. The holder renews it (compare-and-set on the key's revision) well within its TTL;
+//! Single-writer roles: only one replica of a role acts at a time, the holder of the role's
+//! lease key in a KV bucket (the alerting worker: `lease` in `acc_alerting`; the task
+//! dispatcher: `lease.dispatcher` in `acc_tasks`). The holder renews it (compare-and-set on the key's revision) well within its TTL;
 //! another replica takes it once it has expired, also by compare-and-set, so two replicas
 //! racing for it cannot both win. A replica stopping gracefully releases it at once.
 //!
@@ -18,7 +19,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// The key of the lease in the alerting bucket.
+/// The key of the alerting worker's lease in the alerting bucket.
 pub const KEY: &str = "lease";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +56,10 @@ impl Fence {
 /// This replica's view of the lease.
 pub struct Lease {
     kv: Store,
+    /// The key the lease lives under.
+    key: &'static str,
+    /// The role it elects, for the log (`alerting`, `dispatcher`).
+    role: &'static str,
     holder: String,
     ttl: Duration,
     held: bool,
@@ -62,9 +67,18 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn new(kv: Store, holder: String, ttl: Duration) -> Self {
+    /// The lease of `role` under `key` in `kv`, as seen by `holder`.
+    pub fn new(
+        kv: Store,
+        key: &'static str,
+        role: &'static str,
+        holder: String,
+        ttl: Duration,
+    ) -> Self {
         Self {
             kv,
+            key,
+            role,
             holder,
             ttl,
             held: false,
@@ -80,14 +94,14 @@ impl Lease {
     pub async fn acquire(&mut self) -> bool {
         let started = tokio::time::Instant::now();
         let held = self.try_acquire().await.unwrap_or_else(|err| {
-            tracing::warn!(error = %err, "alerting lease: cannot reach the bucket");
+            tracing::warn!(role = self.role, error = %err, "lease: cannot reach the bucket");
             false
         });
         if held != self.held {
             if held {
-                tracing::info!(holder = %self.holder, "alerting lease taken: this replica acts");
+                tracing::info!(role = self.role, holder = %self.holder, "lease taken: this replica acts");
             } else {
-                tracing::info!(holder = %self.holder, "alerting lease lost: this replica stands by");
+                tracing::info!(role = self.role, holder = %self.holder, "lease lost: this replica stands by");
             }
         }
         self.held = held;
@@ -112,19 +126,23 @@ impl Lease {
             expires_at: now + chrono::Duration::from_std(self.ttl).unwrap_or_default(),
         };
         let value = Bytes::from(serde_json::to_vec(&record)?);
-        let entry = self.kv.entry(KEY).await?;
+        let entry = self.kv.entry(self.key).await?;
         let current = entry
             .as_ref()
             .filter(|e| e.operation == Operation::Put)
             .and_then(|e| serde_json::from_slice::<LeaseRecord>(&e.value).ok());
         match (entry, current) {
-            (None, _) => Ok(self.kv.create(KEY, value).await.is_ok()),
+            (None, _) => Ok(self.kv.create(self.key, value).await.is_ok()),
             (Some(_), Some(current))
                 if current.holder != self.holder && current.expires_at > now =>
             {
                 Ok(false)
             }
-            (Some(entry), _) => Ok(self.kv.update(KEY, value, entry.revision).await.is_ok()),
+            (Some(entry), _) => Ok(self
+                .kv
+                .update(self.key, value, entry.revision)
+                .await
+                .is_ok()),
         }
     }
 
@@ -135,7 +153,7 @@ impl Lease {
         }
         self.held = false;
         self.fence.lost();
-        let Ok(Some(entry)) = self.kv.entry(KEY).await else {
+        let Ok(Some(entry)) = self.kv.entry(self.key).await else {
             return;
         };
         let ours = serde_json::from_slice::<LeaseRecord>(&entry.value)
@@ -146,7 +164,7 @@ impl Lease {
                 expires_at: Utc::now(),
             };
             if let Ok(value) = serde_json::to_vec(&released) {
-                let _ = self.kv.update(KEY, value.into(), entry.revision).await;
+                let _ = self.kv.update(self.key, value.into(), entry.revision).await;
             }
         }
     }

@@ -1,0 +1,869 @@
+//! The dispatcher role: one acting replica at a time (the [`Lease`] `lease.dispatcher` in the
+//! `acc_tasks` bucket) owns every task that is not finished.
+//!
+//! While acting it
+//! - takes submissions in from `ACC_TASK_SUBMISSIONS` (durable consumer `dispatcher`): a
+//!   record is created in `acc_tasks` (create-only, so a redelivery changes nothing) and the
+//!   task is queued; the message is acknowledged only after that write;
+//! - answers the ingress's requests on `acc.dispatch.*` (claim, callback, cancel, replay); a
+//!   claim with nothing to take waits, up to its `wait`, for a task to arrive;
+//! - expires leases and ends backoffs on a short tick.
+//!
+//! Every change is computed on a copy of the record, written with compare-and-set on the
+//! revision it read, and only then applied in memory and answered: what an agent is told is
+//! stored. What is in memory (the records of unfinished tasks, the [`TaskQueue`], live attempts
+//! per agent, the timers) is rebuilt from the bucket whenever a replica takes the lease, so a
+//! successor resumes without losing a task or giving one twice. Past the lease's local
+//! deadline nothing is written ([`Lease::acting`]).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{self, PullConsumer};
+use async_nats::jetstream::kv::{Operation, Store};
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::{Client, Subject};
+use bytes::Bytes;
+use chrono::{DateTime, SubsecRound as _, Utc};
+use futures::{StreamExt as _, TryStreamExt as _};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::TaskSettings;
+use super::queue::{TaskQueue, Waiting};
+use super::record::{Outcome, Submission, TaskRecord, TaskStatus};
+use super::wire::{Answer, CallbackRequest, CancelRequest, ClaimRequest, ReplayRequest, Report};
+use crate::bus::{Publisher, subjects};
+use crate::contract::{Code, Refusal};
+use crate::directory::Directory;
+use crate::domain::{AgentId, AgentRecord, AgentStatus, TaskId};
+use crate::lease::Lease;
+use crate::metrics::tasks::{OUTCOMES, TaskGauges};
+
+/// How often leases, backoffs and waiting claims are looked at.
+const TICK: Duration = Duration::from_millis(20);
+/// How long the server waits for the dispatcher to acknowledge a submission before another
+/// delivery (a successor taking over gets unacknowledged submissions again after this).
+const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How often waiting claims are looked at again when nothing else happened.
+const RESERVE_WAITERS_EVERY: Duration = Duration::from_millis(100);
+/// How often the queue depth shown on `/metrics` is recounted.
+const FIGURES_EVERY: Duration = Duration::from_secs(1);
+/// When a write of an expiry or a requeue fails, it is tried again after this long.
+const RETRY_WRITE_AFTER: chrono::Duration = chrono::Duration::milliseconds(500);
+
+/// Runs the dispatcher role until `stop`.
+pub async fn run(
+    publisher: Publisher,
+    directory: Directory,
+    settings: TaskSettings,
+    figures: Arc<TaskGauges>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let js = publisher.jetstream().clone();
+    let kv = js
+        .get_key_value(subjects::TASKS_BUCKET)
+        .await
+        .context("opening the tasks bucket")?;
+    let submissions = js
+        .get_stream(subjects::SUBMISSIONS_STREAM)
+        .await
+        .context("opening the submissions stream")?;
+    let consumer: PullConsumer = submissions
+        .get_or_create_consumer(
+            subjects::DISPATCHER_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(subjects::DISPATCHER_CONSUMER.to_owned()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: SUBMISSION_ACK_WAIT,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("creating the dispatcher consumer")?;
+    let lease = Lease::new(
+        kv.clone(),
+        subjects::DISPATCHER_LEASE_KEY,
+        "dispatcher",
+        crate::metrics::instance_id(),
+        settings.lease_ttl,
+    );
+    let mut dispatcher = Dispatcher {
+        kv,
+        submissions,
+        directory,
+        client: publisher.client().clone(),
+        publisher,
+        lease,
+        write_timeout: settings.write_timeout,
+        state: State::default(),
+        figures,
+    };
+    let renew_every = settings.lease_ttl / 3;
+    loop {
+        // Standing by: try for the lease every third of its TTL.
+        loop {
+            if dispatcher.lease.acquire().await {
+                break;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep(renew_every) => {}
+            }
+        }
+        if let Err(err) = dispatcher.rebuild().await {
+            tracing::warn!(error = %err, "dispatcher: cannot rebuild from the bucket; retrying");
+            tokio::time::sleep(renew_every).await;
+            continue;
+        }
+        let acting = dispatcher
+            .act(&consumer, renew_every, &stop)
+            .await
+            .context("dispatcher");
+        match acting {
+            Ok(Stopped::Stop) => {
+                dispatcher.lease.release().await;
+                return Ok(());
+            }
+            Ok(Stopped::LeaseLost) => {}
+            Err(err) => {
+                tracing::warn!(error = ?err, "dispatcher interrupted; standing by");
+                tokio::time::sleep(renew_every).await;
+            }
+        }
+        dispatcher.stand_down();
+    }
+}
+
+enum Stopped {
+    Stop,
+    LeaseLost,
+}
+
+/// A record and the bucket revision it was read at.
+#[derive(Debug, Clone)]
+struct Held {
+    record: TaskRecord,
+    revision: u64,
+}
+
+/// A claim waiting for a task.
+struct Waiter {
+    reply: Subject,
+    request: ClaimRequest,
+    deadline: tokio::time::Instant,
+}
+
+/// What the acting dispatcher holds in memory, all of it rebuilt on takeover.
+#[derive(Default)]
+struct State {
+    /// Every unfinished task.
+    tasks: HashMap<TaskId, Held>,
+    queue: TaskQueue,
+    /// Live attempts per agent.
+    live: HashMap<AgentId, u32>,
+    /// Lease expiries and backoff ends; an entry whose task moved on is skipped when due.
+    timers: BinaryHeap<Reverse<(DateTime<Utc>, TaskId)>>,
+    waiters: Vec<Waiter>,
+}
+
+struct Dispatcher {
+    kv: Store,
+    submissions: Stream,
+    directory: Directory,
+    client: Client,
+    publisher: Publisher,
+    lease: Lease,
+    write_timeout: Duration,
+    state: State,
+    /// What `/metrics` shows while this replica acts.
+    figures: Arc<TaskGauges>,
+}
+
+impl Dispatcher {
+    /// Serves until `stop` or until the lease is lost.
+    async fn act(
+        &mut self,
+        consumer: &PullConsumer,
+        renew_every: Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Stopped> {
+        let mut requests = self
+            .client
+            .subscribe(subjects::DISPATCH_ALL)
+            .await
+            .context("subscribing to dispatcher requests")?;
+        let mut incoming = consumer.messages().await.context("following submissions")?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew_at = tokio::time::Instant::now() + renew_every;
+        let mut figures_at = tokio::time::Instant::now();
+        let mut waiters_at = tokio::time::Instant::now();
+        tracing::info!(
+            queued = self.state.queue.len(),
+            unfinished = self.state.tasks.len(),
+            "dispatcher acting"
+        );
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    let _ = requests.unsubscribe().await;
+                    self.answer_waiters_unavailable().await;
+                    return Ok(Stopped::Stop);
+                }
+                Some(message) = requests.next() => self.handle(message).await,
+                next = incoming.next() => match next {
+                    Some(Ok(message)) => self.take_in(message).await,
+                    Some(Err(err)) => tracing::debug!(error = %err, "submissions: pull interrupted"),
+                    None => anyhow::bail!("the submissions consumer ended"),
+                },
+                _ = tick.tick() => {
+                    if tokio::time::Instant::now() >= renew_at {
+                        renew_at = tokio::time::Instant::now() + renew_every;
+                        if !self.lease.acquire().await {
+                            let _ = requests.unsubscribe().await;
+                            self.answer_waiters_unavailable().await;
+                            return Ok(Stopped::LeaseLost);
+                        }
+                    }
+                    self.fire_timers().await;
+                    self.expire_waiters().await;
+                    if tokio::time::Instant::now() >= waiters_at {
+                        // Waiting claims are also looked at again now and then: an agent the
+                        // view did not know yet, or one whose status changed.
+                        waiters_at = tokio::time::Instant::now() + RESERVE_WAITERS_EVERY;
+                        self.serve_waiters().await;
+                    }
+                    if tokio::time::Instant::now() >= figures_at {
+                        figures_at = tokio::time::Instant::now() + FIGURES_EVERY;
+                        let queued = self.state.queue.depth();
+                        self.figures.update(|figures| figures.queued = queued);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets everything held in memory (the lease is gone; a successor rebuilds it).
+    fn stand_down(&mut self) {
+        self.state = State::default();
+        self.figures.clear();
+    }
+
+    /// Loads every unfinished task from the bucket.
+    async fn rebuild(&mut self) -> anyhow::Result<()> {
+        self.state = State::default();
+        let keys: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .context("listing task records")?
+            .try_collect()
+            .await
+            .context("listing task records")?;
+        let mut unfinished = Vec::new();
+        let mut dead_lettered = 0;
+        for key in keys.iter().filter(|key| TaskId::parse(key).is_ok()) {
+            let Some(entry) = self.kv.entry(key).await.context("reading a task record")? else {
+                continue;
+            };
+            if entry.operation != Operation::Put {
+                continue;
+            }
+            match serde_json::from_slice::<TaskRecord>(&entry.value) {
+                Ok(record) if !record.is_terminal() => unfinished.push(Held {
+                    record,
+                    revision: entry.revision,
+                }),
+                Ok(record) => {
+                    dead_lettered += u64::from(record.status == TaskStatus::DeadLettered);
+                }
+                Err(err) => tracing::warn!(task_id = %key, error = %err, "unreadable task record"),
+            }
+        }
+        unfinished.sort_by_key(|held| held.record.seq);
+        for held in unfinished {
+            self.index(None, &held.record);
+            self.state.tasks.insert(held.record.task_id.clone(), held);
+        }
+        self.figures.clear();
+        self.figures
+            .update(|figures| figures.dead_lettered = dead_lettered);
+        Ok(())
+    }
+
+    /// Takes one submission in: create its record (unless it has one) and queue it.
+    async fn take_in(&mut self, message: async_nats::jetstream::Message) {
+        let seq = message.info().map(|info| info.stream_sequence).unwrap_or(0);
+        let submission = match serde_json::from_slice::<Submission>(&message.payload) {
+            Ok(submission) => submission,
+            Err(err) => {
+                tracing::warn!(subject = %message.subject, error = %err, "unreadable submission; skipped");
+                let _ = message.ack_with(async_nats::jetstream::AckKind::Term).await;
+                return;
+            }
+        };
+        match self.admit(submission, seq).await {
+            Ok(_) => {
+                if let Err(err) = message.ack().await {
+                    tracing::debug!(error = %err, "submission ack failed; it will come again");
+                }
+                self.serve_waiters().await;
+            }
+            Err(refusal) => {
+                tracing::warn!(error = %refusal, "cannot store a task record; the submission will come again");
+            }
+        }
+    }
+
+    /// The record of a submission: the one in memory or the bucket, or a new queued one.
+    async fn admit(&mut self, submission: Submission, seq: u64) -> Result<Held, Refusal> {
+        if let Some(held) = self.state.tasks.get(&submission.task_id) {
+            return Ok(held.clone());
+        }
+        // Create-only: a record already there (a redelivery, a takeover) makes this fail, and
+        // the record is then read instead — one round trip for a new task.
+        let record = TaskRecord::queued(submission, seq);
+        self.fence()?;
+        let value = encode(&record);
+        let created = tokio::time::timeout(
+            self.write_timeout,
+            self.kv.create(record.task_id.as_str(), value),
+        )
+        .await
+        .map_err(|_| Refusal::bus_unavailable("task record write timed out"))?;
+        match created {
+            Ok(revision) => {
+                tracing::info!(task_id = %record.task_id, capability = %record.spec.capability, "task queued");
+                let held = Held { record, revision };
+                self.apply(held.clone());
+                Ok(held)
+            }
+            // Someone wrote it meanwhile: read what is there.
+            Err(err) => self
+                .read(&record.task_id)
+                .await?
+                .ok_or_else(|| Refusal::bus_unavailable(err)),
+        }
+    }
+
+    /// The record of `task_id`, from memory, the bucket, or (not taken in yet) its submission.
+    async fn lookup(&mut self, task_id: &TaskId) -> Result<Held, Refusal> {
+        if let Some(held) = self.state.tasks.get(task_id) {
+            return Ok(held.clone());
+        }
+        if let Some(held) = self.read(task_id).await? {
+            return Ok(held);
+        }
+        let subject = subjects::task_submission(task_id);
+        let lookup = self.submissions.get_last_raw_message_by_subject(&subject);
+        let message = match tokio::time::timeout(self.write_timeout, lookup).await {
+            Ok(Ok(message)) => message,
+            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Err(Refusal::new(Code::TaskNotFound).with_message("No task with this id"));
+            }
+            Ok(Err(err)) => return Err(Refusal::bus_unavailable(err)),
+            Err(_) => return Err(Refusal::bus_unavailable("submission lookup timed out")),
+        };
+        let submission = serde_json::from_slice(&message.payload).map_err(Refusal::internal)?;
+        self.admit(submission, message.sequence).await
+    }
+
+    /// Reads a record from the bucket; an unfinished one not in memory is taken in.
+    async fn read(&mut self, task_id: &TaskId) -> Result<Option<Held>, Refusal> {
+        let entry = tokio::time::timeout(self.write_timeout, self.kv.entry(task_id.as_str()))
+            .await
+            .map_err(|_| Refusal::bus_unavailable("task record read timed out"))?
+            .map_err(Refusal::bus_unavailable)?;
+        let Some(entry) = entry.filter(|e| e.operation == Operation::Put) else {
+            return Ok(None);
+        };
+        let record: TaskRecord = serde_json::from_slice(&entry.value).map_err(Refusal::internal)?;
+        let held = Held {
+            record,
+            revision: entry.revision,
+        };
+        if !held.record.is_terminal() {
+            self.apply(held.clone());
+        }
+        Ok(Some(held))
+    }
+
+    /// Writes `next` over the record read at `revision`, then applies it in memory.
+    async fn commit(&mut self, next: TaskRecord, revision: u64) -> Result<u64, Refusal> {
+        self.fence()?;
+        let key = next.task_id.clone();
+        let write = self.kv.update(key.as_str(), encode(&next), revision);
+        let written = tokio::time::timeout(self.write_timeout, write)
+            .await
+            .map_err(|_| Refusal::bus_unavailable("task record write timed out"))?;
+        match written {
+            Ok(revision) => {
+                self.apply(Held {
+                    record: next,
+                    revision,
+                });
+                Ok(revision)
+            }
+            Err(err) => {
+                // Another writer, or a lost answer to our own write: believe the bucket.
+                tracing::warn!(task_id = %key, error = %err, "task record changed under the dispatcher; reloading");
+                if let Some(current) = self.state.tasks.remove(&key) {
+                    self.unindex(&current.record);
+                }
+                let _ = self.read(&key).await;
+                Err(Refusal::bus_unavailable(err))
+            }
+        }
+    }
+
+    /// Puts a stored record in memory, replacing (and un-indexing) the one it supersedes.
+    fn apply(&mut self, held: Held) {
+        let old = self.state.tasks.remove(&held.record.task_id);
+        if let Some(old) = &old {
+            self.count(&old.record, &held.record);
+        }
+        self.index(old.as_ref().map(|h| &h.record), &held.record);
+        if !held.record.is_terminal() {
+            self.state.tasks.insert(held.record.task_id.clone(), held);
+        }
+    }
+
+    /// Moves the derived state (queue, live counts, timers) from `old` to `new`.
+    fn index(&mut self, old: Option<&TaskRecord>, new: &TaskRecord) {
+        if let Some(old) = old {
+            self.unindex(old);
+        }
+        let state = &mut self.state;
+        if new.status == TaskStatus::Queued {
+            state.queue.push(Waiting {
+                task_id: new.task_id.clone(),
+                capability: new.spec.capability.clone(),
+                priority: new.spec.priority,
+            });
+        }
+        if let Some(attempt) = new.live_attempt() {
+            *state.live.entry(attempt.agent_id.clone()).or_default() += 1;
+        }
+        for at in [new.lease_expires_at, new.next_attempt_at]
+            .into_iter()
+            .flatten()
+        {
+            state.timers.push(Reverse((at, new.task_id.clone())));
+        }
+    }
+
+    /// Counts, for `/metrics`, how `old` became `new`: an attempt that ended, a lease that ran
+    /// out, a task that entered the dead-letter queue. (Replays leave it in `replay`, as
+    /// finished records are not held in memory.)
+    fn count(&self, old: &TaskRecord, new: &TaskRecord) {
+        let ended = old.live_attempt().is_some() && new.live_attempt().is_none();
+        let outcome = new.attempts.last().map(|a| a.outcome);
+        let dead = old.status != TaskStatus::DeadLettered && new.status == TaskStatus::DeadLettered;
+        self.figures.update(|figures| {
+            if let (true, Some(outcome)) = (ended, outcome) {
+                if let Some(index) = OUTCOMES.iter().position(|o| *o == outcome.as_str()) {
+                    figures.attempts[index] += 1;
+                }
+                figures.leases_expired += u64::from(outcome == Outcome::Expired);
+            }
+            figures.dead_lettered += u64::from(dead);
+        });
+    }
+
+    fn unindex(&mut self, old: &TaskRecord) {
+        let state = &mut self.state;
+        if old.status == TaskStatus::Queued {
+            state.queue.remove(&old.task_id);
+        }
+        if let Some(attempt) = old.live_attempt() {
+            if let Some(count) = state.live.get_mut(&attempt.agent_id) {
+                *count = count.saturating_sub(1);
+            }
+        }
+    }
+
+    fn fence(&self) -> Result<(), Refusal> {
+        if self.lease.acting() {
+            Ok(())
+        } else {
+            Err(Refusal::bus_unavailable("the dispatcher lease is not held"))
+        }
+    }
+
+    /// One request from the ingress.
+    async fn handle(&mut self, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let subject = message.subject.as_str();
+        if subject == subjects::DISPATCH_CLAIM {
+            match serde_json::from_slice::<ClaimRequest>(&message.payload) {
+                Ok(request) => self.claim(request, reply).await,
+                Err(err) => self.answer(reply, Err(Refusal::internal(err))).await,
+            }
+            return;
+        }
+        let answer = match subject {
+            subjects::DISPATCH_CALLBACK => match decode::<CallbackRequest>(&message.payload) {
+                Ok(request) => self.callback(request).await,
+                Err(refusal) => Err(refusal),
+            },
+            subjects::DISPATCH_CANCEL => match decode::<CancelRequest>(&message.payload) {
+                Ok(request) => self.cancel(request).await,
+                Err(refusal) => Err(refusal),
+            },
+            subjects::DISPATCH_REPLAY => match decode::<ReplayRequest>(&message.payload) {
+                Ok(request) => self.replay(request).await,
+                Err(refusal) => Err(refusal),
+            },
+            other => Err(Refusal::internal(format!("no dispatcher request {other}"))),
+        };
+        self.answer(reply, answer).await;
+        self.serve_waiters().await;
+    }
+
+    async fn answer(&self, reply: Subject, answer: Result<Value, Refusal>) {
+        let bytes = Answer::from_result(answer).to_bytes();
+        if let Err(err) = self.client.publish(reply, bytes).await {
+            tracing::debug!(error = %err, "dispatcher answer not sent");
+        }
+    }
+
+    /// A claim: tasks now, or wait for some up to its `wait`.
+    async fn claim(&mut self, request: ClaimRequest, reply: Subject) {
+        match self.take_for(&request).await {
+            Ok(tasks) if !tasks.is_empty() || request.wait_ms == 0 => {
+                self.answer(reply, Ok(claimed(tasks))).await;
+            }
+            Ok(_) => self.state.waiters.push(Waiter {
+                reply,
+                deadline: tokio::time::Instant::now() + Duration::from_millis(request.wait_ms),
+                request,
+            }),
+            Err(refusal) => self.answer(reply, Err(refusal)).await,
+        }
+    }
+
+    /// Leases up to the claim's `max` tasks (and the agent's free slots) to the claiming agent.
+    async fn take_for(&mut self, request: &ClaimRequest) -> Result<Vec<Value>, Refusal> {
+        let agent_id = &request.agent_id;
+        let Some(agent) = self.directory.get(agent_id) else {
+            // Registered a moment ago, and the view has not caught up: nothing yet (a waiting
+            // claim is looked at again). Never registered: 404.
+            return if self.directory.is_known(agent_id).await? {
+                Ok(Vec::new())
+            } else {
+                Err(Refusal::new(Code::AgentNotFound))
+            };
+        };
+        let capabilities = self.claimable(&agent, request.capabilities.as_deref());
+        let live = self.state.live.get(agent_id).copied().unwrap_or(0);
+        let slots = agent.profile.max_concurrent_tasks.saturating_sub(live);
+        let mut tasks = Vec::new();
+        while (tasks.len() as u32) < request.max.min(slots) && !capabilities.is_empty() {
+            let (queue, records, directory) =
+                (&mut self.state.queue, &self.state.tasks, &self.directory);
+            let taken = queue.pop_for(&capabilities, |task_id| {
+                records
+                    .get(task_id)
+                    .is_some_and(|held| prefers(directory, &held.record, agent_id))
+            });
+            let Some(waiting) = taken else {
+                break;
+            };
+            let Some(held) = self.state.tasks.get(&waiting.task_id).cloned() else {
+                continue;
+            };
+            let mut next = held.record.clone();
+            let now = now();
+            let attempt = next.start_attempt(agent_id, now);
+            match self.commit(next.clone(), held.revision).await {
+                Ok(_) => {
+                    tracing::info!(task_id = %next.task_id, agent_id = %agent_id, attempt, "task dispatched");
+                    tasks.push(json!({
+                        "task_id": next.task_id,
+                        "capability": next.spec.capability,
+                        "input": next.spec.input,
+                        "attempt": attempt,
+                        "lease_expires_at": next.lease_expires_at,
+                        "priority": next.spec.priority,
+                    }));
+                }
+                Err(refusal) => {
+                    // Not stored: back in the queue (reloaded by commit if it changed).
+                    if let Some(held) = self.state.tasks.get(&waiting.task_id) {
+                        if held.record.status == TaskStatus::Queued {
+                            self.state.queue.push(waiting);
+                        }
+                    }
+                    if tasks.is_empty() {
+                        return Err(refusal);
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(tasks)
+    }
+
+    /// The capabilities `agent` may take tasks of now: those it registered (and asked for);
+    /// none while offline; while degraded only those no online agent has.
+    fn claimable(&self, agent: &AgentRecord, asked: Option<&[String]>) -> Vec<String> {
+        let registered = agent
+            .profile
+            .capabilities
+            .iter()
+            .filter(|c| asked.is_none_or(|asked| asked.contains(c)));
+        match agent.status {
+            AgentStatus::Online => registered.cloned().collect(),
+            AgentStatus::Offline => Vec::new(),
+            AgentStatus::Degraded => registered
+                .filter(|c| {
+                    !self.directory.any(|other| {
+                        other.status == AgentStatus::Online
+                            && other.profile.capabilities.contains(c)
+                    })
+                })
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Gives waiting claims what has become available.
+    async fn serve_waiters(&mut self) {
+        if self.state.waiters.is_empty() || self.state.queue.is_empty() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.state.waiters);
+        for waiter in waiters {
+            match self.take_for(&waiter.request).await {
+                Ok(tasks) if tasks.is_empty() => self.state.waiters.push(waiter),
+                Ok(tasks) => self.answer(waiter.reply, Ok(claimed(tasks))).await,
+                Err(refusal) => self.answer(waiter.reply, Err(refusal)).await,
+            }
+        }
+    }
+
+    /// Claims whose `wait` is over get an empty list.
+    async fn expire_waiters(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.state.waiters.iter().all(|w| w.deadline > now) {
+            return;
+        }
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.state.waiters)
+            .into_iter()
+            .partition(|w| w.deadline <= now);
+        self.state.waiters = waiting;
+        for waiter in due {
+            self.answer(waiter.reply, Ok(claimed(Vec::new()))).await;
+        }
+    }
+
+    async fn answer_waiters_unavailable(&mut self) {
+        for waiter in std::mem::take(&mut self.state.waiters) {
+            let refusal = Refusal::bus_unavailable("the dispatcher is stopping");
+            self.answer(waiter.reply, Err(refusal)).await;
+        }
+    }
+
+    /// Expired leases become failed attempts; finished backoffs go back in the queue.
+    async fn fire_timers(&mut self) {
+        let now = now();
+        let mut changed = false;
+        while let Some(Reverse((at, _))) = self.state.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, task_id))) = self.state.timers.pop() else {
+                break;
+            };
+            let Some(held) = self.state.tasks.get(&task_id).cloned() else {
+                continue;
+            };
+            let mut next = held.record.clone();
+            match next.status {
+                TaskStatus::Dispatched | TaskStatus::Running
+                    if next.lease_expires_at.is_some_and(|lease| lease <= now) =>
+                {
+                    let agent = next.live_attempt().map(|a| a.agent_id.clone());
+                    let error =
+                        json!({"message": "lease expired: no callback within the task's timeout"});
+                    next.fail(Outcome::Expired, error, true, rand::random(), now);
+                    tracing::info!(%task_id, agent_id = ?agent.as_ref().map(AgentId::as_str), status = next.status.as_str(), "lease expired");
+                }
+                TaskStatus::Retrying if next.next_attempt_at.is_some_and(|t| t <= now) => {
+                    next.requeue();
+                }
+                _ => continue,
+            }
+            match self.commit(next, held.revision).await {
+                Ok(_) => changed = true,
+                Err(_) => self
+                    .state
+                    .timers
+                    .push(Reverse((at.max(now) + RETRY_WRITE_AFTER, task_id))),
+            }
+        }
+        if changed {
+            self.serve_waiters().await;
+        }
+    }
+
+    /// A callback from the agent holding the live attempt changes the task; anything else is
+    /// a duplicate of the final report, or refused with nothing stored.
+    async fn callback(&mut self, request: CallbackRequest) -> Result<Value, Refusal> {
+        let held = self.lookup(&request.task_id).await?;
+        let record = &held.record;
+        let holds = record
+            .live_attempt()
+            .is_some_and(|a| a.agent_id == request.agent_id);
+        if !holds {
+            return repeated(record, held.revision, &request);
+        }
+        let mut next = record.clone();
+        let now = now();
+        match &request.report {
+            Report::Running { .. } => next.mark_running(now),
+            Report::Succeeded { result } => next.succeed(result.clone(), now),
+            Report::Failed { error } => next.fail(
+                Outcome::Failed,
+                json!({"message": error.message, "retryable": error.retryable}),
+                error.retryable,
+                rand::random(),
+                now,
+            ),
+        }
+        let revision = self.commit(next.clone(), held.revision).await?;
+        tracing::info!(task_id = %next.task_id, agent_id = %request.agent_id, status = next.status.as_str(), "task callback stored");
+        Ok(callback_answer(&next, revision, false))
+    }
+
+    async fn cancel(&mut self, request: CancelRequest) -> Result<Value, Refusal> {
+        let held = self.lookup(&request.task_id).await?;
+        if !request.admin && held.record.submitted_by != request.caller {
+            return Err(Refusal::new(Code::Forbidden)
+                .with_message("only the submitter or an admin may cancel this task"));
+        }
+        if held.record.is_terminal() {
+            return Err(Refusal::new(Code::TaskFinished)
+                .with_details(format!("the task is {}", held.record.status.as_str())));
+        }
+        let mut next = held.record.clone();
+        next.cancel(now());
+        self.commit(next, held.revision).await?;
+        tracing::info!(task_id = %request.task_id, by = %request.caller, "task cancelled");
+        Ok(json!({"success": true, "task_id": request.task_id, "status": "cancelled"}))
+    }
+
+    /// Queues a dead-lettered task again with a fresh attempt budget, and records who did.
+    async fn replay(&mut self, request: ReplayRequest) -> Result<Value, Refusal> {
+        let held = self.lookup(&request.task_id).await?;
+        if held.record.status != TaskStatus::DeadLettered {
+            return Err(Refusal::new(Code::TaskNotDeadLettered)
+                .with_details(format!("the task is {}", held.record.status.as_str())));
+        }
+        let mut next = held.record.clone();
+        let now = now();
+        next.replay(&request.by, now);
+        let replays = next.replays.len();
+        let attempts_before = next.attempts.len();
+        self.commit(next, held.revision).await?;
+        self.figures
+            .update(|figures| figures.dead_lettered = figures.dead_lettered.saturating_sub(1));
+        tracing::info!(task_id = %request.task_id, replayed_by = %request.by, attempts_before, "dead-lettered task replayed");
+        let record = json!({
+            "task_id": request.task_id,
+            "replayed_by": request.by,
+            "replayed_at": now,
+            "attempts_before": attempts_before,
+        });
+        let msg_id = format!("replay:{}:{replays}", request.task_id);
+        let payload = Bytes::from(record.to_string());
+        let subject = subjects::task_replay(&request.task_id);
+        if let Err(err) = self
+            .publisher
+            .publish(subject, &msg_id, payload, None)
+            .await
+        {
+            tracing::error!(task_id = %request.task_id, error = %err, "replay done but its record not published");
+        }
+        Ok(json!({"success": true, "task_id": request.task_id, "status": "queued"}))
+    }
+}
+
+/// True when `agent` should get this task: it has not failed it, or no other online agent with
+/// the capability that has not failed it could take it instead.
+fn prefers(directory: &Directory, record: &TaskRecord, agent: &AgentId) -> bool {
+    !record.failed_by(agent)
+        || !directory.any(|other| {
+            &other.agent_id != agent
+                && other.status == AgentStatus::Online
+                && other.profile.capabilities.contains(&record.spec.capability)
+                && !record.failed_by(&other.agent_id)
+        })
+}
+
+/// A callback from an agent that does not hold the live attempt: the holder of the final
+/// attempt repeating its final report gets `duplicate: true`; a report on a cancelled attempt
+/// is `TASK_FINISHED`; anything else `STALE_ATTEMPT`.
+fn repeated(
+    record: &TaskRecord,
+    revision: u64,
+    request: &CallbackRequest,
+) -> Result<Value, Refusal> {
+    let last = record
+        .attempts
+        .last()
+        .filter(|a| a.agent_id == request.agent_id && record.is_terminal());
+    if let Some(last) = last {
+        let same = match (&request.report, last.outcome) {
+            (Report::Succeeded { result }, Outcome::Succeeded) => result == &record.result,
+            (Report::Failed { error }, Outcome::Failed) => last
+                .error
+                .as_ref()
+                .is_some_and(|e| e["message"] == error.message.as_str()),
+            _ => false,
+        };
+        if same {
+            return Ok(callback_answer(record, revision, true));
+        }
+        if last.outcome == Outcome::Cancelled {
+            return Err(Refusal::new(Code::TaskFinished).with_details("the task was cancelled"));
+        }
+    }
+    Err(Refusal::new(Code::StaleAttempt))
+}
+
+fn callback_answer(record: &TaskRecord, revision: u64, duplicate: bool) -> Value {
+    json!({
+        "success": true,
+        "task_id": record.task_id,
+        "message": "Result received",
+        "status": record.status.as_str(),
+        "attempt": record.attempts.len(),
+        "lease_expires_at": record.lease_expires_at,
+        "stream": format!("KV_{}", subjects::TASKS_BUCKET),
+        "seq": revision,
+        "duplicate": duplicate,
+    })
+}
+
+fn claimed(tasks: Vec<Value>) -> Value {
+    json!({"success": true, "tasks": tasks})
+}
+
+fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(payload).map_err(Refusal::internal)
+}
+
+fn encode(record: &TaskRecord) -> Bytes {
+    Bytes::from(serde_json::to_vec(record).expect("records serialize"))
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
