@@ -22,7 +22,8 @@ use crate::telemetry;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuditKind {
-    /// An admin write: alert ack, silence create or expire, task cancel, DLQ replay.
+    /// An admin write: alert ack, silence create or expire, task cancel (by an admin), DLQ
+    /// replay.
     Admin,
     /// A refused credential: an invalid or expired token, a missing scope, another identity.
     Credential,

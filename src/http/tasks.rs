@@ -63,6 +63,12 @@ async fn cancel(
     Authenticated(caller): Authenticated,
 ) -> Answer {
     let task_id = path(task_id)?;
+    if caller.is_admin() {
+        state
+            .audit
+            .admin_write(&caller.agent_id, "task.cancel", &task_id)
+            .await?;
+    }
     Ok(Json(with_trace_id(
         state.task_api.cancel(&caller, &task_id).await?,
     )))
@@ -87,6 +93,10 @@ async fn replay(
 ) -> Answer {
     admin(&caller)?;
     let task_id = path(task_id)?;
+    state
+        .audit
+        .admin_write(&caller.agent_id, "dlq.replay", &task_id)
+        .await?;
     Ok(Json(with_trace_id(
         state.task_api.replay(&caller, &task_id).await?,
     )))

@@ -453,6 +453,16 @@ async fn the_third_failure_of_a_three_attempt_task_dead_letters_it_and_replay_th
     assert_eq!(replays[0]["replayed_by"], "operator");
     let (_, dlq) = app.get("/orchestrator/dlq", Some(&admin_token())).await;
     assert_eq!(dlq["count"], 0);
+    // Both replays (the refused second one too) are in the audit trail, recorded beforehand.
+    let (_, audit) = app
+        .get(
+            "/orchestrator/audit?action=dlq.replay",
+            Some(&admin_token()),
+        )
+        .await;
+    assert_eq!(audit["count"], 2, "{audit}");
+    assert_eq!(audit["records"][0]["target"], id.as_str());
+    assert_eq!(audit["records"][0]["actor"], "operator");
 }
 
 #[tokio::test]
