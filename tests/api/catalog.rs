@@ -88,7 +88,13 @@ async fn streams_are_provisioned_with_explicit_durability_settings() {
         assert_eq!(config.retention, RetentionPolicy::Limits, "{name}");
         assert_eq!(config.max_bytes, 32 << 20, "{name}");
         assert_eq!(config.max_age, Duration::from_secs(2 * 86_400), "{name}");
-        assert_eq!(config.duplicate_window, Duration::from_secs(90), "{name}");
+        // ACC_INBOUND's window is the server's minimum: the door dedupes per agent (issue 13).
+        let window = if *name == "ACC_INBOUND" {
+            auto_com_center::bus::provision::INBOUND_DUPLICATE_WINDOW
+        } else {
+            Duration::from_secs(90)
+        };
+        assert_eq!(config.duplicate_window, window, "{name}");
         assert_eq!(config.num_replicas, 1, "{name}");
     }
     let bucket = app.js.get_key_value("acc_agents").await.unwrap();
