@@ -281,8 +281,9 @@ pub struct ServeArgs {
     pub embedded_nats_port: u16,
 
     /// Comma-separated agent ids that get a NATS user on the embedded server (user name = agent
-    /// id, password in DATA_DIR/nats-agents/<agent_id>.password): publish on acc.in.> only,
-    /// receive on acc.reply.<agent_id>.> only.
+    /// id, in its own account AGENT_<agent_id>, password in
+    /// DATA_DIR/nats-agents/<agent_id>.password): publish on acc.in.> only, receive on
+    /// acc.reply.<agent_id>.> only.
     #[arg(long, env = "NATS_AGENTS", default_value = "", value_parser = values::agent_ids)]
     pub nats_agents: CommaSeparated<AgentId>,
 
@@ -510,8 +511,8 @@ pub struct ServeArgs {
     )]
     pub rate_limit_burst: u32,
 
-    /// Failed authentications one source address may cause in a burst; past it, its requests get
-    /// 429 RATE_LIMITED before their tokens are checked.
+    /// Failed authentications one source address may cause in a burst; past it, its tokens that
+    /// do not verify get 429 RATE_LIMITED (a token that verifies is still served).
     #[arg(
         long,
         env = "AUTH_FAILURE_BURST",

@@ -57,17 +57,23 @@ impl FromRequest<AppState> for JsonObject {
             return Err(Refusal::new(Code::UnsupportedMediaType));
         }
         let limit = state.body_limit;
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(Refusal::too_large(limit));
-        }
+        declared_within(req.headers(), limit)?;
         let bytes = read_body(req.into_body(), limit).await?;
         contract::json_object(&bytes, limit).map(Self)
     }
+}
+
+/// 413 when the declared `Content-Length` is over `limit`: checked before anything else, so an
+/// oversized body (or an `Expect: 100-continue` for one) is refused without a byte of it read.
+pub(super) fn declared_within(headers: &HeaderMap, limit: usize) -> Result<(), Refusal> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Refusal::too_large(limit));
+    }
+    Ok(())
 }
 
 /// Reads a body of at most `limit` bytes: 413 past it, 400 `INVALID_JSON` when it cannot be read.

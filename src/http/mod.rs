@@ -157,22 +157,36 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     if route == Some(routes::METRICS.path) && !telemetry::has_remote_parent(&parent) {
         parent = telemetry::routine_parent();
     }
-    let (request, early) = if telemetry::has_remote_parent(&parent) || method != Method::POST {
-        (Some(request), None)
-    } else {
-        match peek_trace_id(request, state.body_limit).await {
-            Ok((request, trace_id)) => {
-                if let Some(from_body) = trace_id
-                    .as_deref()
-                    .and_then(telemetry::parent_from_trace_id)
-                {
-                    parent = from_body;
+    // The body is read here (for its `trace_id`) only once the headers passed: a declared size
+    // over the limit is 413 at once, and a request whose token does not verify is left to the
+    // handler's extractor, which refuses it from its headers without reading the body. So a
+    // slow or oversized body from anyone without a valid token never holds a slot.
+    let authorization = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let (request, early) =
+        if let Err(refusal) = extract::declared_within(request.headers(), state.body_limit) {
+            (None, Some(refusal))
+        } else if telemetry::has_remote_parent(&parent)
+            || method != Method::POST
+            || state.verifier.verify_header(authorization).is_err()
+        {
+            (Some(request), None)
+        } else {
+            match peek_trace_id(request, state.body_limit).await {
+                Ok((request, trace_id)) => {
+                    if let Some(from_body) = trace_id
+                        .as_deref()
+                        .and_then(telemetry::parent_from_trace_id)
+                    {
+                        parent = from_body;
+                    }
+                    (Some(request), None)
                 }
-                (Some(request), None)
+                Err(refusal) => (None, Some(refusal)),
             }
-            Err(refusal) => (None, Some(refusal)),
-        }
-    };
+        };
     let _ = span.set_parent(parent);
     let mut response = async {
         match (request, early) {

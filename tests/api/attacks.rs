@@ -224,17 +224,96 @@ async fn an_address_that_keeps_failing_authentication_is_refused_but_a_valid_tok
 /// Opens a POST whose body never finishes (raw TCP: headers and half the declared body): the
 /// request holds its in-flight slot until the socket is dropped.
 async fn stalled_request(app: &TestApp) -> tokio::net::TcpStream {
+    stalled_request_with(app, Some(&token("agent-a"))).await
+}
+
+/// [`stalled_request`] with `bearer` as the token (none when `None`).
+async fn stalled_request_with(app: &TestApp, bearer: Option<&str>) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt as _;
     let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let authorization = bearer
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "POST /orchestrator/register HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\n\
+        "POST /orchestrator/register HTTP/1.1\r\nhost: {}\r\n{authorization}\
          content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"agent_id\":",
         app.addr,
-        token("agent-a")
     );
     socket.write_all(head.as_bytes()).await.unwrap();
     socket.flush().await.unwrap();
     socket
+}
+
+/// The status line of the answer on `socket`, if one comes within `within`.
+async fn status_line(socket: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = vec![0u8; 1024];
+    let n = tokio::time::timeout(within, socket.read(&mut buffer))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+/// Issue 13, item 4 (slow clients): the body was read before the token was checked, while the
+/// request held one of `MAX_IN_FLIGHT` slots, so requests without a valid token trickling their
+/// bodies made valid agents get 503 `OVERLOADED`. Now they are refused 401 from their headers,
+/// before any body is read, and hold nothing.
+#[tokio::test]
+async fn slow_bodies_without_a_valid_token_are_refused_from_the_headers_and_hold_no_slot() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--max-in-flight=5"]).await;
+    let mut slow = Vec::new();
+    for i in 0..20 {
+        let forged = format!("forged.{i}.token");
+        let bearer = (i % 2 == 0).then_some(forged.as_str());
+        slow.push(stalled_request_with(&app, bearer).await);
+    }
+    let started = Instant::now();
+    for socket in &mut slow {
+        let line = status_line(socket, Duration::from_secs(5)).await;
+        assert!(
+            line.as_deref().is_some_and(|l| l.contains(" 401 ")),
+            "a half-sent body without a valid token is answered 401 at once: {line:?}"
+        );
+    }
+    println!(
+        "20 stalled bodies without a valid token: all answered 401 within {:?}",
+        started.elapsed()
+    );
+    let (status, body) = app
+        .post(
+            "/orchestrator/register",
+            Some(&token("agent-b")),
+            &registration("agent-b"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(slow);
+}
+
+/// Issue 13, item 4: the 413 on `Content-Length` waited for the body when there was no
+/// `traceparent`, and `Expect: 100-continue` got a 100 for a 10 GB body. Now the declared size
+/// is refused before anything else.
+#[tokio::test]
+async fn an_oversized_content_length_is_refused_413_before_any_body_is_read() {
+    use tokio::io::AsyncWriteExt as _;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /orchestrator/register HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 10000000000\r\n\
+         expect: 100-continue\r\n\r\n",
+        token("agent-a")
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let line = status_line(&mut socket, Duration::from_secs(5)).await;
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains(" 413 ")),
+        "{line:?}"
+    );
 }
 
 #[tokio::test]

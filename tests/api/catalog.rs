@@ -118,7 +118,7 @@ async fn streams_are_provisioned_with_explicit_durability_settings() {
         // The inbound stream's window is shared by every agent, so it is the shortest there is;
         // the door dedupes per agent instead.
         let window = if *name == "ACC_INBOUND" {
-            Duration::from_millis(100)
+            auto_com_center::bus::provision::INBOUND_DUPLICATE_WINDOW
         } else {
             Duration::from_secs(90)
         };
