@@ -18,7 +18,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 use chrono::{DateTime, Utc};
 use futures::Stream;
 use serde_json::json;
@@ -47,10 +47,10 @@ pub struct Live {
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(routes::EVENTS_STREAM.path, get(events_stream))
-        .route(routes::AGENTS_STREAM.path, get(agents_stream))
-        .route(routes::ALERTS_STREAM.path, get(alerts_stream))
-        .route(routes::AUDIT_STREAM.path, get(audit_stream))
+        .route(routes::EVENTS_STREAM.path, stream_route(Kind::Events))
+        .route(routes::AGENTS_STREAM.path, stream_route(Kind::Agents))
+        .route(routes::ALERTS_STREAM.path, stream_route(Kind::Alerts))
+        .route(routes::AUDIT_STREAM.path, stream_route(Kind::Audit))
 }
 
 fn may_read_events(caller: &Caller) -> Result<(), Refusal> {
@@ -61,72 +61,45 @@ fn may_read_events(caller: &Caller) -> Result<(), Refusal> {
     }
 }
 
-async fn events_stream(
-    State(state): State<AppState>,
-    Authenticated(caller): Authenticated,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Response, Refusal> {
-    may_read_events(&caller)?;
-    serve(
-        &state,
-        &caller,
-        &state.live.events,
-        &headers,
-        query.as_deref(),
-    )
-    .await
+/// Which hub a stream route serves, and who may open it.
+#[derive(Clone, Copy)]
+enum Kind {
+    Events,
+    Agents,
+    Alerts,
+    Audit,
 }
 
-async fn agents_stream(
-    State(state): State<AppState>,
-    Authenticated(caller): Authenticated,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Response, Refusal> {
-    admin(&caller)?;
-    serve(
-        &state,
-        &caller,
-        &state.live.agents,
-        &headers,
-        query.as_deref(),
-    )
-    .await
+impl Kind {
+    fn hub(self, live: &Live) -> &Hub {
+        match self {
+            Kind::Events => &live.events,
+            Kind::Agents => &live.agents,
+            Kind::Alerts => &live.alerts,
+            Kind::Audit => &live.audit,
+        }
+    }
+
+    fn allows(self, caller: &Caller) -> Result<(), Refusal> {
+        match self {
+            Kind::Events => may_read_events(caller),
+            Kind::Agents | Kind::Alerts | Kind::Audit => admin(caller),
+        }
+    }
 }
 
-async fn alerts_stream(
-    State(state): State<AppState>,
-    Authenticated(caller): Authenticated,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Response, Refusal> {
-    admin(&caller)?;
-    serve(
-        &state,
-        &caller,
-        &state.live.alerts,
-        &headers,
-        query.as_deref(),
+/// The GET route of one kind of stream.
+fn stream_route(kind: Kind) -> MethodRouter<AppState> {
+    get(
+        move |State(state): State<AppState>,
+              Authenticated(caller): Authenticated,
+              headers: HeaderMap,
+              RawQuery(query): RawQuery| async move {
+            kind.allows(&caller)?;
+            let hub = kind.hub(&state.live);
+            serve(&state, &caller, hub, &headers, query.as_deref()).await
+        },
     )
-    .await
-}
-
-async fn audit_stream(
-    State(state): State<AppState>,
-    Authenticated(caller): Authenticated,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Response, Refusal> {
-    admin(&caller)?;
-    serve(
-        &state,
-        &caller,
-        &state.live.audit,
-        &headers,
-        query.as_deref(),
-    )
-    .await
 }
 
 fn admin(caller: &Caller) -> Result<(), Refusal> {
