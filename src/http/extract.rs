@@ -20,6 +20,11 @@ use crate::contract::{self, Code, Refusal};
 /// when its address has used up its failed authentications (so a guesser learns nothing more),
 /// else 401, counted against the address. A request without a token at all does not count as a
 /// failure. A verified agent over its rate is refused (429).
+/// The outcome of verifying this request's `Authorization` header, when it was verified before
+/// the extractor ran (see `observe`), so that a request's token is verified once.
+#[derive(Clone)]
+pub struct Verified(pub Result<Caller, AuthError>);
+
 pub struct Authenticated(pub Caller);
 
 impl FromRequestParts<AppState> for Authenticated {
@@ -30,7 +35,12 @@ impl FromRequestParts<AppState> for Authenticated {
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let caller = match state.verifier.verify_header(header) {
+        // `observe` may have verified the header already; the result is taken, not recomputed.
+        let verified = match parts.extensions.remove::<Verified>() {
+            Some(Verified(verified)) => verified,
+            None => state.verifier.verify_header(header),
+        };
+        let caller = match verified {
             Ok(caller) => caller,
             Err(AuthError::Missing) => return Err(AuthError::Missing.into()),
             Err(err) => {

@@ -168,23 +168,29 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     let (request, early) =
         if let Err(refusal) = extract::declared_within(request.headers(), state.body_limit) {
             (None, Some(refusal))
-        } else if telemetry::has_remote_parent(&parent)
-            || method != Method::POST
-            || state.verifier.verify_header(authorization).is_err()
-        {
+        } else if telemetry::has_remote_parent(&parent) || method != Method::POST {
             (Some(request), None)
         } else {
-            match peek_trace_id(request, state.body_limit).await {
-                Ok((request, trace_id)) => {
-                    if let Some(from_body) = trace_id
-                        .as_deref()
-                        .and_then(telemetry::parent_from_trace_id)
-                    {
-                        parent = from_body;
+            // Verified once: the extractor takes this result instead of verifying again.
+            let verified = state.verifier.verify_header(authorization);
+            let valid = verified.is_ok();
+            let mut request = request;
+            request.extensions_mut().insert(extract::Verified(verified));
+            if !valid {
+                (Some(request), None)
+            } else {
+                match peek_trace_id(request, state.body_limit).await {
+                    Ok((request, trace_id)) => {
+                        if let Some(from_body) = trace_id
+                            .as_deref()
+                            .and_then(telemetry::parent_from_trace_id)
+                        {
+                            parent = from_body;
+                        }
+                        (Some(request), None)
                     }
-                    (Some(request), None)
+                    Err(refusal) => (None, Some(refusal)),
                 }
-                Err(refusal) => (None, Some(refusal)),
             }
         };
     let _ = span.set_parent(parent);
