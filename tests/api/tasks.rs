@@ -687,28 +687,36 @@ async fn a_dispatcher_restart_loses_no_queued_task() {
     }
     app.stop().await;
     let app = TestApp::spawn(&nats).await;
+    let mut claimed: Vec<String> = claim_until(&app, "survivor", submitted.len(), "2s")
+        .await
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap().to_owned())
+        .collect();
+    claimed.sort();
+    assert_eq!(claimed, submitted);
+}
+
+/// Claims as `agent` until `want` tasks came or 20 s passed, retrying while no dispatcher acts
+/// yet (503, as `Retry-After` says).
+async fn claim_until(app: &TestApp, agent: &str, want: usize, wait: &str) -> Vec<Value> {
     let mut claimed = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while claimed.len() < submitted.len() && Instant::now() < deadline {
+    while claimed.len() < want && Instant::now() < deadline {
         let (status, answer) = app
             .post(
                 "/orchestrator/tasks/claim",
-                Some(&token("survivor")),
-                &json!({"max": 10, "wait": "2s"}),
+                Some(&token(agent)),
+                &json!({"max": 10, "wait": wait}),
             )
             .await;
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            // The new dispatcher has not taken the lease yet: retry, as Retry-After says.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
         assert_eq!(status, StatusCode::OK, "{answer}");
-        for task in answer["tasks"].as_array().unwrap() {
-            claimed.push(task["task_id"].as_str().unwrap().to_owned());
-        }
+        claimed.extend(answer["tasks"].as_array().unwrap().iter().cloned());
     }
-    claimed.sort();
-    assert_eq!(claimed, submitted);
+    claimed
 }
 
 #[tokio::test]
@@ -893,24 +901,9 @@ async fn with_two_replicas_one_dispatches_and_the_other_takes_over_without_losin
         .collect();
     assert_eq!(claimed.len(), 1);
     first.stop().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while claimed.len() < submitted.len() && Instant::now() < deadline {
-        let (status, answer) = second
-            .post(
-                "/orchestrator/tasks/claim",
-                Some(&token("steady")),
-                &json!({"max": 10, "wait": "1s"}),
-            )
-            .await;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
-        assert_eq!(status, StatusCode::OK, "{answer}");
-        for task in answer["tasks"].as_array().unwrap() {
-            assert_eq!(task["attempt"], 1, "no task is leased twice: {task}");
-            claimed.push(task["task_id"].as_str().unwrap().to_owned());
-        }
+    for task in claim_until(&second, "steady", submitted.len() - claimed.len(), "1s").await {
+        assert_eq!(task["attempt"], 1, "no task is leased twice: {task}");
+        claimed.push(task["task_id"].as_str().unwrap().to_owned());
     }
     claimed.sort();
     assert_eq!(claimed, submitted);
