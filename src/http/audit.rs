@@ -155,13 +155,16 @@ pub async fn record_refusals(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let route = request.extensions().get::<MatchedPath>().map_or_else(
-        || "unmatched".to_owned(),
-        |p| format!("{} {}", request.method(), p.as_str()),
-    );
+    // Cheap to keep (an `Arc` and a method); the route is spelled out only for a refusal.
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let method = request.method().clone();
     let response = next.run(request).await;
     if let Some(&code) = response.extensions().get::<Code>() {
         if is_refused_credential(code) {
+            let route = matched.map_or_else(
+                || "unmatched".to_owned(),
+                |path| format!("{method} {}", path.as_str()),
+            );
             state.audit.credential_refused(peer, &route, code);
         }
     }
