@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -89,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(streams::router())
         .merge(audit::router())
+        .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `observe`: a record carries the request's trace id.

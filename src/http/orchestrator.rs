@@ -143,6 +143,7 @@ async fn list_agents(
                 "status": a.status,
                 "last_seen": a.last_seen,
                 "capabilities_count": a.profile.capabilities.len(),
+                "capabilities": a.profile.capabilities,
                 "base_url": a.profile.base_url,
                 "registered_at": a.registered_at,
             })

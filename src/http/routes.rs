@@ -67,9 +67,13 @@ pub const ALERT_ACK: Route = route(Method::POST, "/orchestrator/alerts/{id}/ack"
 pub const SILENCES: Route = route(Method::GET, "/orchestrator/silences", None);
 pub const SILENCE_CREATE: Route = route(Method::POST, "/orchestrator/silences", None);
 pub const SILENCE_EXPIRE: Route = route(Method::DELETE, "/orchestrator/silences/{id}", None);
+pub const CONSOLE: Route = route(Method::GET, "/console", None);
+pub const CONSOLE_SLASH: Route = route(Method::GET, "/console/", None);
+pub const CONSOLE_SCRIPT: Route = route(Method::GET, "/console/app.js", None);
+pub const CONSOLE_STYLE: Route = route(Method::GET, "/console/app.css", None);
 
 /// Every route, for lookups.
-pub static ALL: [Route; 26] = [
+pub static ALL: [Route; 30] = [
     REGISTER,
     HEARTBEAT,
     TASK_CALLBACK,
@@ -96,6 +100,10 @@ pub static ALL: [Route; 26] = [
     SILENCES,
     SILENCE_CREATE,
     SILENCE_EXPIRE,
+    CONSOLE,
+    CONSOLE_SLASH,
+    CONSOLE_SCRIPT,
+    CONSOLE_STYLE,
 ];
 
 /// `"POST /orchestrator/register"` and so on, built once, parallel to [`ALL`].

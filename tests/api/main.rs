@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod catalog;
 mod cli;
+mod console;
 mod contract;
 mod door;
 mod durability;
