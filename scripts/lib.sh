@@ -80,3 +80,31 @@ cpu_seconds() {
 peak_rss_kib() {
   awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"
 }
+
+# Installs Debian packages that are missing (apt-get update once per shell, then install; as
+# root, or through sudo when it is there). Waits for another apt run to release its lock.
+apt_install() {
+  local missing=() pkg sudo=""
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "==> installing ${missing[*]} (apt-get install)" >&2
+  if [ -z "${ACC_APT_UPDATED:-}" ]; then
+    $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq >&2
+    export ACC_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+    --no-install-recommends "${missing[@]}" >&2
+}
+
+# What the console's browser test needs: Debian's Chromium and the pinned playwright-core
+# (tests/console/package-lock.json; `npm ci` installs exactly that).
+ensure_console_deps() {
+  [ -x /usr/bin/chromium ] || apt_install chromium
+  if [ ! -d tests/console/node_modules/playwright-core ]; then
+    echo "==> installing the console test's driver (npm ci in tests/console)" >&2
+    (cd tests/console && npm ci --no-audit --no-fund --loglevel=error) >&2
+  fi
+}

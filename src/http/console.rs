@@ -25,8 +25,14 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(routes::CONSOLE.path, get(|| async { asset("text/html; charset=utf-8", PAGE) }))
-        .route(routes::CONSOLE_SLASH.path, get(|| async { Redirect::permanent(routes::CONSOLE.path) }))
+        .route(
+            routes::CONSOLE.path,
+            get(|| async { asset("text/html; charset=utf-8", PAGE) }),
+        )
+        .route(
+            routes::CONSOLE_SLASH.path,
+            get(|| async { Redirect::permanent(routes::CONSOLE.path) }),
+        )
         .route(
             routes::CONSOLE_SCRIPT.path,
             get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
@@ -83,6 +89,9 @@ mod tests {
         assert!(SCRIPT.contains("sessionStorage"));
         assert!(!SCRIPT.contains("localStorage"));
         assert!(!SCRIPT.contains("document.cookie"));
-        assert!(!SCRIPT.contains("innerHTML"), "text is inserted as text, never as markup");
+        assert!(
+            !SCRIPT.contains("innerHTML"),
+            "text is inserted as text, never as markup"
+        );
     }
 }

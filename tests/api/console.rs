@@ -89,6 +89,8 @@ async fn an_operator_runs_the_fleet_from_the_console_in_headless_chromium() {
     .await;
     let agent = "console-agent";
     let shots = screenshot_dir();
+    // Only this run's pictures: a failure.png from an earlier run would mislead.
+    let _ = std::fs::remove_dir_all(&shots);
 
     let run = tokio::process::Command::new("node")
         .arg(dir.join("e2e.mjs"))
@@ -118,7 +120,11 @@ async fn an_operator_runs_the_fleet_from_the_console_in_headless_chromium() {
         for name in [view.to_owned(), format!("{view}-390")] {
             let file = shots.join(format!("{name}.png"));
             let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-            assert!(size > 1000, "a screenshot {} of the {view} view", file.display());
+            assert!(
+                size > 1000,
+                "a screenshot {} of the {view} view",
+                file.display()
+            );
         }
     }
     app.stop().await;
