@@ -324,13 +324,12 @@ impl Application {
             let app = http::router(state);
             let stop = stop.clone();
             tracing::info!(addr = %listener.local_addr()?, "HTTP ingress listening");
+            // The server loop hands each request its peer address (for the per-address limits)
+            // and bounds every connection (timeouts, connections per address).
+            let connections = settings.limits.connections;
             tasks.spawn(async move {
-                // The peer address feeds the per-address limit on failed authentications.
-                let app = app.into_make_service_with_connect_info::<SocketAddr>();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                    .context("HTTP server")
+                http::server::serve(listener, app, connections, stop).await;
+                Ok(())
             });
         }
 

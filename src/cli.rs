@@ -534,6 +534,25 @@ pub struct ServeArgs {
     )]
     pub max_in_flight: usize,
 
+    /// A connection must send a request's headers within this long of opening, or of its
+    /// previous answer; else it is closed. This is also the idle timeout of keep-alive connections.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A request's body must arrive within this long of its headers; else 408 REQUEST_TIMEOUT.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
+    /// Connections one source address may hold open at once; past it, a new connection is closed
+    /// as soon as it is accepted.
+    #[arg(
+        long,
+        env = "MAX_CONNECTIONS_PER_ADDRESS",
+        default_value = "256",
+        value_parser = values::at_least(1usize)
+    )]
+    pub max_connections_per_address: usize,
+
     /// Longest accepted token lifetime (`exp − iat`, and `exp − now`).
     #[arg(
         long,
@@ -722,6 +741,11 @@ impl Settings {
                 auth_failure_burst: args.auth_failure_burst,
                 auth_failure_interval: args.auth_failure_interval,
                 max_in_flight: args.max_in_flight,
+                connections: crate::http::server::ConnectionLimits {
+                    header_read_timeout: args.header_read_timeout,
+                    body_read_timeout: args.body_read_timeout,
+                    max_per_address: args.max_connections_per_address,
+                },
             },
             live: StreamsSettings {
                 keepalive: args.sse_keepalive,

@@ -58,6 +58,8 @@ codes! {
     InvalidReplyTo = ("INVALID_REPLY_TO", 400, "Acc-Reply-To must be a subject under acc.reply.<your agent_id>."),
     /// The body is over `BODY_LIMIT`, or the stored message over the bus's max payload.
     PayloadTooLarge = ("PAYLOAD_TOO_LARGE", 413, "Request body is too large"),
+    /// HTTP: the body did not all arrive within `BODY_READ_TIMEOUT` of the headers.
+    RequestTimeout = ("REQUEST_TIMEOUT", 408, "The request body did not arrive in time"),
     /// HTTP: the content type is not JSON.
     UnsupportedMediaType = ("UNSUPPORTED_MEDIA_TYPE", 415, "Content-Type must be application/json"),
     /// A heartbeat from an agent that never registered.
@@ -108,6 +110,7 @@ impl Code {
                 | Code::InsufficientScope
                 | Code::RateLimited
                 | Code::PayloadTooLarge
+                | Code::RequestTimeout
                 | Code::UnsupportedMediaType
                 | Code::Overloaded
         )

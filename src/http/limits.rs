@@ -40,6 +40,8 @@ pub struct LimitSettings {
     pub auth_failure_interval: Duration,
     /// Requests handled at once; more are refused with 503 `OVERLOADED`.
     pub max_in_flight: usize,
+    /// Bounds on every connection: header and body read timeouts, connections per address.
+    pub connections: super::server::ConnectionLimits,
 }
 
 impl LimitSettings {

@@ -612,3 +612,127 @@ async fn slow_unauthenticated_requests_do_not_turn_health_to_503() {
         "401s are still counted on /metrics"
     );
 }
+
+/// A connection from `source` (a loopback address of its own, so the per-address cap applies to
+/// it and not to the test's valid agent) that sends half a request's headers, then one more
+/// header line every 250 ms, as a slowloris does. Returns when it connected and how long the
+/// server kept it open, or `None` if it was still open after `give_up`.
+async fn slowloris(
+    target: std::net::SocketAddr,
+    source: std::net::IpAddr,
+    give_up: Duration,
+) -> Option<(Instant, Duration)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    let mut stream = socket.connect(target).await.ok()?;
+    let connected = Instant::now();
+    if stream
+        .write_all(b"POST /orchestrator/register HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .is_err()
+    {
+        return Some((connected, connected.elapsed()));
+    }
+    let mut buffer = [0u8; 512];
+    while connected.elapsed() < give_up {
+        // Any answer (a byte, the end of the stream, a reset) means the server is done with it.
+        match tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buffer)).await {
+            Ok(_) => return Some((connected, connected.elapsed())),
+            Err(_) => {
+                if stream.write_all(b"x-slow: 1\r\n").await.is_err() {
+                    return Some((connected, connected.elapsed()));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Issue 13, item 4 (slow clients): idle connections and half-sent headers stayed open past
+/// 75 s and one address could open as many as it liked. Now a connection must send its headers
+/// within `HEADER_READ_TIMEOUT` (which also closes idle keep-alive connections), a body must
+/// arrive within `BODY_READ_TIMEOUT` (408), and one address holds at most
+/// `MAX_CONNECTIONS_PER_ADDRESS` connections. A valid agent is served throughout 1,000 slow
+/// unauthenticated connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_connections_are_closed_and_capped_per_address_while_a_valid_agent_is_served() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &[
+            "--header-read-timeout=3s",
+            "--body-read-timeout=1s",
+            "--max-connections-per-address=100",
+        ],
+    )
+    .await;
+    app.register("agent-a").await;
+    let quiet_before = p99(&mut measure(&app, "agent-a", "before", 100).await);
+
+    // 1,000 slowloris connections from 127.0.0.2, while agent-a (from 127.0.0.1) sends events.
+    let attacker: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let give_up = Duration::from_secs(10);
+    let slow: Vec<_> = (0..1_000)
+        .map(|_| tokio::spawn(slowloris(app.addr, attacker, give_up)))
+        .collect();
+    let mut during = measure(&app, "agent-a", "during", 100).await;
+    let quiet_during = p99(&mut during);
+    let mut closed_at = Vec::new();
+    for handle in slow {
+        closed_at.push(handle.await.unwrap());
+    }
+    let still_open = closed_at.iter().filter(|c| c.is_none()).count();
+    let closed: Vec<(Instant, Duration)> = closed_at.into_iter().flatten().collect();
+    let at_once = closed
+        .iter()
+        .filter(|(_, open)| *open < Duration::from_millis(500))
+        .count();
+    let held = closed.len() - at_once;
+    let longest = closed.iter().map(|(_, open)| *open).max().unwrap();
+    println!(
+        "1,000 slowloris connections (HEADER_READ_TIMEOUT=3s, MAX_CONNECTIONS_PER_ADDRESS=100): \
+         {at_once} closed within 0.5 s of connecting (over the cap), {held} held until the header \
+         timeout, the longest {longest:?}; {still_open} still open after {give_up:?}; agent-a's \
+         event p99 {quiet_before:?} before, {quiet_during:?} during"
+    );
+    assert_eq!(still_open, 0, "every half-sent header is closed");
+    assert!(held <= 100, "at most the cap held: {held}");
+    assert!(at_once >= 900, "past the cap, closed at once: {at_once}");
+    assert!(
+        longest < Duration::from_secs(5),
+        "closed by the header timeout: {longest:?}"
+    );
+
+    // An idle keep-alive connection after a complete request is closed by the same timer.
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    idle.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let idle_since = Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match idle.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "an idle keep-alive connection is closed");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    println!("idle keep-alive connection closed after {:?}", idle_since.elapsed());
+
+    // A valid agent's body that stops halfway: 408 at the body timeout, nothing stored.
+    let mut half = stalled_request(&app).await;
+    let line = status_line(&mut half, Duration::from_secs(5)).await;
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains(" 408 ")),
+        "a body that stops arriving is 408: {line:?}"
+    );
+    assert!(quiet_during < Duration::from_secs(1), "{quiet_during:?}");
+    app.stop().await;
+}
