@@ -6,6 +6,7 @@
 //! Both doors call it: the HTTP door (`http`) and the NATS door (`door`). What it refuses is a
 //! [`Refusal`], which each door renders its own way.
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
 use serde::Serialize;
@@ -34,6 +35,8 @@ const MAX_TYPE_LEN: usize = 256;
 const MAX_TRACE_ID_LEN: usize = 128;
 const MAX_STATUS_LEN: usize = 64;
 const MAX_KEY_LEN: usize = 128;
+/// The refusal of a task another agent reported, on a read or a report alike.
+pub const FOREIGN_TASK: &str = "this task was reported by another agent";
 
 /// One of the four agent calls, whichever door it came through.
 #[derive(Debug, Clone, Copy)]
@@ -238,6 +241,7 @@ impl Admission {
         let error = body.get("error").filter(|v| !v.is_null()).cloned();
         let trace_id = optional_string(body, "trace_id", MAX_TRACE_ID_LEN)?;
         record_trace_id(trace_id.as_deref());
+        self.bind_task(caller, &task_id).await?;
         let now = now();
         let msg_id = dedupe_id("task", &caller.agent_id, idempotency_key, || {
             format!("{task_id}:{}", digest(&(&status, &result, &error)))
@@ -306,6 +310,43 @@ impl Admission {
             received_at: now,
             ack,
         })
+    }
+
+    /// A task the orchestrator never queued belongs to the agent that first reported it: a
+    /// report from another agent is refused exactly as its read of that task is (403
+    /// `FORBIDDEN`, nothing of the task in the answer) and nothing is stored, so no agent can
+    /// overwrite another's result. A record that cannot be read is nobody's to overwrite.
+    ///
+    /// Residual: two agents reporting a never-seen id within the same few milliseconds can both
+    /// be stored (the check and the write are two steps); the read then serves the later.
+    async fn bind_task(&self, caller: &Caller, task_id: &TaskId) -> Result<(), Refusal> {
+        if self.publisher.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(Refusal::bus_unavailable("not connected"));
+        }
+        let stream = self
+            .publisher
+            .jetstream()
+            .get_stream_no_info(subjects::TASKS_STREAM)
+            .await
+            .map_err(Refusal::internal)?;
+        let subject = subjects::task_result(task_id);
+        let lookup = stream.get_last_raw_message_by_subject(&subject);
+        let message = match tokio::time::timeout(self.publisher.timeout(), lookup).await {
+            Ok(Ok(message)) => message,
+            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Ok(Err(err)) => return Err(Refusal::bus_unavailable(err)),
+            Err(_) => return Err(Refusal::bus_unavailable("task lookup timed out")),
+        };
+        let owner = serde_json::from_slice::<TaskResult>(&message.payload)
+            .map(|record| record.reported_by)
+            .ok();
+        if owner.as_ref() == Some(&caller.agent_id) {
+            return Ok(());
+        }
+        if owner.is_none() {
+            tracing::warn!(task_id = %task_id, seq = message.sequence, "unreadable task result; refusing to overwrite it");
+        }
+        Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
     }
 
     async fn publish<T: Serialize>(

@@ -736,3 +736,53 @@ async fn slow_connections_are_closed_and_capped_per_address_while_a_valid_agent_
     assert!(quiet_during < Duration::from_secs(1), "{quiet_during:?}");
     app.stop().await;
 }
+
+/// Issue 13, item 6: any agent could overwrite a result another agent reported for a task the
+/// orchestrator never queued; the owner then got 403 on its own task. Now a task id belongs to
+/// its first reporter: another agent's report is refused as its read is, and nothing is stored.
+#[tokio::test]
+async fn an_agent_cannot_overwrite_another_agents_task_result() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let (a, b) = (token("agent-a"), token("agent-b"));
+    let path = "/orchestrator/tasks/t-owned/callback";
+    let (status, first) = app
+        .post(path, Some(&a), &json!({"status": "done", "result": "a-secret"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+
+    let (status, overwrite) = app
+        .post(path, Some(&b), &json!({"status": "done", "result": "b-forged"}))
+        .await;
+    assert_error(status, &overwrite, 403, "FORBIDDEN");
+    assert!(!overwrite.to_string().contains("a-secret"), "{overwrite}");
+    // B's refused report and B's refused read say the same thing.
+    let (status, read_by_b) = app.get("/orchestrator/tasks/t-owned", Some(&b)).await;
+    assert_error(status, &read_by_b, 403, "FORBIDDEN");
+    assert_eq!(overwrite["error"], read_by_b["error"]);
+
+    let (status, read) = app.get("/orchestrator/tasks/t-owned", Some(&a)).await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read["result"], "a-secret");
+    assert_eq!(read["reported_by"], "agent-a");
+    let stored = all_stored(&app.js, "ACC_TASKS", "acc.tasks.result.t-owned").await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+
+    // The owner may still report again; B's own task ids are B's.
+    let (status, again) = app
+        .post(path, Some(&a), &json!({"status": "failed", "error": "later"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    let (status, own) = app
+        .post(
+            "/orchestrator/tasks/t-of-b/callback",
+            Some(&b),
+            &json!({"status": "done"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{own}");
+    println!(
+        "agent-b's report on agent-a's task: {} {}; agent-a's result intact, 1 message stored",
+        overwrite["error"]["code"], overwrite["error"]["message"]
+    );
+}
