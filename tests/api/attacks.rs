@@ -786,3 +786,62 @@ async fn an_agent_cannot_overwrite_another_agents_task_result() {
         overwrite["error"]["code"], overwrite["error"]["message"]
     );
 }
+
+/// Messages of `stream` stored so far.
+async fn stored_count(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream).await.unwrap().info().await.unwrap().state.messages
+}
+
+/// Issue 13, item 8: the NATS door handled messages in stream order, so one agent's 5,000
+/// queued events delayed another agent's answer by seconds. Now the door pulls ahead and serves
+/// callers in turn: the other agent is answered while the flood is still being worked off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agents_backlog_on_the_nats_door_does_not_delay_another_agents_answer() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let flooder = NatsAgent::connect(&nats.url(), "agent-a").await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Authorization",
+        format!("Bearer {}", token("agent-a")).as_str(),
+    );
+    // 5,000 events published back to back, acknowledgements awaited together.
+    let sent = 5_000u64;
+    let mut acks = Vec::with_capacity(sent as usize);
+    for i in 0..sent {
+        let body = serde_json::to_vec(&event("agent-a", &format!("flood-{i}"))).unwrap();
+        let ack = flooder
+            .js
+            .publish_with_headers("acc.in.event", headers.clone(), body.into())
+            .await
+            .unwrap();
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let other = NatsAgent::connect(&nats.url(), "agent-b").await;
+    let started = Instant::now();
+    let (status, answer) = other
+        .call("acc.in.event", &event("agent-b", "calm-1"))
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    // What of the flood the door had handled when agent-b got its answer (admitted or refused).
+    let handled =
+        stored_count(&app.js, "ACC_EVENTS").await + stored_count(&app.js, "ACC_REJECTED").await - 1;
+    println!(
+        "NATS door: agent-b answered {waited:?} after 5,000 queued events of agent-a, with \
+         {handled} of them handled by then"
+    );
+    assert!(handled < sent, "agent-b was answered before the flood was worked off");
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    let handled = eventually(Duration::from_secs(60), "the flood handled", || async {
+        let handled = stored_count(&app.js, "ACC_EVENTS").await
+            + stored_count(&app.js, "ACC_REJECTED").await
+            - 1;
+        (handled == sent).then_some(handled)
+    })
+    .await;
+    assert_eq!(handled, sent);
+}
