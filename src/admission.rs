@@ -7,6 +7,8 @@
 //! [`Refusal`], which each door renders its own way.
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
 use serde::Serialize;
@@ -15,6 +17,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::auth::Caller;
 use crate::bus::{Ack, Publisher, subjects};
+use crate::contract::bucket::{Buckets, retry_after_secs};
 use crate::contract::{Code, Refusal};
 use crate::directory::Directory;
 use crate::domain::{
@@ -35,6 +38,8 @@ const MAX_TYPE_LEN: usize = 256;
 const MAX_TRACE_ID_LEN: usize = 128;
 const MAX_STATUS_LEN: usize = 64;
 const MAX_KEY_LEN: usize = 128;
+/// Largest heartbeat `details`, as JSON: a status note, not a store.
+pub const MAX_DETAILS_BYTES: usize = 4096;
 /// The refusal of a task another agent reported, on a read or a report alike.
 pub const FOREIGN_TASK: &str = "this task was reported by another agent";
 
@@ -47,10 +52,32 @@ pub enum Call<'a> {
     Event,
 }
 
+/// The bytes each agent may store on the bus: a token bucket of bytes per agent, `quota` full,
+/// refilled at `quota` per `period` (the streams' max age). Over any period an agent stores at
+/// most twice its quota, so with the default (a 32nd of `STREAM_MAX_BYTES`) one agent never
+/// fills a stream. Per process, like the request rate, and shared by both doors.
+pub struct StoreQuota(Buckets<str>);
+
+impl StoreQuota {
+    pub fn new(quota: u64, period: std::time::Duration) -> Self {
+        let quota = quota as f64;
+        Self(Buckets::new(quota / period.as_secs_f64().max(1.0), quota))
+    }
+
+    /// Charges `bytes` to `agent`, or refuses with 429 `QUOTA_EXCEEDED` and when to retry.
+    fn charge(&self, agent: &AgentId, bytes: usize) -> Result<(), Refusal> {
+        self.0.take_n(agent.as_str(), bytes as f64).map_err(|wait| {
+            Refusal::new(Code::QuotaExceeded).with_retry_after(retry_after_secs(wait))
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct Admission {
     publisher: Publisher,
     directory: Directory,
+    /// Per-agent stored bytes; `None` (tests, the fuzz harness) stores without a quota.
+    quota: Option<Arc<StoreQuota>>,
 }
 
 impl Admission {
@@ -58,7 +85,14 @@ impl Admission {
         Self {
             publisher,
             directory,
+            quota: None,
         }
+    }
+
+    /// Charges what each agent stores to `quota` (shared by both doors).
+    pub fn with_quota(mut self, quota: Arc<StoreQuota>) -> Self {
+        self.quota = Some(quota);
+        self
     }
 
     pub fn directory(&self) -> &Directory {
@@ -147,7 +181,12 @@ impl Admission {
             received_at: now,
         };
         let ack = self
-            .publish(subjects::registration(&agent_id), &msg_id, &registration)
+            .publish(
+                &agent_id,
+                subjects::registration(&agent_id),
+                &msg_id,
+                &registration,
+            )
             .await?;
         Ok(Receipt {
             id: agent_id,
@@ -179,6 +218,16 @@ impl Admission {
             }
         };
         let details = body.get("details").filter(|v| !v.is_null()).cloned();
+        if let Some(details) = &details {
+            let size = serde_json::to_vec(details).map_or(usize::MAX, |b| b.len());
+            if size > MAX_DETAILS_BYTES {
+                return Err(FieldError::new(
+                    "details",
+                    format!("is {size} bytes as JSON; at most {MAX_DETAILS_BYTES}"),
+                )
+                .into());
+            }
+        }
         bind(caller, &agent_id)?;
         if !self.directory.is_known(&agent_id).await? {
             return Err(Refusal::new(Code::AgentNotFound));
@@ -196,7 +245,12 @@ impl Admission {
             received_at: now,
         };
         let ack = self
-            .publish(subjects::heartbeat(&agent_id), &msg_id, &heartbeat)
+            .publish(
+                &agent_id,
+                subjects::heartbeat(&agent_id),
+                &msg_id,
+                &heartbeat,
+            )
             .await?;
         Ok(Receipt {
             id: agent_id,
@@ -256,7 +310,12 @@ impl Admission {
             received_at: now,
         };
         let ack = self
-            .publish(subjects::task_result(&task_id), &msg_id, &record)
+            .publish(
+                &caller.agent_id,
+                subjects::task_result(&task_id),
+                &msg_id,
+                &record,
+            )
             .await?;
         Ok(Receipt {
             id: task_id,
@@ -303,7 +362,12 @@ impl Admission {
             received_at: now,
         };
         let ack = self
-            .publish(subjects::event(&caller.agent_id), &msg_id, &event)
+            .publish(
+                &caller.agent_id,
+                subjects::event(&caller.agent_id),
+                &msg_id,
+                &event,
+            )
             .await?;
         Ok(Receipt {
             id: event_id,
@@ -349,13 +413,18 @@ impl Admission {
         Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
     }
 
+    /// Stores `message` for `agent`, charged to its quota.
     async fn publish<T: Serialize>(
         &self,
+        agent: &AgentId,
         subject: String,
         msg_id: &str,
         message: &T,
     ) -> Result<Ack, Refusal> {
         let payload = Bytes::from(serde_json::to_vec(message).expect("domain types serialize"));
+        if let Some(quota) = &self.quota {
+            quota.charge(agent, payload.len())?;
+        }
         Ok(self
             .publisher
             .publish(subject, msg_id, payload, None)

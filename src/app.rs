@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, StoreQuota};
 use crate::audit::Audit;
 use crate::auth::Verifier;
 use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
@@ -208,6 +208,11 @@ impl Application {
 
         // One bucket per agent for both doors: an agent cannot double its rate by using both.
         let agent_rate = Arc::new(settings.limits.agent_rate());
+        // And one store quota per agent for both doors.
+        let store_quota = Arc::new(StoreQuota::new(
+            settings.agent_store_quota,
+            settings.streams.max_age,
+        ));
         let task_figures = Arc::new(crate::metrics::tasks::TaskGauges::default());
         if settings.runs(Role::Dispatcher) {
             let (publisher, directory, tasks_settings, figures, stop) = (
@@ -231,7 +236,8 @@ impl Application {
                 .await
                 .context("opening the inbound stream")?;
             let door = Door::new(
-                Admission::new(publisher.clone(), directory.clone()),
+                Admission::new(publisher.clone(), directory.clone())
+                    .with_quota(store_quota.clone()),
                 task_api(&js, &publisher, settings.publish_timeout).await?,
                 Verifier::new(&settings.auth),
                 publisher.clone(),
@@ -293,7 +299,7 @@ impl Application {
                 .context("opening the alerting bucket")?;
             let task_api = task_api(&js, &publisher, settings.publish_timeout).await?;
             let state = AppState::new(http::Inner {
-                admission: Admission::new(publisher.clone(), directory),
+                admission: Admission::new(publisher.clone(), directory).with_quota(store_quota),
                 verifier: Verifier::new(&settings.auth),
                 stats,
                 tasks: tasks_stream,

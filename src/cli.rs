@@ -543,6 +543,12 @@ pub struct ServeArgs {
     #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub body_read_timeout: Duration,
 
+    /// Bytes one agent may store on the bus per STREAM_MAX_AGE (a token bucket of bytes, full at
+    /// start); past it, 429 QUOTA_EXCEEDED. Default: a 32nd of STREAM_MAX_BYTES, so one agent
+    /// never fills a stream.
+    #[arg(long, env = "AGENT_STORE_QUOTA", value_parser = values::byte_size)]
+    pub agent_store_quota: Option<usize>,
+
     /// Connections one source address may hold open at once; past it, a new connection is closed
     /// as soon as it is accepted.
     #[arg(
@@ -614,6 +620,8 @@ pub struct Settings {
     pub live: StreamsSettings,
     /// The dispatcher role.
     pub tasks: TaskSettings,
+    /// Bytes one agent may store per `streams.max_age` (`AGENT_STORE_QUOTA`).
+    pub agent_store_quota: u64,
     /// Largest accepted request body.
     pub body_limit: usize,
     /// Longest wait for JetStream to acknowledge a write.
@@ -757,6 +765,7 @@ impl Settings {
                 lease_ttl: args.dispatcher_lease_ttl,
                 write_timeout: args.publish_timeout,
             },
+            agent_store_quota: args.agent_store_quota.unwrap_or(args.stream_max_bytes / 32) as u64,
             body_limit: args.body_limit,
             publish_timeout: args.publish_timeout,
             shutdown_timeout: args.shutdown_timeout,

@@ -36,9 +36,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{AckKind, Message};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::{AckKind, Message};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use serde_json::Value;
@@ -302,12 +302,18 @@ impl Door {
             subjects::REJECTED_SEQUENCE,
             inbound_seq.to_string().as_str(),
         );
+        // A caller over its rate or quota is recorded without its body: a flood (with or without
+        // a token) costs `ACC_REJECTED` a few hundred bytes a message, not its payloads.
+        let payload = match code {
+            Code::RateLimited | Code::QuotaExceeded => Bytes::new(),
+            _ => message.payload.clone(),
+        };
         let stored = self
             .publisher
             .publish(
                 subjects::rejected(code.as_str()),
                 &format!("rejected:{inbound_seq}"),
-                message.payload.clone(),
+                payload,
                 Some(headers),
             )
             .await;

@@ -87,6 +87,9 @@ codes! {
     /// Over a rate (per agent, failed authentications per address, door rejections per
     /// caller); sent with `Retry-After`.
     RateLimited = ("RATE_LIMITED", 429, "Too many requests; retry later"),
+    /// The agent has stored its share of the bus (`AGENT_STORE_QUOTA` per `STREAM_MAX_AGE`);
+    /// sent with `Retry-After`.
+    QuotaExceeded = ("QUOTA_EXCEEDED", 429, "This agent has stored its share of the message store; retry later"),
     /// The bus did not acknowledge in time, or a read from it failed; sent with `Retry-After`.
     BusUnavailable = ("BUS_UNAVAILABLE", 503, "The message bus is unavailable; retry later"),
     /// The stream is at its limit and refuses new messages; sent with `Retry-After`.

@@ -62,11 +62,12 @@ pub struct Limits {
 
 /// The answers that mean "not now", shown by `/health`: the operator's signal that the bus is
 /// down or full, or that the door is shedding or limiting.
-const NOT_NOW: [Code; 4] = [
+const NOT_NOW: [Code; 5] = [
     Code::BusUnavailable,
     Code::StreamFull,
     Code::Overloaded,
     Code::RateLimited,
+    Code::QuotaExceeded,
 ];
 
 impl Limits {

@@ -724,7 +724,10 @@ async fn slow_connections_are_closed_and_capped_per_address_while_a_valid_agent_
     .await;
     assert!(end.is_ok(), "an idle keep-alive connection is closed");
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
-    println!("idle keep-alive connection closed after {:?}", idle_since.elapsed());
+    println!(
+        "idle keep-alive connection closed after {:?}",
+        idle_since.elapsed()
+    );
 
     // A valid agent's body that stops halfway: 408 at the body timeout, nothing stored.
     let mut half = stalled_request(&app).await;
@@ -747,12 +750,20 @@ async fn an_agent_cannot_overwrite_another_agents_task_result() {
     let (a, b) = (token("agent-a"), token("agent-b"));
     let path = "/orchestrator/tasks/t-owned/callback";
     let (status, first) = app
-        .post(path, Some(&a), &json!({"status": "done", "result": "a-secret"}))
+        .post(
+            path,
+            Some(&a),
+            &json!({"status": "done", "result": "a-secret"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{first}");
 
     let (status, overwrite) = app
-        .post(path, Some(&b), &json!({"status": "done", "result": "b-forged"}))
+        .post(
+            path,
+            Some(&b),
+            &json!({"status": "done", "result": "b-forged"}),
+        )
         .await;
     assert_error(status, &overwrite, 403, "FORBIDDEN");
     assert!(!overwrite.to_string().contains("a-secret"), "{overwrite}");
@@ -770,7 +781,11 @@ async fn an_agent_cannot_overwrite_another_agents_task_result() {
 
     // The owner may still report again; B's own task ids are B's.
     let (status, again) = app
-        .post(path, Some(&a), &json!({"status": "failed", "error": "later"}))
+        .post(
+            path,
+            Some(&a),
+            &json!({"status": "failed", "error": "later"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{again}");
     let (status, own) = app
@@ -789,7 +804,14 @@ async fn an_agent_cannot_overwrite_another_agents_task_result() {
 
 /// Messages of `stream` stored so far.
 async fn stored_count(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
-    js.get_stream(stream).await.unwrap().info().await.unwrap().state.messages
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
 }
 
 /// Issue 13, item 8: the NATS door handled messages in stream order, so one agent's 5,000
@@ -834,7 +856,10 @@ async fn one_agents_backlog_on_the_nats_door_does_not_delay_another_agents_answe
         "NATS door: agent-b answered {waited:?} after 5,000 queued events of agent-a, with \
          {handled} of them handled by then"
     );
-    assert!(handled < sent, "agent-b was answered before the flood was worked off");
+    assert!(
+        handled < sent,
+        "agent-b was answered before the flood was worked off"
+    );
     assert!(waited < Duration::from_secs(2), "{waited:?}");
     let handled = eventually(Duration::from_secs(60), "the flood handled", || async {
         let handled = stored_count(&app.js, "ACC_EVENTS").await
@@ -844,4 +869,113 @@ async fn one_agents_backlog_on_the_nats_door_does_not_delay_another_agents_answe
     })
     .await;
     assert_eq!(handled, sent);
+}
+
+/// One agent sends 50 KB events back to back until refused; returns how many were stored, the
+/// refusal, how long it took, and what another agent's 50 KB event then got.
+async fn fill(app: &TestApp) -> (usize, Value, Duration, StatusCode) {
+    let a = token("agent-a");
+    let started = Instant::now();
+    let mut body = event("agent-a", "x");
+    body["data"] = json!("x".repeat(50_000));
+    for i in 0..1_000 {
+        body["event_id"] = json!(format!("big-{i}"));
+        let (status, answer) = app.post("/orchestrator/events", Some(&a), &body).await;
+        if status != StatusCode::OK {
+            let mut theirs = event("agent-b", "b-1");
+            theirs["data"] = body["data"].clone();
+            let (other, _) = app
+                .post("/orchestrator/events", Some(&token("agent-b")), &theirs)
+                .await;
+            return (i, answer, started.elapsed(), other);
+        }
+    }
+    panic!("1,000 events of 50 KB were all stored");
+}
+
+/// Issue 13, item 3: one agent's large events filled a stream, and every other agent then got
+/// 503 `STREAM_FULL`. Now each agent may store `AGENT_STORE_QUOTA` bytes per `STREAM_MAX_AGE`
+/// (a 32nd of the stream by default): past it the agent gets 429 `QUOTA_EXCEEDED`, and others
+/// are served. Heartbeat `details` are bounded, and `ACC_INBOUND` keeps only what the door has
+/// not handled.
+#[tokio::test]
+async fn one_agent_cannot_fill_a_stream_for_the_others() {
+    // Without a quota (one as large as the stream), as before.
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--stream-max-bytes=4MiB", "--agent-store-quota=1GiB"],
+    )
+    .await;
+    let (stored, refusal, took, other) = fill(&app).await;
+    println!(
+        "no quota: agent-a filled ACC_EVENTS (4 MiB) with {stored} events of 50 KB in {took:?}; \
+         then {} for agent-a and {other} for agent-b",
+        refusal["error"]["code"]
+    );
+    assert_eq!(refusal["error"]["code"], "STREAM_FULL", "{refusal}");
+    assert_eq!(other, StatusCode::SERVICE_UNAVAILABLE);
+    app.stop().await;
+
+    // With the default quota, a 32nd of the stream.
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--stream-max-bytes=4MiB"]).await;
+    let (stored, refusal, _, other) = fill(&app).await;
+    let bytes = app
+        .js
+        .get_stream("ACC_EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .bytes;
+    println!(
+        "default quota (128 KiB per 7 days): agent-a stored {stored} events ({bytes} bytes, \
+         {:.1}% of the stream), then {}; agent-b {other}",
+        bytes as f64 * 100.0 / f64::from(4u32 << 20),
+        refusal["error"]["code"],
+    );
+    assert_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        &refusal,
+        429,
+        "QUOTA_EXCEEDED",
+    );
+    assert_eq!(other, StatusCode::OK);
+    assert!(bytes < 4 << 20 >> 4, "{bytes}");
+
+    // Heartbeat details are bounded like every other field.
+    app.register("agent-c").await;
+    let (status, answer) = app
+        .post(
+            "/orchestrator/heartbeat",
+            Some(&token("agent-c")),
+            &json!({"agent_id": "agent-c", "details": {"note": "x".repeat(5_000)}}),
+        )
+        .await;
+    assert_error(status, &answer, 400, "INVALID_PAYLOAD");
+    assert!(answer.to_string().contains("details"), "{answer}");
+
+    // The inbound stream keeps nothing the door has handled.
+    let agent = NatsAgent::connect(&nats.url(), "agent-c").await;
+    for i in 0..20 {
+        let (status, _) = agent
+            .call("acc.in.event", &event("agent-c", &format!("in-{i}")))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Authorization", "Bearer forged");
+    agent
+        .send("acc.in.event", headers, vec![b'x'; 500_000])
+        .await;
+    let left = eventually(Duration::from_secs(10), "ACC_INBOUND drained", || async {
+        let left = stored_count(&app.js, "ACC_INBOUND").await;
+        (left == 0).then_some(left)
+    })
+    .await;
+    println!("ACC_INBOUND after 21 handled messages (one 500 KB without a token): {left}");
+    app.stop().await;
 }
