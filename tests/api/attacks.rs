@@ -979,3 +979,18 @@ async fn one_agent_cannot_fill_a_stream_for_the_others() {
     println!("ACC_INBOUND after 21 handled messages (one 500 KB without a token): {left}");
     app.stop().await;
 }
+
+/// Issue 13, item 11: `RUST_LOG` was silently ignored. `--help` says so and names the filter
+/// that is read, `LOG_LEVEL`.
+#[test]
+fn help_says_log_level_is_the_filter_and_rust_log_is_not_read() {
+    let finished = run_to_end(binary().args(["serve", "--help"]), Duration::from_secs(10));
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let help = finished
+        .stdout
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(help.contains("[env: LOG_LEVEL="), "{help}");
+    assert!(help.contains("RUST_LOG is not read"), "{help}");
+}
