@@ -554,7 +554,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "MAX_CONNECTIONS_PER_ADDRESS",
-        default_value = "256",
+        default_value = "4096",
         value_parser = values::at_least(1usize)
     )]
     pub max_connections_per_address: usize,
