@@ -994,3 +994,66 @@ fn help_says_log_level_is_the_filter_and_rust_log_is_not_read() {
     assert!(help.contains("[env: LOG_LEVEL="), "{help}");
     assert!(help.contains("RUST_LOG is not read"), "{help}");
 }
+
+/// Issue 13, item 3: a stream close to full said nothing until it refused writes. Now the
+/// default rule `StreamNearlyFull` warns past 80 % of `STREAM_MAX_BYTES` (critical past 95 %).
+#[tokio::test]
+async fn a_stream_close_to_full_raises_an_alert_before_it_refuses() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &[
+            "--metrics-snapshot-interval=200ms",
+            "--alert-eval-interval=100ms",
+            "--alert-lease-ttl=1s",
+            "--stream-max-bytes=1MiB",
+            "--agent-store-quota=1GiB",
+        ],
+    )
+    .await;
+    let a = token("agent-a");
+    let mut body = event("agent-a", "x");
+    body["data"] = json!("x".repeat(50_000));
+    let mut used = 0.0;
+    let mut sent = 0;
+    while used < 0.82 {
+        body["event_id"] = json!(format!("big-{sent}"));
+        let (status, answer) = app.post("/orchestrator/events", Some(&a), &body).await;
+        assert_eq!(status, StatusCode::OK, "refused before 82 %: {answer}");
+        sent += 1;
+        let bytes = app
+            .js
+            .get_stream("ACC_EVENTS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .bytes;
+        used = bytes as f64 / f64::from(1u32 << 20);
+    }
+    let started = Instant::now();
+    let alert = eventually(Duration::from_secs(10), "StreamNearlyFull", || async {
+        let (_, listed) = app.get("/orchestrator/alerts", Some(&admin_token())).await;
+        listed["active"].as_array().and_then(|active| {
+            active
+                .iter()
+                .find(|a| {
+                    a["labels"]["alertname"] == "StreamNearlyFull"
+                        && a["labels"]["stream"] == "ACC_EVENTS"
+                })
+                .cloned()
+        })
+    })
+    .await;
+    println!(
+        "ACC_EVENTS {:.0} % full after {sent} events: StreamNearlyFull {} within {:?}, before any \
+         STREAM_FULL",
+        used * 100.0,
+        alert["labels"]["severity"],
+        started.elapsed()
+    );
+    assert_eq!(alert["labels"]["severity"], "warning", "{alert}");
+    app.stop().await;
+}
