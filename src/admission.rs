@@ -6,6 +6,9 @@
 //! Both doors call it: the HTTP door (`http`) and the NATS door (`door`). What it refuses is a
 //! [`Refusal`], which each door renders its own way.
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
 use serde::Serialize;
@@ -14,6 +17,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::auth::Caller;
 use crate::bus::{Ack, Publisher, subjects};
+use crate::contract::bucket::{Buckets, retry_after_secs};
 use crate::contract::{Code, Refusal};
 use crate::directory::Directory;
 use crate::domain::{
@@ -34,6 +38,10 @@ const MAX_TYPE_LEN: usize = 256;
 const MAX_TRACE_ID_LEN: usize = 128;
 const MAX_STATUS_LEN: usize = 64;
 const MAX_KEY_LEN: usize = 128;
+/// Largest heartbeat `details`, as JSON: a status note, not a store.
+pub const MAX_DETAILS_BYTES: usize = 4096;
+/// The refusal of a task another agent reported, on a read or a report alike.
+pub const FOREIGN_TASK: &str = "this task was reported by another agent";
 
 /// One of the four agent calls, whichever door it came through.
 #[derive(Debug, Clone, Copy)]
@@ -44,10 +52,32 @@ pub enum Call<'a> {
     Event,
 }
 
+/// The bytes each agent may store on the bus: a token bucket of bytes per agent, `quota` full,
+/// refilled at `quota` per `period` (the streams' max age). Over any period an agent stores at
+/// most twice its quota, so with the default (a 32nd of `STREAM_MAX_BYTES`) one agent never
+/// fills a stream. Per process, like the request rate, and shared by both doors.
+pub struct StoreQuota(Buckets<str>);
+
+impl StoreQuota {
+    pub fn new(quota: u64, period: std::time::Duration) -> Self {
+        let quota = quota as f64;
+        Self(Buckets::new(quota / period.as_secs_f64().max(1.0), quota))
+    }
+
+    /// Charges `bytes` to `agent`, or refuses with 429 `QUOTA_EXCEEDED` and when to retry.
+    fn charge(&self, agent: &AgentId, bytes: usize) -> Result<(), Refusal> {
+        self.0.take_n(agent.as_str(), bytes as f64).map_err(|wait| {
+            Refusal::new(Code::QuotaExceeded).with_retry_after(retry_after_secs(wait))
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct Admission {
     publisher: Publisher,
     directory: Directory,
+    /// Per-agent stored bytes; `None` (tests, the fuzz harness) stores without a quota.
+    quota: Option<Arc<StoreQuota>>,
 }
 
 impl Admission {
@@ -55,7 +85,14 @@ impl Admission {
         Self {
             publisher,
             directory,
+            quota: None,
         }
+    }
+
+    /// Charges what each agent stores to `quota` (shared by both doors).
+    pub fn with_quota(mut self, quota: Arc<StoreQuota>) -> Self {
+        self.quota = Some(quota);
+        self
     }
 
     pub fn directory(&self) -> &Directory {
@@ -144,7 +181,12 @@ impl Admission {
             received_at: now,
         };
         let ack = self
-            .publish(subjects::registration(&agent_id), &msg_id, &registration)
+            .publish(
+                &agent_id,
+                subjects::registration(&agent_id),
+                &msg_id,
+                &registration,
+            )
             .await?;
         Ok(Receipt {
             id: agent_id,
@@ -176,6 +218,16 @@ impl Admission {
             }
         };
         let details = body.get("details").filter(|v| !v.is_null()).cloned();
+        if let Some(details) = &details {
+            let size = serde_json::to_vec(details).map_or(usize::MAX, |b| b.len());
+            if size > MAX_DETAILS_BYTES {
+                return Err(FieldError::new(
+                    "details",
+                    format!("is {size} bytes as JSON; at most {MAX_DETAILS_BYTES}"),
+                )
+                .into());
+            }
+        }
         bind(caller, &agent_id)?;
         if !self.directory.is_known(&agent_id).await? {
             return Err(Refusal::new(Code::AgentNotFound));
@@ -193,7 +245,12 @@ impl Admission {
             received_at: now,
         };
         let ack = self
-            .publish(subjects::heartbeat(&agent_id), &msg_id, &heartbeat)
+            .publish(
+                &agent_id,
+                subjects::heartbeat(&agent_id),
+                &msg_id,
+                &heartbeat,
+            )
             .await?;
         Ok(Receipt {
             id: agent_id,
@@ -238,6 +295,7 @@ impl Admission {
         let error = body.get("error").filter(|v| !v.is_null()).cloned();
         let trace_id = optional_string(body, "trace_id", MAX_TRACE_ID_LEN)?;
         record_trace_id(trace_id.as_deref());
+        self.bind_task(caller, &task_id).await?;
         let now = now();
         let msg_id = dedupe_id("task", &caller.agent_id, idempotency_key, || {
             format!("{task_id}:{}", digest(&(&status, &result, &error)))
@@ -252,7 +310,12 @@ impl Admission {
             received_at: now,
         };
         let ack = self
-            .publish(subjects::task_result(&task_id), &msg_id, &record)
+            .publish(
+                &caller.agent_id,
+                subjects::task_result(&task_id),
+                &msg_id,
+                &record,
+            )
             .await?;
         Ok(Receipt {
             id: task_id,
@@ -299,7 +362,12 @@ impl Admission {
             received_at: now,
         };
         let ack = self
-            .publish(subjects::event(&caller.agent_id), &msg_id, &event)
+            .publish(
+                &caller.agent_id,
+                subjects::event(&caller.agent_id),
+                &msg_id,
+                &event,
+            )
             .await?;
         Ok(Receipt {
             id: event_id,
@@ -308,13 +376,55 @@ impl Admission {
         })
     }
 
+    /// A task the orchestrator never queued belongs to the agent that first reported it: a
+    /// report from another agent is refused exactly as its read of that task is (403
+    /// `FORBIDDEN`, nothing of the task in the answer) and nothing is stored, so no agent can
+    /// overwrite another's result. A record that cannot be read is nobody's to overwrite.
+    ///
+    /// Residual: two agents reporting a never-seen id within the same few milliseconds can both
+    /// be stored (the check and the write are two steps); the read then serves the later.
+    async fn bind_task(&self, caller: &Caller, task_id: &TaskId) -> Result<(), Refusal> {
+        if self.publisher.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(Refusal::bus_unavailable("not connected"));
+        }
+        let stream = self
+            .publisher
+            .jetstream()
+            .get_stream_no_info(subjects::TASKS_STREAM)
+            .await
+            .map_err(Refusal::internal)?;
+        let subject = subjects::task_result(task_id);
+        let lookup = stream.get_last_raw_message_by_subject(&subject);
+        let message = match tokio::time::timeout(self.publisher.timeout(), lookup).await {
+            Ok(Ok(message)) => message,
+            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Ok(Err(err)) => return Err(Refusal::bus_unavailable(err)),
+            Err(_) => return Err(Refusal::bus_unavailable("task lookup timed out")),
+        };
+        let owner = serde_json::from_slice::<TaskResult>(&message.payload)
+            .map(|record| record.reported_by)
+            .ok();
+        if owner.as_ref() == Some(&caller.agent_id) {
+            return Ok(());
+        }
+        if owner.is_none() {
+            tracing::warn!(task_id = %task_id, seq = message.sequence, "unreadable task result; refusing to overwrite it");
+        }
+        Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
+    }
+
+    /// Stores `message` for `agent`, charged to its quota.
     async fn publish<T: Serialize>(
         &self,
+        agent: &AgentId,
         subject: String,
         msg_id: &str,
         message: &T,
     ) -> Result<Ack, Refusal> {
         let payload = Bytes::from(serde_json::to_vec(message).expect("domain types serialize"));
+        if let Some(quota) = &self.quota {
+            quota.charge(agent, payload.len())?;
+        }
         Ok(self
             .publisher
             .publish(subject, msg_id, payload, None)

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, StoreQuota};
 use crate::audit::Audit;
 use crate::auth::Verifier;
 use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
@@ -208,6 +208,11 @@ impl Application {
 
         // One bucket per agent for both doors: an agent cannot double its rate by using both.
         let agent_rate = Arc::new(settings.limits.agent_rate());
+        // And one store quota per agent for both doors.
+        let store_quota = Arc::new(StoreQuota::new(
+            settings.agent_store_quota,
+            settings.streams.max_age,
+        ));
         let task_figures = Arc::new(crate::metrics::tasks::TaskGauges::default());
         if settings.runs(Role::Dispatcher) {
             let (publisher, directory, tasks_settings, figures, stop) = (
@@ -231,7 +236,8 @@ impl Application {
                 .await
                 .context("opening the inbound stream")?;
             let door = Door::new(
-                Admission::new(publisher.clone(), directory.clone()),
+                Admission::new(publisher.clone(), directory.clone())
+                    .with_quota(store_quota.clone()),
                 task_api(&js, &publisher, settings.publish_timeout).await?,
                 Verifier::new(&settings.auth),
                 publisher.clone(),
@@ -293,7 +299,7 @@ impl Application {
                 .context("opening the alerting bucket")?;
             let task_api = task_api(&js, &publisher, settings.publish_timeout).await?;
             let state = AppState::new(http::Inner {
-                admission: Admission::new(publisher.clone(), directory),
+                admission: Admission::new(publisher.clone(), directory).with_quota(store_quota),
                 verifier: Verifier::new(&settings.auth),
                 stats,
                 tasks: tasks_stream,
@@ -324,13 +330,12 @@ impl Application {
             let app = http::router(state);
             let stop = stop.clone();
             tracing::info!(addr = %listener.local_addr()?, "HTTP ingress listening");
+            // The server loop hands each request its peer address (for the per-address limits)
+            // and bounds every connection (timeouts, connections per address).
+            let connections = settings.limits.connections;
             tasks.spawn(async move {
-                // The peer address feeds the per-address limit on failed authentications.
-                let app = app.into_make_service_with_connect_info::<SocketAddr>();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                    .context("HTTP server")
+                http::server::serve(listener, app, connections, stop).await;
+                Ok(())
             });
         }
 

@@ -534,6 +534,31 @@ pub struct ServeArgs {
     )]
     pub max_in_flight: usize,
 
+    /// A connection must send a request's headers within this long of opening, or of its
+    /// previous answer; else it is closed. This is also the idle timeout of keep-alive connections.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A request's body must arrive within this long of its headers; else 408 REQUEST_TIMEOUT.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
+    /// Bytes one agent may store on the bus per STREAM_MAX_AGE (a token bucket of bytes, full at
+    /// start); past it, 429 QUOTA_EXCEEDED. Default: a 32nd of STREAM_MAX_BYTES, so one agent
+    /// never fills a stream.
+    #[arg(long, env = "AGENT_STORE_QUOTA", value_parser = values::byte_size)]
+    pub agent_store_quota: Option<usize>,
+
+    /// Connections one source address may hold open at once; past it, a new connection is closed
+    /// as soon as it is accepted.
+    #[arg(
+        long,
+        env = "MAX_CONNECTIONS_PER_ADDRESS",
+        default_value = "4096",
+        value_parser = values::at_least(1usize)
+    )]
+    pub max_connections_per_address: usize,
+
     /// Longest accepted token lifetime (`exp − iat`, and `exp − now`).
     #[arg(
         long,
@@ -595,6 +620,8 @@ pub struct Settings {
     pub live: StreamsSettings,
     /// The dispatcher role.
     pub tasks: TaskSettings,
+    /// Bytes one agent may store per `streams.max_age` (`AGENT_STORE_QUOTA`).
+    pub agent_store_quota: u64,
     /// Largest accepted request body.
     pub body_limit: usize,
     /// Longest wait for JetStream to acknowledge a write.
@@ -722,6 +749,11 @@ impl Settings {
                 auth_failure_burst: args.auth_failure_burst,
                 auth_failure_interval: args.auth_failure_interval,
                 max_in_flight: args.max_in_flight,
+                connections: crate::http::server::ConnectionLimits {
+                    header_read_timeout: args.header_read_timeout,
+                    body_read_timeout: args.body_read_timeout,
+                    max_per_address: args.max_connections_per_address,
+                },
             },
             live: StreamsSettings {
                 keepalive: args.sse_keepalive,
@@ -733,6 +765,7 @@ impl Settings {
                 lease_ttl: args.dispatcher_lease_ttl,
                 write_timeout: args.publish_timeout,
             },
+            agent_store_quota: args.agent_store_quota.unwrap_or(args.stream_max_bytes / 32) as u64,
             body_limit: args.body_limit,
             publish_timeout: args.publish_timeout,
             shutdown_timeout: args.shutdown_timeout,

@@ -4,7 +4,8 @@
 //! (`acc.in.register`, `acc.in.heartbeat`, `acc.in.task_result.<task_id>`, `acc.in.event`), with
 //! the JWT in an `Authorization: Bearer …` header. The stream `ACC_INBOUND` captures them, so a
 //! publish JetStream acknowledged is kept even while no door runs. The door is a durable consumer
-//! on that stream (the shared loop in [`crate::workers::consume`]) and runs, per message, exactly
+//! on that stream that serves callers in turn (see [`Door::run`]; each message is handled and
+//! settled by the shared [`crate::workers::process`]) and runs, per message, exactly
 //! what the HTTP door runs: [`Verifier::verify_header`], then [`Admission::admit`] — same
 //! validation, identity binding, stamping, verified subject and dedupe id. The answer is the JSON
 //! body HTTP would return, sent on the caller's reply subject (`Acc-Reply-To`, which must lie in
@@ -29,14 +30,15 @@
 //!
 //! Every message is handled in a `door.admit` span.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::{AckKind, Message};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use serde_json::Value;
@@ -49,7 +51,7 @@ use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
 use crate::tasks::Tasks;
-use crate::workers::{HandleError, Handler, MAX_DELIVER, consume};
+use crate::workers::{self, HandleError, Handler, MAX_DELIVER};
 
 /// The caller key of messages whose token did not verify: they share one bucket.
 const ANONYMOUS: &str = "anonymous";
@@ -109,19 +111,37 @@ impl Door {
         }
     }
 
-    /// Consumes `ACC_INBOUND` until `stop` fires.
+    /// Consumes `ACC_INBOUND` until `stop` fires, serving callers in turn: messages are pulled
+    /// ahead of handling (up to [`WINDOW`]) into one queue per caller, and the door takes one
+    /// message from each caller with messages waiting before it takes a second from any, so one
+    /// agent's backlog does not delay another agent's answer. Each caller's own messages keep
+    /// their order. On `stop`, the message in hand is finished and every message pulled but not
+    /// handled is given back to the server at once (nak), for the next door to take.
     pub async fn run(self, inbound: Stream, stop: CancellationToken) -> anyhow::Result<()> {
         let consumer = durable_consumer(&inbound).await?;
-        let publisher = self.publisher.clone();
-        consume(
+        let queue = Arc::new(FairQueue::default());
+        let pulling = tokio::spawn(pull_ahead(
             consumer,
-            subjects::INBOUND_STREAM,
-            subjects::DOOR_CONSUMER,
-            publisher,
-            stop,
-            self,
-        )
-        .await;
+            queue.clone(),
+            self.verifier.clone(),
+            stop.clone(),
+        ));
+        while let Some(message) = queue.next(&stop).await {
+            workers::process(
+                &self.publisher,
+                subjects::INBOUND_STREAM,
+                subjects::DOOR_CONSUMER,
+                &self,
+                message,
+            )
+            .await;
+        }
+        let _ = pulling.await;
+        for message in queue.drain() {
+            if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(error = %err, "cannot give a message back; it is redelivered after its ack wait");
+            }
+        }
         Ok(())
     }
 
@@ -282,12 +302,18 @@ impl Door {
             subjects::REJECTED_SEQUENCE,
             inbound_seq.to_string().as_str(),
         );
+        // A caller over its rate or quota is recorded without its body: a flood (with or without
+        // a token) costs `ACC_REJECTED` a few hundred bytes a message, not its payloads.
+        let payload = match code {
+            Code::RateLimited | Code::QuotaExceeded => Bytes::new(),
+            _ => message.payload.clone(),
+        };
         let stored = self
             .publisher
             .publish(
                 subjects::rejected(code.as_str()),
                 &format!("rejected:{inbound_seq}"),
-                message.payload.clone(),
+                payload,
                 Some(headers),
             )
             .await;
@@ -353,6 +379,139 @@ impl Handler for Door {
     }
 }
 
+/// Messages pulled per request by [`pull_ahead`].
+const PULL_BATCH: usize = 256;
+/// How long one pull request waits for messages before it ends on its own.
+const PULL_WAIT: Duration = Duration::from_millis(500);
+/// Messages the door holds pulled but not yet handled (the consumer's `max_ack_pending`): the
+/// backlog it can see past to serve callers in turn. Handled at a millisecond or two each, the
+/// last of a full window is still well inside the ack wait.
+pub const WINDOW: i64 = 10_000;
+
+/// Pulls inbound messages into `queue`, keyed by caller (the agent whose token verifies, or
+/// [`ANONYMOUS`]), until `stop`; the pull request in progress is read to its end so that no
+/// request is left at the server to deliver into a connection nobody reads.
+async fn pull_ahead(
+    consumer: PullConsumer,
+    queue: Arc<FairQueue<Message>>,
+    verifier: Verifier,
+    stop: CancellationToken,
+) {
+    use futures::StreamExt as _;
+    while !stop.is_cancelled() {
+        let batch = consumer
+            .batch()
+            .max_messages(PULL_BATCH)
+            .expires(PULL_WAIT)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(err) => {
+                tracing::warn!(error = %err, "door cannot pull; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let grace = PULL_WAIT * 2;
+        let mut deadline = tokio::time::Instant::now() + grace;
+        while let Ok(Some(next)) = tokio::time::timeout_at(deadline, batch.next()).await {
+            deadline = tokio::time::Instant::now() + grace;
+            match next {
+                Ok(message) => {
+                    let authorization = header(message.headers.as_ref(), "Authorization");
+                    let caller = match verifier.verify_header(authorization.map(str::as_bytes)) {
+                        Ok(caller) => caller.agent_id.to_string(),
+                        Err(_) => ANONYMOUS.to_owned(),
+                    };
+                    queue.push(caller, message);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "door pull interrupted");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// One FIFO queue per caller, served in turn: [`FairQueue::pop`] takes the oldest message of
+/// the caller whose turn it is, then puts that caller at the back of the line if it has more.
+struct FairQueue<T> {
+    inner: std::sync::Mutex<Queues<T>>,
+    ready: tokio::sync::Notify,
+}
+
+struct Queues<T> {
+    by_caller: HashMap<String, VecDeque<T>>,
+    /// Callers with messages waiting, in the order they are served.
+    turns: VecDeque<String>,
+}
+
+impl<T> Default for FairQueue<T> {
+    fn default() -> Self {
+        Self {
+            inner: std::sync::Mutex::new(Queues {
+                by_caller: HashMap::new(),
+                turns: VecDeque::new(),
+            }),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl<T> FairQueue<T> {
+    fn push(&self, caller: String, item: T) {
+        let mut queues = self.inner.lock().expect("never poisoned");
+        let Queues { by_caller, turns } = &mut *queues;
+        let queue = by_caller.entry(caller).or_insert_with_key(|caller| {
+            turns.push_back(caller.clone());
+            VecDeque::new()
+        });
+        queue.push_back(item);
+        drop(queues);
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<T> {
+        let mut queues = self.inner.lock().expect("never poisoned");
+        let caller = queues.turns.pop_front()?;
+        let queue = queues.by_caller.get_mut(&caller)?;
+        let item = queue.pop_front();
+        if queue.is_empty() {
+            queues.by_caller.remove(&caller);
+        } else {
+            queues.turns.push_back(caller);
+        }
+        item
+    }
+
+    /// The next message to handle, waiting for one; `None` once `stop` fires.
+    async fn next(&self, stop: &CancellationToken) -> Option<T> {
+        loop {
+            if stop.is_cancelled() {
+                return None;
+            }
+            if let Some(item) = self.pop() {
+                return Some(item);
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = self.ready.notified() => {}
+            }
+        }
+    }
+
+    /// Everything still queued, in no particular order.
+    fn drain(&self) -> Vec<T> {
+        let mut queues = self.inner.lock().expect("never poisoned");
+        queues.turns.clear();
+        queues.by_caller.drain().flat_map(|(_, q)| q).collect()
+    }
+}
+
 /// The door's durable consumer: every inbound subject, from the first message still stored (so
 /// messages published while no door ran are admitted), explicit ack, bounded redelivery.
 pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
@@ -362,11 +521,10 @@ pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
             description: Some("admits what agents publish on NATS".into()),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
-            // A pulled batch is handled one message at a time; each waits at most the publish
-            // timeout twice (lookup, publish), so the last of a batch is still in time.
-            ack_wait: Duration::from_secs(30),
+            // Pulled messages wait their caller's turn (see `WINDOW`) before they are handled.
+            ack_wait: Duration::from_secs(60),
             max_deliver: MAX_DELIVER,
-            max_ack_pending: 1_000,
+            max_ack_pending: WINDOW,
             ..Default::default()
         })
         .await
@@ -474,5 +632,19 @@ mod tests {
             Some(Call::TaskResult { task_id: "t-1" })
         ));
         assert!(call_of("acc.in.other").is_none());
+    }
+
+    #[test]
+    fn callers_are_served_in_turn_and_each_callers_messages_in_order() {
+        let queue = FairQueue::default();
+        for i in 0..5 {
+            queue.push("flooder".into(), format!("f{i}"));
+        }
+        queue.push("quiet".into(), "q0".to_owned());
+        queue.push("quiet".into(), "q1".to_owned());
+        queue.push(ANONYMOUS.into(), "x0".to_owned());
+        let order: Vec<String> = std::iter::from_fn(|| queue.pop()).collect();
+        assert_eq!(order, ["f0", "q0", "x0", "f1", "q1", "f2", "f3", "f4"]);
+        assert!(queue.drain().is_empty());
     }
 }

@@ -467,6 +467,7 @@ fn annotations(
         .summary
         .replace("{endpoint}", &label("endpoint"))
         .replace("{agent_id}", &label("agent_id"))
+        .replace("{stream}", &label("stream"))
         .replace("{value}", &format!("{value:.4}"))
         .replace("{threshold}", &format!("{threshold}"));
     BTreeMap::from([

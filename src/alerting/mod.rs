@@ -178,7 +178,9 @@ async fn evaluate(
     snapshot_interval: Duration,
 ) -> anyhow::Result<()> {
     let fresh = snapshot_interval * STALE_AFTER_INTERVALS;
-    let endpoints = match latest_fleet(js, fresh).await {
+    let fleet = latest_fleet(js, fresh).await;
+    let streams = stream_samples(rules, fleet.as_ref());
+    let endpoints = match fleet {
         Some(fleet) => Some(fleet.endpoints),
         // No metrics worker publishing: merge the replicas' snapshots here, the same way.
         None => replica_snapshots(js, fresh)
@@ -189,6 +191,7 @@ async fn evaluate(
     };
     let mut samples = endpoint_samples(rules, endpoints.as_ref());
     samples.extend(agent_samples(rules, agents).await?);
+    samples.extend(streams);
     let acks = store::acks(kv).await?;
     let silences = store::silences(kv).await?;
     let now = Utc::now();
@@ -310,7 +313,7 @@ pub fn endpoint_samples(
                 Metric::LatencyP95Ms => figures.p95_ms,
                 Metric::LatencyP99Ms => figures.p99_ms,
                 Metric::ErrorRate => figures.error_rate,
-                Metric::AgentOfflineSeconds => continue,
+                Metric::AgentOfflineSeconds | Metric::StreamUsedRatio => continue,
             };
             samples.push(Sample {
                 rule: index,
@@ -322,10 +325,38 @@ pub fn endpoint_samples(
     samples
 }
 
+/// Samples of the stream rules: each bounded stream's bytes over its `max_bytes`, from the fleet
+/// snapshot. None without a fresh snapshot (no data: the alerts keep their state).
+pub fn stream_samples(rules: &[CheckedRule], fleet: Option<&FleetSnapshot>) -> Vec<Sample> {
+    let Some(fleet) = fleet else {
+        return Vec::new();
+    };
+    let mut samples = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        if rule.rule.metric != Metric::StreamUsedRatio {
+            continue;
+        }
+        for (stream, figures) in &fleet.bus.streams {
+            if figures.max_bytes <= 0 {
+                continue;
+            }
+            samples.push(Sample {
+                rule: index,
+                labels: BTreeMap::from([("stream".to_owned(), stream.clone())]),
+                value: figures.bytes as f64 / figures.max_bytes as f64,
+            });
+        }
+    }
+    samples
+}
+
 /// Samples of the agent rules, read from the agents bucket: seconds since the last heartbeat
 /// of each agent the registry marked offline.
 async fn agent_samples(rules: &[CheckedRule], agents: &Store) -> anyhow::Result<Vec<Sample>> {
-    if rules.iter().all(|r| r.rule.metric.per_endpoint()) {
+    if rules
+        .iter()
+        .all(|r| r.rule.metric != Metric::AgentOfflineSeconds)
+    {
         return Ok(Vec::new());
     }
     let records = agent_records(agents).await?;

@@ -31,12 +31,16 @@ pub enum Metric {
     /// offline 5 min after its last heartbeat (plus up to one sweep interval), so "offline for
     /// more than 5 min" is measured from the last heartbeat, not from the sweep.
     AgentOfflineSeconds,
+    /// The fraction of a stream's `max_bytes` in use (0.8 = 80 %), from the fleet snapshot: an
+    /// operator hears of a filling stream before it refuses writes with `STREAM_FULL`. Labelled
+    /// `stream`; streams without a bound have no value.
+    StreamUsedRatio,
 }
 
 impl Metric {
-    /// True for metrics selected by endpoint (the others by agent).
+    /// True for metrics selected by endpoint (the others by agent, or by stream).
     pub fn per_endpoint(self) -> bool {
-        !matches!(self, Metric::AgentOfflineSeconds)
+        !matches!(self, Metric::AgentOfflineSeconds | Metric::StreamUsedRatio)
     }
 }
 
@@ -169,6 +173,18 @@ pub fn defaults() -> RuleFile {
                 summary: "agent {agent_id} offline, last heartbeat {value} s ago (threshold {threshold} s)"
                     .into(),
             },
+            Rule {
+                name: "StreamNearlyFull".into(),
+                metric: Metric::StreamUsedRatio,
+                endpoints: Vec::new(),
+                agents: Vec::new(),
+                warning: Some(0.8),
+                critical: Some(0.95),
+                hold: "0s".into(),
+                min_requests: 0,
+                summary: "stream {stream} is {value} full (threshold {threshold}); at 1 it refuses writes"
+                    .into(),
+            },
         ],
     }
 }
@@ -199,7 +215,7 @@ pub fn check(file: RuleFile) -> Result<Vec<CheckedRule>, String> {
         {
             return Err(format!("rule {name}: thresholds must be finite numbers"));
         }
-        if rule.metric.per_endpoint() && !rule.agents.is_empty() {
+        if rule.metric != Metric::AgentOfflineSeconds && !rule.agents.is_empty() {
             return Err(format!(
                 "rule {name}: agents selects agents, this metric is per endpoint"
             ));
@@ -332,6 +348,10 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
                     "time() - min(acc_agents_offline_oldest_last_seen_timestamp_seconds) > {}",
                     number(threshold)
                 ),
+                Metric::StreamUsedRatio => format!(
+                    "max by (stream) (acc_stream_bytes / (acc_stream_max_bytes > 0)) > {}",
+                    number(threshold)
+                ),
             };
             let hold = if checked.hold.is_zero() {
                 "0s".to_owned()
@@ -344,6 +364,7 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
                 .summary
                 .replace("{endpoint}", "{{ $labels.endpoint }}")
                 .replace("{agent_id}", "{{ $labels.agent_id }}")
+                .replace("{stream}", "{{ $labels.stream }}")
                 .replace("{value}", "{{ $value }}")
                 .replace("{threshold}", &number(threshold));
             let _ = writeln!(out, "      - alert: {}", rule.name);

@@ -201,6 +201,11 @@ impl Publisher {
         &self.js
     }
 
+    /// The bound on one write's acknowledgement, also used for reads made to decide a write.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }

@@ -56,6 +56,8 @@ pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
     }
     if name == subjects::INBOUND_STREAM {
         config.duplicate_window = INBOUND_DUPLICATE_WINDOW;
+        // Holds only what the door has not handled yet: a message leaves once the door acks it.
+        config.retention = RetentionPolicy::WorkQueue;
     }
     if name == subjects::SUBMISSIONS_STREAM {
         // One submission per task id for the life of the stream: a second message on the
@@ -136,7 +138,21 @@ pub fn tasks_bucket_config(settings: &StreamSettings) -> kv::Config {
 /// Creates or updates every stream and bucket. Retries briefly when another replica races us.
 pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Result<()> {
     for name in STREAMS {
-        let config = stream_config(name, settings);
+        let mut config = stream_config(name, settings);
+        // The server cannot change a stream's retention to or from work-queue: a stream made
+        // before keeps its own (see docs/operations.md for switching it).
+        if let Ok(existing) = js.get_stream(name).await {
+            let current = existing.cached_info().config.retention;
+            if current != config.retention {
+                tracing::warn!(
+                    stream = name,
+                    "the stream keeps the retention it was made with ({current:?}, not {:?}); \
+                     drain and delete it to switch",
+                    config.retention
+                );
+                config.retention = current;
+            }
+        }
         retry(|| async {
             js.create_or_update_stream(config.clone())
                 .await

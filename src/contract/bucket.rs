@@ -74,15 +74,24 @@ where
     /// Takes a token for `key`, or says how long until one is there. Allocates only for a key
     /// seen for the first time.
     pub fn take(&self, key: &Q) -> Result<(), Duration> {
+        self.take_n(key, 1.0)
+    }
+
+    /// Takes `n` tokens for `key` (a byte quota charges a message's size), or says how long
+    /// until they are there; more than the burst is never granted.
+    pub fn take_n(&self, key: &Q, n: f64) -> Result<(), Duration> {
+        if n > self.burst {
+            return Err(Duration::from_secs_f64(self.burst / self.rate));
+        }
         let now = Instant::now();
         let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
         if let Some(bucket) = shard.get_mut(key) {
             let tokens = self.refill(bucket, now);
-            if tokens >= 1.0 {
-                bucket.tokens -= 1.0;
+            if tokens >= n {
+                bucket.tokens -= n;
                 return Ok(());
             }
-            return Err(self.wait_for_one(tokens));
+            return Err(Duration::from_secs_f64(((n - tokens) / self.rate).max(0.0)));
         }
         if shard.len() >= SHARD_SOFT_CAP {
             let (rate, burst) = (self.rate, self.burst);
@@ -93,7 +102,7 @@ where
         shard.insert(
             key.to_owned(),
             Bucket {
-                tokens: self.burst - 1.0,
+                tokens: self.burst - n,
                 updated: now,
             },
         );

@@ -58,6 +58,8 @@ codes! {
     InvalidReplyTo = ("INVALID_REPLY_TO", 400, "Acc-Reply-To must be a subject under acc.reply.<your agent_id>."),
     /// The body is over `BODY_LIMIT`, or the stored message over the bus's max payload.
     PayloadTooLarge = ("PAYLOAD_TOO_LARGE", 413, "Request body is too large"),
+    /// HTTP: the body did not all arrive within `BODY_READ_TIMEOUT` of the headers.
+    RequestTimeout = ("REQUEST_TIMEOUT", 408, "The request body did not arrive in time"),
     /// HTTP: the content type is not JSON.
     UnsupportedMediaType = ("UNSUPPORTED_MEDIA_TYPE", 415, "Content-Type must be application/json"),
     /// A heartbeat from an agent that never registered.
@@ -85,6 +87,9 @@ codes! {
     /// Over a rate (per agent, failed authentications per address, door rejections per
     /// caller); sent with `Retry-After`.
     RateLimited = ("RATE_LIMITED", 429, "Too many requests; retry later"),
+    /// The agent has stored its share of the bus (`AGENT_STORE_QUOTA` per `STREAM_MAX_AGE`);
+    /// sent with `Retry-After`.
+    QuotaExceeded = ("QUOTA_EXCEEDED", 429, "This agent has stored its share of the message store; retry later"),
     /// The bus did not acknowledge in time, or a read from it failed; sent with `Retry-After`.
     BusUnavailable = ("BUS_UNAVAILABLE", 503, "The message bus is unavailable; retry later"),
     /// The stream is at its limit and refuses new messages; sent with `Retry-After`.
@@ -108,6 +113,7 @@ impl Code {
                 | Code::InsufficientScope
                 | Code::RateLimited
                 | Code::PayloadTooLarge
+                | Code::RequestTimeout
                 | Code::UnsupportedMediaType
                 | Code::Overloaded
         )

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, header, request::Parts};
 use serde_json::{Map, Value};
 
 use super::AppState;
+use super::server::BodyDeadline;
 use crate::auth::{AuthError, Caller};
 use crate::contract::{self, Code, Refusal};
 
@@ -68,7 +69,8 @@ impl FromRequest<AppState> for JsonObject {
         }
         let limit = state.body_limit;
         declared_within(req.headers(), limit)?;
-        let bytes = read_body(req.into_body(), limit).await?;
+        let deadline = req.extensions().get::<BodyDeadline>().copied();
+        let bytes = read_body(req.into_body(), limit, deadline).await?;
         contract::json_object(&bytes, limit).map(Self)
     }
 }
@@ -86,9 +88,21 @@ pub(super) fn declared_within(headers: &HeaderMap, limit: usize) -> Result<(), R
     Ok(())
 }
 
-/// Reads a body of at most `limit` bytes: 413 past it, 400 `INVALID_JSON` when it cannot be read.
-pub(super) async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, Refusal> {
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
+/// Reads a body of at most `limit` bytes: 413 past it, 400 `INVALID_JSON` when it cannot be read,
+/// 408 `REQUEST_TIMEOUT` when it has not all arrived by `deadline` (set by the server loop).
+pub(super) async fn read_body(
+    body: Body,
+    limit: usize,
+    deadline: Option<BodyDeadline>,
+) -> Result<axum::body::Bytes, Refusal> {
+    let read = axum::body::to_bytes(body, limit);
+    let read = match deadline {
+        Some(BodyDeadline(deadline)) => tokio::time::timeout_at(deadline, read)
+            .await
+            .map_err(|_| Refusal::new(Code::RequestTimeout))?,
+        None => read.await,
+    };
+    read.map_err(|err| {
         if is_length_limit(&err) {
             Refusal::too_large(limit)
         } else {

@@ -40,6 +40,8 @@ pub struct LimitSettings {
     pub auth_failure_interval: Duration,
     /// Requests handled at once; more are refused with 503 `OVERLOADED`.
     pub max_in_flight: usize,
+    /// Bounds on every connection: header and body read timeouts, connections per address.
+    pub connections: super::server::ConnectionLimits,
 }
 
 impl LimitSettings {
@@ -60,11 +62,12 @@ pub struct Limits {
 
 /// The answers that mean "not now", shown by `/health`: the operator's signal that the bus is
 /// down or full, or that the door is shedding or limiting.
-const NOT_NOW: [Code; 4] = [
+const NOT_NOW: [Code; 5] = [
     Code::BusUnavailable,
     Code::StreamFull,
     Code::Overloaded,
     Code::RateLimited,
+    Code::QuotaExceeded,
 ];
 
 impl Limits {

@@ -11,6 +11,7 @@ pub mod limits;
 pub mod metrics;
 pub mod orchestrator;
 pub mod routes;
+pub mod server;
 pub mod streams;
 pub mod tasks;
 
@@ -237,7 +238,8 @@ async fn peek_trace_id(
     limit: usize,
 ) -> Result<(Request, Option<String>), Refusal> {
     let (parts, body) = request.into_parts();
-    let bytes = extract::read_body(body, limit).await?;
+    let deadline = parts.extensions.get::<server::BodyDeadline>().copied();
+    let bytes = extract::read_body(body, limit, deadline).await?;
     let trace_id = mentions_trace_id(&bytes)
         .then(|| serde_json::from_slice::<TraceIdOnly>(&bytes).ok())
         .flatten()

@@ -105,9 +105,7 @@ async fn task_status(
     };
     let record: TaskResult = serde_json::from_slice(&message.payload).map_err(Refusal::internal)?;
     if record.reported_by != caller.agent_id && !caller.is_admin() {
-        return Err(
-            Refusal::new(Code::Forbidden).with_message("this task was reported by another agent")
-        );
+        return Err(Refusal::new(Code::Forbidden).with_message(crate::admission::FOREIGN_TASK));
     }
     Ok(Json(with_trace_id(json!({
         "success": true,

@@ -33,6 +33,7 @@ pub const FAMILIES: &[&str] = &[
     "acc_fleet_error_rate",
     "acc_stream_messages",
     "acc_stream_bytes",
+    "acc_stream_max_bytes",
     "acc_consumer_pending",
     "acc_consumer_ack_pending",
     "acc_consumer_redelivered",
@@ -287,6 +288,20 @@ fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
             "acc_stream_bytes{{stream=\"{}\"}} {}",
             escape(stream),
             figures.bytes
+        );
+    }
+    header(
+        out,
+        "acc_stream_max_bytes",
+        "gauge",
+        "The most bytes a stream holds before it refuses writes (-1: unbounded).",
+    );
+    for (stream, figures) in &bus.streams {
+        let _ = writeln!(
+            out,
+            "acc_stream_max_bytes{{stream=\"{}\"}} {}",
+            escape(stream),
+            figures.max_bytes
         );
     }
     for (name, help, pick) in [

@@ -157,6 +157,13 @@ pub struct BusFigures {
 pub struct StreamFigures {
     pub messages: u64,
     pub bytes: u64,
+    /// The stream's `max_bytes` (-1: unbounded), for the stream-nearly-full alert.
+    #[serde(default = "unbounded")]
+    pub max_bytes: i64,
+}
+
+fn unbounded() -> i64 {
+    -1
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -139,6 +139,7 @@ async fn bus_figures(js: &jetstream::Context, agents: &Store) -> anyhow::Result<
             StreamFigures {
                 messages: info.state.messages,
                 bytes: info.state.bytes,
+                max_bytes: info.config.max_bytes,
             },
         );
         let mut consumers = stream.consumers();

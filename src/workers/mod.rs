@@ -133,15 +133,7 @@ pub async fn consume<H: Handler>(
         while let Ok(Some(next)) = tokio::time::timeout_at(deadline, batch.next()).await {
             deadline = tokio::time::Instant::now() + BATCH_WAIT + BATCH_GRACE;
             match next {
-                Ok(message) => {
-                    let span = process_span(&message, stream, name);
-                    async {
-                        let outcome = handler.handle(&message).await;
-                        settle(&publisher, stream, name, message, outcome).await;
-                    }
-                    .instrument(span)
-                    .await;
-                }
+                Ok(message) => process(&publisher, stream, name, &handler, message).await,
                 Err(err) => {
                     tracing::warn!(consumer = name, error = %err, "pull interrupted");
                     break;
@@ -149,6 +141,24 @@ pub async fn consume<H: Handler>(
             }
         }
     }
+}
+
+/// Handles one delivered message in its consumer span and settles it: ack, nak with backoff, or
+/// dead-letter. [`consume`] calls it in stream order; the NATS door in its own order.
+pub async fn process<H: Handler>(
+    publisher: &Publisher,
+    stream: &'static str,
+    name: &'static str,
+    handler: &H,
+    message: Message,
+) {
+    let span = process_span(&message, stream, name);
+    async {
+        let outcome = handler.handle(&message).await;
+        settle(publisher, stream, name, message, outcome).await;
+    }
+    .instrument(span)
+    .await;
 }
 
 /// One consumer span per delivery, continuing the producer's trace from the message headers,

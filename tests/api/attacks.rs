@@ -612,3 +612,448 @@ async fn slow_unauthenticated_requests_do_not_turn_health_to_503() {
         "401s are still counted on /metrics"
     );
 }
+
+/// A connection from `source` (a loopback address of its own, so the per-address cap applies to
+/// it and not to the test's valid agent) that sends half a request's headers, then one more
+/// header line every 250 ms, as a slowloris does. Returns when it connected and how long the
+/// server kept it open, or `None` if it was still open after `give_up`.
+async fn slowloris(
+    target: std::net::SocketAddr,
+    source: std::net::IpAddr,
+    give_up: Duration,
+) -> Option<(Instant, Duration)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    let mut stream = socket.connect(target).await.ok()?;
+    let connected = Instant::now();
+    if stream
+        .write_all(b"POST /orchestrator/register HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .is_err()
+    {
+        return Some((connected, connected.elapsed()));
+    }
+    let mut buffer = [0u8; 512];
+    while connected.elapsed() < give_up {
+        // Any answer (a byte, the end of the stream, a reset) means the server is done with it.
+        match tokio::time::timeout(Duration::from_millis(250), stream.read(&mut buffer)).await {
+            Ok(_) => return Some((connected, connected.elapsed())),
+            Err(_) => {
+                if stream.write_all(b"x-slow: 1\r\n").await.is_err() {
+                    return Some((connected, connected.elapsed()));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Issue 13, item 4 (slow clients): idle connections and half-sent headers stayed open past
+/// 75 s and one address could open as many as it liked. Now a connection must send its headers
+/// within `HEADER_READ_TIMEOUT` (which also closes idle keep-alive connections), a body must
+/// arrive within `BODY_READ_TIMEOUT` (408), and one address holds at most
+/// `MAX_CONNECTIONS_PER_ADDRESS` connections. A valid agent is served throughout 1,000 slow
+/// unauthenticated connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_connections_are_closed_and_capped_per_address_while_a_valid_agent_is_served() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &[
+            "--header-read-timeout=3s",
+            "--body-read-timeout=1s",
+            "--max-connections-per-address=100",
+        ],
+    )
+    .await;
+    app.register("agent-a").await;
+    let quiet_before = p99(&mut measure(&app, "agent-a", "before", 100).await);
+
+    // 1,000 slowloris connections from 127.0.0.2, while agent-a (from 127.0.0.1) sends events.
+    let attacker: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let give_up = Duration::from_secs(10);
+    let slow: Vec<_> = (0..1_000)
+        .map(|_| tokio::spawn(slowloris(app.addr, attacker, give_up)))
+        .collect();
+    let mut during = measure(&app, "agent-a", "during", 100).await;
+    let quiet_during = p99(&mut during);
+    let mut closed_at = Vec::new();
+    for handle in slow {
+        closed_at.push(handle.await.unwrap());
+    }
+    let still_open = closed_at.iter().filter(|c| c.is_none()).count();
+    let closed: Vec<(Instant, Duration)> = closed_at.into_iter().flatten().collect();
+    let at_once = closed
+        .iter()
+        .filter(|(_, open)| *open < Duration::from_millis(500))
+        .count();
+    let held = closed.len() - at_once;
+    let longest = closed.iter().map(|(_, open)| *open).max().unwrap();
+    println!(
+        "1,000 slowloris connections (HEADER_READ_TIMEOUT=3s, MAX_CONNECTIONS_PER_ADDRESS=100): \
+         {at_once} closed within 0.5 s of connecting (over the cap), {held} held until the header \
+         timeout, the longest {longest:?}; {still_open} still open after {give_up:?}; agent-a's \
+         event p99 {quiet_before:?} before, {quiet_during:?} during"
+    );
+    assert_eq!(still_open, 0, "every half-sent header is closed");
+    assert!(held <= 100, "at most the cap held: {held}");
+    assert!(at_once >= 900, "past the cap, closed at once: {at_once}");
+    assert!(
+        longest < Duration::from_secs(5),
+        "closed by the header timeout: {longest:?}"
+    );
+
+    // An idle keep-alive connection after a complete request is closed by the same timer.
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    idle.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let idle_since = Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match idle.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "an idle keep-alive connection is closed");
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    println!(
+        "idle keep-alive connection closed after {:?}",
+        idle_since.elapsed()
+    );
+
+    // A valid agent's body that stops halfway: 408 at the body timeout, nothing stored.
+    let mut half = stalled_request(&app).await;
+    let line = status_line(&mut half, Duration::from_secs(5)).await;
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains(" 408 ")),
+        "a body that stops arriving is 408: {line:?}"
+    );
+    assert!(quiet_during < Duration::from_secs(1), "{quiet_during:?}");
+    app.stop().await;
+}
+
+/// Issue 13, item 6: any agent could overwrite a result another agent reported for a task the
+/// orchestrator never queued; the owner then got 403 on its own task. Now a task id belongs to
+/// its first reporter: another agent's report is refused as its read is, and nothing is stored.
+#[tokio::test]
+async fn an_agent_cannot_overwrite_another_agents_task_result() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let (a, b) = (token("agent-a"), token("agent-b"));
+    let path = "/orchestrator/tasks/t-owned/callback";
+    let (status, first) = app
+        .post(
+            path,
+            Some(&a),
+            &json!({"status": "done", "result": "a-secret"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+
+    let (status, overwrite) = app
+        .post(
+            path,
+            Some(&b),
+            &json!({"status": "done", "result": "b-forged"}),
+        )
+        .await;
+    assert_error(status, &overwrite, 403, "FORBIDDEN");
+    assert!(!overwrite.to_string().contains("a-secret"), "{overwrite}");
+    // B's refused report and B's refused read say the same thing.
+    let (status, read_by_b) = app.get("/orchestrator/tasks/t-owned", Some(&b)).await;
+    assert_error(status, &read_by_b, 403, "FORBIDDEN");
+    assert_eq!(overwrite["error"], read_by_b["error"]);
+
+    let (status, read) = app.get("/orchestrator/tasks/t-owned", Some(&a)).await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(read["result"], "a-secret");
+    assert_eq!(read["reported_by"], "agent-a");
+    let stored = all_stored(&app.js, "ACC_TASKS", "acc.tasks.result.t-owned").await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+
+    // The owner may still report again; B's own task ids are B's.
+    let (status, again) = app
+        .post(
+            path,
+            Some(&a),
+            &json!({"status": "failed", "error": "later"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    let (status, own) = app
+        .post(
+            "/orchestrator/tasks/t-of-b/callback",
+            Some(&b),
+            &json!({"status": "done"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{own}");
+    println!(
+        "agent-b's report on agent-a's task: {} {}; agent-a's result intact, 1 message stored",
+        overwrite["error"]["code"], overwrite["error"]["message"]
+    );
+}
+
+/// Messages of `stream` stored so far.
+async fn stored_count(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+/// Issue 13, item 8: the NATS door handled messages in stream order, so one agent's 5,000
+/// queued events delayed another agent's answer by seconds. Now the door pulls ahead and serves
+/// callers in turn: the other agent is answered while the flood is still being worked off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agents_backlog_on_the_nats_door_does_not_delay_another_agents_answer() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let flooder = NatsAgent::connect(&nats.url(), "agent-a").await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Authorization",
+        format!("Bearer {}", token("agent-a")).as_str(),
+    );
+    // 5,000 events published back to back, acknowledgements awaited together.
+    let sent = 5_000u64;
+    let mut acks = Vec::with_capacity(sent as usize);
+    for i in 0..sent {
+        let body = serde_json::to_vec(&event("agent-a", &format!("flood-{i}"))).unwrap();
+        let ack = flooder
+            .js
+            .publish_with_headers("acc.in.event", headers.clone(), body.into())
+            .await
+            .unwrap();
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let other = NatsAgent::connect(&nats.url(), "agent-b").await;
+    let started = Instant::now();
+    let (status, answer) = other
+        .call("acc.in.event", &event("agent-b", "calm-1"))
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    // What of the flood the door had handled when agent-b got its answer (admitted or refused).
+    let handled =
+        stored_count(&app.js, "ACC_EVENTS").await + stored_count(&app.js, "ACC_REJECTED").await - 1;
+    println!(
+        "NATS door: agent-b answered {waited:?} after 5,000 queued events of agent-a, with \
+         {handled} of them handled by then"
+    );
+    assert!(
+        handled < sent,
+        "agent-b was answered before the flood was worked off"
+    );
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    let handled = eventually(Duration::from_secs(60), "the flood handled", || async {
+        let handled = stored_count(&app.js, "ACC_EVENTS").await
+            + stored_count(&app.js, "ACC_REJECTED").await
+            - 1;
+        (handled == sent).then_some(handled)
+    })
+    .await;
+    assert_eq!(handled, sent);
+}
+
+/// One agent sends 50 KB events back to back until refused; returns how many were stored, the
+/// refusal, how long it took, and what another agent's 50 KB event then got.
+async fn fill(app: &TestApp) -> (usize, Value, Duration, StatusCode) {
+    let a = token("agent-a");
+    let started = Instant::now();
+    let mut body = event("agent-a", "x");
+    body["data"] = json!("x".repeat(50_000));
+    for i in 0..1_000 {
+        body["event_id"] = json!(format!("big-{i}"));
+        let (status, answer) = app.post("/orchestrator/events", Some(&a), &body).await;
+        if status != StatusCode::OK {
+            let mut theirs = event("agent-b", "b-1");
+            theirs["data"] = body["data"].clone();
+            let (other, _) = app
+                .post("/orchestrator/events", Some(&token("agent-b")), &theirs)
+                .await;
+            return (i, answer, started.elapsed(), other);
+        }
+    }
+    panic!("1,000 events of 50 KB were all stored");
+}
+
+/// Issue 13, item 3: one agent's large events filled a stream, and every other agent then got
+/// 503 `STREAM_FULL`. Now each agent may store `AGENT_STORE_QUOTA` bytes per `STREAM_MAX_AGE`
+/// (a 32nd of the stream by default): past it the agent gets 429 `QUOTA_EXCEEDED`, and others
+/// are served. Heartbeat `details` are bounded, and `ACC_INBOUND` keeps only what the door has
+/// not handled.
+#[tokio::test]
+async fn one_agent_cannot_fill_a_stream_for_the_others() {
+    // Without a quota (one as large as the stream), as before.
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--stream-max-bytes=4MiB", "--agent-store-quota=1GiB"],
+    )
+    .await;
+    let (stored, refusal, took, other) = fill(&app).await;
+    println!(
+        "no quota: agent-a filled ACC_EVENTS (4 MiB) with {stored} events of 50 KB in {took:?}; \
+         then {} for agent-a and {other} for agent-b",
+        refusal["error"]["code"]
+    );
+    assert_eq!(refusal["error"]["code"], "STREAM_FULL", "{refusal}");
+    assert_eq!(other, StatusCode::SERVICE_UNAVAILABLE);
+    app.stop().await;
+
+    // With the default quota, a 32nd of the stream.
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--stream-max-bytes=4MiB"]).await;
+    let (stored, refusal, _, other) = fill(&app).await;
+    let bytes = app
+        .js
+        .get_stream("ACC_EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .bytes;
+    println!(
+        "default quota (128 KiB per 7 days): agent-a stored {stored} events ({bytes} bytes, \
+         {:.1}% of the stream), then {}; agent-b {other}",
+        bytes as f64 * 100.0 / f64::from(4u32 << 20),
+        refusal["error"]["code"],
+    );
+    assert_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        &refusal,
+        429,
+        "QUOTA_EXCEEDED",
+    );
+    assert_eq!(other, StatusCode::OK);
+    assert!(bytes < 4 << 20 >> 4, "{bytes}");
+
+    // Heartbeat details are bounded like every other field.
+    app.register("agent-c").await;
+    let (status, answer) = app
+        .post(
+            "/orchestrator/heartbeat",
+            Some(&token("agent-c")),
+            &json!({"agent_id": "agent-c", "details": {"note": "x".repeat(5_000)}}),
+        )
+        .await;
+    assert_error(status, &answer, 400, "INVALID_PAYLOAD");
+    assert!(answer.to_string().contains("details"), "{answer}");
+
+    // The inbound stream keeps nothing the door has handled.
+    let agent = NatsAgent::connect(&nats.url(), "agent-c").await;
+    for i in 0..20 {
+        let (status, _) = agent
+            .call("acc.in.event", &event("agent-c", &format!("in-{i}")))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Authorization", "Bearer forged");
+    agent
+        .send("acc.in.event", headers, vec![b'x'; 500_000])
+        .await;
+    let left = eventually(Duration::from_secs(10), "ACC_INBOUND drained", || async {
+        let left = stored_count(&app.js, "ACC_INBOUND").await;
+        (left == 0).then_some(left)
+    })
+    .await;
+    println!("ACC_INBOUND after 21 handled messages (one 500 KB without a token): {left}");
+    app.stop().await;
+}
+
+/// Issue 13, item 11: `RUST_LOG` was silently ignored. `--help` says so and names the filter
+/// that is read, `LOG_LEVEL`.
+#[test]
+fn help_says_log_level_is_the_filter_and_rust_log_is_not_read() {
+    let finished = run_to_end(binary().args(["serve", "--help"]), Duration::from_secs(10));
+    assert!(finished.status.success(), "{}", finished.stderr);
+    let help = finished
+        .stdout
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(help.contains("[env: LOG_LEVEL="), "{help}");
+    assert!(help.contains("RUST_LOG is not read"), "{help}");
+}
+
+/// Issue 13, item 3: a stream close to full said nothing until it refused writes. Now the
+/// default rule `StreamNearlyFull` warns past 80 % of `STREAM_MAX_BYTES` (critical past 95 %).
+#[tokio::test]
+async fn a_stream_close_to_full_raises_an_alert_before_it_refuses() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &[
+            "--metrics-snapshot-interval=200ms",
+            "--alert-eval-interval=100ms",
+            "--alert-lease-ttl=1s",
+            "--stream-max-bytes=1MiB",
+            "--agent-store-quota=1GiB",
+        ],
+    )
+    .await;
+    let a = token("agent-a");
+    let mut body = event("agent-a", "x");
+    body["data"] = json!("x".repeat(50_000));
+    let mut used = 0.0;
+    let mut sent = 0;
+    while used < 0.82 {
+        body["event_id"] = json!(format!("big-{sent}"));
+        let (status, answer) = app.post("/orchestrator/events", Some(&a), &body).await;
+        assert_eq!(status, StatusCode::OK, "refused before 82 %: {answer}");
+        sent += 1;
+        let bytes = app
+            .js
+            .get_stream("ACC_EVENTS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .bytes;
+        used = bytes as f64 / f64::from(1u32 << 20);
+    }
+    let started = Instant::now();
+    let alert = eventually(Duration::from_secs(10), "StreamNearlyFull", || async {
+        let (_, listed) = app.get("/orchestrator/alerts", Some(&admin_token())).await;
+        listed["active"].as_array().and_then(|active| {
+            active
+                .iter()
+                .find(|a| {
+                    a["labels"]["alertname"] == "StreamNearlyFull"
+                        && a["labels"]["stream"] == "ACC_EVENTS"
+                })
+                .cloned()
+        })
+    })
+    .await;
+    println!(
+        "ACC_EVENTS {:.0} % full after {sent} events: StreamNearlyFull {} within {:?}, before any \
+         STREAM_FULL",
+        used * 100.0,
+        alert["labels"]["severity"],
+        started.elapsed()
+    );
+    assert_eq!(alert["labels"]["severity"], "warning", "{alert}");
+    app.stop().await;
+}

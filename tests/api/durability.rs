@@ -205,7 +205,12 @@ async fn an_unreachable_bus_answers_503_within_the_bound_and_recovers_without_a_
 #[tokio::test]
 async fn a_full_stream_answers_503_stream_full_and_never_200() {
     let nats = NatsServer::start();
-    let app = TestApp::spawn_with(&nats, &["--stream-max-bytes=64KiB"]).await;
+    // One agent fills it: its store quota (a 32nd of the stream by default) is lifted.
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--stream-max-bytes=64KiB", "--agent-store-quota=1GiB"],
+    )
+    .await;
     let t = token("agent-1");
     let mut stored_ok = 0;
     let mut refused = None;

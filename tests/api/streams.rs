@@ -306,7 +306,8 @@ async fn a_caller_over_its_stream_cap_gets_429() {
 #[tokio::test]
 async fn a_subscriber_that_never_reads_does_not_delay_others_and_is_cut_off() {
     let nats = NatsServer::start();
-    let app = TestApp::spawn_with(&nats, &["--sse-buffer=16"]).await;
+    // 300 events of 64 KiB from one agent: over the test stream's default store quota.
+    let app = TestApp::spawn_with(&nats, &["--sse-buffer=16", "--agent-store-quota=1GiB"]).await;
     let reader = reader_token("watcher");
     // Opened, then never read while the events flow.
     let mut stalled = SseReader::open(&app, "", &reader, None).await;
