@@ -216,10 +216,8 @@ impl TaskQueue {
         self.tokens += 1;
         let token = self.tokens;
         let key = (task.queued_at.timestamp_millis(), task.seq);
-        let level = &mut self
-            .lines
-            .entry(task.capability.clone())
-            .or_default()[level_of(task.priority)];
+        let level =
+            &mut self.lines.entry(task.capability.clone()).or_default()[level_of(task.priority)];
         let entry = |task_id: &TaskId| Entry {
             key,
             token,
@@ -327,7 +325,10 @@ impl TaskQueue {
         let mut turn = 0;
         while turn < lvl.ring.len() {
             let tenant = &lvl.ring[turn];
-            let line = lvl.tenants.get_mut(tenant).expect("a tenant in the ring has a line");
+            let line = lvl
+                .tenants
+                .get_mut(tenant)
+                .expect("a tenant in the ring has a line");
             if line.head(index).is_none() {
                 // Emptied by removals: out of the ring until it queues again.
                 lvl.tenants.remove(&lvl.ring[turn]);
@@ -353,7 +354,10 @@ impl TaskQueue {
         let line = lvl.tenants.get_mut(&tenant).expect("chosen from a line");
         let entry = line.entries.remove(position).expect("chosen entry");
         line.live -= 1;
-        let slot = self.index.remove(&entry.task_id).expect("a live entry is indexed");
+        let slot = self
+            .index
+            .remove(&entry.task_id)
+            .expect("a live entry is indexed");
         let emptied = line.live == 0;
         if emptied {
             lvl.tenants.remove(&tenant);
@@ -561,7 +565,10 @@ mod tests {
     #[test]
     fn weights_are_read_from_tenant_equals_weight_pairs() {
         let weights = TenantWeights::parse("a=3,b=1").unwrap();
-        assert_eq!((weights.of("a"), weights.of("b"), weights.of("z")), (3, 1, 1));
+        assert_eq!(
+            (weights.of("a"), weights.of("b"), weights.of("z")),
+            (3, 1, 1)
+        );
         assert_eq!(TenantWeights::parse("").unwrap(), TenantWeights::default());
         for bad in ["a", "a=0", "a=x", "=2", "a=1,a=2", "a=1001"] {
             assert!(TenantWeights::parse(bad).is_err(), "{bad}");
