@@ -137,7 +137,12 @@ impl Tasks {
         }
         let (task_id, spec) = TaskSpec::parse(body, &caller.agent_id)?;
         let task_id = task_id.unwrap_or_else(generated_id);
-        self.backlog.check(&spec.tenant).await?;
+        if let Err(full) = self.backlog.check(&spec.tenant).await {
+            // A retry of a submission already stored is answered as before, full or not.
+            if self.submission(&task_id).await?.is_none() {
+                return Err(full);
+            }
+        }
         let tenant = spec.tenant.clone();
         let digest = digest(&(&spec, &caller.agent_id));
         let submission = Submission {
