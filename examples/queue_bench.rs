@@ -45,8 +45,9 @@ fn main() {
     let capabilities = vec!["work".to_owned()];
     // The clock of the claims: the backlog spans `queued` ms, the claims run a minute later, so
     // the older levels are aged.
-    let now: DateTime<Utc> =
-        start + chrono::Duration::milliseconds((queued + ops) as i64) + chrono::Duration::seconds(60);
+    let now: DateTime<Utc> = start
+        + chrono::Duration::milliseconds((queued + ops) as i64)
+        + chrono::Duration::seconds(60);
     let began = Instant::now();
     for n in queued..queued + ops {
         let taken = queue.pop_for_at(&capabilities, now, |_| true);

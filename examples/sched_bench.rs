@@ -111,7 +111,11 @@ impl Client {
         // A claim that does not fail means the dispatcher's view knows the agent.
         for _ in 0..100 {
             let (status, answer) = self
-                .post("/orchestrator/tasks/claim", &token, &json!({"max": 1, "wait": "0s"}))
+                .post(
+                    "/orchestrator/tasks/claim",
+                    &token,
+                    &json!({"max": 1, "wait": "0s"}),
+                )
                 .await?;
             if status == 200 && answer["tasks"].as_array().is_some_and(Vec::is_empty) {
                 return Ok(token);
@@ -123,7 +127,11 @@ impl Client {
 
     async fn claim(&self, token: &str, max: u32, wait: &str) -> anyhow::Result<Vec<Value>> {
         let (status, answer) = self
-            .post("/orchestrator/tasks/claim", token, &json!({"max": max, "wait": wait}))
+            .post(
+                "/orchestrator/tasks/claim",
+                token,
+                &json!({"max": max, "wait": wait}),
+            )
             .await?;
         if status != 200 {
             bail!("claim: {status} {answer}");
@@ -133,7 +141,9 @@ impl Client {
 
     async fn succeed(&self, token: &str, task_id: &str) -> anyhow::Result<()> {
         let path = format!("/orchestrator/tasks/{task_id}/callback");
-        let (status, answer) = self.post(&path, token, &json!({"status": "succeeded"})).await?;
+        let (status, answer) = self
+            .post(&path, token, &json!({"status": "succeeded"}))
+            .await?;
         if status != 200 {
             bail!("callback: {status} {answer}");
         }
@@ -318,15 +328,16 @@ async fn fairness(
         let deadline = Instant::now() + Duration::from_secs(30);
         let wanted: Vec<(String, Instant)> = scheduled.lock().expect("not poisoned").clone();
         let latencies = loop {
-            let seen = claimed.lock().expect("not poisoned");
-            let got: Vec<f64> = wanted
-                .iter()
-                .filter_map(|(id, at)| seen.get(id).map(|done| millis(*done - *at)))
-                .collect();
+            let got: Vec<f64> = {
+                let seen = claimed.lock().expect("not poisoned");
+                wanted
+                    .iter()
+                    .filter_map(|(id, at)| seen.get(id).map(|done| millis(*done - *at)))
+                    .collect()
+            };
             if got.len() == wanted.len() || Instant::now() > deadline {
                 break got;
             }
-            drop(seen);
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         eprintln!(

@@ -143,7 +143,11 @@ async fn a_tenant_over_its_queued_cap_gets_429_queue_full_and_other_tenants_are_
     );
     let again = json!({"task_id": "a-0", "capability": "c", "tenant": "tenant-a"});
     let (status, again) = read(submit(&app, again).await).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "a retry of a stored submission: {again}");
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "a retry of a stored submission: {again}"
+    );
     assert_eq!(again["duplicate"], true);
     submit_ok(
         &app,
