@@ -38,14 +38,43 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 pub const REFRESH_EVERY: Duration = Duration::from_millis(200);
 /// What a refused submitter is told to wait.
 const RETRY_AFTER_SECS: u32 = 1;
+/// The most tenants [`Backlog`] names (those with the most queued): the value stays far below
+/// the bus's max payload however many tenants there are.
+const MAX_LISTED: usize = 1000;
 
 /// The value of `backlog.tenants`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backlog {
     /// The highest submission sequence the dispatcher had queued when it counted.
     pub taken_in: u64,
-    /// Queued tasks per tenant; tenants with none are absent.
+    /// Queued tasks per tenant, for the [`MAX_LISTED`] tenants with the most.
     pub tenants: BTreeMap<String, usize>,
+    /// The most any tenant not listed has queued (0 when every tenant with tasks is listed).
+    #[serde(default)]
+    pub others: usize,
+}
+
+impl Backlog {
+    /// The counts of `per_tenant`, listing the tenants with the most.
+    pub fn of(per_tenant: &HashMap<String, usize>, taken_in: u64) -> Self {
+        let mut counts: Vec<(&String, usize)> = per_tenant.iter().map(|(t, n)| (t, *n)).collect();
+        let mut others = 0;
+        if counts.len() > MAX_LISTED {
+            counts.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+            others = counts[MAX_LISTED].1;
+            counts.truncate(MAX_LISTED);
+        }
+        Self {
+            taken_in,
+            tenants: counts.into_iter().map(|(t, n)| (t.clone(), n)).collect(),
+            others,
+        }
+    }
+
+    /// What `tenant` had queued, at most.
+    pub fn queued(&self, tenant: &str) -> usize {
+        self.tenants.get(tenant).copied().unwrap_or(self.others)
+    }
 }
 
 /// The dispatcher's side: counts what it has taken in and writes the counts when they change.
@@ -69,14 +98,7 @@ impl BacklogCounts {
             return;
         }
         self.next_at = Some(now + PUBLISH_EVERY);
-        let backlog = Backlog {
-            taken_in: self.taken_in,
-            tenants: queue
-                .per_tenant()
-                .iter()
-                .map(|(tenant, n)| (tenant.clone(), *n))
-                .collect(),
-        };
+        let backlog = Backlog::of(queue.per_tenant(), self.taken_in);
         if self.written.as_ref() == Some(&backlog) {
             return;
         }
@@ -134,7 +156,7 @@ impl BacklogView {
                 });
             }
         }
-        let counted = state.backlog.tenants.get(tenant).copied().unwrap_or(0);
+        let counted = state.backlog.queued(tenant);
         let own = state.own.get(tenant).map_or(0, Vec::len);
         let queued = counted + own;
         if queued >= self.cap as usize {
@@ -170,5 +192,27 @@ impl BacklogView {
             }
             Err(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_listed_tenants_the_others_count_as_the_largest_left_out() {
+        let mut per_tenant: HashMap<String, usize> = (0..MAX_LISTED + 5)
+            .map(|n| (format!("t{n}"), n + 1))
+            .collect();
+        per_tenant.insert("big".into(), 10_000);
+        let backlog = Backlog::of(&per_tenant, 7);
+        assert_eq!(backlog.tenants.len(), MAX_LISTED);
+        assert_eq!(backlog.queued("big"), 10_000);
+        // Listed: the 999 largest of t0..t1004 and "big"; left out: t0..t5 (1 to 6 queued).
+        assert_eq!(backlog.others, 6);
+        assert_eq!(backlog.queued("t0"), 6);
+        assert_eq!(backlog.queued("nobody"), 6);
+        let few = Backlog::of(&HashMap::from([("a".to_owned(), 2)]), 1);
+        assert_eq!((few.queued("a"), few.queued("b")), (2, 0));
     }
 }

@@ -439,7 +439,14 @@ mod tests {
         );
         assert!(task.live_attempt().is_none());
         assert!(task.failed_by(&agent("a")));
+        assert_eq!(task.waiting_since(), task.submitted_at);
         task.requeue();
+        // Back in the queue, waiting since the backoff ended (what aging counts from).
+        assert_eq!(
+            task.waiting_since(),
+            now + chrono::Duration::milliseconds(100)
+        );
+        assert_eq!(task.next_attempt_at, None);
         task.start_attempt(&agent("b"), now);
         task.fail(
             Outcome::Expired,
