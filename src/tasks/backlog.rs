@@ -60,7 +60,7 @@ impl Backlog {
         let mut counts: Vec<(&String, usize)> = per_tenant.iter().map(|(t, n)| (t, *n)).collect();
         let mut others = 0;
         if counts.len() > MAX_LISTED {
-            counts.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+            counts.sort_unstable_by_key(|(_, n)| std::cmp::Reverse(*n));
             others = counts[MAX_LISTED].1;
             counts.truncate(MAX_LISTED);
         }
