@@ -176,7 +176,7 @@ impl Tasks {
             Err(failure) => return Err(failure.into()),
         };
         if !duplicate {
-            self.backlog.stored(&tenant, seq).await;
+            self.backlog.stored(&tenant, seq);
         }
         tracing::info!(%task_id, agent_id = %caller.agent_id, seq, duplicate, "task submitted");
         Ok(json!({

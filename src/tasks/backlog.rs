@@ -118,7 +118,10 @@ pub struct BacklogView {
     /// `TASK_MAX_QUEUED_PER_TENANT`; 0 is no cap.
     cap: u32,
     timeout: Duration,
-    state: Mutex<ViewState>,
+    /// Held only for map updates, never across a read from the bus.
+    state: std::sync::Mutex<ViewState>,
+    /// Held by the one submission that rereads the counts; the others go on with the last.
+    refreshing: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -135,7 +138,8 @@ impl BacklogView {
             kv,
             cap,
             timeout,
-            state: Mutex::new(ViewState::default()),
+            state: std::sync::Mutex::new(ViewState::default()),
+            refreshing: Mutex::new(()),
         }
     }
 
@@ -144,18 +148,26 @@ impl BacklogView {
         if self.cap == 0 {
             return Ok(());
         }
-        let mut state = self.state.lock().await;
-        if state.read_at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
-            state.read_at = Some(Instant::now());
-            if let Some(backlog) = self.read().await {
-                state.backlog = backlog;
-                let taken_in = state.backlog.taken_in;
-                state.own.retain(|_, seqs| {
-                    seqs.retain(|seq| *seq > taken_in);
-                    !seqs.is_empty()
-                });
+        let stale = {
+            let state = self.state.lock().expect("not poisoned");
+            state.read_at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY)
+        };
+        if stale {
+            if let Ok(_refreshing) = self.refreshing.try_lock() {
+                let backlog = self.read().await;
+                let mut state = self.state.lock().expect("not poisoned");
+                state.read_at = Some(Instant::now());
+                if let Some(backlog) = backlog {
+                    let taken_in = backlog.taken_in;
+                    state.backlog = backlog;
+                    state.own.retain(|_, seqs| {
+                        seqs.retain(|seq| *seq > taken_in);
+                        !seqs.is_empty()
+                    });
+                }
             }
         }
+        let state = self.state.lock().expect("not poisoned");
         let counted = state.backlog.queued(tenant);
         let own = state.own.get(tenant).map_or(0, Vec::len);
         let queued = counted + own;
@@ -171,11 +183,11 @@ impl BacklogView {
     }
 
     /// This replica stored a new submission for `tenant` at `seq`.
-    pub async fn stored(&self, tenant: &str, seq: u64) {
+    pub fn stored(&self, tenant: &str, seq: u64) {
         if self.cap == 0 {
             return;
         }
-        let mut state = self.state.lock().await;
+        let mut state = self.state.lock().expect("not poisoned");
         if seq > state.backlog.taken_in {
             state.own.entry(tenant.to_owned()).or_default().push(seq);
         }
