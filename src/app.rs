@@ -218,7 +218,7 @@ impl Application {
             let (publisher, directory, tasks_settings, figures, stop) = (
                 publisher.clone(),
                 directory.clone(),
-                settings.tasks,
+                settings.tasks.clone(),
                 task_figures.clone(),
                 stop.clone(),
             );
@@ -238,7 +238,7 @@ impl Application {
             let door = Door::new(
                 Admission::new(publisher.clone(), directory.clone())
                     .with_quota(store_quota.clone()),
-                task_api(&js, &publisher, settings.publish_timeout).await?,
+                task_api(&js, &publisher, &settings).await?,
                 Verifier::new(&settings.auth),
                 publisher.clone(),
                 &settings.door,
@@ -297,7 +297,7 @@ impl Application {
                 .get_key_value(subjects::ALERTING_BUCKET)
                 .await
                 .context("opening the alerting bucket")?;
-            let task_api = task_api(&js, &publisher, settings.publish_timeout).await?;
+            let task_api = task_api(&js, &publisher, &settings).await?;
             let state = AppState::new(http::Inner {
                 admission: Admission::new(publisher.clone(), directory).with_quota(store_quota),
                 verifier: Verifier::new(&settings.auth),
@@ -360,7 +360,7 @@ impl Application {
 async fn task_api(
     js: &async_nats::jetstream::Context,
     publisher: &Publisher,
-    timeout: std::time::Duration,
+    settings: &Settings,
 ) -> anyhow::Result<crate::tasks::Tasks> {
     let submissions = js
         .get_stream(subjects::SUBMISSIONS_STREAM)
@@ -374,8 +374,9 @@ async fn task_api(
         publisher.clone(),
         submissions,
         records,
-        timeout,
-    ))
+        settings.publish_timeout,
+    )
+    .with_queue_cap(settings.tasks.max_queued_per_tenant))
 }
 
 async fn finish(

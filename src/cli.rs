@@ -568,6 +568,26 @@ pub struct ServeArgs {
     )]
     pub max_token_lifetime: Duration,
 
+    /// A queued task waiting this long counts one priority level higher (per whole period), so
+    /// nothing starves behind a steady stream of more urgent work; 0s turns aging off.
+    #[arg(
+        long,
+        env = "TASK_PRIORITY_AGING",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
+    pub task_priority_aging: Duration,
+
+    /// Claims per round-robin turn of each tenant within a priority level, as
+    /// `tenant=weight,...` (1 to 1000; a tenant not named weighs 1).
+    #[arg(long, env = "TENANT_WEIGHTS", default_value = "", value_parser = crate::tasks::queue::TenantWeights::parse)]
+    pub tenant_weights: crate::tasks::queue::TenantWeights,
+
+    /// Queued tasks a tenant may have; a submission over it is refused with 429 `QUEUE_FULL`
+    /// and `Retry-After` (0: no cap).
+    #[arg(long, env = "TASK_MAX_QUEUED_PER_TENANT", default_value_t = crate::tasks::backlog::DEFAULT_MAX_QUEUED_PER_TENANT)]
+    pub task_max_queued_per_tenant: u32,
+
     /// Lifetime of the dispatcher lease: one replica dispatches tasks, and a successor takes
     /// over within this long after it stops answering.
     #[arg(
@@ -764,6 +784,11 @@ impl Settings {
             tasks: TaskSettings {
                 lease_ttl: args.dispatcher_lease_ttl,
                 write_timeout: args.publish_timeout,
+                queue: crate::tasks::queue::QueueSettings {
+                    aging: args.task_priority_aging,
+                    weights: args.tenant_weights.clone(),
+                },
+                max_queued_per_tenant: args.task_max_queued_per_tenant,
             },
             agent_store_quota: args.agent_store_quota.unwrap_or(args.stream_max_bytes / 32) as u64,
             body_limit: args.body_limit,

@@ -36,6 +36,9 @@ pub const ALERTING_BUCKET: &str = "acc_alerting";
 pub const TASKS_BUCKET: &str = "acc_tasks";
 /// The dispatcher's lease key in [`TASKS_BUCKET`] (a `.` keeps it apart from every task id).
 pub const DISPATCHER_LEASE_KEY: &str = "lease.dispatcher";
+/// Queued tasks per tenant, as the acting dispatcher last counted them, in [`TASKS_BUCKET`]:
+/// what the ingress checks `TASK_MAX_QUEUED_PER_TENANT` against.
+pub const TENANT_BACKLOG_KEY: &str = "backlog.tenants";
 
 /// Durable consumer of the dispatcher on [`SUBMISSIONS_STREAM`].
 pub const DISPATCHER_CONSUMER: &str = "dispatcher";

@@ -84,6 +84,9 @@ codes! {
     MethodNotAllowed = ("METHOD_NOT_ALLOWED", 405, "Method not allowed on this route"),
     /// The caller holds `SSE_MAX_STREAMS_PER_CALLER` open streams; sent with `Retry-After`.
     TooManyStreams = ("TOO_MANY_STREAMS", 429, "Too many open streams for this caller; close one first"),
+    /// A submission for a tenant with `TASK_MAX_QUEUED_PER_TENANT` tasks queued; sent with
+    /// `Retry-After`. Nothing is stored.
+    QueueFull = ("QUEUE_FULL", 429, "This tenant has too many queued tasks; retry later"),
     /// Over a rate (per agent, failed authentications per address, door rejections per
     /// caller); sent with `Retry-After`.
     RateLimited = ("RATE_LIMITED", 429, "Too many requests; retry later"),

@@ -3,6 +3,7 @@
 //! bucket; everything that changes a task (claim, callback, cancel, replay) is a request to the
 //! acting dispatcher, which alone writes task records.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{Operation, Store};
@@ -12,6 +13,7 @@ use chrono::{SubsecRound as _, Utc};
 use futures::TryStreamExt as _;
 use serde_json::{Map, Value, json};
 
+use super::backlog::BacklogView;
 use super::record::{Submission, TaskRecord, TaskStatus};
 use super::spec::{ClaimSpec, TaskSpec};
 use super::wire::{
@@ -94,6 +96,8 @@ pub struct Tasks {
     dispatch: DispatchClient,
     /// Bound on every read from the bus.
     timeout: Duration,
+    /// Queued tasks per tenant, for `TASK_MAX_QUEUED_PER_TENANT` (shared by the clones).
+    backlog: Arc<BacklogView>,
 }
 
 impl Tasks {
@@ -104,13 +108,21 @@ impl Tasks {
         timeout: Duration,
     ) -> Self {
         let dispatch = DispatchClient::new(publisher.client().clone(), timeout);
+        let backlog = Arc::new(BacklogView::new(records.clone(), 0, timeout));
         Self {
             publisher,
             submissions,
             records,
             dispatch,
             timeout,
+            backlog,
         }
+    }
+
+    /// Refuses submissions (429 `QUEUE_FULL`) for a tenant with `cap` tasks queued; 0 is no cap.
+    pub fn with_queue_cap(mut self, cap: u32) -> Self {
+        self.backlog = Arc::new(BacklogView::new(self.records.clone(), cap, self.timeout));
+        self
     }
 
     /// `POST /orchestrator/tasks`: stores the submission and answers the 202 body. The same id
@@ -125,6 +137,13 @@ impl Tasks {
         }
         let (task_id, spec) = TaskSpec::parse(body, &caller.agent_id)?;
         let task_id = task_id.unwrap_or_else(generated_id);
+        if let Err(full) = self.backlog.check(&spec.tenant).await {
+            // A retry of a submission already stored is answered as before, full or not.
+            if self.submission(&task_id).await?.is_none() {
+                return Err(full);
+            }
+        }
+        let tenant = spec.tenant.clone();
         let digest = digest(&(&spec, &caller.agent_id));
         let submission = Submission {
             task_id: task_id.clone(),
@@ -156,6 +175,9 @@ impl Tasks {
             }
             Err(failure) => return Err(failure.into()),
         };
+        if !duplicate {
+            self.backlog.stored(&tenant, seq);
+        }
         tracing::info!(%task_id, agent_id = %caller.agent_id, seq, duplicate, "task submitted");
         Ok(json!({
             "success": true,

@@ -33,6 +33,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::TaskSettings;
+use super::backlog::BacklogCounts;
 use super::queue::{TaskQueue, Waiting};
 use super::record::{Outcome, Submission, TaskRecord, TaskStatus};
 use super::wire::{Answer, CallbackRequest, CancelRequest, ClaimRequest, ReplayRequest, Report};
@@ -99,6 +100,7 @@ pub async fn run(
         publisher,
         lease,
         write_timeout: settings.write_timeout,
+        queue_settings: settings.queue.clone(),
         state: State::default(),
         figures,
     };
@@ -168,6 +170,8 @@ struct State {
     /// Lease expiries and backoff ends; an entry whose task moved on is skipped when due.
     timers: BinaryHeap<Reverse<(DateTime<Utc>, TaskId)>>,
     waiters: Vec<Waiter>,
+    /// Queued tasks per tenant, written for the ingress's `TASK_MAX_QUEUED_PER_TENANT` check.
+    backlog: BacklogCounts,
 }
 
 struct Dispatcher {
@@ -178,6 +182,8 @@ struct Dispatcher {
     publisher: Publisher,
     lease: Lease,
     write_timeout: Duration,
+    /// Order of the queue (aging, tenant weights), applied on every rebuild.
+    queue_settings: super::queue::QueueSettings,
     state: State,
     /// What `/metrics` shows while this replica acts.
     figures: Arc<TaskGauges>,
@@ -230,6 +236,10 @@ impl Dispatcher {
                         }
                     }
                     self.fire_timers().await;
+                    if self.lease.acting() {
+                        let state = &mut self.state;
+                        state.backlog.publish(&self.kv, &state.queue, self.write_timeout).await;
+                    }
                     self.expire_waiters().await;
                     if tokio::time::Instant::now() >= waiters_at {
                         // Waiting claims are also looked at again now and then: an agent the
@@ -256,6 +266,7 @@ impl Dispatcher {
     /// Loads every unfinished task from the bucket.
     async fn rebuild(&mut self) -> anyhow::Result<()> {
         self.state = State::default();
+        self.state.queue = TaskQueue::new(self.queue_settings.clone());
         let keys: Vec<String> = self
             .kv
             .keys()
@@ -284,7 +295,9 @@ impl Dispatcher {
                 Err(err) => tracing::warn!(task_id = %key, error = %err, "unreadable task record"),
             }
         }
-        unfinished.sort_by_key(|held| held.record.seq);
+        // Oldest first, as they were queued: the queue's lines and tenant ring come out as the
+        // predecessor's were.
+        unfinished.sort_by_key(|held| (held.record.waiting_since(), held.record.seq));
         for held in unfinished {
             self.index(None, &held.record);
             self.state.tasks.insert(held.record.task_id.clone(), held);
@@ -308,6 +321,7 @@ impl Dispatcher {
         };
         match self.admit(submission, seq).await {
             Ok(_) => {
+                self.state.backlog.taken_in(seq);
                 if let Err(err) = message.ack().await {
                     tracing::debug!(error = %err, "submission ack failed; it will come again");
                 }
@@ -443,6 +457,9 @@ impl Dispatcher {
                 task_id: new.task_id.clone(),
                 capability: new.spec.capability.clone(),
                 priority: new.spec.priority,
+                tenant: new.spec.tenant.clone(),
+                queued_at: new.waiting_since(),
+                seq: new.seq,
             });
         }
         if let Some(attempt) = new.live_attempt() {

@@ -4,7 +4,8 @@
 //!
 //! - [`spec`]: the submission and claim bodies, parsed with their defaults.
 //! - [`record`]: the stored submission and the task record, with every state change.
-//! - [`queue`]: the dispatcher's queue (priority, then arrival).
+//! - [`queue`]: the dispatcher's queue (priority with aging, round-robin across tenants).
+//! - [`backlog`]: queued tasks per tenant, and the submit-time cap on them.
 //! - [`api`]: what a door does for the task routes, on any replica ([`Tasks`]).
 //! - [`wire`]: the requests the ingress sends the acting dispatcher, and its answers.
 //! - [`dispatcher`]: the role that owns unfinished tasks (one acting replica).
@@ -14,6 +15,7 @@
 //! `acc.tasks.replayed.<id>`, and core request/reply on `acc.dispatch.*`.
 
 pub mod api;
+pub mod backlog;
 pub mod dispatcher;
 pub mod queue;
 pub mod record;
@@ -26,10 +28,15 @@ pub use api::{ListFilter, Tasks};
 pub use record::{Attempt, Outcome, Submission, TaskRecord, TaskStatus};
 
 /// The dispatcher role's settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TaskSettings {
     /// Lifetime of the dispatcher lease: a successor takes over within it.
     pub lease_ttl: Duration,
     /// Bound on each read and write the dispatcher makes on the bus.
     pub write_timeout: Duration,
+    /// How the queue orders tasks (`TASK_PRIORITY_AGING`, `TENANT_WEIGHTS`).
+    pub queue: queue::QueueSettings,
+    /// `TASK_MAX_QUEUED_PER_TENANT`: queued tasks a tenant may have before a submission is
+    /// refused (429 `QUEUE_FULL`); 0 is no cap.
+    pub max_queued_per_tenant: u32,
 }

@@ -138,6 +138,10 @@ pub struct TaskRecord {
     /// The submission's sequence in its stream: the order tasks of a priority are served in
     /// after a rebuild.
     pub seq: u64,
+    /// When it went back in the queue after a backoff or a replay (absent: it waits since
+    /// `submitted_at`): what aging counts from, and its place among its tenant's tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<DateTime<Utc>>,
     pub status: TaskStatus,
     #[serde(default)]
     pub attempts: Vec<Attempt>,
@@ -172,6 +176,7 @@ impl TaskRecord {
             submitted_by: submission.submitted_by,
             submitted_at: submission.submitted_at,
             seq,
+            queued_at: None,
             status: TaskStatus::Queued,
             attempts: Vec::new(),
             budget_from: 0,
@@ -283,10 +288,15 @@ impl TaskRecord {
         }
     }
 
-    /// The backoff is over: back in the queue.
+    /// The backoff is over: back in the queue, waiting since the backoff ended.
     pub fn requeue(&mut self) {
         self.status = TaskStatus::Queued;
-        self.next_attempt_at = None;
+        self.queued_at = self.next_attempt_at.take().or(self.queued_at);
+    }
+
+    /// Since when the task waits in the queue: its submission, or its last requeue.
+    pub fn waiting_since(&self) -> DateTime<Utc> {
+        self.queued_at.unwrap_or(self.submitted_at)
     }
 
     /// Cancelled by its submitter or an admin; a live attempt ends as `cancelled`.
@@ -303,6 +313,7 @@ impl TaskRecord {
     pub fn replay(&mut self, by: &AgentId, now: DateTime<Utc>) {
         self.budget_from = self.attempts.len() as u32;
         self.status = TaskStatus::Queued;
+        self.queued_at = Some(now);
         self.reason = None;
         self.error = None;
         self.dead_lettered_at = None;
@@ -428,7 +439,14 @@ mod tests {
         );
         assert!(task.live_attempt().is_none());
         assert!(task.failed_by(&agent("a")));
+        assert_eq!(task.waiting_since(), task.submitted_at);
         task.requeue();
+        // Back in the queue, waiting since the backoff ended (what aging counts from).
+        assert_eq!(
+            task.waiting_since(),
+            now + chrono::Duration::milliseconds(100)
+        );
+        assert_eq!(task.next_attempt_at, None);
         task.start_attempt(&agent("b"), now);
         task.fail(
             Outcome::Expired,

@@ -22,6 +22,7 @@ mod layers;
 mod metrics;
 mod properties;
 mod registry;
+mod scheduling;
 mod streams;
 mod tasks;
 mod traces;

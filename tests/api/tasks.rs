@@ -13,7 +13,7 @@ fn submitter_token() -> String {
     scoped_token("client-1", "orchestrator.submit")
 }
 
-fn scoped_token(agent: &str, scope: &str) -> String {
+pub(crate) fn scoped_token(agent: &str, scope: &str) -> String {
     auto_com_center::auth::mint(
         &secret(),
         &auto_com_center::domain::AgentId::parse(agent).unwrap(),
@@ -23,7 +23,7 @@ fn scoped_token(agent: &str, scope: &str) -> String {
 }
 
 /// Registers `agent` with `capabilities` and waits until the registry shows it online.
-async fn register_worker(app: &TestApp, agent: &str, capabilities: &[&str], slots: u32) {
+pub(crate) async fn register_worker(app: &TestApp, agent: &str, capabilities: &[&str], slots: u32) {
     let body = json!({
         "agent_id": agent,
         "name": format!("Worker {agent}"),
@@ -57,7 +57,7 @@ async fn submit_ok(app: &TestApp, body: Value) -> String {
     answer["task_id"].as_str().unwrap().to_owned()
 }
 
-async fn claim(app: &TestApp, agent: &str, body: Value) -> Vec<Value> {
+pub(crate) async fn claim(app: &TestApp, agent: &str, body: Value) -> Vec<Value> {
     let (status, answer) = app
         .post("/orchestrator/tasks/claim", Some(&token(agent)), &body)
         .await;
@@ -698,7 +698,7 @@ async fn a_dispatcher_restart_loses_no_queued_task() {
 
 /// Claims as `agent` until `want` tasks came or 20 s passed, retrying while no dispatcher acts
 /// yet (503, as `Retry-After` says).
-async fn claim_until(app: &TestApp, agent: &str, want: usize, wait: &str) -> Vec<Value> {
+pub(crate) async fn claim_until(app: &TestApp, agent: &str, want: usize, wait: &str) -> Vec<Value> {
     let mut claimed = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while claimed.len() < want && Instant::now() < deadline {
