@@ -6,6 +6,8 @@
 //! Both doors call it: the HTTP door (`http`) and the NATS door (`door`). What it refuses is a
 //! [`Refusal`], which each door renders its own way.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
 use serde::Serialize;
@@ -48,6 +50,9 @@ pub enum Call<'a> {
 pub struct Admission {
     publisher: Publisher,
     directory: Directory,
+    /// `PUSH_ALLOWED_URLS`: a registration asking for push over HTTP must have its `base_url`
+    /// under one of these.
+    push_allowed: Arc<[String]>,
 }
 
 impl Admission {
@@ -55,7 +60,14 @@ impl Admission {
         Self {
             publisher,
             directory,
+            push_allowed: Arc::from(Vec::new()),
         }
+    }
+
+    /// Allows push registrations whose `base_url` starts with one of `prefixes`.
+    pub fn with_push_allowed(mut self, prefixes: &[String]) -> Self {
+        self.push_allowed = Arc::from(prefixes.to_vec());
+        self
     }
 
     pub fn directory(&self) -> &Directory {
@@ -135,6 +147,13 @@ impl Admission {
         let agent_id = parse_agent_id(body)?;
         let profile = AgentProfile::parse(body)?;
         bind(caller, &agent_id)?;
+        if let Some(url) = profile.push_url() {
+            if !crate::domain::push_allowed(&self.push_allowed, url) {
+                return Err(Refusal::new(Code::PushUrlNotAllowed).with_details(
+                    "dispatch \"push\" needs a base_url under one of PUSH_ALLOWED_URLS; register without it to claim tasks instead",
+                ));
+            }
+        }
         let now = now();
         let msg_id = dedupe_id("reg", &agent_id, idempotency_key, || digest(&profile))?;
         let registration = Registration {

@@ -169,6 +169,18 @@ pub fn reply_namespace(agent: &AgentId) -> String {
     format!("{REPLY_ROOT}.{agent}")
 }
 
+/// `acc.reply.<agent_id>.tasks.push`: where a push agent registered on the NATS door receives
+/// its tasks (core NATS, inside its reply namespace).
+pub fn pushed_tasks(agent: &AgentId) -> String {
+    format!("{REPLY_ROOT}.{agent}.tasks.push")
+}
+
+/// `acc.reply.<agent_id>.tasks.cancel`: where such an agent is told a task it holds was
+/// cancelled.
+pub fn cancelled_tasks(agent: &AgentId) -> String {
+    format!("{REPLY_ROOT}.{agent}.tasks.cancel")
+}
+
 /// One row of the catalog: a subject pattern, the stream that stores it, and its JSON Schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubjectSpec {
