@@ -20,6 +20,7 @@ mod hostile;
 mod layers;
 mod metrics;
 mod properties;
+mod push;
 mod registry;
 mod streams;
 mod tasks;
