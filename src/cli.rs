@@ -763,7 +763,11 @@ impl Settings {
             push: PushSettings {
                 allowed_urls: args.push_allowed_urls.clone(),
                 timeout: args.push_timeout,
-                callback_url: args.push_callback_url.trim().trim_end_matches('/').to_owned(),
+                callback_url: args
+                    .push_callback_url
+                    .trim()
+                    .trim_end_matches('/')
+                    .to_owned(),
                 secret: push_secret,
                 max_token_lifetime: args.max_token_lifetime,
             },

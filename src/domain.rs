@@ -228,10 +228,7 @@ impl AgentProfile {
             Some(Value::String(s)) if s == "pull" => Dispatch::Pull,
             Some(Value::String(s)) if s == "push" => Dispatch::Push,
             Some(_) => {
-                return Err(FieldError::new(
-                    "dispatch",
-                    "must be \"pull\" or \"push\"",
-                ));
+                return Err(FieldError::new("dispatch", "must be \"pull\" or \"push\""));
             }
         };
         let push_over = match (dispatch, body.get("push_over")) {
@@ -240,10 +237,7 @@ impl AgentProfile {
             (Dispatch::Push, Some(Value::String(s))) if s == "http" => Some(PushChannel::Http),
             (Dispatch::Push, Some(Value::String(s))) if s == "nats" => Some(PushChannel::Nats),
             (Dispatch::Push, Some(_)) => {
-                return Err(FieldError::new(
-                    "push_over",
-                    "must be \"http\" or \"nats\"",
-                ));
+                return Err(FieldError::new("push_over", "must be \"http\" or \"nats\""));
             }
         };
         Ok(Self {

@@ -250,7 +250,10 @@ impl Door {
             }
             (_, None) => None,
         };
-        self.admission.admit(call, caller, &body, key).await.map(Some)
+        self.admission
+            .admit(call, caller, &body, key)
+            .await
+            .map(Some)
     }
 
     /// The task calls: a submission, a claim, or a result for a task the orchestrator queued.
@@ -271,14 +274,12 @@ impl Door {
         }
         let mut body = contract::json_object(&message.payload, self.body_limit)?;
         match task_result {
-            Some(task_id) => Ok(self
+            Some(task_id) => Ok(self.tasks.callback(caller, task_id, &body).await?.map(Some)),
+            None if subject == subjects::INBOUND_TASK_SUBMIT => self
                 .tasks
-                .callback(caller, task_id, &body)
-                .await?
-                .map(Some)),
-            None if subject == subjects::INBOUND_TASK_SUBMIT => {
-                self.tasks.submit(caller, &body).await.map(|a| Some(Some(a)))
-            }
+                .submit(caller, &body)
+                .await
+                .map(|a| Some(Some(a))),
             None => self.claim(caller, &mut body, reply).await.map(Some),
         }
     }

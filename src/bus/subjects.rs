@@ -74,7 +74,7 @@ pub const INBOUND_TASK_RESULTS: &str = "acc.in.task_result.*";
 pub const INBOUND_EVENT: &str = "acc.in.event";
 /// A task submission over NATS (the body of `POST /orchestrator/tasks`).
 pub const INBOUND_TASK_SUBMIT: &str = "acc.in.task_submit";
-/// A claim over NATS (the body of `POST /orchestrator/tasks/claim`; answered at once).
+/// A claim over NATS (the body of `POST /orchestrator/tasks/claim`; long-polls up to `wait`).
 pub const INBOUND_TASK_CLAIM: &str = "acc.in.task_claim";
 /// Every inbound subject: what agent NATS users may publish on.
 pub const INBOUND_ALL: &str = "acc.in.>";

@@ -486,7 +486,11 @@ impl Dispatcher {
         let dead = old.status != TaskStatus::DeadLettered && new.status == TaskStatus::DeadLettered;
         // Submit → dispatched, for the first attempt only (a retry's wait is its backoff).
         let first_dispatch = (old.attempts.is_empty() && new.attempts.len() == 1)
-            .then(|| (new.attempts[0].started_at - new.submitted_at).to_std().ok())
+            .then(|| {
+                (new.attempts[0].started_at - new.submitted_at)
+                    .to_std()
+                    .ok()
+            })
             .flatten();
         self.figures.update(|figures| {
             if let Some(latency) = first_dispatch {
@@ -928,12 +932,15 @@ impl Dispatcher {
         let Some(snapshot) = snapshot else { return };
         let due = self.stored_figures.as_ref().is_none_or(|(at, last)| {
             at.elapsed() >= SNAPSHOT_REFRESH
-                || (last.dead_lettered, last.dead_lettered_recently, &last.unserved)
-                    != (
-                        snapshot.dead_lettered,
-                        snapshot.dead_lettered_recently,
-                        &snapshot.unserved,
-                    )
+                || (
+                    last.dead_lettered,
+                    last.dead_lettered_recently,
+                    &last.unserved,
+                ) != (
+                    snapshot.dead_lettered,
+                    snapshot.dead_lettered_recently,
+                    &snapshot.unserved,
+                )
         });
         if !due || self.fence().is_err() {
             return;

@@ -172,10 +172,7 @@ impl Pusher {
         tokio::spawn(async move {
             let told = match channel {
                 PushChannel::Http => {
-                    let url = format!(
-                        "{}/tasks/{task_id}/cancel",
-                        base_url.trim_end_matches('/')
-                    );
+                    let url = format!("{}/tasks/{task_id}/cancel", base_url.trim_end_matches('/'));
                     pusher.post(&url, &token, &body).await
                 }
                 PushChannel::Nats => {
@@ -211,7 +208,10 @@ impl Pusher {
             .await
             .map_err(|err| {
                 if err.is_timeout() {
-                    format!("no answer within PUSH_TIMEOUT ({:?})", self.settings.timeout)
+                    format!(
+                        "no answer within PUSH_TIMEOUT ({:?})",
+                        self.settings.timeout
+                    )
                 } else {
                     format!("push request failed: {}", without_url(&err))
                 }

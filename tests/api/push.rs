@@ -220,7 +220,10 @@ async fn a_push_the_receiver_refuses_once_is_retried_and_the_task_succeeds_on_at
         "{view}"
     );
     assert_eq!(
-        (attempts[1]["agent_id"].clone(), attempts[1]["outcome"].clone()),
+        (
+            attempts[1]["agent_id"].clone(),
+            attempts[1]["outcome"].clone()
+        ),
         (json!("pusher"), json!("succeeded"))
     );
     // Submit → dispatched is measured once per task (the first attempt).
@@ -335,7 +338,10 @@ async fn an_agent_registered_for_push_on_the_nats_door_gets_its_tasks_and_cancel
     let registration = stored.last().expect("the registration is stored");
     assert_matches_schema("acc.agents.registered.nats-pusher", registration);
     assert_eq!(
-        (registration["dispatch"].clone(), registration["push_over"].clone()),
+        (
+            registration["dispatch"].clone(),
+            registration["push_over"].clone()
+        ),
         (json!("push"), json!("nats")),
         "{registration}"
     );
@@ -349,7 +355,10 @@ async fn an_agent_registered_for_push_on_the_nats_door_gets_its_tasks_and_cancel
             .expect("a pushed task within 10 s")
             .unwrap();
         assert_eq!(message.subject.as_str(), "acc.reply.nats-pusher.tasks.push");
-        let auth = message.headers.as_ref().and_then(|h| h.get("Authorization"));
+        let auth = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Authorization"));
         assert!(auth.is_some_and(|v| v.as_str().starts_with("Bearer ")));
         let body: Value = serde_json::from_slice(&message.payload).unwrap();
         assert_eq!(body["attempt"], 1);
@@ -419,9 +428,7 @@ async fn a_claim_with_wait_over_the_nats_door_gets_a_task_submitted_300ms_later_
     });
     // While the claim waits, the door goes on admitting other messages.
     let other = NatsAgent::connect(&nats.url(), "other").await;
-    let (status, body) = other
-        .call("acc.in.register", &registration("other"))
-        .await;
+    let (status, body) = other.call("acc.in.register", &registration("other")).await;
     assert_eq!(status, 200, "{body}");
     let other_answered = Instant::now();
     tokio::time::sleep(Duration::from_millis(300).saturating_sub(started.elapsed())).await;
@@ -462,7 +469,11 @@ async fn the_task_metrics_and_rules_fire_for_an_unserved_capability_and_a_growin
         ],
     )
     .await;
-    let task_id = submit(&app, json!({"capability": "nobody-has-it", "max_attempts": 1})).await;
+    let task_id = submit(
+        &app,
+        json!({"capability": "nobody-has-it", "max_attempts": 1}),
+    )
+    .await;
     eventually(
         Duration::from_secs(10),
         "the unserved capability on /metrics",
@@ -503,9 +514,16 @@ async fn the_task_metrics_and_rules_fire_for_an_unserved_capability_and_a_growin
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_online(&app, "rescuer").await;
-    eventually(Duration::from_secs(10), "the unserved alert resolved", || async {
-        active("TaskCapabilityUnserved").await.is_none().then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the unserved alert resolved",
+        || async {
+            active("TaskCapabilityUnserved")
+                .await
+                .is_none()
+                .then_some(())
+        },
+    )
     .await;
     let (status, body) = app
         .post(
