@@ -2,7 +2,7 @@
 //! result, then works: claims tasks of its capability (`example.echo`), reports `running` and
 //! echoes each task's input as its result, failing a share of them (`--fail-share`); it stops
 //! cleanly on Ctrl-C. It talks to the NATS door by default, or to the HTTP door with `--http`
-//! (where a claim long-polls). docs/nats.md, "Writing an agent", walks through it.
+//! (a claim long-polls over both). docs/nats.md, "Writing an agent", walks through it.
 //!
 //! ```sh
 //! export SHARED_SECRET=...            # the bridge's secret, to mint the token
@@ -281,10 +281,14 @@ async fn main() -> anyhow::Result<()> {
     // midway may lease a task this agent never sees; its lease would run out).
     let heartbeat_every: Duration = args.heartbeat_every.into();
     let mut next_heartbeat = tokio::time::Instant::now();
-    // Over HTTP a claim waits for work; the NATS door answers a claim at once, so poll.
-    let wait = heartbeat_every.min(Duration::from_secs(10));
+    // A claim waits for work (long-polls) over both doors; over NATS it waits at most half the
+    // answer timeout, so the answer always comes in time.
+    let mut wait = heartbeat_every.min(Duration::from_secs(10));
+    if args.http.is_none() {
+        wait = wait.min(Duration::from(args.answer_timeout) / 2);
+    }
     let claim = json!({"capabilities": [CAPABILITY], "wait": format!("{}ms", wait.as_millis())});
-    let idle = Duration::from_millis(if args.http.is_some() { 0 } else { 1_000 });
+    let idle = Duration::ZERO;
     loop {
         let round = async {
             if tokio::time::Instant::now() >= next_heartbeat {
