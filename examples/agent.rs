@@ -2,7 +2,7 @@
 //! result, then works: claims tasks of its capability (`example.echo`), reports `running` and
 //! echoes each task's input as its result, failing a share of them (`--fail-share`); it stops
 //! cleanly on Ctrl-C. It talks to the NATS door by default, or to the HTTP door with `--http`
-//! (where a claim long-polls). docs/nats.md, "Writing an agent", walks through it.
+//! (a claim long-polls over both). docs/nats.md, "Writing an agent", walks through it.
 //!
 //! ```sh
 //! export SHARED_SECRET=...            # the bridge's secret, to mint the token
@@ -12,6 +12,9 @@
 //!     --nats-password-file data/nats-agents/demo-agent.password
 //! # over HTTP:
 //! cargo run --example agent -- --agent-id demo-agent --http http://127.0.0.1:8080
+//! # as a push receiver (the bridge started with PUSH_ALLOWED_URLS=http://127.0.0.1:):
+//! cargo run --example agent -- --agent-id demo-agent --http http://127.0.0.1:8080 \
+//!     --push-listen 127.0.0.1:9000
 //! ```
 
 use std::path::PathBuf;
@@ -50,6 +53,12 @@ struct Args {
     /// Share of claimed tasks (0 to 1) to report as failed (retryable), to watch retries.
     #[arg(long, default_value_t = 0.0)]
     fail_share: f64,
+    /// Be a push receiver instead of claiming: listen here (e.g. 127.0.0.1:9000), register with
+    /// `"dispatch": "push"` and that address as `base_url`, and report each pushed task on its
+    /// `callback_url`. Needs `--http` (callbacks go there) and a bridge started with
+    /// `PUSH_ALLOWED_URLS=http://127.0.0.1:`.
+    #[arg(long, requires = "http")]
+    push_listen: Option<std::net::SocketAddr>,
 }
 
 /// The capability this agent registers and works on.
@@ -239,6 +248,9 @@ async fn main() -> anyhow::Result<()> {
         "starting"
     );
 
+    if let (Some(addr), Some(base)) = (args.push_listen, &args.http) {
+        return push_receiver(door, &agent, addr, base, args.fail_share).await;
+    }
     send(
         &door,
         "register",
@@ -281,10 +293,14 @@ async fn main() -> anyhow::Result<()> {
     // midway may lease a task this agent never sees; its lease would run out).
     let heartbeat_every: Duration = args.heartbeat_every.into();
     let mut next_heartbeat = tokio::time::Instant::now();
-    // Over HTTP a claim waits for work; the NATS door answers a claim at once, so poll.
-    let wait = heartbeat_every.min(Duration::from_secs(10));
+    // A claim waits for work (long-polls) over both doors; over NATS it waits at most half the
+    // answer timeout, so the answer always comes in time.
+    let mut wait = heartbeat_every.min(Duration::from_secs(10));
+    if args.http.is_none() {
+        wait = wait.min(Duration::from(args.answer_timeout) / 2);
+    }
     let claim = json!({"capabilities": [CAPABILITY], "wait": format!("{}ms", wait.as_millis())});
-    let idle = Duration::from_millis(if args.http.is_some() { 0 } else { 1_000 });
+    let idle = Duration::ZERO;
     loop {
         let round = async {
             if tokio::time::Instant::now() >= next_heartbeat {
@@ -309,6 +325,109 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopping");
+    door.close().await;
+    Ok(())
+}
+
+/// The push receiver: a tiny HTTP server that takes `POST /tasks` (answering 200 at once) and
+/// reports each task on its `callback_url` with the token the bridge sent, until Ctrl-C.
+async fn push_receiver(
+    door: Door,
+    agent: &str,
+    addr: std::net::SocketAddr,
+    bridge: &str,
+    fail_share: f64,
+) -> anyhow::Result<()> {
+    use axum::extract::{Json, Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+
+    #[derive(Clone)]
+    struct Receiver {
+        bridge: String,
+        client: reqwest::Client,
+        fail_share: f64,
+    }
+
+    async fn take(
+        State(receiver): State<Receiver>,
+        headers: HeaderMap,
+        Json(task): Json<Value>,
+    ) -> StatusCode {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .to_owned();
+        tracing::info!(task_id = %task["task_id"], attempt = %task["attempt"], "pushed to us");
+        // Answer at once; do the work (and the callbacks) afterwards.
+        tokio::spawn(async move {
+            let url = task["callback_url"].as_str().unwrap_or_default();
+            let url = if url.starts_with('/') {
+                format!("{}{url}", receiver.bridge.trim_end_matches('/'))
+            } else {
+                url.to_owned()
+            };
+            let report = if rand::random::<f64>() < receiver.fail_share {
+                json!({"status": "failed", "error": {"message": "told to fail", "retryable": true}})
+            } else {
+                json!({"status": "succeeded", "result": {"echo": task["input"]}})
+            };
+            for body in [json!({"status": "running"}), report] {
+                let sent = receiver
+                    .client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await;
+                if let Err(err) = sent {
+                    tracing::warn!(error = %err, "callback failed");
+                    return;
+                }
+            }
+        });
+        StatusCode::OK
+    }
+
+    async fn cancelled(Path(task_id): Path<String>) -> StatusCode {
+        tracing::info!(task_id, "the bridge cancelled a task we hold");
+        StatusCode::OK
+    }
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    let base_url = format!("http://{}", listener.local_addr()?);
+    let app = axum::Router::new()
+        .route("/tasks", post(take))
+        .route("/tasks/{task_id}/cancel", post(cancelled))
+        .with_state(Receiver {
+            bridge: bridge.to_owned(),
+            client: reqwest::Client::new(),
+            fail_share,
+        });
+    send(
+        &door,
+        "register",
+        Call::Register,
+        json!({
+            "agent_id": agent,
+            "name": format!("Example push agent {agent}"),
+            "base_url": base_url,
+            "capabilities": [CAPABILITY],
+            "dispatch": "push",
+        }),
+    )
+    .await?;
+    tracing::info!(%base_url, "push receiver ready");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("push receiver")?;
     door.close().await;
     Ok(())
 }

@@ -78,6 +78,9 @@ pub struct Admission {
     directory: Directory,
     /// Per-agent stored bytes; `None` (tests, the fuzz harness) stores without a quota.
     quota: Option<Arc<StoreQuota>>,
+    /// `PUSH_ALLOWED_URLS`: a registration asking for push over HTTP must have its `base_url`
+    /// under one of these.
+    push_allowed: Arc<[String]>,
 }
 
 impl Admission {
@@ -86,12 +89,19 @@ impl Admission {
             publisher,
             directory,
             quota: None,
+            push_allowed: Arc::from(Vec::new()),
         }
     }
 
     /// Charges what each agent stores to `quota` (shared by both doors).
     pub fn with_quota(mut self, quota: Arc<StoreQuota>) -> Self {
         self.quota = Some(quota);
+        self
+    }
+
+    /// Allows push registrations whose `base_url` starts with one of `prefixes`.
+    pub fn with_push_allowed(mut self, prefixes: &[String]) -> Self {
+        self.push_allowed = Arc::from(prefixes.to_vec());
         self
     }
 
@@ -172,6 +182,13 @@ impl Admission {
         let agent_id = parse_agent_id(body)?;
         let profile = AgentProfile::parse(body)?;
         bind(caller, &agent_id)?;
+        if let Some(url) = profile.push_url() {
+            if !crate::domain::push_allowed(&self.push_allowed, url) {
+                return Err(Refusal::new(Code::PushUrlNotAllowed).with_details(
+                    "dispatch \"push\" needs a base_url under one of PUSH_ALLOWED_URLS; register without it to claim tasks instead",
+                ));
+            }
+        }
         let now = now();
         let msg_id = dedupe_id("reg", &agent_id, idempotency_key, || digest(&profile))?;
         let registration = Registration {

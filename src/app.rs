@@ -222,10 +222,18 @@ impl Application {
                 task_figures.clone(),
                 stop.clone(),
             );
+            let push = Arc::new(settings.push.clone());
             tasks.spawn(async move {
-                crate::tasks::dispatcher::run(publisher, directory, tasks_settings, figures, stop)
-                    .await
-                    .context("dispatcher")
+                crate::tasks::dispatcher::run(
+                    publisher,
+                    directory,
+                    tasks_settings,
+                    figures,
+                    push,
+                    stop,
+                )
+                .await
+                .context("dispatcher")
             });
         }
 
@@ -237,7 +245,8 @@ impl Application {
                 .context("opening the inbound stream")?;
             let door = Door::new(
                 Admission::new(publisher.clone(), directory.clone())
-                    .with_quota(store_quota.clone()),
+                    .with_quota(store_quota.clone())
+                    .with_push_allowed(&settings.push.allowed_urls),
                 task_api(&js, &publisher, &settings).await?,
                 Verifier::new(&settings.auth),
                 publisher.clone(),
@@ -299,7 +308,9 @@ impl Application {
                 .context("opening the alerting bucket")?;
             let task_api = task_api(&js, &publisher, &settings).await?;
             let state = AppState::new(http::Inner {
-                admission: Admission::new(publisher.clone(), directory).with_quota(store_quota),
+                admission: Admission::new(publisher.clone(), directory)
+                    .with_quota(store_quota)
+                    .with_push_allowed(&settings.push.allowed_urls),
                 verifier: Verifier::new(&settings.auth),
                 stats,
                 tasks: tasks_stream,

@@ -31,6 +31,7 @@ use crate::http::limits::LimitSettings;
 use crate::metrics::MetricsSettings;
 use crate::streams::StreamsSettings;
 use crate::tasks::TaskSettings;
+use crate::tasks::push::PushSettings;
 use crate::telemetry::LogFormat;
 use crate::workers::registry::RegistrySettings;
 
@@ -598,6 +599,29 @@ pub struct ServeArgs {
     )]
     pub dispatcher_lease_ttl: Duration,
 
+    /// URL prefixes an agent's `base_url` must start with for `dispatch: push` over HTTP
+    /// (comma-separated, e.g. `https://workers.internal/,http://127.0.0.1:`); empty refuses push
+    /// registrations. End a prefix with `/` or `:` so `https://a.example` does not also allow
+    /// `https://a.example.evil`.
+    #[arg(
+        long,
+        env = "PUSH_ALLOWED_URLS",
+        default_value = "",
+        value_parser = values::url_prefixes
+    )]
+    pub push_allowed_urls: CommaSeparated<String>,
+
+    /// Longest wait for a push receiver to answer `POST {base_url}/tasks`; past it the attempt
+    /// failed (and is retried).
+    #[arg(long, env = "PUSH_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub push_timeout: Duration,
+
+    /// Public URL of this service as push receivers reach it: the `callback_url` of a pushed
+    /// task is `{PUSH_CALLBACK_URL}/orchestrator/tasks/{id}/callback` (only the path when
+    /// empty).
+    #[arg(long, env = "PUSH_CALLBACK_URL", default_value = "")]
+    pub push_callback_url: String,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -642,6 +666,8 @@ pub struct Settings {
     pub tasks: TaskSettings,
     /// Bytes one agent may store per `streams.max_age` (`AGENT_STORE_QUOTA`).
     pub agent_store_quota: u64,
+    /// Push delivery of tasks (registration check and the dispatcher's pushes).
+    pub push: PushSettings,
     /// Largest accepted request body.
     pub body_limit: usize,
     /// Longest wait for JetStream to acknowledge a write.
@@ -664,6 +690,7 @@ impl Settings {
     /// value on its own was already checked by its parser.
     pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let secret = args.secret.require()?;
+        let push_secret = secret.clone();
         let nats = match args.nats_url.as_deref() {
             None | Some([]) => NatsTarget::Embedded(EmbeddedSettings {
                 binary: args.nats_server_bin.clone(),
@@ -791,6 +818,17 @@ impl Settings {
                 max_queued_per_tenant: args.task_max_queued_per_tenant,
             },
             agent_store_quota: args.agent_store_quota.unwrap_or(args.stream_max_bytes / 32) as u64,
+            push: PushSettings {
+                allowed_urls: args.push_allowed_urls.clone(),
+                timeout: args.push_timeout,
+                callback_url: args
+                    .push_callback_url
+                    .trim()
+                    .trim_end_matches('/')
+                    .to_owned(),
+                secret: push_secret,
+                max_token_lifetime: args.max_token_lifetime,
+            },
             body_limit: args.body_limit,
             publish_timeout: args.publish_timeout,
             shutdown_timeout: args.shutdown_timeout,

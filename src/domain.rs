@@ -106,6 +106,50 @@ pub struct AgentProfile {
     /// Most live task attempts the agent takes at once (`max_concurrent_tasks`, default 1).
     #[serde(default = "one_task")]
     pub max_concurrent_tasks: u32,
+    /// How tasks reach the agent: it claims them (`pull`, the default) or the dispatcher sends
+    /// them (`push`). Left out of the stored JSON when `pull`, so older records read the same.
+    #[serde(default, skip_serializing_if = "Dispatch::is_pull")]
+    pub dispatch: Dispatch,
+    /// Where pushed tasks go (only with `dispatch: push`): `{base_url}/tasks` over HTTP, or the
+    /// agent's own reply namespace on NATS (what the NATS door sets for agents registering on
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_over: Option<PushChannel>,
+}
+
+/// How an agent gets its tasks (`dispatch` of a registration).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    /// The agent claims tasks (`POST /orchestrator/tasks/claim`, `acc.in.task_claim`).
+    #[default]
+    Pull,
+    /// The dispatcher delivers tasks to the agent.
+    Push,
+}
+
+impl Dispatch {
+    pub fn is_pull(&self) -> bool {
+        *self == Self::Pull
+    }
+}
+
+/// True when `base_url` starts with one of `prefixes` (`PUSH_ALLOWED_URLS`): the only URLs the
+/// dispatcher may push tasks to. No prefix allows nothing.
+pub fn push_allowed(prefixes: &[String], base_url: &str) -> bool {
+    prefixes
+        .iter()
+        .any(|prefix| base_url.starts_with(prefix.as_str()))
+}
+
+/// Where the dispatcher pushes an agent's tasks (`push_over` of a registration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PushChannel {
+    /// `POST {base_url}/tasks` (refused at registration unless `PUSH_ALLOWED_URLS` allows it).
+    Http,
+    /// A message on `acc.reply.<agent_id>.tasks.push`.
+    Nats,
 }
 
 fn one_task() -> u32 {
@@ -120,7 +164,9 @@ const MAX_CAPABILITIES: usize = 256;
 const MAX_CAPABILITY_LEN: usize = 128;
 
 impl AgentProfile {
-    /// Reads `name`, `base_url` and `capabilities` from a JSON object. Any other key is ignored.
+    /// Reads `name`, `base_url`, `capabilities`, `max_concurrent_tasks`, `dispatch` and
+    /// `push_over` from a JSON object. Any other key is ignored. Whether a push URL is allowed
+    /// is the caller's check ([`AgentProfile::push_url`]).
     pub fn parse(body: &Map<String, Value>) -> Result<Self, FieldError> {
         let name = required_string(body, "name", MAX_NAME_LEN)?;
         let base_url = required_string(body, "base_url", 2048)?;
@@ -177,12 +223,45 @@ impl AgentProfile {
                     )
                 })?,
         };
+        let dispatch = match body.get("dispatch") {
+            None | Some(Value::Null) => Dispatch::Pull,
+            Some(Value::String(s)) if s == "pull" => Dispatch::Pull,
+            Some(Value::String(s)) if s == "push" => Dispatch::Push,
+            Some(_) => {
+                return Err(FieldError::new("dispatch", "must be \"pull\" or \"push\""));
+            }
+        };
+        let push_over = match (dispatch, body.get("push_over")) {
+            (Dispatch::Pull, _) => None,
+            (Dispatch::Push, None | Some(Value::Null)) => Some(PushChannel::Http),
+            (Dispatch::Push, Some(Value::String(s))) if s == "http" => Some(PushChannel::Http),
+            (Dispatch::Push, Some(Value::String(s))) if s == "nats" => Some(PushChannel::Nats),
+            (Dispatch::Push, Some(_)) => {
+                return Err(FieldError::new("push_over", "must be \"http\" or \"nats\""));
+            }
+        };
         Ok(Self {
             name,
             base_url,
             capabilities,
             max_concurrent_tasks,
+            dispatch,
+            push_over,
         })
+    }
+
+    /// The URL the dispatcher would call: `base_url` when the agent asked for push over HTTP.
+    pub fn push_url(&self) -> Option<&str> {
+        (self.dispatch == Dispatch::Push && self.push_over == Some(PushChannel::Http))
+            .then_some(self.base_url.as_str())
+    }
+
+    /// Where the dispatcher sends this agent's tasks; `None` when it claims them.
+    pub fn push_channel(&self) -> Option<PushChannel> {
+        match self.dispatch {
+            Dispatch::Pull => None,
+            Dispatch::Push => Some(self.push_over.unwrap_or(PushChannel::Http)),
+        }
     }
 }
 
@@ -440,6 +519,8 @@ mod tests {
                 base_url: "https://x.example".into(),
                 capabilities: vec![],
                 max_concurrent_tasks: 1,
+                dispatch: Dispatch::Pull,
+                push_over: None,
             },
             registered_at: DateTime::UNIX_EPOCH,
             last_seen: DateTime::UNIX_EPOCH,

@@ -25,8 +25,16 @@
 //! Tasks ride the same door: `acc.in.task_submit` and `acc.in.task_claim` carry the bodies of
 //! `POST /orchestrator/tasks` and `POST /orchestrator/tasks/claim`, and a result on
 //! `acc.in.task_result.<task_id>` for a task the orchestrator queued goes to the dispatcher, all
-//! through [`Tasks`] as over HTTP. A claim over the door is answered at once (its `wait` is not
-//! honoured: the door handles one message at a time).
+//! through [`Tasks`] as over HTTP. A claim's scope and body are checked in order like every
+//! message; its `wait` is then served by a task of its own, which answers on the reply subject
+//! when the dispatcher does, so the door goes on with the next message meanwhile (at most
+//! [`MAX_WAITING_CLAIMS`] wait at once; past that, and for a claim without `Acc-Reply-To`, the
+//! claim is answered at once as if `wait` were 0). A refusal the dispatcher gives a waiting
+//! claim (e.g. `AGENT_NOT_FOUND`) is answered, not stored on `acc.rejected.*`.
+//!
+//! A registration with `"dispatch": "push"` on the door is stamped `push_over: nats`: the
+//! dispatcher pushes that agent's tasks to `acc.reply.<agent_id>.tasks.push` (and cancels to
+//! `acc.reply.<agent_id>.tasks.cancel`), never to its `base_url`.
 //!
 //! Every message is handled in a `door.admit` span.
 
@@ -57,6 +65,8 @@ use crate::workers::{self, HandleError, Handler, MAX_DELIVER};
 const ANONYMOUS: &str = "anonymous";
 /// Longest reply subject the door publishes on.
 const MAX_REPLY_SUBJECT: usize = 256;
+/// Most claims over the door waiting for tasks at once.
+pub const MAX_WAITING_CLAIMS: usize = 4096;
 
 /// The NATS door's limit on rejections: a token bucket per caller.
 #[derive(Debug, Clone)]
@@ -85,6 +95,8 @@ pub struct Door {
     agent_rate: Arc<AgentRate>,
     tally: Arc<Tally>,
     tasks: Tasks,
+    /// Permits for claims waiting in their own task.
+    waiting_claims: Arc<tokio::sync::Semaphore>,
 }
 
 impl Door {
@@ -108,6 +120,7 @@ impl Door {
             limiter: Buckets::per_interval(settings.reject_interval, settings.reject_burst),
             agent_rate,
             tally,
+            waiting_claims: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_CLAIMS)),
         }
     }
 
@@ -175,15 +188,24 @@ impl Door {
                 Err(Refusal::new(Code::InvalidReplyTo))
             }
             (Ok(()), Ok(caller)) => match self.agent_rate.admit(caller.agent_id.as_str()) {
-                Ok(()) => self.admit(message, &caller, inbound_seq).await,
+                Ok(()) => {
+                    self.admit(message, &caller, inbound_seq, reply.as_deref())
+                        .await
+                }
                 Err(refusal) => Err(refusal),
             },
         };
         match outcome {
-            Ok(answer) => {
+            Ok(Some(answer)) => {
                 self.tally.admit();
                 span.record("code", "OK");
                 self.answer(reply.as_deref(), 200, None, &answer).await;
+                Ok(())
+            }
+            // A waiting claim: its own task answers.
+            Ok(None) => {
+                self.tally.admit();
+                span.record("code", "OK");
                 Ok(())
             }
             Err(refusal) if refusal.code().is_server_error() => Err(HandleError::transient_by(
@@ -208,22 +230,26 @@ impl Door {
     }
 
     /// Runs admission on an authenticated message: the body checks of the HTTP extractor, then
-    /// [`Admission::admit`].
+    /// [`Admission::admit`]. `None` when a task of its own answers later (a waiting claim).
     async fn admit(
         &self,
         message: &Message,
         caller: &Caller,
         inbound_seq: u64,
-    ) -> Result<Value, Refusal> {
+        reply: Option<&str>,
+    ) -> Result<Option<Value>, Refusal> {
         let headers = message.headers.as_ref();
-        if let Some(answer) = self.task_call(message, caller).await? {
+        if let Some(answer) = self.task_call(message, caller, reply).await? {
             return Ok(answer);
         }
         let Some(call) = call_of(&message.subject) else {
             return Err(Refusal::new(Code::NotFound)
                 .with_message(format!("No route for {}", message.subject)));
         };
-        let body = contract::json_object(&message.payload, self.body_limit)?;
+        let mut body = contract::json_object(&message.payload, self.body_limit)?;
+        if matches!(call, Call::Register) && body.get("dispatch") == Some(&Value::from("push")) {
+            body.insert("push_over".into(), "nats".into());
+        }
         // A header that is not text is passed on as an empty key, refused by admission as over
         // HTTP. Without an `Idempotency-Key`, the agent's `Nats-Msg-Id` is the key: admission
         // scopes every key to the authenticated agent, so no agent can pre-empt another's id
@@ -244,16 +270,20 @@ impl Door {
             }
             (_, None) => None,
         };
-        self.admission.admit(call, caller, &body, key).await
+        self.admission
+            .admit(call, caller, &body, key)
+            .await
+            .map(Some)
     }
 
-    /// The task calls: a submission, a claim (answered at once), or a result for a task the
-    /// orchestrator queued. `None` for every other message.
+    /// The task calls: a submission, a claim, or a result for a task the orchestrator queued.
+    /// `None` for every other message; `Some(None)` for a claim that waits in its own task.
     async fn task_call(
         &self,
         message: &Message,
         caller: &Caller,
-    ) -> Result<Option<Value>, Refusal> {
+        reply: Option<&str>,
+    ) -> Result<Option<Option<Value>>, Refusal> {
         let subject = message.subject.as_str();
         let task_result = subject.strip_prefix(subjects::INBOUND_TASK_RESULT_PREFIX);
         if subject != subjects::INBOUND_TASK_SUBMIT
@@ -264,15 +294,46 @@ impl Door {
         }
         let mut body = contract::json_object(&message.payload, self.body_limit)?;
         match task_result {
-            Some(task_id) => self.tasks.callback(caller, task_id, &body).await,
-            None if subject == subjects::INBOUND_TASK_SUBMIT => {
-                self.tasks.submit(caller, &body).await.map(Some)
-            }
-            None => {
-                body.remove("wait");
-                self.tasks.claim(caller, &body).await.map(Some)
-            }
+            Some(task_id) => Ok(self.tasks.callback(caller, task_id, &body).await?.map(Some)),
+            None if subject == subjects::INBOUND_TASK_SUBMIT => self
+                .tasks
+                .submit(caller, &body)
+                .await
+                .map(|a| Some(Some(a))),
+            None => self.claim(caller, &mut body, reply).await.map(Some),
         }
+    }
+
+    /// A claim: one that may wait, with somewhere to answer and a free permit, is handed to a
+    /// task of its own (`None`); any other is answered at once as with `wait: 0`.
+    async fn claim(
+        &self,
+        caller: &Caller,
+        body: &mut serde_json::Map<String, Value>,
+        reply: Option<&str>,
+    ) -> Result<Option<Value>, Refusal> {
+        let mut request = self.tasks.claim_request(caller, body)?;
+        let permit = match reply {
+            Some(_) if request.wait_ms > 0 => self.waiting_claims.clone().try_acquire_owned().ok(),
+            _ => None,
+        };
+        let (Some(permit), Some(reply)) = (permit, reply) else {
+            request.wait_ms = 0;
+            return self.tasks.ask_claim(&request).await.map(Some);
+        };
+        let (tasks, client, reply) = (self.tasks.clone(), self.client.clone(), reply.to_owned());
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let (status, retry_after, body) = match tasks.ask_claim(&request).await {
+                    Ok(answer) => (200, None, answer),
+                    Err(refusal) => (refusal.status(), refusal.retry_after(), refusal.body()),
+                };
+                send_answer(&client, &reply, status, retry_after, &body).await;
+            }
+            .in_current_span(),
+        );
+        Ok(None)
     }
 
     /// Stores the refused message on `acc.rejected.<code>` with the reason, counts it and
@@ -351,19 +412,29 @@ impl Door {
         body: &Value,
     ) {
         let Some(reply) = reply else { return };
-        let mut headers = HeaderMap::new();
-        headers.insert(subjects::REPLY_STATUS, status.to_string().as_str());
-        if let Some(secs) = retry_after {
-            headers.insert("Retry-After", secs.to_string().as_str());
-        }
-        let payload = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
-        if let Err(err) = self
-            .client
-            .publish_with_headers(reply.to_owned(), headers, payload)
-            .await
-        {
-            tracing::warn!(error = %err, "cannot send the door's answer");
-        }
+        send_answer(&self.client, reply, status, retry_after, body).await;
+    }
+}
+
+/// Publishes a door answer on `reply`: the JSON body, `Acc-Status`, and `Retry-After` when set.
+async fn send_answer(
+    client: &Client,
+    reply: &str,
+    status: u16,
+    retry_after: Option<u32>,
+    body: &Value,
+) {
+    let mut headers = HeaderMap::new();
+    headers.insert(subjects::REPLY_STATUS, status.to_string().as_str());
+    if let Some(secs) = retry_after {
+        headers.insert("Retry-After", secs.to_string().as_str());
+    }
+    let payload = Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"));
+    if let Err(err) = client
+        .publish_with_headers(reply.to_owned(), headers, payload)
+        .await
+    {
+        tracing::warn!(error = %err, "cannot send the door's answer");
     }
 }
 

@@ -298,9 +298,9 @@ impl Engine {
         }
 
         // Conditions that stopped: pending alerts are forgotten, firing ones resolve. An
-        // endpoint alert without a sample this round (figures unreadable, or too little
-        // traffic) is not judged: missing data keeps it as it is. An agent alert without a
-        // sample means the agent is no longer offline.
+        // endpoint or task alert without a sample this round (figures unreadable, or too
+        // little traffic) is not judged: missing data keeps it as it is. An agent alert without
+        // a sample means the agent is no longer offline.
         let mut forget = Vec::new();
         for (id, alert) in self.alerts.iter_mut() {
             if holding_ids.contains(id) {
@@ -311,7 +311,7 @@ impl Engine {
                 && rules
                     .iter()
                     .find(|r| r.rule.name == alert.rule)
-                    .is_some_and(|r| r.rule.metric.per_endpoint());
+                    .is_some_and(|r| !r.rule.metric.absent_means_clear());
             if unjudged {
                 continue;
             }
@@ -468,6 +468,7 @@ fn annotations(
         .replace("{endpoint}", &label("endpoint"))
         .replace("{agent_id}", &label("agent_id"))
         .replace("{stream}", &label("stream"))
+        .replace("{capability}", &label("capability"))
         .replace("{value}", &format!("{value:.4}"))
         .replace("{threshold}", &format!("{threshold}"));
     BTreeMap::from([

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Publisher, subjects};
 use crate::metrics::STALE_AFTER_INTERVALS;
 use crate::metrics::snapshot::{FleetEndpoint, FleetSnapshot, merge};
+use crate::metrics::tasks::{SNAPSHOT_KEY, SNAPSHOT_STALE, TaskSnapshot};
 use crate::metrics::worker::{agent_records, replica_snapshots};
 use engine::{Engine, Notification, Outcome, Policy, Sample};
 use lease::Lease;
@@ -192,6 +193,8 @@ async fn evaluate(
     let mut samples = endpoint_samples(rules, endpoints.as_ref());
     samples.extend(agent_samples(rules, agents).await?);
     samples.extend(streams);
+    let tasks = task_snapshot(js).await;
+    samples.extend(task_samples(rules, tasks.as_ref(), engine));
     let acks = store::acks(kv).await?;
     let silences = store::silences(kv).await?;
     let now = Utc::now();
@@ -313,7 +316,10 @@ pub fn endpoint_samples(
                 Metric::LatencyP95Ms => figures.p95_ms,
                 Metric::LatencyP99Ms => figures.p99_ms,
                 Metric::ErrorRate => figures.error_rate,
-                Metric::AgentOfflineSeconds | Metric::StreamUsedRatio => continue,
+                Metric::AgentOfflineSeconds
+                | Metric::StreamUsedRatio
+                | Metric::DeadLetteredRecently
+                | Metric::QueuedWithoutOnlineAgent => continue,
             };
             samples.push(Sample {
                 rule: index,
@@ -345,6 +351,60 @@ pub fn stream_samples(rules: &[CheckedRule], fleet: Option<&FleetSnapshot>) -> V
                 labels: BTreeMap::from([("stream".to_owned(), stream.clone())]),
                 value: figures.bytes as f64 / figures.max_bytes as f64,
             });
+        }
+    }
+    samples
+}
+
+/// The acting dispatcher's figures from the tasks bucket, unless missing or stale (no dispatcher
+/// acts): then the task rules get no sample and their alerts stay as they are.
+async fn task_snapshot(js: &async_nats::jetstream::Context) -> Option<TaskSnapshot> {
+    let bucket = js.get_key_value(subjects::TASKS_BUCKET).await.ok()?;
+    let value = bucket.get(SNAPSHOT_KEY).await.ok()??;
+    let snapshot: TaskSnapshot = serde_json::from_slice(&value).ok()?;
+    let age = (Utc::now() - snapshot.at).to_std().unwrap_or_default();
+    (age <= SNAPSHOT_STALE).then_some(snapshot)
+}
+
+/// Samples of the task rules from the dispatcher's `snapshot`. A capability an alert was
+/// raised for that is no longer unserved gets a zero sample, so the alert clears; without a
+/// snapshot there are none (no data).
+pub fn task_samples(
+    rules: &[CheckedRule],
+    snapshot: Option<&TaskSnapshot>,
+    engine: &Engine,
+) -> Vec<Sample> {
+    let Some(snapshot) = snapshot else {
+        return Vec::new();
+    };
+    let mut samples = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        match rule.rule.metric {
+            Metric::DeadLetteredRecently => samples.push(Sample {
+                rule: index,
+                labels: BTreeMap::new(),
+                value: snapshot.dead_lettered_recently as f64,
+            }),
+            Metric::QueuedWithoutOnlineAgent => {
+                let mut capabilities: BTreeMap<String, f64> = snapshot
+                    .unserved
+                    .iter()
+                    .map(|(capability, count)| (capability.clone(), *count as f64))
+                    .collect();
+                for alert in engine.alerts.values().filter(|a| a.rule == rule.rule.name) {
+                    if let Some(capability) = alert.labels.get("capability") {
+                        capabilities.entry(capability.clone()).or_insert(0.0);
+                    }
+                }
+                for (capability, value) in capabilities {
+                    samples.push(Sample {
+                        rule: index,
+                        labels: BTreeMap::from([("capability".to_owned(), capability)]),
+                        value,
+                    });
+                }
+            }
+            _ => {}
         }
     }
     samples

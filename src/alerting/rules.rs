@@ -35,12 +35,35 @@ pub enum Metric {
     /// operator hears of a filling stream before it refuses writes with `STREAM_FULL`. Labelled
     /// `stream`; streams without a bound have no value.
     StreamUsedRatio,
+    /// Tasks dead-lettered in the last 10 minutes (the acting dispatcher counts them): above 0,
+    /// the dead-letter queue is growing.
+    DeadLetteredRecently,
+    /// Queued tasks of a capability that no online agent has, per capability (label
+    /// `capability`): work waits and nobody can take it.
+    QueuedWithoutOnlineAgent,
 }
 
 impl Metric {
-    /// True for metrics selected by endpoint (the others by agent, or by stream).
+    /// True for metrics selected by endpoint.
     pub fn per_endpoint(self) -> bool {
-        !matches!(self, Metric::AgentOfflineSeconds | Metric::StreamUsedRatio)
+        matches!(
+            self,
+            Metric::LatencyP50Ms | Metric::LatencyP95Ms | Metric::LatencyP99Ms | Metric::ErrorRate
+        )
+    }
+
+    /// True for the task metrics, read from the acting dispatcher's figures.
+    pub fn of_tasks(self) -> bool {
+        matches!(
+            self,
+            Metric::DeadLetteredRecently | Metric::QueuedWithoutOnlineAgent
+        )
+    }
+
+    /// True when no sample means the condition cleared (an agent no longer offline has none);
+    /// for the other metrics no sample is no data, which keeps an alert as it is.
+    pub fn absent_means_clear(self) -> bool {
+        matches!(self, Metric::AgentOfflineSeconds)
     }
 }
 
@@ -86,8 +109,8 @@ pub struct Rule {
     /// it the endpoint's alerts keep their state (neither fire nor resolve).
     #[serde(default)]
     pub min_requests: u64,
-    /// One line for people; `{endpoint}`, `{agent_id}`, `{value}` and `{threshold}` are
-    /// replaced.
+    /// One line for people; `{endpoint}`, `{agent_id}`, `{capability}`, `{value}` and
+    /// `{threshold}` are replaced.
     pub summary: String,
 }
 
@@ -185,6 +208,34 @@ pub fn defaults() -> RuleFile {
                 summary: "stream {stream} is {value} full (threshold {threshold}); at 1 it refuses writes"
                     .into(),
             },
+            // Any task dead-lettered: someone should look at the DLQ (warning only; a flood
+            // of them is critical).
+            Rule {
+                name: "TaskDeadLetterGrowing".into(),
+                metric: Metric::DeadLetteredRecently,
+                endpoints: Vec::new(),
+                agents: Vec::new(),
+                warning: Some(0.0),
+                critical: Some(100.0),
+                hold: "0s".into(),
+                min_requests: 0,
+                summary: "{value} tasks dead-lettered in the last 10 min (threshold {threshold})"
+                    .into(),
+            },
+            // Tasks wait for a capability nobody online has: for five minutes, not a blip
+            // while an agent restarts.
+            Rule {
+                name: "TaskCapabilityUnserved".into(),
+                metric: Metric::QueuedWithoutOnlineAgent,
+                endpoints: Vec::new(),
+                agents: Vec::new(),
+                warning: Some(0.0),
+                critical: None,
+                hold: "5m".into(),
+                min_requests: 0,
+                summary: "{value} tasks queued for capability {capability} and no online agent has it"
+                    .into(),
+            },
         ],
     }
 }
@@ -232,6 +283,11 @@ pub fn check(file: RuleFile) -> Result<Vec<CheckedRule>, String> {
             return Err(format!(
                 "rule {name}: unknown endpoint {unknown:?} (known: {})",
                 known.join(", ")
+            ));
+        }
+        if rule.metric.of_tasks() && !rule.agents.is_empty() {
+            return Err(format!(
+                "rule {name}: agents selects agents, this metric is about tasks"
             ));
         }
         if !rule.metric.per_endpoint() && !rule.endpoints.is_empty() {
@@ -352,6 +408,16 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
                     "max by (stream) (acc_stream_bytes / (acc_stream_max_bytes > 0)) > {}",
                     number(threshold)
                 ),
+                // Only the acting dispatcher exposes task figures; `increase` survives the
+                // counter starting over on a takeover.
+                Metric::DeadLetteredRecently => format!(
+                    "sum(increase(acc_tasks_dead_lettered_total[10m])) > {}",
+                    number(threshold)
+                ),
+                Metric::QueuedWithoutOnlineAgent => format!(
+                    "max by (capability) (acc_tasks_unserved) > {}",
+                    number(threshold)
+                ),
             };
             let hold = if checked.hold.is_zero() {
                 "0s".to_owned()
@@ -365,6 +431,7 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
                 .replace("{endpoint}", "{{ $labels.endpoint }}")
                 .replace("{agent_id}", "{{ $labels.agent_id }}")
                 .replace("{stream}", "{{ $labels.stream }}")
+                .replace("{capability}", "{{ $labels.capability }}")
                 .replace("{value}", "{{ $value }}")
                 .replace("{threshold}", &number(threshold));
             let _ = writeln!(out, "      - alert: {}", rule.name);
@@ -402,6 +469,17 @@ mod tests {
             (offline.rule.warning, offline.rule.critical),
             (Some(300.0), Some(900.0))
         );
+        let growing = find(Metric::DeadLetteredRecently);
+        assert_eq!(growing.rule.warning, Some(0.0));
+        let unserved = find(Metric::QueuedWithoutOnlineAgent);
+        assert_eq!(
+            (unserved.rule.warning, unserved.hold),
+            (Some(0.0), Duration::from_secs(300))
+        );
+        let exported = to_prometheus(&rules);
+        assert!(exported.contains("increase(acc_tasks_dead_lettered_total[10m])"));
+        assert!(exported.contains("max by (capability) (acc_tasks_unserved) > 0"));
+        assert!(exported.contains("{{ $labels.capability }}"));
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub const INBOUND_TASK_RESULTS: &str = "acc.in.task_result.*";
 pub const INBOUND_EVENT: &str = "acc.in.event";
 /// A task submission over NATS (the body of `POST /orchestrator/tasks`).
 pub const INBOUND_TASK_SUBMIT: &str = "acc.in.task_submit";
-/// A claim over NATS (the body of `POST /orchestrator/tasks/claim`; answered at once).
+/// A claim over NATS (the body of `POST /orchestrator/tasks/claim`; long-polls up to `wait`).
 pub const INBOUND_TASK_CLAIM: &str = "acc.in.task_claim";
 /// Every inbound subject: what agent NATS users may publish on.
 pub const INBOUND_ALL: &str = "acc.in.>";
@@ -170,6 +170,18 @@ pub fn rejected(code: &str) -> String {
 /// `acc.reply.<agent_id>`: the prefix of every subject agent `agent` may receive answers on.
 pub fn reply_namespace(agent: &AgentId) -> String {
     format!("{REPLY_ROOT}.{agent}")
+}
+
+/// `acc.reply.<agent_id>.tasks.push`: where a push agent registered on the NATS door receives
+/// its tasks (core NATS, inside its reply namespace).
+pub fn pushed_tasks(agent: &AgentId) -> String {
+    format!("{REPLY_ROOT}.{agent}.tasks.push")
+}
+
+/// `acc.reply.<agent_id>.tasks.cancel`: where such an agent is told a task it holds was
+/// cancelled.
+pub fn cancelled_tasks(agent: &AgentId) -> String {
+    format!("{REPLY_ROOT}.{agent}.tasks.cancel")
 }
 
 /// One row of the catalog: a subject pattern, the stream that stores it, and its JSON Schema.

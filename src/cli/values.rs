@@ -154,6 +154,24 @@ pub fn webhook_urls(raw: &str) -> Result<Vec<url::Url>, String> {
     Ok(urls)
 }
 
+/// `PUSH_ALLOWED_URLS`: URL prefixes, each starting with `http://` or `https://`. Blank text is
+/// the empty list (push refused to every URL).
+pub fn url_prefixes(raw: &str) -> Result<Vec<String>, String> {
+    let mut prefixes = Vec::new();
+    for (index, item) in entries(raw).enumerate() {
+        let n = index + 1;
+        let rest = item
+            .strip_prefix("http://")
+            .or_else(|| item.strip_prefix("https://"))
+            .ok_or_else(|| format!("entry {n} ({item:?}) must start with http:// or https://"))?;
+        if rest.is_empty() {
+            return Err(format!("entry {n} ({item:?}) names no host"));
+        }
+        prefixes.push(item.to_owned());
+    }
+    Ok(prefixes)
+}
+
 /// A list of NATS server URLs; `nats://` is added where no scheme is given. Blank text is the
 /// empty list (the embedded server); text with commas but no entry is refused.
 pub fn nats_urls(raw: &str) -> Result<Vec<String>, String> {

@@ -56,6 +56,9 @@ codes! {
     InvalidIdempotencyKey = ("INVALID_IDEMPOTENCY_KEY", 400, "Idempotency-Key must be 1 to 128 visible ASCII characters"),
     /// NATS door: `Acc-Reply-To` outside the caller's own reply namespace.
     InvalidReplyTo = ("INVALID_REPLY_TO", 400, "Acc-Reply-To must be a subject under acc.reply.<your agent_id>."),
+    /// A registration with `dispatch: push` over HTTP whose `base_url` starts with none of the
+    /// `PUSH_ALLOWED_URLS` prefixes: the orchestrator never calls a URL an agent chose freely.
+    PushUrlNotAllowed = ("PUSH_URL_NOT_ALLOWED", 400, "Push delivery to this base_url is not allowed (PUSH_ALLOWED_URLS)"),
     /// The body is over `BODY_LIMIT`, or the stored message over the bus's max payload.
     PayloadTooLarge = ("PAYLOAD_TOO_LARGE", 413, "Request body is too large"),
     /// HTTP: the body did not all arrive within `BODY_READ_TIMEOUT` of the headers.

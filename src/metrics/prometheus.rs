@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use super::process::ProcessFigures;
 use super::snapshot::FleetSnapshot;
-use super::tasks::{OUTCOMES, TaskFigures};
+use super::tasks::{LATENCY_BOUNDS, OUTCOMES, TaskFigures};
 use crate::stats::{BUCKETS_MICROS, CLASSES, Endpoint, Stats};
 
 /// The content type Prometheus expects.
@@ -43,6 +43,9 @@ pub const FAMILIES: &[&str] = &[
     "acc_tasks_dead_lettered",
     "acc_task_attempts_total",
     "acc_task_leases_expired_total",
+    "acc_task_dispatch_latency_seconds",
+    "acc_tasks_dead_lettered_total",
+    "acc_tasks_unserved",
     "process_resident_memory_bytes",
     "process_virtual_memory_bytes",
     "process_cpu_seconds_total",
@@ -403,6 +406,65 @@ fn render_tasks(out: &mut String, tasks: &TaskFigures) {
         "acc_task_leases_expired_total {}",
         tasks.leases_expired
     );
+    render_task_extras(out, tasks);
+}
+
+/// The dispatch latency histogram, dead-letterings and unserved capabilities.
+fn render_task_extras(out: &mut String, tasks: &TaskFigures) {
+    header(
+        out,
+        "acc_task_dispatch_latency_seconds",
+        "histogram",
+        "Submit to first dispatch (claimed or pushed) of tasks dispatched while this replica acted.",
+    );
+    let latency = &tasks.dispatch_latency;
+    let mut cumulative = 0;
+    for (bound, count) in LATENCY_BOUNDS.iter().zip(latency.buckets) {
+        cumulative += count;
+        let _ = writeln!(
+            out,
+            "acc_task_dispatch_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "acc_task_dispatch_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+        latency.count
+    );
+    let _ = writeln!(
+        out,
+        "acc_task_dispatch_latency_seconds_sum {}",
+        latency.sum_micros as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "acc_task_dispatch_latency_seconds_count {}",
+        latency.count
+    );
+    header(
+        out,
+        "acc_tasks_dead_lettered_total",
+        "counter",
+        "Tasks that entered the dead-letter queue while this replica dispatched.",
+    );
+    let _ = writeln!(
+        out,
+        "acc_tasks_dead_lettered_total {}",
+        tasks.dead_lettered_total
+    );
+    header(
+        out,
+        "acc_tasks_unserved",
+        "gauge",
+        "Queued tasks of a capability no online agent has, by capability.",
+    );
+    for (capability, count) in &tasks.unserved {
+        let _ = writeln!(
+            out,
+            "acc_tasks_unserved{{capability=\"{}\"}} {count}",
+            escape(capability)
+        );
+    }
 }
 
 fn render_process(out: &mut String, process: &ProcessFigures) {

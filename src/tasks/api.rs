@@ -262,18 +262,34 @@ impl Tasks {
         caller: &Caller,
         body: &Map<String, Value>,
     ) -> Result<Value, Refusal> {
+        let request = self.claim_request(caller, body)?;
+        self.ask_claim(&request).await
+    }
+
+    /// A claim's checks (scope, body), before anything waits: what the NATS door refuses at
+    /// once, and then hands to [`Tasks::ask_claim`] in a task of its own.
+    pub fn claim_request(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<ClaimRequest, Refusal> {
         if !caller.allows(TASK_SCOPE) {
             return Err(Refusal::insufficient_scope(TASK_SCOPE));
         }
         let claim = ClaimSpec::parse(body)?;
-        let request = ClaimRequest {
+        Ok(ClaimRequest {
             agent_id: caller.agent_id.clone(),
             capabilities: claim.capabilities,
             max: claim.max,
             wait_ms: u64::try_from(claim.wait.as_millis()).unwrap_or(u64::MAX),
-        };
+        })
+    }
+
+    /// Asks the dispatcher for a checked claim; waits up to its `wait` for tasks.
+    pub async fn ask_claim(&self, request: &ClaimRequest) -> Result<Value, Refusal> {
+        let wait = Duration::from_millis(request.wait_ms);
         self.dispatch
-            .ask(subjects::DISPATCH_CLAIM, &request, claim.wait)
+            .ask(subjects::DISPATCH_CLAIM, request, wait)
             .await
     }
 

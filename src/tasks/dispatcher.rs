@@ -7,7 +7,10 @@
 //!   task is queued; the message is acknowledged only after that write;
 //! - answers the ingress's requests on `acc.dispatch.*` (claim, callback, cancel, replay); a
 //!   claim with nothing to take waits, up to its `wait`, for a task to arrive;
-//! - expires leases and ends backoffs on a short tick.
+//! - expires leases and ends backoffs on a short tick;
+//! - pushes queued tasks to agents registered with `"dispatch": "push"` ([`super::push`]):
+//!   the task is leased exactly as for a claim, then sent by a spawned task whose outcome comes
+//!   back into the loop (a failed push fails the attempt).
 //!
 //! Every change is computed on a copy of the record, written with compare-and-set on the
 //! revision it read, and only then applied in memory and answered: what an agent is told is
@@ -17,7 +20,7 @@
 //! deadline nothing is written ([`Lease::acting`]).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::TaskSettings;
 use super::backlog::BacklogCounts;
+use super::push::{PushOutcome, PushSettings, Pusher};
 use super::queue::{TaskQueue, Waiting};
 use super::record::{Outcome, Submission, TaskRecord, TaskStatus};
 use super::wire::{Answer, CallbackRequest, CancelRequest, ClaimRequest, ReplayRequest, Report};
@@ -42,7 +46,7 @@ use crate::contract::{Code, Refusal};
 use crate::directory::Directory;
 use crate::domain::{AgentId, AgentRecord, AgentStatus, TaskId};
 use crate::lease::Lease;
-use crate::metrics::tasks::{OUTCOMES, TaskGauges};
+use crate::metrics::tasks::{OUTCOMES, SNAPSHOT_KEY, SNAPSHOT_REFRESH, TaskGauges, TaskSnapshot};
 
 /// How often leases, backoffs and waiting claims are looked at.
 const TICK: Duration = Duration::from_millis(20);
@@ -62,6 +66,7 @@ pub async fn run(
     directory: Directory,
     settings: TaskSettings,
     figures: Arc<TaskGauges>,
+    push: Arc<PushSettings>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = publisher.jetstream().clone();
@@ -103,6 +108,9 @@ pub async fn run(
         queue_settings: settings.queue.clone(),
         state: State::default(),
         figures,
+        push,
+        pusher: None,
+        stored_figures: None,
     };
     let renew_every = settings.lease_ttl / 3;
     loop {
@@ -187,6 +195,11 @@ struct Dispatcher {
     state: State,
     /// What `/metrics` shows while this replica acts.
     figures: Arc<TaskGauges>,
+    push: Arc<PushSettings>,
+    /// Sends tasks to push agents while acting (a fresh one, and channel, each time).
+    pusher: Option<Pusher>,
+    /// The last snapshot stored for the alerting role, and when.
+    stored_figures: Option<(tokio::time::Instant, TaskSnapshot)>,
 }
 
 impl Dispatcher {
@@ -208,6 +221,8 @@ impl Dispatcher {
         let mut renew_at = tokio::time::Instant::now() + renew_every;
         let mut figures_at = tokio::time::Instant::now();
         let mut waiters_at = tokio::time::Instant::now();
+        let (pusher, mut pushed) = Pusher::new(self.push.clone(), self.client.clone());
+        self.pusher = Some(pusher);
         tracing::info!(
             queued = self.state.queue.len(),
             unfinished = self.state.tasks.len(),
@@ -221,6 +236,7 @@ impl Dispatcher {
                     return Ok(Stopped::Stop);
                 }
                 Some(message) = requests.next() => self.handle(message).await,
+                Some(outcome) = pushed.recv() => self.pushed(outcome).await,
                 next = incoming.next() => match next {
                     Some(Ok(message)) => self.take_in(message).await,
                     Some(Err(err)) => tracing::debug!(error = %err, "submissions: pull interrupted"),
@@ -246,11 +262,13 @@ impl Dispatcher {
                         // view did not know yet, or one whose status changed.
                         waiters_at = tokio::time::Instant::now() + RESERVE_WAITERS_EVERY;
                         self.serve_waiters().await;
+                        self.push_queued().await;
                     }
                     if tokio::time::Instant::now() >= figures_at {
                         figures_at = tokio::time::Instant::now() + FIGURES_EVERY;
                         let queued = self.state.queue.depth();
                         self.figures.update(|figures| figures.queued = queued);
+                        self.store_figures().await;
                     }
                 }
             }
@@ -260,6 +278,8 @@ impl Dispatcher {
     /// Forgets everything held in memory (the lease is gone; a successor rebuilds it).
     fn stand_down(&mut self) {
         self.state = State::default();
+        self.pusher = None;
+        self.stored_figures = None;
         self.figures.clear();
     }
 
@@ -326,6 +346,7 @@ impl Dispatcher {
                     tracing::debug!(error = %err, "submission ack failed; it will come again");
                 }
                 self.serve_waiters().await;
+                self.push_queued().await;
             }
             Err(refusal) => {
                 tracing::warn!(error = %refusal, "cannot store a task record; the submission will come again");
@@ -480,7 +501,21 @@ impl Dispatcher {
         let ended = old.live_attempt().is_some() && new.live_attempt().is_none();
         let outcome = new.attempts.last().map(|a| a.outcome);
         let dead = old.status != TaskStatus::DeadLettered && new.status == TaskStatus::DeadLettered;
+        // Submit → dispatched, for the first attempt only (a retry's wait is its backoff).
+        let first_dispatch = (old.attempts.is_empty() && new.attempts.len() == 1)
+            .then(|| {
+                (new.attempts[0].started_at - new.submitted_at)
+                    .to_std()
+                    .ok()
+            })
+            .flatten();
         self.figures.update(|figures| {
+            if let Some(latency) = first_dispatch {
+                figures.dispatch_latency.observe(latency);
+            }
+            if dead {
+                figures.dead_lettered_now();
+            }
             if let (true, Some(outcome)) = (ended, outcome) {
                 if let Some(index) = OUTCOMES.iter().position(|o| *o == outcome.as_str()) {
                     figures.attempts[index] += 1;
@@ -541,6 +576,7 @@ impl Dispatcher {
         };
         self.answer(reply, answer).await;
         self.serve_waiters().await;
+        self.push_queued().await;
     }
 
     async fn answer(&self, reply: Subject, answer: Result<Value, Refusal>) {
@@ -727,6 +763,7 @@ impl Dispatcher {
         }
         if changed {
             self.serve_waiters().await;
+            self.push_queued().await;
         }
     }
 
@@ -769,9 +806,13 @@ impl Dispatcher {
             return Err(Refusal::new(Code::TaskFinished)
                 .with_details(format!("the task is {}", held.record.status.as_str())));
         }
+        let holder = held.record.live_attempt().map(|a| a.agent_id.clone());
         let mut next = held.record.clone();
         next.cancel(now());
         self.commit(next, held.revision).await?;
+        if let Some(holder) = holder {
+            self.tell_cancelled(&holder, &request.task_id);
+        }
         tracing::info!(task_id = %request.task_id, by = %request.caller, "task cancelled");
         Ok(json!({"success": true, "task_id": request.task_id, "status": "cancelled"}))
     }
@@ -883,4 +924,138 @@ fn encode(record: &TaskRecord) -> Bytes {
 
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
+}
+
+/// The figures the alerting role reads, kept in the tasks bucket.
+impl Dispatcher {
+    /// Counts queued tasks of capabilities no online agent has, and stores the snapshot for
+    /// the alerting role when it changed (or has not been written for a while).
+    async fn store_figures(&mut self) {
+        let mut unserved: BTreeMap<String, usize> = BTreeMap::new();
+        for ((capability, _), count) in self.state.queue.depth() {
+            let served = self.directory.any(|agent| {
+                agent.status == AgentStatus::Online
+                    && agent.profile.capabilities.contains(&capability)
+            });
+            if !served {
+                *unserved.entry(capability).or_default() += count;
+            }
+        }
+        let mut snapshot = None;
+        self.figures.update(|figures| {
+            figures.unserved = unserved;
+            snapshot = Some(figures.snapshot(now()));
+        });
+        let Some(snapshot) = snapshot else { return };
+        let due = self.stored_figures.as_ref().is_none_or(|(at, last)| {
+            at.elapsed() >= SNAPSHOT_REFRESH
+                || (
+                    last.dead_lettered,
+                    last.dead_lettered_recently,
+                    &last.unserved,
+                ) != (
+                    snapshot.dead_lettered,
+                    snapshot.dead_lettered_recently,
+                    &snapshot.unserved,
+                )
+        });
+        if !due || self.fence().is_err() {
+            return;
+        }
+        let value = Bytes::from(serde_json::to_vec(&snapshot).expect("snapshots serialize"));
+        let put = self.kv.put(SNAPSHOT_KEY, value);
+        match tokio::time::timeout(self.write_timeout, put).await {
+            Ok(Ok(_)) => self.stored_figures = Some((tokio::time::Instant::now(), snapshot)),
+            Ok(Err(err)) => tracing::debug!(error = %err, "task figures not stored"),
+            Err(_) => tracing::debug!("task figures not stored in time"),
+        }
+    }
+}
+
+/// Push delivery: the dispatcher's side of [`super::push`].
+impl Dispatcher {
+    /// Leases queued tasks to push agents with free slots and sends them. The same rules as a
+    /// claim apply ([`Dispatcher::take_for`]: online first, degraded only for capabilities no
+    /// online agent has, `max_concurrent_tasks`, a retry away from an agent that failed it).
+    async fn push_queued(&mut self) {
+        if self.state.queue.is_empty()
+            || self.pusher.is_none()
+            || !self
+                .directory
+                .any(|agent| agent.profile.push_channel().is_some())
+        {
+            return;
+        }
+        let agents = self.directory.list();
+        for agent in agents
+            .iter()
+            .filter(|agent| agent.profile.push_channel().is_some())
+        {
+            if self.state.queue.is_empty() {
+                break;
+            }
+            let live = self.state.live.get(&agent.agent_id).copied().unwrap_or(0);
+            if live >= agent.profile.max_concurrent_tasks {
+                continue;
+            }
+            let request = ClaimRequest {
+                agent_id: agent.agent_id.clone(),
+                capabilities: None,
+                max: agent.profile.max_concurrent_tasks,
+                wait_ms: 0,
+            };
+            match self.take_for(&request).await {
+                Ok(tasks) => {
+                    if let Some(pusher) = &self.pusher {
+                        for task in &tasks {
+                            pusher.deliver(agent, task);
+                        }
+                    }
+                }
+                Err(refusal) => {
+                    tracing::debug!(agent_id = %agent.agent_id, error = %refusal, "nothing pushed to this agent now");
+                }
+            }
+        }
+    }
+
+    /// A push came back: a failed one fails its attempt (retryable), if that attempt is still
+    /// the live one. A delivered one needs nothing: the agent calls back.
+    async fn pushed(&mut self, outcome: PushOutcome) {
+        let Some(reason) = outcome.failure else {
+            return;
+        };
+        let Some(held) = self.state.tasks.get(&outcome.task_id).cloned() else {
+            return;
+        };
+        let still_live = held
+            .record
+            .live_attempt()
+            .is_some_and(|a| a.agent_id == outcome.agent_id && a.attempt == outcome.attempt);
+        if !still_live {
+            return;
+        }
+        let mut next = held.record.clone();
+        let error = json!({"message": reason, "retryable": true});
+        next.fail(Outcome::Failed, error, true, rand::random(), now());
+        match self.commit(next, held.revision).await {
+            Ok(_) => {
+                tracing::info!(task_id = %outcome.task_id, agent_id = %outcome.agent_id, attempt = outcome.attempt, "pushed attempt failed");
+                self.serve_waiters().await;
+                self.push_queued().await;
+            }
+            Err(refusal) => {
+                // The lease still ends the attempt if this write never lands.
+                tracing::warn!(task_id = %outcome.task_id, error = %refusal, "failed push not stored; the lease will expire");
+            }
+        }
+    }
+
+    /// Tells a push agent that held `task_id` it was cancelled (best effort).
+    fn tell_cancelled(&self, holder: &AgentId, task_id: &TaskId) {
+        let (Some(pusher), Some(agent)) = (&self.pusher, self.directory.get(holder)) else {
+            return;
+        };
+        pusher.tell_cancelled(&agent, task_id);
+    }
 }

@@ -9,6 +9,7 @@
 //! - [`api`]: what a door does for the task routes, on any replica ([`Tasks`]).
 //! - [`wire`]: the requests the ingress sends the acting dispatcher, and its answers.
 //! - [`dispatcher`]: the role that owns unfinished tasks (one acting replica).
+//! - [`push`]: delivery to agents registered with `"dispatch": "push"` (HTTP or NATS).
 //!
 //! On the bus: `ACC_TASK_SUBMISSIONS` (one message per task id, `acc.tasks.submitted.<id>`),
 //! the `acc_tasks` bucket (one record per task, and the dispatcher lease), replays recorded on
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod backlog;
 pub mod dispatcher;
+pub mod push;
 pub mod queue;
 pub mod record;
 pub mod spec;

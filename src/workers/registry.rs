@@ -481,6 +481,8 @@ mod tests {
                 base_url: "https://a.example".into(),
                 capabilities: vec![],
                 max_concurrent_tasks: 1,
+                dispatch: crate::domain::Dispatch::Pull,
+                push_over: None,
             },
             origin: RegistrationOrigin::Agent,
             received_at: DateTime::from_timestamp(at, 0).unwrap(),

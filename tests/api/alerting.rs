@@ -975,8 +975,10 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
     assert_eq!(groups.len(), 1);
     assert!(groups[0]["name"].as_str().is_some());
     let rules = groups[0]["rules"].as_sequence().expect("rules");
-    // The plan's table and a nearly full stream: four conditions, each at WARN and CRITICAL.
-    assert_eq!(rules.len(), 8, "{}", finished.stdout);
+    // The plan's table and a nearly full stream: four conditions, each at WARN and CRITICAL;
+    // and the task rules: the DLQ growing (WARN and CRITICAL), a capability nobody online
+    // serves (WARN).
+    assert_eq!(rules.len(), 11, "{}", finished.stdout);
 
     // What a running bridge exposes, once the metrics worker published fleet figures.
     let nats = NatsServer::start();
@@ -1057,8 +1059,8 @@ async fn alert_rules_print_as_a_prometheus_rules_file_over_metrics_that_metrics_
     assert_eq!(
         severities,
         [
-            "critical", "critical", "critical", "critical", "warning", "warning", "warning",
-            "warning"
+            "critical", "critical", "critical", "critical", "critical", "warning", "warning",
+            "warning", "warning", "warning", "warning"
         ]
     );
     let thresholds: Vec<&str> = rules.iter().map(|r| r["expr"].as_str().unwrap()).collect();

@@ -21,6 +21,7 @@ mod hostile;
 mod layers;
 mod metrics;
 mod properties;
+mod push;
 mod registry;
 mod scheduling;
 mod streams;
