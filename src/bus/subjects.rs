@@ -36,6 +36,11 @@ pub const ALERTING_BUCKET: &str = "acc_alerting";
 pub const TASKS_BUCKET: &str = "acc_tasks";
 /// The dispatcher's lease key in [`TASKS_BUCKET`] (a `.` keeps it apart from every task id).
 pub const DISPATCHER_LEASE_KEY: &str = "lease.dispatcher";
+/// The stream JetStream keeps [`TASKS_BUCKET`] in (`KV_<bucket>`), followed by the task streams.
+pub const TASKS_BUCKET_STREAM: &str = "KV_acc_tasks";
+/// Every task record in [`TASKS_BUCKET_STREAM`]: one token per task id, so the lease key (two
+/// tokens) is not among them.
+pub const TASK_RECORDS: &str = "$KV.acc_tasks.*";
 
 /// Durable consumer of the dispatcher on [`SUBMISSIONS_STREAM`].
 pub const DISPATCHER_CONSUMER: &str = "dispatcher";
@@ -136,6 +141,11 @@ pub fn task_result(task: &TaskId) -> String {
 
 pub fn task_submission(task: &TaskId) -> String {
     format!("acc.tasks.submitted.{task}")
+}
+
+/// The subject of `task`'s record in [`TASKS_BUCKET_STREAM`].
+pub fn task_record(task: &TaskId) -> String {
+    format!("$KV.{TASKS_BUCKET}.{task}")
 }
 
 pub fn task_replay(task: &TaskId) -> String {

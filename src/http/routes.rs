@@ -54,6 +54,7 @@ pub const DLQ_REPLAY: Route = route(Method::POST, "/orchestrator/dlq/{task_id}/r
 pub const EVENTS: Route = route(Method::POST, "/orchestrator/events", Some(Endpoint::Events));
 pub const AGENTS: Route = route(Method::GET, "/orchestrator/agents", Some(Endpoint::Agents));
 pub const EVENTS_STREAM: Route = route(Method::GET, "/orchestrator/events/stream", None);
+pub const TASK_STREAM: Route = route(Method::GET, "/orchestrator/tasks/{task_id}/stream", None);
 pub const AGENTS_STREAM: Route = route(Method::GET, "/orchestrator/agents/stream", None);
 pub const ALERTS_STREAM: Route = route(Method::GET, "/orchestrator/alerts/stream", None);
 pub const AUDIT: Route = route(Method::GET, "/orchestrator/audit", None);
@@ -69,7 +70,7 @@ pub const SILENCE_CREATE: Route = route(Method::POST, "/orchestrator/silences", 
 pub const SILENCE_EXPIRE: Route = route(Method::DELETE, "/orchestrator/silences/{id}", None);
 
 /// Every route, for lookups.
-pub static ALL: [Route; 26] = [
+pub static ALL: [Route; 27] = [
     REGISTER,
     HEARTBEAT,
     TASK_CALLBACK,
@@ -96,6 +97,7 @@ pub static ALL: [Route; 26] = [
     SILENCES,
     SILENCE_CREATE,
     SILENCE_EXPIRE,
+    TASK_STREAM,
 ];
 
 /// `"POST /orchestrator/register"` and so on, built once, parallel to [`ALL`].
