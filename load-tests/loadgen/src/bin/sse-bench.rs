@@ -364,11 +364,22 @@ async fn main() -> anyhow::Result<()> {
         if due > now {
             tokio::time::sleep(due - now).await;
         }
-        let (client, args, failed, last_seq) =
-            (client.clone(), args.clone(), failed.clone(), last_seq.clone());
+        let (client, args, failed, last_seq) = (
+            client.clone(),
+            args.clone(),
+            failed.clone(),
+            last_seq.clone(),
+        );
         let due_micros = epoch_start + offset.as_micros() as u64;
         publishing.spawn(async move {
-            match publish(&client, &args, &format!("{}-live-{i}", args.label), due_micros).await {
+            match publish(
+                &client,
+                &args,
+                &format!("{}-live-{i}", args.label),
+                due_micros,
+            )
+            .await
+            {
                 Some(seq) => drop(last_seq.fetch_max(seq, Ordering::Relaxed)),
                 None => drop(failed.fetch_add(1, Ordering::Relaxed)),
             }
@@ -422,13 +433,21 @@ async fn main() -> anyhow::Result<()> {
     report.insert("rate".into(), args.rate.into());
     report.insert("duration_s".into(), args.duration.into());
     report.insert("published".into(), published.into());
-    report.insert("publish_failed".into(), failed.load(Ordering::Relaxed).into());
+    report.insert(
+        "publish_failed".into(),
+        failed.load(Ordering::Relaxed).into(),
+    );
     report.insert("deliveries".into(), deliveries.into());
     report.insert("complete_subscribers".into(), complete.into());
     report.insert("incomplete_subscribers".into(), incomplete.into());
     report.insert("out_of_order".into(), out_of_order.into());
     report.insert("open_s".into(), open_took.as_secs_f64().into());
-    for (name, q) in [("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("p999_ms", 0.999)] {
+    for (name, q) in [
+        ("p50_ms", 0.5),
+        ("p90_ms", 0.9),
+        ("p99_ms", 0.99),
+        ("p999_ms", 0.999),
+    ] {
         report.insert(name.into(), ms(&latency, q).into());
     }
     report.insert("max_ms".into(), (latency.max() as f64 / 1000.0).into());
@@ -478,7 +497,13 @@ async fn main() -> anyhow::Result<()> {
             let (client, args) = (client.clone(), args.clone());
             writing.spawn(async move {
                 let _permit = permit;
-                publish(&client, &args, &format!("{}-gap-{i}", args.label), now_micros()).await
+                publish(
+                    &client,
+                    &args,
+                    &format!("{}-gap-{i}", args.label),
+                    now_micros(),
+                )
+                .await
             });
         }
         let mut gap_last = 0;
