@@ -201,10 +201,8 @@ async fn subscribe(mut stream: SseStream, mut want: watch::Receiver<Option<u64>>
     };
     let mut last_id = 0;
     loop {
-        if let Some(want) = *want.borrow() {
-            if seen.events >= want {
-                return seen;
-            }
+        if want.borrow().is_some_and(|want| seen.events >= want) {
+            return seen;
         }
         let frame = tokio::select! {
             frame = stream.next() => frame,
