@@ -302,6 +302,17 @@ impl Application {
             }
             let [events, agents, alerts, audit_hub]: [Hub; 4] =
                 followed.try_into().ok().expect("one hub per stream");
+            // A task stream that falls behind reads its one key again, so a small ring will do.
+            let records = js
+                .get_stream(subjects::TASKS_BUCKET_STREAM)
+                .await
+                .context("opening the task records")?;
+            let task_hub = Hub::new(
+                records,
+                subjects::TASK_RECORDS,
+                settings.live.buffer.min(256),
+            );
+            tasks.spawn(task_hub.clone().run(stop.clone()).map(Ok));
             let alerting = js
                 .get_key_value(subjects::ALERTING_BUCKET)
                 .await
@@ -327,6 +338,7 @@ impl Application {
                     agents,
                     alerts,
                     audit: audit_hub,
+                    tasks: task_hub,
                     slots: Slots::new(
                         settings.live.max_streams,
                         settings.live.max_streams_per_caller,

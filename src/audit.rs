@@ -4,8 +4,10 @@
 //! An admin write is recorded *before* it is carried out, and refused with 503 when the record
 //! cannot be stored: no admin write happens without its record. A refused credential is
 //! recorded in the background, so a 401 costs the refused client no wait; the per-address limit
-//! on failed authentications bounds how many such records one address can cause. A record
-//! names the caller or the source address and the code, never the token.
+//! on failed authentications bounds how many such records one address can cause over HTTP, and
+//! the NATS door's limit on rejections (one bucket per caller, one shared by every message
+//! whose token did not verify) how many inbound messages can. A record names the caller or the
+//! source address and the code, never the token.
 
 use std::net::IpAddr;
 
@@ -17,6 +19,15 @@ use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::Code;
 use crate::domain::AgentId;
 use crate::telemetry;
+
+/// The refusals that mean a credential was presented and refused, on either door. A missing
+/// token is not a credential; a rate-limited caller is already on record.
+pub fn is_refused_credential(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidToken | Code::TokenExpired | Code::InsufficientScope | Code::IdentityMismatch
+    )
+}
 
 /// What kind of thing is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,12 +95,29 @@ impl Audit {
         self.store(subjects::AUDIT_ADMIN, &entry).await
     }
 
-    /// Records a refused credential in the background.
+    /// Records a credential refused over HTTP, in the background.
     pub fn credential_refused(&self, address: Option<IpAddr>, route: &str, code: Code) {
+        self.record_refusal(None, address, route, code);
+    }
+
+    /// Records a credential the NATS door refused, in the background: `subject` is the
+    /// inbound subject pattern (e.g. `NATS acc.in.heartbeat`), `actor` the caller when its
+    /// token verified (a missing scope), else `None`.
+    pub fn door_credential_refused(&self, actor: Option<&str>, subject: &str, code: Code) {
+        self.record_refusal(actor, None, subject, code);
+    }
+
+    fn record_refusal(
+        &self,
+        actor: Option<&str>,
+        address: Option<IpAddr>,
+        action: &str,
+        code: Code,
+    ) {
         let entry = AuditEntry {
             kind: AuditKind::Credential,
-            action: route.to_owned(),
-            actor: None,
+            action: action.to_owned(),
+            actor: actor.map(str::to_owned),
             address: address.map(|a| a.to_string()),
             target: None,
             code: Some(code.as_str().to_owned()),

@@ -54,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::admission::{Admission, Call};
+use crate::audit::{Audit, is_refused_credential};
 use crate::auth::{Caller, Verifier};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
@@ -97,6 +98,8 @@ pub struct Door {
     tasks: Tasks,
     /// Permits for claims waiting in their own task.
     waiting_claims: Arc<tokio::sync::Semaphore>,
+    /// Refused credentials go on the audit trail, as over HTTP.
+    audit: Audit,
 }
 
 impl Door {
@@ -111,6 +114,7 @@ impl Door {
     ) -> Self {
         let client = publisher.client().clone();
         Self {
+            audit: Audit::new(publisher.clone()),
             tasks,
             admission,
             verifier,
@@ -388,6 +392,12 @@ impl Door {
         if code != Code::RateLimited {
             let _ = self.limiter.take(caller_key);
         }
+        // Bounded like the rejections: a caller out of tokens gets `RATE_LIMITED`, not recorded.
+        if is_refused_credential(code) {
+            let actor = (caller_key != ANONYMOUS).then_some(caller_key);
+            let action = format!("NATS {}", inbound_pattern(&message.subject));
+            self.audit.door_credential_refused(actor, &action, code);
+        }
         let count = self.tally.refused.count(code);
         tracing::warn!(
             code = code.as_str(),
@@ -614,6 +624,22 @@ fn call_of(subject: &str) -> Option<Call<'_>> {
     }
 }
 
+/// The inbound subject pattern `subject` falls under (its task id, say, left out), for the
+/// audit trail.
+fn inbound_pattern(subject: &str) -> &'static str {
+    [
+        subjects::INBOUND_REGISTER,
+        subjects::INBOUND_HEARTBEAT,
+        subjects::INBOUND_EVENT,
+        subjects::INBOUND_TASK_SUBMIT,
+        subjects::INBOUND_TASK_CLAIM,
+        subjects::INBOUND_TASK_RESULTS,
+    ]
+    .into_iter()
+    .find(|pattern| subjects::matches(pattern, subject))
+    .unwrap_or(subjects::INBOUND_ALL)
+}
+
 fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|v| v.as_str())
 }
@@ -717,5 +743,15 @@ mod tests {
         let order: Vec<String> = std::iter::from_fn(|| queue.pop()).collect();
         assert_eq!(order, ["f0", "q0", "x0", "f1", "q1", "f2", "f3", "f4"]);
         assert!(queue.drain().is_empty());
+    }
+
+    #[test]
+    fn audit_records_name_the_inbound_pattern_not_the_task_id() {
+        assert_eq!(inbound_pattern("acc.in.heartbeat"), "acc.in.heartbeat");
+        assert_eq!(
+            inbound_pattern("acc.in.task_result.secret-ish-id"),
+            "acc.in.task_result.*"
+        );
+        assert_eq!(inbound_pattern("acc.in.whatever.else"), "acc.in.>");
     }
 }

@@ -39,6 +39,11 @@ pub const DISPATCHER_LEASE_KEY: &str = "lease.dispatcher";
 /// Queued tasks per tenant, as the acting dispatcher last counted them, in [`TASKS_BUCKET`]:
 /// what the ingress checks `TASK_MAX_QUEUED_PER_TENANT` against.
 pub const TENANT_BACKLOG_KEY: &str = "backlog.tenants";
+/// The stream JetStream keeps [`TASKS_BUCKET`] in (`KV_<bucket>`), followed by the task streams.
+pub const TASKS_BUCKET_STREAM: &str = "KV_acc_tasks";
+/// Every task record in [`TASKS_BUCKET_STREAM`]: one token per task id, so the lease key (two
+/// tokens) is not among them.
+pub const TASK_RECORDS: &str = "$KV.acc_tasks.*";
 
 /// Durable consumer of the dispatcher on [`SUBMISSIONS_STREAM`].
 pub const DISPATCHER_CONSUMER: &str = "dispatcher";
@@ -139,6 +144,11 @@ pub fn task_result(task: &TaskId) -> String {
 
 pub fn task_submission(task: &TaskId) -> String {
     format!("acc.tasks.submitted.{task}")
+}
+
+/// The subject of `task`'s record in [`TASKS_BUCKET_STREAM`].
+pub fn task_record(task: &TaskId) -> String {
+    format!("$KV.{TASKS_BUCKET}.{task}")
 }
 
 pub fn task_replay(task: &TaskId) -> String {

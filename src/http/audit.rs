@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::extract::Authenticated;
 use super::{AppState, routes};
-use crate::audit::AuditEntry;
+use crate::audit::{AuditEntry, is_refused_credential};
 use crate::auth::ADMIN_SCOPE;
 use crate::bus::subjects;
 use crate::contract::{Code, Refusal};
@@ -133,15 +133,6 @@ async fn list(
         answer["next_cursor"] = cursor.into();
     }
     Ok(Json(with_trace_id(answer)))
-}
-
-/// The refusals that mean a credential was presented and refused. A missing token is not a
-/// credential; a rate-limited address is already on record.
-fn is_refused_credential(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidToken | Code::TokenExpired | Code::InsufficientScope | Code::IdentityMismatch
-    )
 }
 
 /// Middleware: after each response, records a refused credential with the source address, the

@@ -54,6 +54,7 @@ pub const DLQ_REPLAY: Route = route(Method::POST, "/orchestrator/dlq/{task_id}/r
 pub const EVENTS: Route = route(Method::POST, "/orchestrator/events", Some(Endpoint::Events));
 pub const AGENTS: Route = route(Method::GET, "/orchestrator/agents", Some(Endpoint::Agents));
 pub const EVENTS_STREAM: Route = route(Method::GET, "/orchestrator/events/stream", None);
+pub const TASK_STREAM: Route = route(Method::GET, "/orchestrator/tasks/{task_id}/stream", None);
 pub const AGENTS_STREAM: Route = route(Method::GET, "/orchestrator/agents/stream", None);
 pub const ALERTS_STREAM: Route = route(Method::GET, "/orchestrator/alerts/stream", None);
 pub const AUDIT: Route = route(Method::GET, "/orchestrator/audit", None);
@@ -73,7 +74,7 @@ pub const CONSOLE_SCRIPT: Route = route(Method::GET, "/console/app.js", None);
 pub const CONSOLE_STYLE: Route = route(Method::GET, "/console/app.css", None);
 
 /// Every route, for lookups.
-pub static ALL: [Route; 30] = [
+pub static ALL: [Route; 31] = [
     REGISTER,
     HEARTBEAT,
     TASK_CALLBACK,
@@ -104,6 +105,7 @@ pub static ALL: [Route; 30] = [
     CONSOLE_SLASH,
     CONSOLE_SCRIPT,
     CONSOLE_STYLE,
+    TASK_STREAM,
 ];
 
 /// `"POST /orchestrator/register"` and so on, built once, parallel to [`ALL`].

@@ -4,6 +4,11 @@
 //! `GET /orchestrator/audit/stream` (the audit trail), admin only. What follows is said of
 //! events and holds for every stream, each with the sequences of its own stream.
 //!
+//! `GET /orchestrator/tasks/{task_id}/stream` is the odd one: one task's record (as
+//! `GET /orchestrator/tasks/{task_id}` shows it, for whoever may read that) at each change, `id:`
+//! the record's revision in the `acc_tasks` bucket, ending after a terminal state. It is fed by
+//! the replica's one hub over the bucket, not a consumer per subscriber.
+//!
 //! For events: `id:` is the event's `ACC_EVENTS` sequence and `data:`
 //! the stored JSON. Filters: `type` (repeatable; exact or `*`/`>` patterns) and `source`. Resume
 //! with `Last-Event-ID` or `?from_seq=N`, or start at `?since=<RFC 3339>`; with none, only new
@@ -14,8 +19,10 @@
 use std::convert::Infallible;
 
 use axum::Router;
-use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State, rejection::PathRejection};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
@@ -27,11 +34,14 @@ use tokio_util::sync::CancellationToken;
 use super::extract::Authenticated;
 use super::{AppState, routes};
 use crate::auth::{ADMIN_SCOPE, Caller, EVENTS_READ_SCOPE};
+use crate::bus::subjects;
 use crate::contract::{Code, Refusal};
+use crate::domain::TaskId;
 use crate::streams::{
-    Filter, Hub, Item, MAX_PATTERNS, Slots, SlotsFull, Start, StreamsSettings, Subscription,
-    TypePattern,
+    Filter, Hub, Item, KeyWatch, MAX_PATTERNS, Slot, Slots, SlotsFull, Start, StreamedEvent,
+    StreamsSettings, Subscription, TypePattern,
 };
+use crate::tasks::TaskRecord;
 
 /// What the stream routes need: the replica's hubs, the slots, the settings, and the stop
 /// signal that ends every stream on shutdown.
@@ -40,6 +50,8 @@ pub struct Live {
     pub agents: Hub,
     pub alerts: Hub,
     pub audit: Hub,
+    /// Over the `acc_tasks` bucket's task records, for the task streams.
+    pub tasks: Hub,
     pub slots: Slots,
     pub settings: StreamsSettings,
     pub stop: CancellationToken,
@@ -51,6 +63,7 @@ pub fn router() -> Router<AppState> {
         .route(routes::AGENTS_STREAM.path, stream_route(Kind::Agents))
         .route(routes::ALERTS_STREAM.path, stream_route(Kind::Alerts))
         .route(routes::AUDIT_STREAM.path, stream_route(Kind::Audit))
+        .route(routes::TASK_STREAM.path, get(task_stream))
 }
 
 fn may_read_events(caller: &Caller) -> Result<(), Refusal> {
@@ -120,19 +133,103 @@ async fn serve(
 ) -> Result<Response, Refusal> {
     let (start, filter) = parse_request(headers, query.unwrap_or(""))?;
     let live = &state.live;
-    let slot = live
-        .slots
-        .take(caller.agent_id.as_str())
-        .map_err(|full| match full {
-            SlotsFull::Caller => Refusal::new(Code::TooManyStreams).with_retry_after(1),
-            SlotsFull::Total => Refusal::new(Code::Overloaded),
-        })?;
+    let slot = take_slot(live, caller)?;
     let subscription = Subscription::open(hub, start, filter, slot, live.stop.clone())
         .await
         .map_err(|err| Refusal::bus_unavailable(err.to_string()))?;
     Ok(Sse::new(sse_events(subscription))
         .keep_alive(KeepAlive::new().interval(live.settings.keepalive))
         .into_response())
+}
+
+/// A stream slot for `caller`, or the refusal when it or the replica holds its maximum.
+fn take_slot(live: &Live, caller: &Caller) -> Result<Slot, Refusal> {
+    live.slots
+        .take(caller.agent_id.as_str())
+        .map_err(|full| match full {
+            SlotsFull::Caller => Refusal::new(Code::TooManyStreams).with_retry_after(1),
+            SlotsFull::Total => Refusal::new(Code::Overloaded),
+        })
+}
+
+/// `GET /orchestrator/tasks/{task_id}/stream`. 404 and 403 as the task's GET; a resume after the
+/// terminal state is 204 (nothing more will come: a browser's `EventSource` stops
+/// reconnecting on a 204).
+async fn task_stream(
+    State(state): State<AppState>,
+    task_id: Result<Path<String>, PathRejection>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    let invalid = |e: String| Refusal::invalid_payload(format!("task_id: {e}"));
+    let Path(raw) = task_id.map_err(|e| invalid(e.to_string()))?;
+    let task_id = TaskId::parse(&raw).map_err(|e| invalid(e.to_string()))?;
+    let record = state
+        .task_api
+        .find(&task_id)
+        .await?
+        .ok_or_else(|| Refusal::new(Code::TaskNotFound))?;
+    state.task_api.view(&caller, &record).await?;
+    let after = last_event_id(&headers)?.unwrap_or(0);
+    let live = &state.live;
+    let slot = take_slot(live, &caller)?;
+    let watch = KeyWatch::open(
+        &live.tasks,
+        subjects::task_record(&task_id),
+        after,
+        slot,
+        live.stop.clone(),
+    )
+    .await
+    .map_err(|err| Refusal::bus_unavailable(err.to_string()))?;
+    let first = match watch.current {
+        Some(current) if current.seq > after => Some(current),
+        Some(current) if decode_record(&current).is_some_and(|r| r.is_terminal()) => {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        _ => None,
+    };
+    Ok(Sse::new(task_events(first, watch.changes))
+        .keep_alive(KeepAlive::new().interval(live.settings.keepalive))
+        .into_response())
+}
+
+/// A stored task record; `None` (logged) when it does not read as one.
+fn decode_record(stored: &StreamedEvent) -> Option<TaskRecord> {
+    serde_json::from_slice(&stored.payload)
+        .inspect_err(|err| {
+            tracing::warn!(seq = stored.seq, error = %err, "unreadable task record; not streamed");
+        })
+        .ok()
+}
+
+/// The task's records as SSE events, `first` (if any) then each change, ending after the first
+/// terminal one.
+fn task_events(
+    first: Option<Arc<StreamedEvent>>,
+    changes: tokio::sync::mpsc::Receiver<Arc<StreamedEvent>>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures::stream::unfold(
+        (first, changes, false),
+        |(mut first, mut changes, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let stored = match first.take() {
+                    Some(stored) => stored,
+                    None => changes.recv().await?,
+                };
+                let Some(record) = decode_record(&stored) else {
+                    continue;
+                };
+                let event = Event::default()
+                    .id(stored.seq.to_string())
+                    .data(record.view().to_string());
+                return Some((Ok(event), (None, changes, record.is_terminal())));
+            }
+        },
+    )
 }
 
 /// The subscription's items as SSE events.
@@ -193,17 +290,24 @@ fn parse_request(headers: &HeaderMap, query: &str) -> Result<(Start, Filter), Re
         }
     }
     // The browser's reconnect carries Last-Event-ID: it wins over the query it reconnects with.
-    if let Some(raw) = headers.get("last-event-id") {
-        let seq = raw
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| {
-                Refusal::invalid_payload("Last-Event-ID: must be the id of an event received")
-            })?;
+    if let Some(seq) = last_event_id(headers)? {
         start = Start::After(seq);
     }
     Ok((start, filter))
+}
+
+/// The `Last-Event-ID` header, when there is one.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, Refusal> {
+    let Some(raw) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    raw.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Refusal::invalid_payload("Last-Event-ID: must be the id of an event received")
+        })
 }
 
 #[cfg(test)]

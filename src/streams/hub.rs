@@ -1,9 +1,10 @@
 //! [`Hub`]: the one bus subscription per replica behind every stream of one kind (events,
-//! agent status changes, alerts, the audit trail).
+//! agent status changes, alerts, the audit trail, task records).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::Subject;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::stream::Stream;
 use bytes::Bytes;
@@ -15,8 +16,11 @@ use tokio_util::sync::CancellationToken;
 /// One stored event as subscribers see it.
 #[derive(Debug)]
 pub struct StreamedEvent {
-    /// Its sequence in `ACC_EVENTS`: the SSE `id`.
+    /// Its sequence in its stream (`ACC_EVENTS` for events, the revision for a bucket): the
+    /// SSE `id`.
     pub seq: u64,
+    /// The subject it was stored on: for a bucket's hub, which key changed.
+    pub subject: Subject,
     /// Its `type`, for filters.
     pub kind: String,
     /// Its `source`, for filters.
@@ -28,7 +32,7 @@ pub struct StreamedEvent {
 impl StreamedEvent {
     /// Reads what filters need from a stored message (`type` and `source`, empty when the
     /// message has none); `None` when it is not a JSON object.
-    pub fn decode(seq: u64, payload: Bytes) -> Option<Self> {
+    pub fn decode(seq: u64, subject: Subject, payload: Bytes) -> Option<Self> {
         #[derive(Deserialize)]
         struct Fields {
             #[serde(rename = "type", default)]
@@ -39,6 +43,7 @@ impl StreamedEvent {
         let fields: Fields = serde_json::from_slice(&payload).ok()?;
         Some(Self {
             seq,
+            subject,
             kind: fields.kind,
             source: fields.source,
             payload,
@@ -142,7 +147,11 @@ impl Hub {
             let message = message?;
             let seq = message.info()?.stream_sequence;
             *next = Some(seq + 1);
-            match StreamedEvent::decode(seq, message.payload.clone()) {
+            if message.payload.is_empty() {
+                // A bucket's delete or purge marker: no value to stream.
+                continue;
+            }
+            match StreamedEvent::decode(seq, message.subject.clone(), message.payload.clone()) {
                 // No receiver is not an error: nobody is subscribed right now.
                 Some(event) => drop(self.inner.sender.send(Arc::new(event))),
                 None => tracing::warn!(

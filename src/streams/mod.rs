@@ -9,17 +9,21 @@
 //!   than the stream still holds), the stored gap replayed from the stream, then the live
 //!   events, with no duplicate and no loss at the hand-over. Ids are stream sequences, so a
 //!   resume works whichever replica serves it.
+//! - [`KeyWatch`]: one key of a KV bucket (a task record) as it changes, through the bucket's
+//!   hub: its current value, then each later revision; the revision is the SSE `id`.
 //! - [`Filter`]: `type` patterns (exact, or NATS-style `*`/`>` over dot-separated tokens) and
 //!   `source`.
 //! - [`Slots`]: the caps on concurrent streams, per caller and in total.
 
 mod filter;
 mod hub;
+mod key;
 mod slots;
 mod subscription;
 
 pub use filter::{Filter, MAX_PATTERNS, TypePattern};
 pub use hub::{Hub, StreamedEvent};
+pub use key::KeyWatch;
 pub use slots::{Slot, Slots, SlotsFull};
 pub use subscription::{Item, Start, Subscription};
 

@@ -45,7 +45,7 @@ pub enum Item {
 /// Items queued per subscriber between its task and its connection.
 const QUEUE: usize = 64;
 /// A subscriber whose queue stays full this long is ended.
-const STUCK_AFTER: Duration = Duration::from_secs(30);
+pub(super) const STUCK_AFTER: Duration = Duration::from_secs(30);
 /// Messages asked for per replay batch.
 const REPLAY_BATCH: usize = 1_000;
 
@@ -202,7 +202,9 @@ impl Task {
                     return Ok(true);
                 }
                 self.sent = seq;
-                let Some(event) = StreamedEvent::decode(seq, message.payload.clone()) else {
+                let Some(event) =
+                    StreamedEvent::decode(seq, message.subject.clone(), message.payload.clone())
+                else {
                     continue;
                 };
                 if self.filter.accepts(&event.kind, &event.source)

@@ -106,6 +106,70 @@ async fn refused_credentials_are_recorded_by_address_and_code_never_the_token() 
 }
 
 #[tokio::test]
+async fn garbage_tokens_on_the_nats_door_are_recorded_as_many_as_its_rejection_limit_allows() {
+    let nats = NatsServer::start();
+    let app = TestApp::start(settings(
+        Some(&nats.url()),
+        &["--door-reject-burst=5", "--door-reject-interval=1h"],
+    ))
+    .await;
+    let flood = NatsAgent::connect(&nats.url(), "flood").await;
+    let garbage = "eyJhbGciOiJIUzI1NiJ9.eyJhZ2VudF9pZCI6ImZsb29kIn0.Z2FyYmFnZS1zaWduYXR1cmU";
+    let sent = 60;
+    for _ in 0..sent {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Authorization", format!("Bearer {garbage}").as_str());
+        flood
+            .send("acc.in.heartbeat", headers, b"{}".to_vec())
+            .await;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the door handled the flood",
+        || async { (count_stored(&app.js, "ACC_REJECTED").await == sent).then_some(()) },
+    )
+    .await;
+    // A token that verifies but lacks the scope, from a caller with its own budget: recorded
+    // with the caller. Its answer comes after its record was handed off, so the flood's records
+    // were handed off before it.
+    let quiet = NatsAgent::connect(&nats.url(), "quiet").await;
+    let (status, answer) = quiet
+        .call("acc.in.task_submit", &json!({ "capability": "x" }))
+        .await;
+    assert_eq!(status, 403, "{answer}");
+
+    let body = eventually(Duration::from_secs(10), "the caller's record", || async {
+        let body = audit(&app, "?kind=credential").await;
+        body["records"]
+            .as_array()?
+            .iter()
+            .any(|r| r["actor"] == "quiet")
+            .then_some(body)
+    })
+    .await;
+    let records = body["records"].as_array().unwrap();
+    let flood_records: Vec<&Value> = records.iter().filter(|r| r["actor"].is_null()).collect();
+    assert_eq!(
+        flood_records.len(),
+        5,
+        "the rejection budget bounds the records: {records:?}"
+    );
+    for record in &flood_records {
+        assert_eq!(record["code"], "INVALID_TOKEN");
+        assert_eq!(record["action"], "NATS acc.in.heartbeat");
+        assert_matches_schema("acc.audit.credential", &record_without_seq(record));
+    }
+    let scoped = records.iter().find(|r| r["actor"] == "quiet").unwrap();
+    assert_eq!(scoped["code"], "INSUFFICIENT_SCOPE");
+    assert_eq!(scoped["action"], "NATS acc.in.task_submit");
+    let text = body.to_string();
+    assert!(
+        !text.contains("Z2FyYmFnZS1zaWduYXR1cmU"),
+        "never the token: {text}"
+    );
+}
+
+#[tokio::test]
 async fn the_audit_trail_denies_delete_and_purge_and_pages_with_a_cursor() {
     let nats = NatsServer::start();
     let app = TestApp::spawn(&nats).await;

@@ -1,6 +1,7 @@
 //! `GET /orchestrator/events/stream`: Server-Sent Events of stored events, resumable by id on
 //! any replica, with filters, a reset for resume points the stream no longer holds, and
-//! subscribers that cannot keep up cut off without slowing the others.
+//! subscribers that cannot keep up cut off without slowing the others. And
+//! `GET /orchestrator/tasks/{id}/stream`: one task's states until the terminal one.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -62,10 +63,32 @@ impl SseReader {
         token: &str,
         last_event_id: Option<&str>,
     ) -> reqwest::Response {
-        let mut request = app
-            .http
-            .get(app.url(&format!("/orchestrator/events/stream{query}")))
-            .bearer_auth(token);
+        let path = format!("/orchestrator/events/stream{query}");
+        Self::request_path(app, &path, token, last_event_id).await
+    }
+
+    /// A stream at `path`, expecting 200.
+    async fn open_path(
+        app: &TestApp,
+        path: &str,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let response = Self::request_path(app, path, token, last_event_id).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        Self {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    async fn request_path(
+        app: &TestApp,
+        path: &str,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = app.http.get(app.url(path)).bearer_auth(token);
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id);
         }
@@ -101,6 +124,23 @@ impl SseReader {
             match tokio::time::timeout_at(deadline, self.body.next()).await {
                 Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
                 _ => return None,
+            }
+        }
+    }
+
+    /// True when the server ends the stream within `within` with no further event (comments
+    /// aside).
+    async fn ends(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let has_event = |buffer: &str| buffer.lines().any(|l| !l.is_empty() && !l.starts_with(':'));
+        loop {
+            if has_event(&self.buffer) {
+                return false;
+            }
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(None) => return true,
+                Ok(Some(Err(_))) | Err(_) => return false,
             }
         }
     }
@@ -390,4 +430,186 @@ async fn a_stream_survives_a_bus_restart_without_a_gap() {
         }
     }
     assert_eq!(got, want, "every event once, in order, across the restart");
+}
+
+/// A task's stream path.
+fn task_stream(task_id: &str) -> String {
+    format!("/orchestrator/tasks/{task_id}/stream")
+}
+
+fn submitter() -> String {
+    auth_token("client-1", "orchestrator.submit")
+}
+
+/// Registers `agent` for `capability` and waits until the registry shows it online.
+async fn register_worker(app: &TestApp, agent: &str, capability: &str) {
+    let mut body = registration(agent);
+    body["capabilities"] = json!([capability]);
+    let (status, answer) = app
+        .post("/orchestrator/register", Some(&token(agent)), &body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually(Duration::from_secs(10), "the agent online", || async {
+        let (_, agents) = app.get("/orchestrator/agents", Some(&admin_token())).await;
+        agents["agents"]
+            .as_array()?
+            .iter()
+            .any(|a| a["agent_id"] == agent && a["status"] == "online")
+            .then_some(())
+    })
+    .await;
+}
+
+async fn submit_task(app: &TestApp, task_id: &str, capability: &str) {
+    let (status, answer) = app
+        .post(
+            "/orchestrator/tasks",
+            Some(&submitter()),
+            &json!({ "task_id": task_id, "capability": capability }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+}
+
+async fn claim_one(app: &TestApp, agent: &str) {
+    let (status, answer) = app
+        .post(
+            "/orchestrator/tasks/claim",
+            Some(&token(agent)),
+            &json!({ "wait": "5s" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["tasks"].as_array().unwrap().len(), 1, "{answer}");
+}
+
+async fn report(app: &TestApp, agent: &str, task_id: &str, status: &str) {
+    let (code, answer) = app
+        .post(
+            &format!("/orchestrator/tasks/{task_id}/callback"),
+            Some(&token(agent)),
+            &json!({ "status": status, "result": { "ok": true } }),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{answer}");
+}
+
+/// The status a task stream's event carries, and its id (the record's revision).
+fn state(event: &SseEvent) -> (String, u64) {
+    let view: Value = serde_json::from_str(&event.data).unwrap();
+    (
+        view["status"].as_str().unwrap().to_owned(),
+        event.id.as_deref().expect("an id").parse().unwrap(),
+    )
+}
+
+async fn consumers(app: &TestApp, stream: &str) -> usize {
+    let mut stream = app.js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.consumer_count
+}
+
+#[tokio::test]
+async fn a_task_stream_sends_queued_dispatched_running_succeeded_and_then_ends() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "worker-1", "summarize").await;
+    submit_task(&app, "t-live", "summarize").await;
+    let before = consumers(&app, "KV_acc_tasks").await;
+    let mut stream = SseReader::open_path(&app, &task_stream("t-live"), &submitter(), None).await;
+    // More watchers of the same and of another task: still no consumer of their own.
+    let _admin = SseReader::open_path(&app, &task_stream("t-live"), &admin_token(), None).await;
+    let _second = SseReader::open_path(&app, &task_stream("t-live"), &submitter(), None).await;
+    assert_eq!(
+        consumers(&app, "KV_acc_tasks").await,
+        before,
+        "task streams share the replica's one consumer of the bucket"
+    );
+
+    let mut seen = vec![state(&stream.take(1).await[0])];
+    claim_one(&app, "worker-1").await;
+    seen.push(state(&stream.take(1).await[0]));
+    report(&app, "worker-1", "t-live", "running").await;
+    seen.push(state(&stream.take(1).await[0]));
+    report(&app, "worker-1", "t-live", "succeeded").await;
+    let last = stream.take(1).await.remove(0);
+    seen.push(state(&last));
+    let statuses: Vec<&str> = seen.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(statuses, ["queued", "dispatched", "running", "succeeded"]);
+    assert!(
+        seen.windows(2).all(|w| w[0].1 < w[1].1),
+        "ids are increasing revisions: {seen:?}"
+    );
+    let view: Value = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(view["result"], json!({ "ok": true }), "{view}");
+    assert!(
+        stream.ends(Duration::from_secs(5)).await,
+        "the stream ends after the terminal state"
+    );
+}
+
+#[tokio::test]
+async fn a_task_stream_resumed_after_a_state_change_gets_only_later_states() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "worker-1", "summarize").await;
+    submit_task(&app, "t-resume", "summarize").await;
+    let path = task_stream("t-resume");
+    let mut first = SseReader::open_path(&app, &path, &submitter(), None).await;
+    let (queued, queued_id) = state(&first.take(1).await[0]);
+    assert_eq!(queued, "queued");
+    drop(first);
+
+    // Two changes while nobody watches: the bucket keeps the newest, so that is the gap.
+    claim_one(&app, "worker-1").await;
+    report(&app, "worker-1", "t-resume", "running").await;
+    let mut resumed =
+        SseReader::open_path(&app, &path, &submitter(), Some(&queued_id.to_string())).await;
+    let (status, running_id) = state(&resumed.take(1).await[0]);
+    assert_eq!(status, "running");
+    assert!(running_id > queued_id);
+    drop(resumed);
+
+    // Resumed at the current revision: nothing until the next change, and no repeat.
+    let mut current =
+        SseReader::open_path(&app, &path, &submitter(), Some(&running_id.to_string())).await;
+    report(&app, "worker-1", "t-resume", "succeeded").await;
+    let (status, done_id) = state(&current.take(1).await[0]);
+    assert_eq!(status, "succeeded");
+    assert!(current.ends(Duration::from_secs(5)).await);
+
+    // After the terminal state there is nothing more: 204, which stops an EventSource.
+    let response =
+        SseReader::request_path(&app, &path, &submitter(), Some(&done_id.to_string())).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    // Without a resume point, a finished task's stream is its final state, then the end.
+    let mut late = SseReader::open_path(&app, &path, &submitter(), None).await;
+    assert_eq!(
+        state(&late.take(1).await[0]),
+        ("succeeded".to_owned(), done_id)
+    );
+    assert!(late.ends(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn a_task_stream_is_refused_to_whoever_may_not_read_the_task() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    submit_task(&app, "t-private", "summarize").await;
+    let path = task_stream("t-private");
+    let (status, body) =
+        read(SseReader::request_path(&app, &path, &token("stranger"), None).await).await;
+    assert_error(status, &body, 403, "FORBIDDEN");
+    let (get_status, _) = app
+        .get("/orchestrator/tasks/t-private", Some(&token("stranger")))
+        .await;
+    assert_eq!(get_status, status, "as the task's GET");
+    let (status, body) =
+        read(SseReader::request_path(&app, &task_stream("t-nobody"), &submitter(), None).await)
+            .await;
+    assert_error(status, &body, 404, "TASK_NOT_FOUND");
+    let (status, body) =
+        read(SseReader::request_path(&app, &path, &submitter(), Some("not-a-number")).await).await;
+    assert_error(status, &body, 400, "INVALID_PAYLOAD");
+    let mut stream = SseReader::open_path(&app, &path, &admin_token(), None).await;
+    assert_eq!(state(&stream.take(1).await[0]).0, "queued");
 }
