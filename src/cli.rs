@@ -497,6 +497,27 @@ pub struct ServeArgs {
     /// Public URL of the bridge, for externalURL and generatorURL in notifications.
     #[arg(long, env = "ALERT_EXTERNAL_URL", default_value = "")]
     pub alert_external_url: String,
+
+    /// Comma-separated Alertmanager base URLs (e.g. http://alertmanager:9093): every firing
+    /// and resolved alert is POSTed to each one's /api/v2/alerts, as Prometheus does.
+    #[arg(
+        long,
+        env = "ALERTMANAGER_URL",
+        default_value = "",
+        hide_env_values = true,
+        value_parser = values::alertmanager_urls
+    )]
+    pub alertmanager_url: CommaSeparated<url::Url>,
+
+    /// A firing alert is sent to the Alertmanagers again after this long; its endsAt is four
+    /// times this (or ALERT_EVAL_INTERVAL) ahead.
+    #[arg(
+        long,
+        env = "ALERTMANAGER_RESEND_INTERVAL",
+        default_value = "1m",
+        value_parser = parse_duration
+    )]
+    pub alertmanager_resend_interval: Duration,
     /// Sustained requests per second each agent may send, over HTTP and the NATS door together
     /// (token bucket); 0 disables. Over it: 429 RATE_LIMITED with Retry-After.
     #[arg(long, env = "RATE_LIMIT_PER_AGENT", default_value = "500", value_parser = values::rate)]
@@ -714,6 +735,8 @@ impl Settings {
                 webhooks_critical: args.alert_webhooks_critical.clone(),
                 webhooks_escalation: args.alert_webhooks_escalation.clone(),
                 external_url: args.alert_external_url.trim().to_owned(),
+                alertmanagers: args.alertmanager_url.clone(),
+                alertmanager_resend: args.alertmanager_resend_interval,
             },
             limits: LimitSettings {
                 per_agent_rate: (args.rate_limit_per_agent > 0.0)

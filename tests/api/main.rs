@@ -4,6 +4,7 @@
 mod helpers;
 
 mod alerting;
+mod alertmanager;
 mod attacks;
 mod audit;
 mod auth;
