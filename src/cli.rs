@@ -83,6 +83,16 @@ pub struct AlertRulesArgs {
     /// Rules file (JSON); unset: the plan's defaults.
     #[arg(long, env = "ALERT_RULES")]
     pub alert_rules: Option<PathBuf>,
+    /// As `serve`'s: with `false`, `/metrics` names no agent, so the exported agent rules
+    /// watch the oldest offline agent instead of each one.
+    #[arg(
+        long,
+        env = "METRICS_AGENT_IDS",
+        default_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::value_parser!(bool)
+    )]
+    pub metrics_agent_ids: bool,
 }
 
 /// Trace export takes the standard OpenTelemetry variables (read in `telemetry.rs`).
@@ -411,6 +421,17 @@ pub struct ServeArgs {
     #[arg(long, env = "METRICS_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub metrics_window: Duration,
 
+    /// `/metrics` (unauthenticated) names each offline agent by its id, so Prometheus rules can
+    /// alert per agent; `false` shows only the oldest offline agent's last heartbeat.
+    #[arg(
+        long,
+        env = "METRICS_AGENT_IDS",
+        default_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::value_parser!(bool)
+    )]
+    pub metrics_agent_ids: bool,
+
     /// Alert rules file (JSON, see docs/alerting.md, Rules); unset: the plan's thresholds.
     #[arg(long, env = "ALERT_RULES")]
     pub alert_rules: Option<PathBuf>,
@@ -723,6 +744,7 @@ impl Settings {
             metrics: MetricsSettings {
                 snapshot_interval: args.metrics_snapshot_interval,
                 window: args.metrics_window,
+                agent_ids: args.metrics_agent_ids,
             },
             alerting: AlertingSettings {
                 rules: crate::alerting::rules::load(args.alert_rules.as_deref())

@@ -65,6 +65,8 @@ pub struct Inner {
     pub task_api: crate::tasks::Tasks,
     /// This process's dispatcher figures, for `/metrics`.
     pub task_figures: Arc<crate::metrics::tasks::TaskGauges>,
+    /// `/metrics` names each offline agent (`METRICS_AGENT_IDS`).
+    pub metrics_agent_ids: bool,
 }
 
 impl std::ops::Deref for AppState {

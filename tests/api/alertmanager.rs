@@ -16,7 +16,7 @@ use crate::alerting::{flags, heartbeat, offline_rule, rules_file};
 use crate::helpers::*;
 
 /// A program from `$var`, or the first of `names` on PATH.
-fn program(var: &str, names: &[&str]) -> PathBuf {
+pub(crate) fn program(var: &str, names: &[&str]) -> PathBuf {
     if let Some(path) = std::env::var_os(var) {
         return PathBuf::from(path);
     }
