@@ -8,6 +8,7 @@ pub mod extract;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod orchestrator;
 pub mod routes;
 pub mod streams;
@@ -88,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tasks::router())
         .merge(health::router())
         .merge(metrics::router())
+        .merge(openapi::router())
         .merge(admin::router())
         .merge(streams::router())
         .merge(audit::router())

@@ -62,6 +62,7 @@ pub const HEALTH: Route = route(Method::GET, "/health", None);
 pub const HEALTH_LIVE: Route = route(Method::GET, "/health/live", None);
 pub const HEALTH_READY: Route = route(Method::GET, "/health/ready", None);
 pub const METRICS: Route = route(Method::GET, "/metrics", None);
+pub const OPENAPI: Route = route(Method::GET, "/openapi.json", None);
 pub const ALERTS: Route = route(Method::GET, "/orchestrator/alerts", None);
 pub const ALERT_ACK: Route = route(Method::POST, "/orchestrator/alerts/{id}/ack", None);
 pub const SILENCES: Route = route(Method::GET, "/orchestrator/silences", None);
@@ -69,7 +70,7 @@ pub const SILENCE_CREATE: Route = route(Method::POST, "/orchestrator/silences", 
 pub const SILENCE_EXPIRE: Route = route(Method::DELETE, "/orchestrator/silences/{id}", None);
 
 /// Every route, for lookups.
-pub static ALL: [Route; 26] = [
+pub static ALL: [Route; 27] = [
     REGISTER,
     HEARTBEAT,
     TASK_CALLBACK,
@@ -91,6 +92,7 @@ pub static ALL: [Route; 26] = [
     HEALTH_LIVE,
     HEALTH_READY,
     METRICS,
+    OPENAPI,
     ALERTS,
     ALERT_ACK,
     SILENCES,

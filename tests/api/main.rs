@@ -20,6 +20,7 @@ mod group_commit;
 mod hostile;
 mod layers;
 mod metrics;
+mod openapi;
 mod promtool;
 mod properties;
 mod registry;
