@@ -108,3 +108,31 @@ ensure_console_deps() {
     (cd tests/console && npm ci --no-audit --no-fund --loglevel=error) >&2
   fi
 }
+
+# Makes command $1 available by installing Debian package $2 with apt-get when it is missing
+# (as root, or through sudo). The package lists are refreshed once per shell, and only when the
+# first attempt finds nothing to install.
+ensure_debian_command() {
+  local cmd=$1 package=$2 sudo=""
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "error: $cmd is missing; apt-get install $package" >&2; return 1; }
+    sudo="sudo"
+  fi
+  echo "==> installing $package (apt-get install $package) for $cmd" >&2
+  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >&2; then
+    if [ -z "${ACC_APT_UPDATED:-}" ]; then
+      $sudo apt-get update -qq >&2
+      ACC_APT_UPDATED=1
+    fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >&2
+  fi
+  command -v "$cmd" >/dev/null 2>&1 || { echo "error: $package installed but $cmd is not on PATH" >&2; return 1; }
+}
+
+# Alertmanager and amtool (tests/api/alertmanager.rs), promtool (the /metrics and rules checks).
+ensure_prometheus_tools() {
+  ensure_debian_command prometheus-alertmanager prometheus-alertmanager
+  ensure_debian_command amtool prometheus-alertmanager
+  ensure_debian_command promtool prometheus
+}

@@ -330,6 +330,7 @@ impl Application {
                 body_limit: settings.body_limit,
                 lookup_timeout: settings.publish_timeout,
                 door: runs_door.then_some(door_tally),
+                metrics_agent_ids: settings.metrics.agent_ids,
                 fleet,
                 alerting,
                 limits: http::limits::Limits::new(&settings.limits, agent_rate),

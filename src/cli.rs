@@ -84,6 +84,16 @@ pub struct AlertRulesArgs {
     /// Rules file (JSON); unset: the plan's defaults.
     #[arg(long, env = "ALERT_RULES")]
     pub alert_rules: Option<PathBuf>,
+    /// As `serve`'s: with `false`, `/metrics` names no agent, so the exported agent rules
+    /// watch the oldest offline agent instead of each one.
+    #[arg(
+        long,
+        env = "METRICS_AGENT_IDS",
+        default_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::value_parser!(bool)
+    )]
+    pub metrics_agent_ids: bool,
 }
 
 /// Trace export takes the standard OpenTelemetry variables (read in `telemetry.rs`).
@@ -412,6 +422,17 @@ pub struct ServeArgs {
     #[arg(long, env = "METRICS_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub metrics_window: Duration,
 
+    /// `/metrics` (unauthenticated) names each offline agent by its id, so Prometheus rules can
+    /// alert per agent; `false` shows only the oldest offline agent's last heartbeat.
+    #[arg(
+        long,
+        env = "METRICS_AGENT_IDS",
+        default_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::value_parser!(bool)
+    )]
+    pub metrics_agent_ids: bool,
+
     /// Alert rules file (JSON, see docs/alerting.md, Rules); unset: the plan's thresholds.
     #[arg(long, env = "ALERT_RULES")]
     pub alert_rules: Option<PathBuf>,
@@ -498,6 +519,27 @@ pub struct ServeArgs {
     /// Public URL of the bridge, for externalURL and generatorURL in notifications.
     #[arg(long, env = "ALERT_EXTERNAL_URL", default_value = "")]
     pub alert_external_url: String,
+
+    /// Comma-separated Alertmanager base URLs (e.g. http://alertmanager:9093): every firing
+    /// and resolved alert is POSTed to each one's /api/v2/alerts, as Prometheus does.
+    #[arg(
+        long,
+        env = "ALERTMANAGER_URL",
+        default_value = "",
+        hide_env_values = true,
+        value_parser = values::alertmanager_urls
+    )]
+    pub alertmanager_url: CommaSeparated<url::Url>,
+
+    /// A firing alert is sent to the Alertmanagers again after this long; its endsAt is four
+    /// times this (or ALERT_EVAL_INTERVAL) ahead.
+    #[arg(
+        long,
+        env = "ALERTMANAGER_RESEND_INTERVAL",
+        default_value = "1m",
+        value_parser = parse_duration
+    )]
+    pub alertmanager_resend_interval: Duration,
     /// Sustained requests per second each agent may send, over HTTP and the NATS door together
     /// (token bucket); 0 disables. Over it: 429 RATE_LIMITED with Retry-After.
     #[arg(long, env = "RATE_LIMIT_PER_AGENT", default_value = "500", value_parser = values::rate)]
@@ -776,6 +818,7 @@ impl Settings {
             metrics: MetricsSettings {
                 snapshot_interval: args.metrics_snapshot_interval,
                 window: args.metrics_window,
+                agent_ids: args.metrics_agent_ids,
             },
             alerting: AlertingSettings {
                 rules: crate::alerting::rules::load(args.alert_rules.as_deref())
@@ -788,6 +831,8 @@ impl Settings {
                 webhooks_critical: args.alert_webhooks_critical.clone(),
                 webhooks_escalation: args.alert_webhooks_escalation.clone(),
                 external_url: args.alert_external_url.trim().to_owned(),
+                alertmanagers: args.alertmanager_url.clone(),
+                alertmanager_resend: args.alertmanager_resend_interval,
             },
             limits: LimitSettings {
                 per_agent_rate: (args.rate_limit_per_agent > 0.0)

@@ -54,7 +54,10 @@ fn main() -> ExitCode {
                         RulesFormat::Prometheus => {
                             print!(
                                 "{}",
-                                auto_com_center::alerting::rules::to_prometheus(&rules)
+                                auto_com_center::alerting::rules::to_prometheus(
+                                    &rules,
+                                    args.metrics_agent_ids,
+                                )
                             );
                         }
                         RulesFormat::Json => {

@@ -6,6 +6,8 @@
 //! - [`rules`]: the rules file, the plan's defaults, the Prometheus export.
 //! - [`engine`]: pending → firing → resolved, dedupe, repeat, inhibition, silences, escalation.
 //! - [`routes`]: the bus, the log, webhooks in Alertmanager's format.
+//! - [`alertmanager`]: every firing and resolved alert to Alertmanager's API, as Prometheus
+//!   sends them.
 //! - [`lease`]: one acting replica at a time.
 //! - [`store`]: alert states, acknowledgements and silences in the `acc_alerting` bucket.
 //! - [`AlertingSettings`]: the rules, the intervals, the webhooks.
@@ -18,6 +20,7 @@
 //! memory only; the copy on `ACC_ALERTS` is the durable record. Past the lease's local
 //! deadline nothing is sent or stored ([`lease::Fence`]).
 
+pub mod alertmanager;
 pub mod engine;
 pub use crate::lease;
 pub mod routes;
@@ -37,6 +40,7 @@ use crate::metrics::STALE_AFTER_INTERVALS;
 use crate::metrics::snapshot::{FleetEndpoint, FleetSnapshot, merge};
 use crate::metrics::tasks::{SNAPSHOT_KEY, SNAPSHOT_STALE, TaskSnapshot};
 use crate::metrics::worker::{agent_records, replica_snapshots};
+use alertmanager::Alertmanagers;
 use engine::{Engine, Notification, Outcome, Policy, Sample};
 use lease::Lease;
 use routes::Notifier;
@@ -63,6 +67,11 @@ pub struct AlertingSettings {
     pub webhooks_escalation: Vec<url::Url>,
     /// Public URL of the bridge, for links in notifications.
     pub external_url: String,
+    /// Alertmanagers' alerts endpoints (`<ALERTMANAGER_URL>/api/v2/alerts`), fed every firing
+    /// and recently resolved alert.
+    pub alertmanagers: Vec<url::Url>,
+    /// A firing alert is sent to the Alertmanagers again after this long.
+    pub alertmanager_resend: Duration,
 }
 
 impl std::fmt::Debug for AlertingSettings {
@@ -78,6 +87,8 @@ impl std::fmt::Debug for AlertingSettings {
             .field("webhooks_critical", &self.webhooks_critical.len())
             .field("webhooks_escalation", &self.webhooks_escalation.len())
             .field("external_url", &self.external_url)
+            .field("alertmanagers", &self.alertmanagers.len())
+            .field("alertmanager_resend", &self.alertmanager_resend)
             .finish()
     }
 }
@@ -96,6 +107,12 @@ pub async fn run(
         .await
         .context("opening the alerting bucket")?;
     let notifier = Notifier::new(publisher.clone(), &settings);
+    let alertmanagers = Alertmanagers::new(
+        &settings.alertmanagers,
+        settings.alertmanager_resend,
+        settings.eval_interval,
+        &settings.external_url,
+    );
     let mut lease = Lease::new(
         kv.clone(),
         lease::KEY,
@@ -118,12 +135,15 @@ pub async fn run(
                 lease.release().await;
                 // Bounded by SHUTDOWN_TIMEOUT: the app aborts the role past it.
                 notifier.finish_deliveries().await;
+                alertmanagers.finish_deliveries().await;
                 return Ok(());
             }
             _ = ticker.tick() => {}
         }
         if !lease.acquire().await {
-            engine = None;
+            if engine.take().is_some() {
+                alertmanagers.forget();
+            }
             continue;
         }
         if engine.is_none() {
@@ -160,7 +180,13 @@ pub async fn run(
             if !lease.acting() {
                 // Possibly sent without storing: reload the stored states when acting again.
                 engine = None;
+                alertmanagers.forget();
+                continue;
             }
+        }
+        // What Alertmanager is owed of the alerts as they are now (fenced like the routes).
+        if let Some(acting) = engine.as_ref().filter(|_| lease.acting()) {
+            alertmanagers.push(acting.alerts.values(), Utc::now());
         }
     }
 }

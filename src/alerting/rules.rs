@@ -340,8 +340,11 @@ fn number(value: f64) -> String {
 
 /// The same rules as a Prometheus alerting-rules file (YAML), over the metrics `/metrics`
 /// exposes. Fleet gauges appear on every ingress replica, so expressions take the `max` over
-/// replicas. `min_requests` becomes "some traffic in the window".
-pub fn to_prometheus(rules: &[CheckedRule]) -> String {
+/// replicas. `min_requests` becomes "some traffic in the window". With `agent_ids` (the
+/// default of `METRICS_AGENT_IDS`) an agent rule is one alert per offline agent, labelled
+/// `agent_id` like the built-in worker's; without, `/metrics` names no agent and the rule
+/// watches the oldest offline agent of the fleet.
+pub fn to_prometheus(rules: &[CheckedRule], agent_ids: bool) -> String {
     let quote = |s: &str| serde_json::to_string(s).expect("strings serialize");
     let mut out = String::from("groups:\n  - name: auto-com-center\n    rules:\n");
     for checked in rules {
@@ -398,8 +401,20 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
                     number(threshold)
                 )
                 .replace("acc_fleet_error_rate{}", "acc_fleet_error_rate"),
-                // `/metrics` carries no agent ids (they are admin-only), so the export watches
-                // the oldest offline agent of the fleet; an `agents` selector cannot apply there.
+                Metric::AgentOfflineSeconds if agent_ids => {
+                    let agents = selector("agent_id", &rule.agents);
+                    format!(
+                        "time() - max by (agent_id) (acc_agent_offline_last_seen_timestamp_seconds{}) > {}",
+                        if agents.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{{{agents}}}")
+                        },
+                        number(threshold)
+                    )
+                }
+                // `/metrics` names no agent (METRICS_AGENT_IDS=false): the export watches the
+                // oldest offline agent of the fleet; an `agents` selector cannot apply there.
                 Metric::AgentOfflineSeconds => format!(
                     "time() - min(acc_agents_offline_oldest_last_seen_timestamp_seconds) > {}",
                     number(threshold)
@@ -429,7 +444,14 @@ pub fn to_prometheus(rules: &[CheckedRule]) -> String {
             let summary = rule
                 .summary
                 .replace("{endpoint}", "{{ $labels.endpoint }}")
-                .replace("{agent_id}", "{{ $labels.agent_id }}")
+                .replace(
+                    "{agent_id}",
+                    if agent_ids {
+                        "{{ $labels.agent_id }}"
+                    } else {
+                        "(the oldest offline)"
+                    },
+                )
                 .replace("{stream}", "{{ $labels.stream }}")
                 .replace("{capability}", "{{ $labels.capability }}")
                 .replace("{value}", "{{ $value }}")

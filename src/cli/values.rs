@@ -172,6 +172,15 @@ pub fn url_prefixes(raw: &str) -> Result<Vec<String>, String> {
     Ok(prefixes)
 }
 
+/// A list of Alertmanager base URLs, each turned into its alerts endpoint (`/api/v2/alerts`);
+/// may be empty. Checked and shown like webhook URLs.
+pub fn alertmanager_urls(raw: &str) -> Result<Vec<url::Url>, String> {
+    Ok(webhook_urls(raw)?
+        .iter()
+        .map(crate::alerting::alertmanager::alerts_endpoint)
+        .collect())
+}
+
 /// A list of NATS server URLs; `nats://` is added where no scheme is given. Blank text is the
 /// empty list (the embedded server); text with commas but no entry is refused.
 pub fn nats_urls(raw: &str) -> Result<Vec<String>, String> {

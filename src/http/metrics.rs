@@ -18,11 +18,13 @@ pub fn router() -> Router<AppState> {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let fleet = state.fleet.latest();
     let tasks = state.task_figures.latest();
-    let text = prometheus::render(
-        &state.stats,
-        fleet.as_deref(),
-        tasks.as_ref(),
-        process::read(),
-    );
+    let text = prometheus::render(&prometheus::Exposition {
+        stats: &state.stats,
+        fleet: fleet.as_deref(),
+        tasks: tasks.as_ref(),
+        process: process::read(),
+        door: state.door.as_deref(),
+        agent_ids: state.metrics_agent_ids,
+    });
     ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text)
 }

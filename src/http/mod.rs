@@ -9,6 +9,7 @@ pub mod extract;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod orchestrator;
 pub mod routes;
 pub mod server;
@@ -67,6 +68,8 @@ pub struct Inner {
     pub task_api: crate::tasks::Tasks,
     /// This process's dispatcher figures, for `/metrics`.
     pub task_figures: Arc<crate::metrics::tasks::TaskGauges>,
+    /// `/metrics` names each offline agent (`METRICS_AGENT_IDS`).
+    pub metrics_agent_ids: bool,
 }
 
 impl std::ops::Deref for AppState {
@@ -88,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tasks::router())
         .merge(health::router())
         .merge(metrics::router())
+        .merge(openapi::router())
         .merge(admin::router())
         .merge(streams::router())
         .merge(audit::router())

@@ -63,6 +63,7 @@ pub const HEALTH: Route = route(Method::GET, "/health", None);
 pub const HEALTH_LIVE: Route = route(Method::GET, "/health/live", None);
 pub const HEALTH_READY: Route = route(Method::GET, "/health/ready", None);
 pub const METRICS: Route = route(Method::GET, "/metrics", None);
+pub const OPENAPI: Route = route(Method::GET, "/openapi.json", None);
 pub const ALERTS: Route = route(Method::GET, "/orchestrator/alerts", None);
 pub const ALERT_ACK: Route = route(Method::POST, "/orchestrator/alerts/{id}/ack", None);
 pub const SILENCES: Route = route(Method::GET, "/orchestrator/silences", None);
@@ -74,7 +75,7 @@ pub const CONSOLE_SCRIPT: Route = route(Method::GET, "/console/app.js", None);
 pub const CONSOLE_STYLE: Route = route(Method::GET, "/console/app.css", None);
 
 /// Every route, for lookups.
-pub static ALL: [Route; 31] = [
+pub static ALL: [Route; 32] = [
     REGISTER,
     HEARTBEAT,
     TASK_CALLBACK,
@@ -96,6 +97,7 @@ pub static ALL: [Route; 31] = [
     HEALTH_LIVE,
     HEALTH_READY,
     METRICS,
+    OPENAPI,
     ALERTS,
     ALERT_ACK,
     SILENCES,

@@ -37,6 +37,8 @@ pub struct MetricsSettings {
     pub snapshot_interval: Duration,
     /// Sliding window of the latency and error figures.
     pub window: Duration,
+    /// `/metrics` names each offline agent (`acc_agent_offline_last_seen_timestamp_seconds`).
+    pub agent_ids: bool,
 }
 
 /// A fleet or replica snapshot older than this many intervals is ignored: its producer is gone.

@@ -1,17 +1,22 @@
 //! `GET /metrics` in the Prometheus text exposition format (version 0.0.4).
 //!
 //! This replica's figures: counters since start (`acc_http_requests_total` by endpoint and
-//! status class, `acc_http_responses_total` by endpoint and exact status code), a latency histogram in fixed buckets (`acc_http_request_duration_seconds`),
-//! and gauges of the sliding window. When a fleet snapshot from the metrics worker is known,
-//! fleet gauges (`acc_fleet_*`), bus figures (`acc_stream_*`, `acc_consumer_*`) and agent counts
-//! (`acc_agents`) follow, so scraping any one ingress gives the whole picture. Process metrics
-//! come last.
+//! status class, `acc_http_responses_total` by endpoint and exact status code), a latency
+//! histogram in fixed buckets (`acc_http_request_duration_seconds`), and the sliding window (its
+//! percentiles as a `summary`). When a fleet snapshot from the metrics worker is known, fleet
+//! figures (`acc_fleet_*`), bus figures (`acc_stream_*`, `acc_consumer_*`) and agent counts
+//! (`acc_agents`, and each offline agent's last heartbeat) follow, so scraping any one ingress
+//! gives the whole picture. Then the NATS door's counters (`acc_door_*`) where the door runs,
+//! the dispatcher's figures where it acts, and process metrics last.
+//!
+//! The output passes `promtool check metrics` (tested on a real scrape).
 
 use std::fmt::Write as _;
 
 use super::process::ProcessFigures;
 use super::snapshot::FleetSnapshot;
 use super::tasks::{LATENCY_BOUNDS, OUTCOMES, TaskFigures};
+use crate::contract::{Code, Tally};
 use crate::stats::{BUCKETS_MICROS, CLASSES, Endpoint, Stats};
 
 /// The content type Prometheus expects.
@@ -39,6 +44,9 @@ pub const FAMILIES: &[&str] = &[
     "acc_consumer_redelivered",
     "acc_agents",
     "acc_agents_offline_oldest_last_seen_timestamp_seconds",
+    "acc_agent_offline_last_seen_timestamp_seconds",
+    "acc_door_admitted_total",
+    "acc_door_rejected_total",
     "acc_tasks_queued",
     "acc_tasks_dead_lettered",
     "acc_task_attempts_total",
@@ -67,23 +75,36 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// What one scrape shows: the figures this process has.
+pub struct Exposition<'a> {
+    pub stats: &'a Stats,
+    /// The latest fleet figures, once the metrics worker published some.
+    pub fleet: Option<&'a FleetSnapshot>,
+    /// The dispatcher's figures, where it acts.
+    pub tasks: Option<&'a TaskFigures>,
+    pub process: Option<ProcessFigures>,
+    /// The NATS door's counts, where the door runs.
+    pub door: Option<&'a Tally>,
+    /// Name each offline agent (`METRICS_AGENT_IDS`); otherwise only the oldest heartbeat
+    /// among them is shown.
+    pub agent_ids: bool,
+}
+
 /// Renders every family we have figures for.
-pub fn render(
-    stats: &Stats,
-    fleet: Option<&FleetSnapshot>,
-    tasks: Option<&TaskFigures>,
-    process: Option<ProcessFigures>,
-) -> String {
+pub fn render(exposition: &Exposition<'_>) -> String {
     let mut out = String::with_capacity(16 * 1024);
-    render_ingress(&mut out, stats);
-    if let Some(fleet) = fleet {
-        render_fleet(&mut out, fleet);
+    render_ingress(&mut out, exposition.stats);
+    if let Some(fleet) = exposition.fleet {
+        render_fleet(&mut out, fleet, exposition.agent_ids);
     }
-    if let Some(tasks) = tasks {
+    if let Some(door) = exposition.door {
+        render_door(&mut out, door);
+    }
+    if let Some(tasks) = exposition.tasks {
         render_tasks(&mut out, tasks);
     }
-    if let Some(process) = process {
-        render_process(&mut out, &process);
+    if let Some(process) = &exposition.process {
+        render_process(&mut out, process);
     }
     out
 }
@@ -171,8 +192,8 @@ fn render_ingress(out: &mut String, stats: &Stats) {
     header(
         out,
         "acc_http_window_latency_seconds",
-        "gauge",
-        "Latency percentiles over this replica's sliding window (HDR histogram).",
+        "summary",
+        "Latency percentiles over this replica's sliding window (HDR histogram); quantiles only.",
     );
     for (endpoint, _, figures) in &totals {
         for (q, ms) in [
@@ -202,7 +223,7 @@ fn render_ingress(out: &mut String, stats: &Stats) {
     }
 }
 
-fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
+fn render_fleet(out: &mut String, fleet: &FleetSnapshot, agent_ids: bool) {
     header(
         out,
         "acc_fleet_replicas",
@@ -238,8 +259,8 @@ fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
     header(
         out,
         "acc_fleet_latency_seconds",
-        "gauge",
-        "Latency percentiles over the window, all ingress replicas merged.",
+        "summary",
+        "Latency percentiles over the window, all ingress replicas merged; quantiles only.",
     );
     for (endpoint, figures) in &fleet.endpoints {
         let endpoint = escape(endpoint);
@@ -343,8 +364,6 @@ fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
     ] {
         let _ = writeln!(out, "acc_agents{{status=\"{status}\"}} {count}");
     }
-    // No per-agent series: `/metrics` is unauthenticated, and agent ids (which the agents
-    // list keeps behind the admin scope) would also make the label set unbounded.
     header(
         out,
         "acc_agents_offline_oldest_last_seen_timestamp_seconds",
@@ -358,6 +377,52 @@ fn render_fleet(out: &mut String, fleet: &FleetSnapshot) {
             "acc_agents_offline_oldest_last_seen_timestamp_seconds {}",
             oldest.timestamp_millis() as f64 / 1e3
         );
+    }
+    // One series per offline agent only (online agents have none), so the label set stays as
+    // small as the trouble. `/metrics` is unauthenticated: METRICS_AGENT_IDS=false keeps agent
+    // ids (the agents list is admin-only) off it.
+    if agent_ids {
+        header(
+            out,
+            "acc_agent_offline_last_seen_timestamp_seconds",
+            "gauge",
+            "Last heartbeat of each agent the registry has marked offline.",
+        );
+        for agent in &bus.offline_agents {
+            let _ = writeln!(
+                out,
+                "acc_agent_offline_last_seen_timestamp_seconds{{agent_id=\"{}\"}} {}",
+                escape(&agent.agent_id),
+                agent.last_seen.timestamp_millis() as f64 / 1e3
+            );
+        }
+    }
+}
+
+/// The NATS door's counters: messages admitted, and refused by code (codes seen).
+fn render_door(out: &mut String, door: &Tally) {
+    header(
+        out,
+        "acc_door_admitted_total",
+        "counter",
+        "Messages the NATS door admitted onto a verified subject (duplicates included).",
+    );
+    let _ = writeln!(out, "acc_door_admitted_total {}", door.admitted());
+    header(
+        out,
+        "acc_door_rejected_total",
+        "counter",
+        "Messages the NATS door refused (stored on acc.rejected.<code>), by code.",
+    );
+    for code in Code::ALL {
+        let count = door.refused.get(*code);
+        if count > 0 {
+            let _ = writeln!(
+                out,
+                "acc_door_rejected_total{{code=\"{}\"}} {count}",
+                code.as_str()
+            );
+        }
     }
 }
 
@@ -531,10 +596,9 @@ mod tests {
     use super::*;
     use crate::metrics::snapshot::{BusFigures, OfflineAgent};
 
-    #[test]
-    fn offline_agents_are_counted_never_named() {
+    fn fleet_with_offline_agents() -> FleetSnapshot {
         let seen = |secs: i64| chrono::DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap();
-        let fleet = FleetSnapshot {
+        FleetSnapshot {
             generated_at: seen(100),
             replicas: 1,
             window_seconds: 300.0,
@@ -552,13 +616,57 @@ mod tests {
                 ],
                 ..Default::default()
             },
-        };
-        let text = render(&Stats::new(), Some(&fleet), None, None);
+        }
+    }
+
+    fn scrape(fleet: &FleetSnapshot, agent_ids: bool, door: Option<&Tally>) -> String {
+        render(&Exposition {
+            stats: &Stats::new(),
+            fleet: Some(fleet),
+            tasks: None,
+            process: None,
+            door,
+            agent_ids,
+        })
+    }
+
+    #[test]
+    fn offline_agents_are_named_unless_metrics_agent_ids_is_off() {
+        let fleet = fleet_with_offline_agents();
+        let text = scrape(&fleet, false, None);
         assert!(!text.contains("agent_id"), "{text}");
         assert!(!text.contains("secret-agent-7"), "{text}");
         assert!(
             text.contains("acc_agents_offline_oldest_last_seen_timestamp_seconds 1800000010\n"),
             "{text}"
         );
+        let text = scrape(&fleet, true, None);
+        assert!(
+            text.contains(
+                "acc_agent_offline_last_seen_timestamp_seconds{agent_id=\"pilot\"} 1800000010\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("{agent_id=\"secret-agent-7\"} 1800000050\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn door_counters_show_admitted_and_each_refusal_code_seen() {
+        let door = Tally::default();
+        door.admit();
+        door.admit();
+        door.refused.count(Code::InvalidToken);
+        let text = scrape(&fleet_with_offline_agents(), false, Some(&door));
+        assert!(
+            text.contains("# TYPE acc_door_admitted_total counter\nacc_door_admitted_total 2\n")
+        );
+        assert!(
+            text.contains("acc_door_rejected_total{code=\"INVALID_TOKEN\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("code=\"RATE_LIMITED\""), "{text}");
     }
 }

@@ -91,7 +91,7 @@ impl Receiver {
 }
 
 /// Writes a rules file and returns its directory (keep it alive) and the flag naming it.
-fn rules_file(rules: Value) -> (TempDir, String) {
+pub(crate) fn rules_file(rules: Value) -> (TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rules.json");
     std::fs::write(
@@ -104,7 +104,7 @@ fn rules_file(rules: Value) -> (TempDir, String) {
 }
 
 /// Fast intervals for every alerting test.
-const FAST: &[&str] = &[
+pub(crate) const FAST: &[&str] = &[
     "--metrics-snapshot-interval=200ms",
     "--metrics-window=2s",
     "--alert-eval-interval=100ms",
@@ -112,11 +112,11 @@ const FAST: &[&str] = &[
     "--alert-repeat-interval=1h",
 ];
 
-fn flags<'a>(extra: &'a [&'a str]) -> Vec<&'a str> {
+pub(crate) fn flags<'a>(extra: &'a [&'a str]) -> Vec<&'a str> {
     FAST.iter().chain(extra.iter()).copied().collect()
 }
 
-async fn heartbeat(app: &TestApp, agent: &str) {
+pub(crate) async fn heartbeat(app: &TestApp, agent: &str) {
     let (status, body) = app
         .post(
             "/orchestrator/heartbeat",
@@ -147,7 +147,7 @@ fn keep_alive(app: &TestApp, agent: &str) -> tokio::task::JoinHandle<()> {
     })
 }
 
-fn offline_rule(warning: f64, critical: Option<f64>) -> Value {
+pub(crate) fn offline_rule(warning: f64, critical: Option<f64>) -> Value {
     let mut rule = json!({
         "name": "AgentOffline",
         "metric": "agent_offline_seconds",

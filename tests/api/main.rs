@@ -4,6 +4,7 @@
 mod helpers;
 
 mod alerting;
+mod alertmanager;
 mod attacks;
 mod audit;
 mod auth;
@@ -20,6 +21,8 @@ mod group_commit;
 mod hostile;
 mod layers;
 mod metrics;
+mod openapi;
+mod promtool;
 mod properties;
 mod push;
 mod registry;
