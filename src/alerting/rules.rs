@@ -498,7 +498,7 @@ mod tests {
             (unserved.rule.warning, unserved.hold),
             (Some(0.0), Duration::from_secs(300))
         );
-        let exported = to_prometheus(&rules);
+        let exported = to_prometheus(&rules, true);
         assert!(exported.contains("increase(acc_tasks_dead_lettered_total[10m])"));
         assert!(exported.contains("max by (capability) (acc_tasks_unserved) > 0"));
         assert!(exported.contains("{{ $labels.capability }}"));
