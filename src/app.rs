@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::audit::Audit;
-use crate::auth::Verifier;
+use crate::auth::Authenticator;
 use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
 use crate::bus::group::GroupSettings;
 use crate::bus::{
@@ -131,6 +131,8 @@ impl Application {
             publisher,
         } = self;
         let door_tally = Arc::new(Tally::default());
+        // One authenticator for both doors: one introspection cache, one call in flight per token.
+        let authenticator = Authenticator::new(&settings.auth);
         let js = publisher.jetstream().clone();
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -233,7 +235,7 @@ impl Application {
             let door = Door::new(
                 Admission::new(publisher.clone(), directory.clone()),
                 task_api(&js, &publisher, settings.publish_timeout).await?,
-                Verifier::new(&settings.auth),
+                authenticator.clone(),
                 publisher.clone(),
                 &settings.door,
                 agent_rate.clone(),
@@ -294,7 +296,7 @@ impl Application {
             let task_api = task_api(&js, &publisher, settings.publish_timeout).await?;
             let state = AppState::new(http::Inner {
                 admission: Admission::new(publisher.clone(), directory),
-                verifier: Verifier::new(&settings.auth),
+                verifier: authenticator.clone(),
                 stats,
                 tasks: tasks_stream,
                 client: client.clone(),

@@ -5,7 +5,7 @@
 //! the JWT in an `Authorization: Bearer …` header. The stream `ACC_INBOUND` captures them, so a
 //! publish JetStream acknowledged is kept even while no door runs. The door is a durable consumer
 //! on that stream (the shared loop in [`crate::workers::consume`]) and runs, per message, exactly
-//! what the HTTP door runs: [`Verifier::verify_header`], then [`Admission::admit`] — same
+//! what the HTTP door runs: [`Authenticator::verify_header`], the scope check, then [`Admission::admit`] — same
 //! validation, identity binding, stamping, verified subject and dedupe id. The answer is the JSON
 //! body HTTP would return, sent on the caller's reply subject (`Acc-Reply-To`, which must lie in
 //! the caller's own namespace `acc.reply.<agent_id>.>`) with the HTTP status in `Acc-Status`.
@@ -44,7 +44,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::admission::{Admission, Call};
-use crate::auth::{Caller, Verifier};
+use crate::auth::{
+    Authenticator, Caller, EVENTS_SCOPE, REGISTER_SCOPE, SUBMIT_SCOPE, TASK_SCOPE,
+};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
@@ -74,7 +76,7 @@ type RejectionLimiter = Buckets<str>;
 /// The door role: admits inbound NATS messages with the HTTP door's admission.
 pub struct Door {
     admission: Admission,
-    verifier: Verifier,
+    verifier: Authenticator,
     publisher: Publisher,
     client: Client,
     body_limit: usize,
@@ -89,7 +91,7 @@ impl Door {
     pub fn new(
         admission: Admission,
         tasks: Tasks,
-        verifier: Verifier,
+        verifier: Authenticator,
         publisher: Publisher,
         settings: &DoorSettings,
         agent_rate: Arc<AgentRate>,
@@ -131,7 +133,7 @@ impl Door {
         let span = tracing::Span::current();
 
         let authorization = header(headers, "Authorization").map(str::as_bytes);
-        let caller = self.verifier.verify_header(authorization);
+        let caller = self.verifier.verify_header(authorization).await;
         let caller_key = match &caller {
             Ok(caller) => {
                 span.record("agent_id", caller.agent_id.as_str());
@@ -196,6 +198,10 @@ impl Door {
         inbound_seq: u64,
     ) -> Result<Value, Refusal> {
         let headers = message.headers.as_ref();
+        // The subject's scope, on every message, as the HTTP door checks a route's.
+        if let Some(scope) = scopes_of(&message.subject).and_then(|s| caller.lacks_all(s)) {
+            return Err(Refusal::insufficient_scope(scope));
+        }
         if let Some(answer) = self.task_call(message, caller).await? {
             return Ok(answer);
         }
@@ -373,6 +379,20 @@ pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
         .context("creating the door consumer")
 }
 
+/// The NATS door's scope table: the scopes (any of them; `orchestrator.admin` includes all) a
+/// caller needs to publish on an inbound subject, as the HTTP route of the same call needs.
+/// `None` for a subject that is no call (refused `NOT_FOUND`).
+pub fn scopes_of(subject: &str) -> Option<&'static [&'static str]> {
+    match subject {
+        subjects::INBOUND_REGISTER | subjects::INBOUND_HEARTBEAT => Some(&[REGISTER_SCOPE]),
+        subjects::INBOUND_EVENT => Some(&[EVENTS_SCOPE]),
+        subjects::INBOUND_TASK_SUBMIT => Some(&[SUBMIT_SCOPE]),
+        subjects::INBOUND_TASK_CLAIM => Some(&[TASK_SCOPE]),
+        _ if subject.starts_with(subjects::INBOUND_TASK_RESULT_PREFIX) => Some(&[TASK_SCOPE]),
+        _ => None,
+    }
+}
+
 /// The call an inbound subject stands for.
 fn call_of(subject: &str) -> Option<Call<'_>> {
     match subject {
@@ -428,13 +448,17 @@ mod tests {
             "",
             Duration::from_secs(60),
         );
-        Verifier::new(&AuthSettings {
-            secret,
+        let settings = AuthSettings {
+            mode: auth::AuthMode::Jwt,
+            secret: None,
+            introspection: None,
+            require_scopes: false,
             leeway: Duration::from_secs(1),
             max_token_bytes: 8192,
             max_lifetime: Duration::from_secs(3600),
-        })
-        .verify(&token)
+        };
+        auth::Verifier::new(&secret, &settings)
+            .verify(&token)
         .unwrap()
     }
 

@@ -85,6 +85,9 @@ codes! {
     /// Over a rate (per agent, failed authentications per address, door rejections per
     /// caller); sent with `Retry-After`.
     RateLimited = ("RATE_LIMITED", 429, "Too many requests; retry later"),
+    /// The token could not be checked: the introspection server is down, slow or answered
+    /// garbage (fail closed); sent with `Retry-After`.
+    AuthUnavailable = ("AUTH_UNAVAILABLE", 503, "The token cannot be checked right now; retry later"),
     /// The bus did not acknowledge in time, or a read from it failed; sent with `Retry-After`.
     BusUnavailable = ("BUS_UNAVAILABLE", 503, "The message bus is unavailable; retry later"),
     /// The stream is at its limit and refuses new messages; sent with `Retry-After`.

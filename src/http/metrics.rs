@@ -18,11 +18,12 @@ pub fn router() -> Router<AppState> {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let fleet = state.fleet.latest();
     let tasks = state.task_figures.latest();
-    let text = prometheus::render(
+    let mut text = prometheus::render(
         &state.stats,
         fleet.as_deref(),
         tasks.as_ref(),
         process::read(),
     );
+    state.verifier.render_metrics(&mut text);
     ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text)
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::extract::Authenticated;
 use super::{AppState, routes};
-use crate::auth::{ADMIN_SCOPE, Caller, EVENTS_READ_SCOPE};
+use crate::auth::{ADMIN_READ_SCOPE, ADMIN_SCOPE, Caller, EVENTS_READ_SCOPE};
 use crate::contract::{Code, Refusal};
 use crate::streams::{
     Filter, Hub, Item, MAX_PATTERNS, Slots, SlotsFull, Start, StreamsSettings, Subscription,
@@ -103,10 +103,10 @@ fn stream_route(kind: Kind) -> MethodRouter<AppState> {
 }
 
 fn admin(caller: &Caller) -> Result<(), Refusal> {
-    if caller.is_admin() {
+    if caller.reads_all() {
         Ok(())
     } else {
-        Err(Refusal::insufficient_scope(ADMIN_SCOPE))
+        Err(Refusal::insufficient_scope(ADMIN_READ_SCOPE))
     }
 }
 
