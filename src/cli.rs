@@ -595,7 +595,7 @@ pub struct ServeArgs {
     )]
     pub introspection_cache_max_entries: usize,
 
-    /// How long a refused (inactive) token is remembered; 0s: not at all.
+    /// How long a refused (inactive) token is remembered.
     #[arg(
         long,
         env = "INTROSPECTION_NEGATIVE_TTL",
@@ -614,14 +614,10 @@ pub struct ServeArgs {
     pub introspection_negative_max_entries: usize,
 
     /// While the authorization server is unreachable, serve a cached active answer this long past
-    /// its freshness (at most 60s, never past exp, never for admin scopes); 0s: off (fail closed).
-    #[arg(
-        long,
-        env = "INTROSPECTION_STALE_IF_ERROR",
-        default_value = "0s",
-        value_parser = parse_duration
-    )]
-    pub introspection_stale_if_error: Duration,
+    /// its freshness (at most 60s, never past exp, never for admin scopes); unset: off (fail
+    /// closed).
+    #[arg(long, env = "INTROSPECTION_STALE_IF_ERROR", value_parser = parse_duration)]
+    pub introspection_stale_if_error: Option<Duration>,
 
     /// Gate-1 HS256 tokens without a scope claim get no scopes (instead of the agent scopes).
     #[arg(long, env = "REQUIRE_SCOPES", default_value_t = false, action = clap::ArgAction::Set)]
@@ -855,7 +851,8 @@ fn auth_settings(args: &ServeArgs) -> Result<AuthSettings, ConfigError> {
                         "is required when AUTH_MODE introspects",
                     )
                 })?;
-            if args.introspection_stale_if_error > Duration::from_secs(60) {
+            let stale_if_error = args.introspection_stale_if_error.unwrap_or_default();
+            if stale_if_error > Duration::from_secs(60) {
                 return Err(ConfigError::new(
                     "INTROSPECTION_STALE_IF_ERROR",
                     "must be at most 60s",
@@ -877,7 +874,7 @@ fn auth_settings(args: &ServeArgs) -> Result<AuthSettings, ConfigError> {
                     max_entries: args.introspection_cache_max_entries,
                     negative_ttl: args.introspection_negative_ttl,
                     max_negative: args.introspection_negative_max_entries,
-                    stale_if_error: args.introspection_stale_if_error,
+                    stale_if_error,
                 },
             })
         }
