@@ -489,6 +489,28 @@ mod tests {
     }
 
     #[test]
+    fn the_nats_docs_scope_table_matches_the_doors() {
+        let docs = include_str!("../docs/nats.md");
+        for (documented, subject) in [
+            ("acc.in.register", subjects::INBOUND_REGISTER),
+            ("acc.in.heartbeat", subjects::INBOUND_HEARTBEAT),
+            ("acc.in.event", subjects::INBOUND_EVENT),
+            ("acc.in.task_result.<task_id>", "acc.in.task_result.t-1"),
+            ("acc.in.task_submit", subjects::INBOUND_TASK_SUBMIT),
+            ("acc.in.task_claim", subjects::INBOUND_TASK_CLAIM),
+        ] {
+            let want: Vec<String> = scopes_of(subject)
+                .unwrap()
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect();
+            let line = format!("| `{documented}` | {} |", want.join(", "));
+            assert!(docs.contains(&line), "docs/nats.md lacks {line}");
+        }
+        assert!(scopes_of("acc.in.other").is_none());
+    }
+
+    #[test]
     fn inbound_subjects_map_to_calls() {
         assert!(matches!(call_of("acc.in.register"), Some(Call::Register)));
         assert!(matches!(call_of("acc.in.heartbeat"), Some(Call::Heartbeat)));

@@ -179,6 +179,51 @@ pub fn endpoint_of(path: &str) -> Option<Endpoint> {
 mod tests {
     use super::*;
 
+    /// The scopes cell of docs/api.md's Scopes table for `route`, as written.
+    fn documented(docs: &str, route: &Route) -> Option<String> {
+        let start = format!("| `{} {}` | ", route.method, route.path);
+        docs.lines()
+            .find_map(|line| line.strip_prefix(start.as_str()))
+            .map(|rest| rest.trim_end_matches('|').trim().to_owned())
+    }
+
+    #[test]
+    fn the_api_docs_scope_table_matches_the_route_table() {
+        let docs = include_str!("../../docs/api.md");
+        for route in ALL.iter() {
+            let want = match route.access {
+                Access::Public => "none (no token)".to_owned(),
+                Access::AnyOf(scopes) => scopes
+                    .iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
+            assert_eq!(
+                documented(docs, route).as_deref(),
+                Some(want.as_str()),
+                "docs/api.md, Scopes: {} {}",
+                route.method,
+                route.path
+            );
+        }
+    }
+
+    #[test]
+    fn admin_reads_take_the_read_scope_and_admin_writes_the_admin_scope() {
+        for route in ALL.iter() {
+            let Access::AnyOf(scopes) = route.access else {
+                continue;
+            };
+            if scopes.contains(&ADMIN_READ_SCOPE) {
+                assert_eq!(route.method, Method::GET, "{}", route.path);
+            }
+            if scopes == [ADMIN_SCOPE] {
+                assert_ne!(route.method, Method::GET, "{}", route.path);
+            }
+        }
+    }
+
     #[test]
     fn every_route_is_listed_once_and_finds_its_span_name() {
         for (i, a) in ALL.iter().enumerate() {
