@@ -823,7 +823,10 @@ fn auth_settings(args: &ServeArgs) -> Result<AuthSettings, ConfigError> {
         AuthMode::Jwt => None,
         AuthMode::Introspection | AuthMode::Both => {
             let url = args.introspection_url.clone().ok_or_else(|| {
-                ConfigError::new("INTROSPECTION_URL", "is required when AUTH_MODE introspects")
+                ConfigError::new(
+                    "INTROSPECTION_URL",
+                    "is required when AUTH_MODE introspects",
+                )
             })?;
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(ConfigError::new(

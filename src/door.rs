@@ -44,9 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::admission::{Admission, Call};
-use crate::auth::{
-    Authenticator, Caller, EVENTS_SCOPE, REGISTER_SCOPE, SUBMIT_SCOPE, TASK_SCOPE,
-};
+use crate::auth::{Authenticator, Caller, EVENTS_SCOPE, REGISTER_SCOPE, SUBMIT_SCOPE, TASK_SCOPE};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
@@ -459,7 +457,7 @@ mod tests {
         };
         auth::Verifier::new(&secret, &settings)
             .verify(&token)
-        .unwrap()
+            .unwrap()
     }
 
     #[test]

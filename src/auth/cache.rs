@@ -281,7 +281,11 @@ mod tests {
         let now = Instant::now();
         for i in 0..100_000 {
             let key = key(&format!("garbage-{i}"));
-            cache.store(key, &Verdict::Refused(AuthError::Invalid("inactive".into())), now);
+            cache.store(
+                key,
+                &Verdict::Refused(AuthError::Invalid("inactive".into())),
+                now,
+            );
             let (_, negative, _) = cache.len();
             assert!(negative <= 1_000, "{negative} entries after {i} tokens");
         }
@@ -306,7 +310,10 @@ mod tests {
         cache.store(k, &Verdict::Refused(AuthError::Invalid("x".into())), now);
         assert!(matches!(cache.lookup(&k, now), Lookup::Refused(_)));
         let later = now + Duration::from_secs(6);
-        assert!(matches!(cache.lookup(&k, later), Lookup::Miss { stale: None }));
+        assert!(matches!(
+            cache.lookup(&k, later),
+            Lookup::Miss { stale: None }
+        ));
     }
 
     #[test]
@@ -314,11 +321,18 @@ mod tests {
         let cache = TokenCache::new(limits());
         let now = Instant::now();
         let k = key("good");
-        cache.store(k, &active("agent-1", "orchestrator.register", now, 60, Some(10)), now);
+        cache.store(
+            k,
+            &active("agent-1", "orchestrator.register", now, 60, Some(10)),
+            now,
+        );
         assert!(matches!(cache.lookup(&k, now), Lookup::Fresh(_)));
         // Past exp: neither fresh nor stale.
         let after_exp = now + Duration::from_secs(11);
-        assert!(matches!(cache.lookup(&k, after_exp), Lookup::Miss { stale: None }));
+        assert!(matches!(
+            cache.lookup(&k, after_exp),
+            Lookup::Miss { stale: None }
+        ));
     }
 
     #[test]
@@ -326,15 +340,39 @@ mod tests {
         let cache = TokenCache::new(limits());
         let now = Instant::now();
         let (agent, admin, reader) = (key("agent"), key("admin"), key("reader"));
-        cache.store(agent, &active("agent-1", "orchestrator.register", now, 10, None), now);
-        cache.store(admin, &active("op", "orchestrator.admin", now, 10, None), now);
-        cache.store(reader, &active("op", "orchestrator.admin.read", now, 10, None), now);
+        cache.store(
+            agent,
+            &active("agent-1", "orchestrator.register", now, 10, None),
+            now,
+        );
+        cache.store(
+            admin,
+            &active("op", "orchestrator.admin", now, 10, None),
+            now,
+        );
+        cache.store(
+            reader,
+            &active("op", "orchestrator.admin.read", now, 10, None),
+            now,
+        );
         let stale_time = now + Duration::from_secs(20);
-        assert!(matches!(cache.lookup(&agent, stale_time), Lookup::Miss { stale: Some(_) }));
-        assert!(matches!(cache.lookup(&admin, stale_time), Lookup::Miss { stale: None }));
-        assert!(matches!(cache.lookup(&reader, stale_time), Lookup::Miss { stale: None }));
+        assert!(matches!(
+            cache.lookup(&agent, stale_time),
+            Lookup::Miss { stale: Some(_) }
+        ));
+        assert!(matches!(
+            cache.lookup(&admin, stale_time),
+            Lookup::Miss { stale: None }
+        ));
+        assert!(matches!(
+            cache.lookup(&reader, stale_time),
+            Lookup::Miss { stale: None }
+        ));
         let past_window = now + Duration::from_secs(41);
-        assert!(matches!(cache.lookup(&agent, past_window), Lookup::Miss { stale: None }));
+        assert!(matches!(
+            cache.lookup(&agent, past_window),
+            Lookup::Miss { stale: None }
+        ));
     }
 
     #[test]
@@ -342,7 +380,11 @@ mod tests {
         let cache = TokenCache::new(limits());
         let now = Instant::now();
         let k = key("t");
-        cache.store(k, &active("agent-1", "orchestrator.register", now, 60, None), now);
+        cache.store(
+            k,
+            &active("agent-1", "orchestrator.register", now, 60, None),
+            now,
+        );
         let Lookup::Fresh(caller) = cache.lookup(&k, now) else {
             panic!("fresh")
         };

@@ -81,7 +81,11 @@ pub struct Scopes(u8);
 impl Scopes {
     /// The known scopes named in a space-separated `scope` value; unknown names are ignored.
     pub fn parse(scope: &str) -> Self {
-        Self(scope.split_whitespace().fold(0, |bits, name| bits | bit(name)))
+        Self(
+            scope
+                .split_whitespace()
+                .fold(0, |bits, name| bits | bit(name)),
+        )
     }
 
     /// The scopes a Gate-1 token without a `scope` claim keeps.

@@ -55,7 +55,10 @@ impl FromRequestParts<AppState> for Authenticated {
         };
         state.limits.admit_agent(caller.agent_id.as_str())?;
         // The route's scope, on every request: a cached token is checked like a fresh one.
-        let path = parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str);
+        let path = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
         let access = path.map_or(routes::Access::AnyOf(&[ADMIN_SCOPE]), |path| {
             routes::access_of(&parts.method, path)
         });

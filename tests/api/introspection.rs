@@ -32,26 +32,46 @@ async fn an_opaque_token_registers_heartbeats_and_emits_and_once_revoked_is_refu
     assert!(!token.contains('.'), "an opaque token, not a JWT");
 
     let (status, body) = app
-        .post("/orchestrator/register", Some(&token), &registration("agent-1"))
+        .post(
+            "/orchestrator/register",
+            Some(&token),
+            &registration("agent-1"),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = app
-        .post("/orchestrator/heartbeat", Some(&token), &json!({"agent_id": "agent-1"}))
+        .post(
+            "/orchestrator/heartbeat",
+            Some(&token),
+            &json!({"agent_id": "agent-1"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = app
-        .post("/orchestrator/events", Some(&token), &event("agent-1", "evt-opaque-1"))
+        .post(
+            "/orchestrator/events",
+            Some(&token),
+            &event("agent-1", "evt-opaque-1"),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     server.revoke(&token).await;
     let revoked_at = tokio::time::Instant::now();
-    let body = eventually(Duration::from_secs(10), "the revoked token refused", || async {
-        let (status, body) = app
-            .post("/orchestrator/heartbeat", Some(&token), &json!({"agent_id": "agent-1"}))
-            .await;
-        (status == StatusCode::UNAUTHORIZED).then_some(body)
-    })
+    let body = eventually(
+        Duration::from_secs(10),
+        "the revoked token refused",
+        || async {
+            let (status, body) = app
+                .post(
+                    "/orchestrator/heartbeat",
+                    Some(&token),
+                    &json!({"agent_id": "agent-1"}),
+                )
+                .await;
+            (status == StatusCode::UNAUTHORIZED).then_some(body)
+        },
+    )
     .await;
     assert_eq!(body["error"]["code"], "INVALID_TOKEN", "{body}");
     // Refused within the cache TTL (1 s) and a bit of slack for a busy machine.
@@ -77,7 +97,11 @@ async fn an_inactive_or_foreign_token_is_401_invalid_token() {
         .token_for("agent-2", AGENT_SCOPES, Some("urn:other:api"))
         .await;
     let (status, body) = app
-        .post("/orchestrator/register", Some(&foreign), &registration("agent-2"))
+        .post(
+            "/orchestrator/register",
+            Some(&foreign),
+            &registration("agent-2"),
+        )
         .await;
     assert_error(status, &body, 401, "INVALID_TOKEN");
     assert_eq!(body["error"]["details"], "wrong audience", "{body}");
@@ -85,7 +109,11 @@ async fn an_inactive_or_foreign_token_is_401_invalid_token() {
     // `svc-x` speaks for `agent-x` (its answer's agent_id member), not for its client id.
     let named = server.token("svc-x", AGENT_SCOPES).await;
     let (status, body) = app
-        .post("/orchestrator/register", Some(&named), &registration("agent-x"))
+        .post(
+            "/orchestrator/register",
+            Some(&named),
+            &registration("agent-x"),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     app.stop().await;
@@ -116,7 +144,14 @@ async fn a_thousand_concurrent_requests_with_one_new_token_make_one_introspectio
         .iter()
         .filter(|s| matches!(s, Ok(Ok(StatusCode::OK))))
         .count();
-    assert_eq!(ok, 1_000, "{:?}", statuses.iter().find(|s| !matches!(s, Ok(Ok(StatusCode::OK)))));
+    assert_eq!(
+        ok,
+        1_000,
+        "{:?}",
+        statuses
+            .iter()
+            .find(|s| !matches!(s, Ok(Ok(StatusCode::OK))))
+    );
     assert_eq!(server.introspections().await - before, 1);
     let metrics = app.metrics_text().await;
     assert!(
@@ -142,13 +177,21 @@ async fn a_cached_token_still_has_its_scopes_checked() {
     );
     let calls = server.introspections().await;
     let (status, body) = app
-        .post("/orchestrator/register", Some(&token), &registration("agent-3"))
+        .post(
+            "/orchestrator/register",
+            Some(&token),
+            &registration("agent-3"),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // After: answered from the cache, and still refused.
     let (status, body) = app.get("/orchestrator/agents", Some(&token)).await;
     assert_error(status, &body, 403, "INSUFFICIENT_SCOPE");
-    assert_eq!(server.introspections().await, calls, "served from the cache");
+    assert_eq!(
+        server.introspections().await,
+        calls,
+        "served from the cache"
+    );
     app.stop().await;
 }
 
@@ -172,11 +215,18 @@ async fn an_unreachable_introspection_server_is_503_auth_unavailable_and_once_ba
     assert!(retry_after.is_some(), "503 carries Retry-After");
     // Not a failed authentication: the address is not charged for it, and nothing is cached.
     let metrics = app.metrics_text().await;
-    assert!(metrics.contains("acc_introspection_errors_total 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("acc_introspection_errors_total 1\n"),
+        "{metrics}"
+    );
 
     gate.reopen().await;
     let (status, body) = app
-        .post("/orchestrator/register", Some(&token), &registration("agent-4"))
+        .post(
+            "/orchestrator/register",
+            Some(&token),
+            &registration("agent-4"),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     app.stop().await;
@@ -184,7 +234,7 @@ async fn an_unreachable_introspection_server_is_503_auth_unavailable_and_once_ba
 
 #[tokio::test]
 async fn with_stale_if_error_an_agent_token_works_through_a_10s_outage_and_an_admin_token_does_not()
- {
+{
     let (_nats, server, gate, app) = setup(&[
         "--introspection-cache-ttl=1s",
         "--introspection-stale-if-error=30s",
@@ -193,7 +243,11 @@ async fn with_stale_if_error_an_agent_token_works_through_a_10s_outage_and_an_ad
     let agent = server.token("agent-5", AGENT_SCOPES).await;
     let admin = server.token("operator", "orchestrator.admin").await;
     let (status, body) = app
-        .post("/orchestrator/register", Some(&agent), &registration("agent-5"))
+        .post(
+            "/orchestrator/register",
+            Some(&agent),
+            &registration("agent-5"),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = app.get("/orchestrator/agents", Some(&admin)).await;
@@ -205,7 +259,11 @@ async fn with_stale_if_error_an_agent_token_works_through_a_10s_outage_and_an_ad
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     while outage.elapsed() < Duration::from_secs(10) {
         let (status, body) = app
-            .post("/orchestrator/heartbeat", Some(&agent), &json!({"agent_id": "agent-5"}))
+            .post(
+                "/orchestrator/heartbeat",
+                Some(&agent),
+                &json!({"agent_id": "agent-5"}),
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "agent during the outage: {body}");
         let (status, body) = app.get("/orchestrator/agents", Some(&admin)).await;
@@ -230,14 +288,26 @@ async fn the_nats_door_resolves_opaque_tokens_the_same_way() {
     let door = NatsAgent::connect(&nats.url(), "agent-6").await;
     let body = serde_json::to_vec(&registration("agent-6")).unwrap();
     let (status, answer) = door
-        .call_with("acc.in.register", Some(&token), body, &[], Duration::from_secs(10))
+        .call_with(
+            "acc.in.register",
+            Some(&token),
+            body,
+            &[],
+            Duration::from_secs(10),
+        )
         .await
         .expect("the door answers");
     assert_eq!(status, 200, "{answer}");
     let events_only = server.token("agent-6", "orchestrator.events").await;
     let body = serde_json::to_vec(&json!({"agent_id": "agent-6"})).unwrap();
     let (status, answer) = door
-        .call_with("acc.in.heartbeat", Some(&events_only), body, &[], Duration::from_secs(10))
+        .call_with(
+            "acc.in.heartbeat",
+            Some(&events_only),
+            body,
+            &[],
+            Duration::from_secs(10),
+        )
         .await
         .expect("the door answers");
     assert_eq!(status, 403, "{answer}");

@@ -66,7 +66,12 @@ async fn every_http_route_refuses_a_missing_or_wrong_scope_and_admits_the_right_
         match route.access {
             Access::Public => {
                 let response = request(None).send().await.unwrap();
-                assert_ne!(response.status(), StatusCode::UNAUTHORIZED, "{}", route.path);
+                assert_ne!(
+                    response.status(),
+                    StatusCode::UNAUTHORIZED,
+                    "{}",
+                    route.path
+                );
             }
             Access::AnyOf(needs) => {
                 for (case, token, admitted) in cases(needs) {
@@ -81,7 +86,10 @@ async fn every_http_route_refuses_a_missing_or_wrong_scope_and_admits_the_right_
                     } else {
                         response.json().await.unwrap_or(Value::Null)
                     };
-                    let what = format!("{} {} with {case}: {status} {body}", route.method, route.path);
+                    let what = format!(
+                        "{} {} with {case}: {status} {body}",
+                        route.method, route.path
+                    );
                     if admitted {
                         assert_ne!(status, StatusCode::UNAUTHORIZED, "{what}");
                         assert_ne!(body["error"]["code"], "INSUFFICIENT_SCOPE", "{what}");
@@ -93,8 +101,17 @@ async fn every_http_route_refuses_a_missing_or_wrong_scope_and_admits_the_right_
                     }
                 }
                 // The admin scope opens every route.
-                let response = request(Some(&token_with(ADMIN_SCOPE))).send().await.unwrap();
-                assert_ne!(response.status(), StatusCode::FORBIDDEN, "{} {} as admin", route.method, route.path);
+                let response = request(Some(&token_with(ADMIN_SCOPE)))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_ne!(
+                    response.status(),
+                    StatusCode::FORBIDDEN,
+                    "{} {} as admin",
+                    route.method,
+                    route.path
+                );
             }
         }
     }
@@ -147,15 +164,27 @@ async fn with_require_scopes_a_gate_1_token_without_a_scope_claim_gets_none() {
     let nats = NatsServer::start();
     let app = TestApp::spawn_with(&nats, &["--require-scopes=true"]).await;
     let (status, body) = app
-        .post("/orchestrator/register", Some(&token(AGENT)), &registration(AGENT))
+        .post(
+            "/orchestrator/register",
+            Some(&token(AGENT)),
+            &registration(AGENT),
+        )
         .await;
     assert_error(status, &body, 403, "INSUFFICIENT_SCOPE");
     app.stop().await;
 
     let app = TestApp::spawn(&nats).await;
     let (status, body) = app
-        .post("/orchestrator/register", Some(&token(AGENT)), &registration(AGENT))
+        .post(
+            "/orchestrator/register",
+            Some(&token(AGENT)),
+            &registration(AGENT),
+        )
         .await;
-    assert_eq!(status, StatusCode::OK, "without REQUIRE_SCOPES the agent scopes: {body}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "without REQUIRE_SCOPES the agent scopes: {body}"
+    );
     app.stop().await;
 }
