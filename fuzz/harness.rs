@@ -42,12 +42,16 @@ fn world() -> &'static World {
             let publisher = Publisher::new(client, Duration::from_millis(5));
             let directory = Directory::new(agents, Duration::from_millis(1));
             let secret = Secret::new("fuzz-secret-0123456789-0123456789-abcdef");
-            let verifier = Verifier::new(&AuthSettings {
-                secret: secret.clone(),
+            let settings = AuthSettings {
+                mode: auth::AuthMode::Jwt,
+                secret: None,
+                introspection: None,
+                require_scopes: false,
                 leeway: Duration::from_secs(5),
                 max_token_bytes: 8192,
                 max_lifetime: Duration::from_secs(86_400),
-            });
+            };
+            let verifier = Verifier::new(&secret, &settings);
             let token = auth::mint(
                 &secret,
                 &AgentId::parse("agent-1").expect("valid id"),

@@ -136,3 +136,18 @@ ensure_prometheus_tools() {
   ensure_debian_command amtool prometheus-alertmanager
   ensure_debian_command promtool prometheus
 }
+# Installs the authorization server of the introspection tests (oidc-provider, pinned by
+# tests/oidc/package-lock.json) with `npm ci` when tests/oidc/node_modules is missing or older
+# than the lock file; installs Node.js from Debian when there is none.
+ensure_oidc_provider() {
+  local dir
+  dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/oidc"
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "==> installing Node.js (apt-get install nodejs npm)" >&2
+    apt-get update -qq >&2 && apt-get install -y -qq nodejs npm >&2
+  fi
+  if [ ! -d "$dir/node_modules/oidc-provider" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules" ]; then
+    echo "==> npm ci in tests/oidc (oidc-provider for the introspection tests)" >&2
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >&2)
+  fi
+}

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, StoreQuota};
 use crate::audit::Audit;
-use crate::auth::Verifier;
+use crate::auth::Authenticator;
 use crate::bus::embedded::{BRIDGE_USER, EmbeddedNats};
 use crate::bus::group::GroupSettings;
 use crate::bus::{
@@ -131,6 +131,8 @@ impl Application {
             publisher,
         } = self;
         let door_tally = Arc::new(Tally::default());
+        // One authenticator for both doors: one introspection cache, one call in flight per token.
+        let authenticator = Authenticator::new(&settings.auth);
         let js = publisher.jetstream().clone();
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -248,7 +250,7 @@ impl Application {
                     .with_quota(store_quota.clone())
                     .with_push_allowed(&settings.push.allowed_urls),
                 task_api(&js, &publisher, &settings).await?,
-                Verifier::new(&settings.auth),
+                authenticator.clone(),
                 publisher.clone(),
                 &settings.door,
                 agent_rate.clone(),
@@ -322,7 +324,7 @@ impl Application {
                 admission: Admission::new(publisher.clone(), directory)
                     .with_quota(store_quota)
                     .with_push_allowed(&settings.push.allowed_urls),
-                verifier: Verifier::new(&settings.auth),
+                verifier: authenticator.clone(),
                 stats,
                 tasks: tasks_stream,
                 client: client.clone(),

@@ -19,7 +19,8 @@ use std::time::Duration;
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use crate::alerting::AlertingSettings;
-use crate::auth::{AuthSettings, Secret, SecretError};
+use crate::auth::introspection::{ClientSecret, IntrospectionSettings};
+use crate::auth::{AuthMode, AuthSettings, Secret, SecretError, cache::CacheLimits};
 use crate::bus::group::SERVER_MAX_BATCH;
 use crate::bus::{
     Durability, EmbeddedSettings, GroupCommitMode, GroupCommitSettings, NatsAuth, NatsTarget,
@@ -664,6 +665,75 @@ pub struct ServeArgs {
     #[arg(long, env = "PUSH_CALLBACK_URL", default_value = "")]
     pub push_callback_url: String,
 
+    /// Which tokens are accepted: jwt (HS256 with SHARED_SECRET), introspection (opaque tokens,
+    /// RFC 7662; no secret needed) or both (a JWT-shaped token locally, any other introspected).
+    /// Default: jwt, or both when INTROSPECTION_URL is set.
+    #[arg(long, env = "AUTH_MODE", value_enum)]
+    pub auth_mode: Option<AuthMode>,
+
+    /// The authorization server's introspection endpoint (RFC 7662); https is verified TLS.
+    #[arg(long, env = "INTROSPECTION_URL")]
+    pub introspection_url: Option<url::Url>,
+
+    /// Our client id at the authorization server (HTTP Basic client authentication).
+    #[arg(long, env = "INTROSPECTION_CLIENT_ID")]
+    pub introspection_client_id: Option<String>,
+
+    /// Our client secret at the authorization server. Never logged.
+    #[arg(long, env = "INTROSPECTION_CLIENT_SECRET", hide_env_values = true)]
+    pub introspection_client_secret: Option<String>,
+
+    /// Longest wait for an introspection answer; past it, 503 AUTH_UNAVAILABLE.
+    #[arg(long, env = "INTROSPECTION_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub introspection_timeout: Duration,
+
+    /// How long an active introspection answer is trusted (never past the token's exp): a
+    /// revoked token keeps working for up to this long.
+    #[arg(
+        long,
+        env = "INTROSPECTION_CACHE_TTL",
+        default_value = "60s",
+        value_parser = parse_duration
+    )]
+    pub introspection_cache_ttl: Duration,
+
+    /// Most active tokens the introspection cache holds (past it, answers are not cached).
+    #[arg(
+        long,
+        env = "INTROSPECTION_CACHE_MAX_ENTRIES",
+        default_value = "100000",
+        value_parser = values::at_least(1usize)
+    )]
+    pub introspection_cache_max_entries: usize,
+
+    /// How long a refused (inactive) token is remembered.
+    #[arg(
+        long,
+        env = "INTROSPECTION_NEGATIVE_TTL",
+        default_value = "5s",
+        value_parser = parse_duration
+    )]
+    pub introspection_negative_ttl: Duration,
+
+    /// Most refused tokens remembered (oldest forgotten first).
+    #[arg(
+        long,
+        env = "INTROSPECTION_NEGATIVE_MAX_ENTRIES",
+        default_value = "10000",
+        value_parser = values::at_least(1usize)
+    )]
+    pub introspection_negative_max_entries: usize,
+
+    /// While the authorization server is unreachable, serve a cached active answer this long past
+    /// its freshness (at most 60s, never past exp, never for admin scopes); unset: off (fail
+    /// closed).
+    #[arg(long, env = "INTROSPECTION_STALE_IF_ERROR", value_parser = parse_duration)]
+    pub introspection_stale_if_error: Option<Duration>,
+
+    /// Gate-1 HS256 tokens without a scope claim get no scopes (instead of the agent scopes).
+    #[arg(long, env = "REQUIRE_SCOPES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub require_scopes: bool,
+
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -731,8 +801,20 @@ impl Settings {
     /// Checks what spans several settings (or reads a file) and assembles [`Settings`]; each
     /// value on its own was already checked by its parser.
     pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
-        let secret = args.secret.require()?;
-        let push_secret = secret.clone();
+        let auth = auth_settings(args)?;
+        // A pushed task carries an HS256 token minted for its agent: push over HTTP needs the
+        // shared secret. Without one (AUTH_MODE=introspection) push is allowed nowhere, and the
+        // key below is a random one nothing ever uses.
+        let push_secret = match (&auth.secret, args.push_allowed_urls.is_empty()) {
+            (Some(secret), _) => secret.clone(),
+            (None, true) => Secret::new(format!("{:032x}", rand::random::<u128>())),
+            (None, false) => {
+                return Err(ConfigError::new(
+                    "PUSH_ALLOWED_URLS",
+                    "needs SHARED_SECRET: a pushed task carries a token minted with it",
+                ));
+            }
+        };
         let nats = match args.nats_url.as_deref() {
             None | Some([]) => NatsTarget::Embedded(EmbeddedSettings {
                 binary: args.nats_server_bin.clone(),
@@ -793,12 +875,7 @@ impl Settings {
                 events_max_age,
                 audit_max_age: args.audit_max_age,
             },
-            auth: AuthSettings {
-                secret,
-                leeway: args.jwt_leeway,
-                max_token_bytes: args.max_token_bytes,
-                max_lifetime: args.max_token_lifetime,
-            },
+            auth,
             registry: RegistrySettings {
                 stale_after: args.agent_stale_after,
                 sweep_interval: args.agent_sweep_interval,
@@ -881,6 +958,92 @@ impl Settings {
             log_level: args.log_level.clone(),
         })
     }
+}
+
+/// How tokens are verified: the mode (from `AUTH_MODE`, else from whether `INTROSPECTION_URL`
+/// is set), and what that mode needs (a secret for JWTs, a server and client credentials for
+/// introspection).
+fn auth_settings(args: &ServeArgs) -> Result<AuthSettings, ConfigError> {
+    let mode = args.auth_mode.unwrap_or(match args.introspection_url {
+        Some(_) => AuthMode::Both,
+        None => AuthMode::Jwt,
+    });
+    let secret = match mode {
+        AuthMode::Jwt | AuthMode::Both => Some(args.secret.require()?),
+        AuthMode::Introspection => args.secret.shared_secret.clone(),
+    };
+    let introspection = match mode {
+        AuthMode::Jwt => None,
+        AuthMode::Introspection | AuthMode::Both => {
+            let url = args.introspection_url.clone().ok_or_else(|| {
+                ConfigError::new(
+                    "INTROSPECTION_URL",
+                    "is required when AUTH_MODE introspects",
+                )
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(ConfigError::new(
+                    "INTROSPECTION_URL",
+                    "must be an http or https URL",
+                ));
+            }
+            let client_id = args
+                .introspection_client_id
+                .clone()
+                .filter(|id| !id.is_empty() && !id.contains(':'))
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "INTROSPECTION_CLIENT_ID",
+                        "is required (without ':') when AUTH_MODE introspects",
+                    )
+                })?;
+            let client_secret = args
+                .introspection_client_secret
+                .clone()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "INTROSPECTION_CLIENT_SECRET",
+                        "is required when AUTH_MODE introspects",
+                    )
+                })?;
+            let stale_if_error = args.introspection_stale_if_error.unwrap_or_default();
+            if stale_if_error > Duration::from_secs(60) {
+                return Err(ConfigError::new(
+                    "INTROSPECTION_STALE_IF_ERROR",
+                    "must be at most 60s",
+                ));
+            }
+            if args.introspection_timeout.is_zero() {
+                return Err(ConfigError::new(
+                    "INTROSPECTION_TIMEOUT",
+                    "must be more than 0s",
+                ));
+            }
+            Some(IntrospectionSettings {
+                url,
+                client_id,
+                client_secret: ClientSecret::new(client_secret),
+                timeout: args.introspection_timeout,
+                cache_ttl: args.introspection_cache_ttl,
+                limits: CacheLimits {
+                    max_entries: args.introspection_cache_max_entries,
+                    negative_ttl: args.introspection_negative_ttl,
+                    max_negative: args.introspection_negative_max_entries,
+                    stale_if_error,
+                },
+            })
+        }
+    };
+    Ok(AuthSettings {
+        mode,
+        secret,
+        introspection,
+        require_scopes: args.require_scopes,
+        leeway: args.jwt_leeway,
+        max_token_bytes: args.max_token_bytes,
+        max_lifetime: args.max_token_lifetime,
+    })
 }
 
 /// How the bridge authenticates to external NATS: a credentials file, or user and password (both

@@ -6,7 +6,7 @@
 //! publish JetStream acknowledged is kept even while no door runs. The door is a durable consumer
 //! on that stream that serves callers in turn (see [`Door::run`]; each message is handled and
 //! settled by the shared [`crate::workers::process`]) and runs, per message, exactly
-//! what the HTTP door runs: [`Verifier::verify_header`], then [`Admission::admit`] — same
+//! what the HTTP door runs: [`Authenticator::verify_header`], the scope check, then [`Admission::admit`] — same
 //! validation, identity binding, stamping, verified subject and dedupe id. The answer is the JSON
 //! body HTTP would return, sent on the caller's reply subject (`Acc-Reply-To`, which must lie in
 //! the caller's own namespace `acc.reply.<agent_id>.>`) with the HTTP status in `Acc-Status`.
@@ -55,7 +55,7 @@ use tracing::Instrument as _;
 
 use crate::admission::{Admission, Call};
 use crate::audit::{Audit, is_refused_credential};
-use crate::auth::{Caller, Verifier};
+use crate::auth::{Authenticator, Caller, EVENTS_SCOPE, REGISTER_SCOPE, SUBMIT_SCOPE, TASK_SCOPE};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
 use crate::contract::{self, Code, Refusal, Tally};
@@ -87,7 +87,7 @@ type RejectionLimiter = Buckets<str>;
 /// The door role: admits inbound NATS messages with the HTTP door's admission.
 pub struct Door {
     admission: Admission,
-    verifier: Verifier,
+    verifier: Authenticator,
     publisher: Publisher,
     client: Client,
     body_limit: usize,
@@ -106,7 +106,7 @@ impl Door {
     pub fn new(
         admission: Admission,
         tasks: Tasks,
-        verifier: Verifier,
+        verifier: Authenticator,
         publisher: Publisher,
         settings: &DoorSettings,
         agent_rate: Arc<AgentRate>,
@@ -168,7 +168,7 @@ impl Door {
         let span = tracing::Span::current();
 
         let authorization = header(headers, "Authorization").map(str::as_bytes);
-        let caller = self.verifier.verify_header(authorization);
+        let caller = self.verifier.verify_header(authorization).await;
         let caller_key = match &caller {
             Ok(caller) => {
                 span.record("agent_id", caller.agent_id.as_str());
@@ -243,6 +243,10 @@ impl Door {
         reply: Option<&str>,
     ) -> Result<Option<Value>, Refusal> {
         let headers = message.headers.as_ref();
+        // The subject's scope, on every message, as the HTTP door checks a route's.
+        if let Some(scope) = scopes_of(&message.subject).and_then(|s| caller.lacks_all(s)) {
+            return Err(Refusal::insufficient_scope(scope));
+        }
         if let Some(answer) = self.task_call(message, caller, reply).await? {
             return Ok(answer);
         }
@@ -475,7 +479,7 @@ pub const WINDOW: i64 = 10_000;
 async fn pull_ahead(
     consumer: PullConsumer,
     queue: Arc<FairQueue<Message>>,
-    verifier: Verifier,
+    verifier: Authenticator,
     stop: CancellationToken,
 ) {
     use futures::StreamExt as _;
@@ -503,7 +507,8 @@ async fn pull_ahead(
             match next {
                 Ok(message) => {
                     let authorization = header(message.headers.as_ref(), "Authorization");
-                    let caller = match verifier.verify_header(authorization.map(str::as_bytes)) {
+                    // Verified (cached, for an introspected token) to key the caller's queue.
+                    let caller = match verifier.verify_header(authorization.map(str::as_bytes)).await {
                         Ok(caller) => caller.agent_id.to_string(),
                         Err(_) => ANONYMOUS.to_owned(),
                     };
@@ -612,6 +617,20 @@ pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
         .context("creating the door consumer")
 }
 
+/// The NATS door's scope table: the scopes (any of them; `orchestrator.admin` includes all) a
+/// caller needs to publish on an inbound subject, as the HTTP route of the same call needs.
+/// `None` for a subject that is no call (refused `NOT_FOUND`).
+pub fn scopes_of(subject: &str) -> Option<&'static [&'static str]> {
+    match subject {
+        subjects::INBOUND_REGISTER | subjects::INBOUND_HEARTBEAT => Some(&[REGISTER_SCOPE]),
+        subjects::INBOUND_EVENT => Some(&[EVENTS_SCOPE]),
+        subjects::INBOUND_TASK_SUBMIT => Some(&[SUBMIT_SCOPE]),
+        subjects::INBOUND_TASK_CLAIM => Some(&[TASK_SCOPE]),
+        _ if subject.starts_with(subjects::INBOUND_TASK_RESULT_PREFIX) => Some(&[TASK_SCOPE]),
+        _ => None,
+    }
+}
+
 /// The call an inbound subject stands for.
 fn call_of(subject: &str) -> Option<Call<'_>> {
     match subject {
@@ -683,14 +702,18 @@ mod tests {
             "",
             Duration::from_secs(60),
         );
-        Verifier::new(&AuthSettings {
-            secret,
+        let settings = AuthSettings {
+            mode: auth::AuthMode::Jwt,
+            secret: None,
+            introspection: None,
+            require_scopes: false,
             leeway: Duration::from_secs(1),
             max_token_bytes: 8192,
             max_lifetime: Duration::from_secs(3600),
-        })
-        .verify(&token)
-        .unwrap()
+        };
+        auth::Verifier::new(&secret, &settings)
+            .verify(&token)
+            .unwrap()
     }
 
     #[test]
@@ -717,6 +740,28 @@ mod tests {
         }
         let long = format!("acc.reply.agent-a.{}", "x".repeat(300));
         assert!(reply_subject(&a, &long).is_none());
+    }
+
+    #[test]
+    fn the_nats_docs_scope_table_matches_the_doors() {
+        let docs = include_str!("../docs/nats.md");
+        for (documented, subject) in [
+            ("acc.in.register", subjects::INBOUND_REGISTER),
+            ("acc.in.heartbeat", subjects::INBOUND_HEARTBEAT),
+            ("acc.in.event", subjects::INBOUND_EVENT),
+            ("acc.in.task_result.<task_id>", "acc.in.task_result.t-1"),
+            ("acc.in.task_submit", subjects::INBOUND_TASK_SUBMIT),
+            ("acc.in.task_claim", subjects::INBOUND_TASK_CLAIM),
+        ] {
+            let want: Vec<String> = scopes_of(subject)
+                .unwrap()
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect();
+            let line = format!("| `{documented}` | {} |", want.join(", "));
+            assert!(docs.contains(&line), "docs/nats.md lacks {line}");
+        }
+        assert!(scopes_of("acc.in.other").is_none());
     }
 
     #[test]

@@ -96,6 +96,9 @@ codes! {
     /// The agent has stored its share of the bus (`AGENT_STORE_QUOTA` per `STREAM_MAX_AGE`);
     /// sent with `Retry-After`.
     QuotaExceeded = ("QUOTA_EXCEEDED", 429, "This agent has stored its share of the message store; retry later"),
+    /// The token could not be checked: the introspection server is down, slow or answered
+    /// garbage (fail closed); sent with `Retry-After`.
+    AuthUnavailable = ("AUTH_UNAVAILABLE", 503, "The token cannot be checked right now; retry later"),
     /// The bus did not acknowledge in time, or a read from it failed; sent with `Retry-After`.
     BusUnavailable = ("BUS_UNAVAILABLE", 503, "The message bus is unavailable; retry later"),
     /// The stream is at its limit and refuses new messages; sent with `Retry-After`.

@@ -179,6 +179,7 @@ impl From<AuthError> for Refusal {
             AuthError::Missing => Self::new(Code::MissingToken),
             AuthError::Expired => Self::new(Code::TokenExpired),
             AuthError::Invalid(reason) => Self::new(Code::InvalidToken).with_details(reason),
+            AuthError::Unavailable => Self::new(Code::AuthUnavailable),
         }
     }
 }

@@ -38,7 +38,9 @@ pub fn router() -> Router<AppState> {
         .route(routes::SILENCE_EXPIRE.path, delete(expire_silence))
 }
 
-/// 403 `INSUFFICIENT_SCOPE` unless the caller is an admin.
+/// 403 `INSUFFICIENT_SCOPE` unless the caller is an admin: the writes check it again (the
+/// extractor checked the route table's scope already); the reads need only the table's
+/// orchestrator.admin.read.
 pub(super) fn admin(caller: &Caller) -> Result<(), Refusal> {
     if caller.is_admin() {
         Ok(())
@@ -55,9 +57,8 @@ impl From<StoreError> for Refusal {
 
 async fn list_alerts(
     State(state): State<AppState>,
-    Authenticated(caller): Authenticated,
+    Authenticated(_): Authenticated,
 ) -> Result<Json<Value>, Refusal> {
-    admin(&caller)?;
     let mut alerts = store::alerts(&state.alerting).await?;
     let acks = store::acks(&state.alerting).await?;
     alerts.sort_by_key(|a| std::cmp::Reverse(a.active_since));
@@ -121,9 +122,8 @@ async fn ack(
 
 async fn list_silences(
     State(state): State<AppState>,
-    Authenticated(caller): Authenticated,
+    Authenticated(_): Authenticated,
 ) -> Result<Json<Value>, Refusal> {
-    admin(&caller)?;
     let mut silences = store::silences(&state.alerting).await?;
     silences.sort_by_key(|s| std::cmp::Reverse(s.starts_at));
     let now = Utc::now();

@@ -5,28 +5,30 @@
 use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::{HeaderMap, header, request::Parts};
 use serde_json::{Map, Value};
 
-use super::AppState;
 use super::server::BodyDeadline;
-use crate::auth::{AuthError, Caller};
+use super::{AppState, routes};
+use crate::auth::{ADMIN_SCOPE, AuthError, Caller};
 use crate::contract::{self, Code, Refusal};
 
-/// The verified caller of this request, within its rate.
+/// The verified caller of this request, within its rate, holding the scope its route needs
+/// (`routes::Access`; else 403 `INSUFFICIENT_SCOPE` naming the scope).
 ///
 /// A token that verifies is served whatever its address did: a valid agent behind a shared NAT
 /// is never locked out by someone else's bad tokens. A token that does not verify is refused 429
 /// when its address has used up its failed authentications (so a guesser learns nothing more),
 /// else 401, counted against the address. A request without a token at all does not count as a
-/// failure. A verified agent over its rate is refused (429).
+/// failure, nor does a token that could not be checked (503 `AUTH_UNAVAILABLE`). A verified
+/// agent over its rate is refused (429).
+pub struct Authenticated(pub Caller);
+
 /// The outcome of verifying this request's `Authorization` header, when it was verified before
 /// the extractor ran (see `observe`), so that a request's token is verified once.
 #[derive(Clone)]
 pub struct Verified(pub Result<Caller, AuthError>);
-
-pub struct Authenticated(pub Caller);
 
 impl FromRequestParts<AppState> for Authenticated {
     type Rejection = Refusal;
@@ -39,11 +41,11 @@ impl FromRequestParts<AppState> for Authenticated {
         // `observe` may have verified the header already; the result is taken, not recomputed.
         let verified = match parts.extensions.remove::<Verified>() {
             Some(Verified(verified)) => verified,
-            None => state.verifier.verify_header(header),
+            None => state.verifier.verify_header(header).await,
         };
         let caller = match verified {
             Ok(caller) => caller,
-            Err(AuthError::Missing) => return Err(AuthError::Missing.into()),
+            Err(err @ (AuthError::Missing | AuthError::Unavailable)) => return Err(err.into()),
             Err(err) => {
                 if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
                     state.limits.auth_blocked(peer.ip())?;
@@ -53,6 +55,17 @@ impl FromRequestParts<AppState> for Authenticated {
             }
         };
         state.limits.admit_agent(caller.agent_id.as_str())?;
+        // The route's scope, on every request: a cached token is checked like a fresh one.
+        let path = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
+        let access = path.map_or(routes::Access::AnyOf(&[ADMIN_SCOPE]), |path| {
+            routes::access_of(&parts.method, path)
+        });
+        if let Some(scope) = access.missing(&caller) {
+            return Err(Refusal::insufficient_scope(scope));
+        }
         Ok(Self(caller))
     }
 }

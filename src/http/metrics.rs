@@ -18,7 +18,7 @@ pub fn router() -> Router<AppState> {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let fleet = state.fleet.latest();
     let tasks = state.task_figures.latest();
-    let text = prometheus::render(&prometheus::Exposition {
+    let mut text = prometheus::render(&prometheus::Exposition {
         stats: &state.stats,
         fleet: fleet.as_deref(),
         tasks: tasks.as_ref(),
@@ -26,5 +26,6 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         door: state.door.as_deref(),
         agent_ids: state.metrics_agent_ids,
     });
+    state.verifier.render_metrics(&mut text);
     ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text)
 }

@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::admission::Admission;
-use crate::auth::Verifier;
+use crate::auth::Authenticator;
 use crate::contract::{Code, Refusal, Tally};
 use crate::stats::Stats;
 use crate::telemetry;
@@ -43,7 +43,8 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub admission: Admission,
-    pub verifier: Verifier,
+    /// Verifies bearer tokens (JWT or introspection, by `AUTH_MODE`).
+    pub verifier: Authenticator,
     pub stats: Arc<Stats>,
     /// The task results stream, for `GET /orchestrator/tasks/{id}`.
     pub tasks: Stream,
@@ -179,7 +180,7 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             (Some(request), None)
         } else {
             // Verified once: the extractor takes this result instead of verifying again.
-            let verified = state.verifier.verify_header(authorization);
+            let verified = state.verifier.verify_header(authorization).await;
             let valid = verified.is_ok();
             let mut request = request;
             request.extensions_mut().insert(extract::Verified(verified));

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::extract::Authenticated;
 use super::{AppState, routes};
-use crate::auth::{ADMIN_SCOPE, Caller, EVENTS_READ_SCOPE};
+use crate::auth::{ADMIN_READ_SCOPE, ADMIN_SCOPE, Caller, EVENTS_READ_SCOPE};
 use crate::bus::subjects;
 use crate::contract::{Code, Refusal};
 use crate::domain::TaskId;
@@ -116,10 +116,10 @@ fn stream_route(kind: Kind) -> MethodRouter<AppState> {
 }
 
 fn admin(caller: &Caller) -> Result<(), Refusal> {
-    if caller.is_admin() {
+    if caller.reads_all() {
         Ok(())
     } else {
-        Err(Refusal::insufficient_scope(ADMIN_SCOPE))
+        Err(Refusal::insufficient_scope(ADMIN_READ_SCOPE))
     }
 }
 

@@ -219,7 +219,7 @@ impl Tasks {
 
     /// `GET /orchestrator/tasks/{id}`: the submitter, an agent that held an attempt, or admin.
     pub async fn view(&self, caller: &Caller, record: &TaskRecord) -> Result<Value, Refusal> {
-        if !(caller.is_admin()
+        if !(caller.reads_all()
             || record.submitted_by == caller.agent_id
             || record.held_by(&caller.agent_id))
         {
@@ -233,7 +233,7 @@ impl Tasks {
 
     /// `GET /orchestrator/tasks`: every task for an admin, a submitter's own otherwise.
     pub async fn list(&self, caller: &Caller, filter: &ListFilter) -> Result<Value, Refusal> {
-        let own = (!caller.is_admin()).then_some(&caller.agent_id);
+        let own = (!caller.reads_all()).then_some(&caller.agent_id);
         let (records, next) = self
             .page(filter, |record| {
                 own.is_none_or(|me| &record.submitted_by == me)

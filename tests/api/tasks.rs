@@ -570,6 +570,14 @@ async fn cancel_of_a_queued_and_of_a_running_task_succeeds_and_of_a_finished_one
     let (status, body) = app
         .post(&cancel(&queued), Some(&token("stranger")), &json!({}))
         .await;
+    assert_error(status, &body, 403, "INSUFFICIENT_SCOPE");
+    let (status, body) = app
+        .post(
+            &cancel(&queued),
+            Some(&scoped_token("stranger", "orchestrator.submit")),
+            &json!({}),
+        )
+        .await;
     assert_error(status, &body, 403, "FORBIDDEN");
     let (status, body) = app
         .post(&cancel(&queued), Some(&submitter_token()), &json!({}))
