@@ -508,7 +508,10 @@ async fn pull_ahead(
                 Ok(message) => {
                     let authorization = header(message.headers.as_ref(), "Authorization");
                     // Verified (cached, for an introspected token) to key the caller's queue.
-                    let caller = match verifier.verify_header(authorization.map(str::as_bytes)).await {
+                    let caller = match verifier
+                        .verify_header(authorization.map(str::as_bytes))
+                        .await
+                    {
                         Ok(caller) => caller.agent_id.to_string(),
                         Err(_) => ANONYMOUS.to_owned(),
                     };

@@ -113,8 +113,8 @@ pub const AGENTS: Route =
     route(Method::GET, "/orchestrator/agents", Some(Endpoint::Agents)).admin_read();
 pub const EVENTS_STREAM: Route =
     route(Method::GET, "/orchestrator/events/stream", None).needs(&[EVENTS_READ_SCOPE]);
-pub const TASK_STREAM: Route =
-    route(Method::GET, "/orchestrator/tasks/{task_id}/stream", None).needs(&[TASK_SCOPE, SUBMIT_SCOPE, ADMIN_READ_SCOPE]);
+pub const TASK_STREAM: Route = route(Method::GET, "/orchestrator/tasks/{task_id}/stream", None)
+    .needs(&[TASK_SCOPE, SUBMIT_SCOPE, ADMIN_READ_SCOPE]);
 pub const AGENTS_STREAM: Route =
     route(Method::GET, "/orchestrator/agents/stream", None).admin_read();
 pub const ALERTS_STREAM: Route =
