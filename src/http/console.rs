@@ -8,7 +8,7 @@
 
 use axum::Router;
 use axum::http::{HeaderName, HeaderValue, header};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use super::AppState;
@@ -28,10 +28,6 @@ pub fn router() -> Router<AppState> {
         .route(
             routes::CONSOLE.path,
             get(|| async { asset("text/html; charset=utf-8", PAGE) }),
-        )
-        .route(
-            routes::CONSOLE_SLASH.path,
-            get(|| async { Redirect::permanent(routes::CONSOLE.path) }),
         )
         .route(
             routes::CONSOLE_SCRIPT.path,

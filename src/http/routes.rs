@@ -132,12 +132,11 @@ pub const SILENCES: Route = route(Method::GET, "/orchestrator/silences", None).a
 pub const SILENCE_CREATE: Route = route(Method::POST, "/orchestrator/silences", None);
 pub const SILENCE_EXPIRE: Route = route(Method::DELETE, "/orchestrator/silences/{id}", None);
 pub const CONSOLE: Route = route(Method::GET, "/console", None).public();
-pub const CONSOLE_SLASH: Route = route(Method::GET, "/console/", None).public();
 pub const CONSOLE_SCRIPT: Route = route(Method::GET, "/console/app.js", None).public();
 pub const CONSOLE_STYLE: Route = route(Method::GET, "/console/app.css", None).public();
 
 /// Every route, for lookups.
-pub static ALL: [Route; 32] = [
+pub static ALL: [Route; 31] = [
     REGISTER,
     HEARTBEAT,
     TASK_CALLBACK,
@@ -166,7 +165,6 @@ pub static ALL: [Route; 32] = [
     SILENCE_CREATE,
     SILENCE_EXPIRE,
     CONSOLE,
-    CONSOLE_SLASH,
     CONSOLE_SCRIPT,
     CONSOLE_STYLE,
     TASK_STREAM,
