@@ -109,24 +109,11 @@ ensure_console_deps() {
   fi
 }
 
-# Makes command $1 available by installing Debian package $2 with apt-get when it is missing
-# (as root, or through sudo). The package lists are refreshed once per shell, and only when the
-# first attempt finds nothing to install.
+# Makes command $1 available by installing Debian package $2 (apt_install) when it is missing.
 ensure_debian_command() {
-  local cmd=$1 package=$2 sudo=""
+  local cmd=$1 package=$2
   command -v "$cmd" >/dev/null 2>&1 && return 0
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "error: $cmd is missing; apt-get install $package" >&2; return 1; }
-    sudo="sudo"
-  fi
-  echo "==> installing $package (apt-get install $package) for $cmd" >&2
-  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >&2; then
-    if [ -z "${ACC_APT_UPDATED:-}" ]; then
-      $sudo apt-get update -qq >&2
-      ACC_APT_UPDATED=1
-    fi
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >&2
-  fi
+  apt_install "$package" || return 1
   command -v "$cmd" >/dev/null 2>&1 || { echo "error: $package installed but $cmd is not on PATH" >&2; return 1; }
 }
 
@@ -143,8 +130,7 @@ ensure_oidc_provider() {
   local dir
   dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/oidc"
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    echo "==> installing Node.js (apt-get install nodejs npm)" >&2
-    apt-get update -qq >&2 && apt-get install -y -qq nodejs npm >&2
+    apt_install nodejs npm
   fi
   if [ ! -d "$dir/node_modules/oidc-provider" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules" ]; then
     echo "==> npm ci in tests/oidc (oidc-provider for the introspection tests)" >&2
