@@ -104,43 +104,14 @@ struct Outcome {
 
 impl Outcome {
     fn ms(&self, q: f64) -> f64 {
-        self.latency.value_at_quantile(q) as f64 / 1000.0
+        loadgen::ms(&self.latency, q)
     }
 
     /// Writes the latency distribution in HdrHistogram's percentile format (milliseconds) and
     /// appends one line to steps.csv.
     fn write_hdr(&self, dir: &std::path::Path, label: &str, rate: u64) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let mut hgrm = std::fs::File::create(dir.join(format!("{label}-{rate}.hgrm")))?;
-        writeln!(
-            hgrm,
-            "{:>12} {:>14} {:>10} {:>14}\n",
-            "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-        )?;
-        for v in self.latency.iter_quantiles(1) {
-            let q = v.quantile_iterated_to();
-            let inverse = if q < 1.0 {
-                1.0 / (1.0 - q)
-            } else {
-                f64::INFINITY
-            };
-            writeln!(
-                hgrm,
-                "{:>12.3} {:>14.12} {:>10} {:>14.2}",
-                v.value_iterated_to() as f64 / 1000.0,
-                q,
-                v.count_since_last_iteration(),
-                inverse
-            )?;
-        }
-        writeln!(
-            hgrm,
-            "#[Mean = {:.3}, StdDeviation = {:.3}]\n#[Max = {:.3}, Total count = {}]",
-            self.latency.mean() / 1000.0,
-            self.latency.stdev() / 1000.0,
-            self.latency.max() as f64 / 1000.0,
-            self.latency.len()
-        )?;
+        loadgen::write_hgrm(&dir.join(format!("{label}-{rate}.hgrm")), &self.latency)?;
         let csv = dir.join("steps.csv");
         let new = !csv.exists();
         let mut steps = std::fs::OpenOptions::new()

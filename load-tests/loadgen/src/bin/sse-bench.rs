@@ -23,7 +23,7 @@
 //!     --subscribers 1000 --rate 200 --duration 30s --gap 10000 --bridge-pid "$PID" --out dir/
 //! ```
 
-use std::io::Write as _;
+use loadgen::{ms, write_hgrm};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -272,44 +272,6 @@ fn vm_kib(pid: u32, field: &str) -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
-}
-
-fn write_hgrm(path: &std::path::Path, h: &Histogram<u64>) -> anyhow::Result<()> {
-    let mut out = std::fs::File::create(path)?;
-    writeln!(
-        out,
-        "{:>12} {:>14} {:>10} {:>14}\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    )?;
-    for v in h.iter_quantiles(1) {
-        let q = v.quantile_iterated_to();
-        let inverse = if q < 1.0 {
-            1.0 / (1.0 - q)
-        } else {
-            f64::INFINITY
-        };
-        writeln!(
-            out,
-            "{:>12.3} {:>14.12} {:>10} {:>14.2}",
-            v.value_iterated_to() as f64 / 1000.0,
-            q,
-            v.count_since_last_iteration(),
-            inverse
-        )?;
-    }
-    writeln!(
-        out,
-        "#[Mean = {:.3}, StdDeviation = {:.3}]\n#[Max = {:.3}, Total count = {}]",
-        h.mean() / 1000.0,
-        h.stdev() / 1000.0,
-        h.max() as f64 / 1000.0,
-        h.len()
-    )?;
-    Ok(())
 }
 
 #[tokio::main]

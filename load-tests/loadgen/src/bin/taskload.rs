@@ -17,6 +17,7 @@
 //! taskload --url http://127.0.0.1:8080 --tokens tokens.txt --agents 20 --rate 2000 --duration 10s
 //! ```
 
+use loadgen::{ms, write_hgrm};
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -254,44 +255,6 @@ async fn submitter(shared: Arc<Shared>, token: String, total: u64, max_in_flight
     while tasks.join_next().await.is_some() {}
 }
 
-fn ms(histogram: &Histogram<u64>, q: f64) -> f64 {
-    histogram.value_at_quantile(q) as f64 / 1000.0
-}
-
-fn write_hgrm(path: PathBuf, histogram: &Histogram<u64>) -> anyhow::Result<()> {
-    let mut out = std::fs::File::create(path)?;
-    writeln!(
-        out,
-        "{:>12} {:>14} {:>10} {:>14}\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    )?;
-    for v in histogram.iter_quantiles(1) {
-        let q = v.quantile_iterated_to();
-        let inverse = if q < 1.0 {
-            1.0 / (1.0 - q)
-        } else {
-            f64::INFINITY
-        };
-        writeln!(
-            out,
-            "{:>12.3} {:>14.12} {:>10} {:>14.2}",
-            v.value_iterated_to() as f64 / 1000.0,
-            q,
-            v.count_since_last_iteration(),
-            inverse
-        )?;
-    }
-    writeln!(
-        out,
-        "#[Mean = {:.3}, StdDeviation = {:.3}]\n#[Max = {:.3}, Total count = {}]",
-        histogram.mean() / 1000.0,
-        histogram.stdev() / 1000.0,
-        histogram.max() as f64 / 1000.0,
-        histogram.len()
-    )?;
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -405,9 +368,9 @@ async fn main() -> anyhow::Result<()> {
     println!("{line}");
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir)?;
-        write_hgrm(dir.join(format!("{}-claim.hgrm", args.label)), &claim)?;
+        write_hgrm(&dir.join(format!("{}-claim.hgrm", args.label)), &claim)?;
         write_hgrm(
-            dir.join(format!("{}-succeeded.hgrm", args.label)),
+            &dir.join(format!("{}-succeeded.hgrm", args.label)),
             &succeeded,
         )?;
         let csv = dir.join("tasks.csv");
