@@ -13,6 +13,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::tasks::task;
+
 use crate::helpers::*;
 
 /// One request a push receiver got: its path, its bearer token and its body.
@@ -148,17 +150,6 @@ async fn register_push(app: &TestApp, agent: &str, base_url: &str) -> (StatusCod
     });
     app.post("/orchestrator/register", Some(&token(agent)), &body)
         .await
-}
-
-async fn task(app: &TestApp, task_id: &str) -> Value {
-    let (status, body) = app
-        .get(
-            &format!("/orchestrator/tasks/{task_id}"),
-            Some(&admin_token()),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body
 }
 
 #[tokio::test]

@@ -441,25 +441,6 @@ fn submitter() -> String {
     auth_token("client-1", "orchestrator.submit")
 }
 
-/// Registers `agent` for `capability` and waits until the registry shows it online.
-async fn register_worker(app: &TestApp, agent: &str, capability: &str) {
-    let mut body = registration(agent);
-    body["capabilities"] = json!([capability]);
-    let (status, answer) = app
-        .post("/orchestrator/register", Some(&token(agent)), &body)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    eventually(Duration::from_secs(10), "the agent online", || async {
-        let (_, agents) = app.get("/orchestrator/agents", Some(&admin_token())).await;
-        agents["agents"]
-            .as_array()?
-            .iter()
-            .any(|a| a["agent_id"] == agent && a["status"] == "online")
-            .then_some(())
-    })
-    .await;
-}
-
 async fn submit_task(app: &TestApp, task_id: &str, capability: &str) {
     let (status, answer) = app
         .post(
@@ -512,7 +493,7 @@ async fn consumers(app: &TestApp, stream: &str) -> usize {
 async fn a_task_stream_sends_queued_dispatched_running_succeeded_and_then_ends() {
     let nats = NatsServer::start();
     let app = TestApp::spawn(&nats).await;
-    register_worker(&app, "worker-1", "summarize").await;
+    crate::tasks::register_worker(&app, "worker-1", &["summarize"], 1).await;
     submit_task(&app, "t-live", "summarize").await;
     let before = consumers(&app, "KV_acc_tasks").await;
     let mut stream = SseReader::open_path(&app, &task_stream("t-live"), &submitter(), None).await;
@@ -551,7 +532,7 @@ async fn a_task_stream_sends_queued_dispatched_running_succeeded_and_then_ends()
 async fn a_task_stream_resumed_after_a_state_change_gets_only_later_states() {
     let nats = NatsServer::start();
     let app = TestApp::spawn(&nats).await;
-    register_worker(&app, "worker-1", "summarize").await;
+    crate::tasks::register_worker(&app, "worker-1", &["summarize"], 1).await;
     submit_task(&app, "t-resume", "summarize").await;
     let path = task_stream("t-resume");
     let mut first = SseReader::open_path(&app, &path, &submitter(), None).await;

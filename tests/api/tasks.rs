@@ -75,7 +75,8 @@ async fn callback(app: &TestApp, agent: &str, task_id: &str, body: Value) -> (St
     .await
 }
 
-async fn task(app: &TestApp, task_id: &str) -> Value {
+/// The task's record as an admin reads it.
+pub(crate) async fn task(app: &TestApp, task_id: &str) -> Value {
     let (status, body) = app
         .get(
             &format!("/orchestrator/tasks/{task_id}"),
