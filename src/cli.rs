@@ -387,7 +387,7 @@ pub struct ServeArgs {
 
     /// Heartbeats of one agent within this window are written to the registry as one (the
     /// newest); a status change is written at once. 0 writes every heartbeat.
-    #[arg(long, env = "HEARTBEAT_COALESCE", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "HEARTBEAT_COALESCE", default_value = "1s", value_parser = values::duration_or_zero)]
     pub heartbeat_coalesce: Duration,
 
     /// Largest accepted request body (never above the NATS server's max payload).

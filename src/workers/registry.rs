@@ -10,7 +10,8 @@
 //!
 //! Heartbeats are coalesced per agent: after the registry writes an agent's record, further
 //! heartbeats of that agent that change nothing but `last_seen` are held for at most
-//! `heartbeat_coalesce`, and only the newest of them is written when the window ends. A heartbeat
+//! `heartbeat_coalesce`, and only the newest of them is written when the window ends (by a
+//! flusher, several agents at once, so the consumer never waits for those writes). A heartbeat
 //! that changes the status is written at once. So an agent costs at most one KV write per window
 //! however often it beats, and `last_seen` in the bucket trails the newest heartbeat by at most
 //! the window. A held heartbeat is acknowledged when it is held: a registry that crashes loses at
@@ -31,7 +32,7 @@ use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKi
 use async_nats::jetstream::stream::Stream;
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -200,9 +201,10 @@ impl Held {
         (self.window / 8).max(Duration::from_millis(5))
     }
 
-    /// Keeps `heartbeat` to be written later, if it only moves `last_seen` of an agent whose
-    /// record this replica wrote less than a window ago. False: write it now.
-    fn hold(&self, heartbeat: &Heartbeat, now: Instant) -> bool {
+    /// Keeps `heartbeat` to be written by the flusher, if it only moves `last_seen` of an agent
+    /// whose record this replica wrote: within a window of that write, or at the next tick when
+    /// the window is over. False: write it now.
+    fn hold(&self, heartbeat: &Heartbeat) -> bool {
         if self.window.is_zero() {
             return false;
         }
@@ -210,10 +212,7 @@ impl Held {
         let Some(slot) = agents.get_mut(&heartbeat.agent_id) else {
             return false;
         };
-        let written_ago = now.saturating_duration_since(slot.written_at);
-        if written_ago + self.tick() >= self.window
-            || AgentStatus::from(heartbeat.status) != slot.status
-        {
+        if AgentStatus::from(heartbeat.status) != slot.status {
             return false;
         }
         if slot
@@ -316,7 +315,7 @@ impl Handler for Registry {
             .map(drop)
         } else if subjects::matches(subjects::HEARTBEATS, subject) {
             let heartbeat: Heartbeat = parse(&message.payload)?;
-            if self.held.hold(&heartbeat, Instant::now()) {
+            if self.held.hold(&heartbeat) {
                 return Ok(());
             }
             let agent = &heartbeat.agent_id;
@@ -369,21 +368,25 @@ impl Registry {
         }
     }
 
-    /// Writes the held heartbeats that are due (all of them with `None`). One that cannot be
-    /// written now is held again for the next tick.
+    /// Writes the held heartbeats that are due (all of them with `None`), several at once: the
+    /// writes are to different agents' keys, and in `fsync` mode each waits for its own fsync.
+    /// One that cannot be written now is held again for the next tick.
     async fn flush(&self, now: Option<Instant>) {
-        for heartbeat in self.held.due(now) {
-            if let Err(err) = self.write_heartbeat(&heartbeat, &held_id(&heartbeat)).await {
-                tracing::warn!(
-                    agent_id = %heartbeat.agent_id,
-                    error = %crate::telemetry::error_chain(&err),
-                    "writing a coalesced heartbeat failed; will retry"
-                );
-                if now.is_some() {
-                    self.held.hold_again(heartbeat);
+        let due = self.held.due(now);
+        futures::stream::iter(due)
+            .for_each_concurrent(FLUSH_CONCURRENCY, |heartbeat| async move {
+                if let Err(err) = self.write_heartbeat(&heartbeat, &held_id(&heartbeat)).await {
+                    tracing::warn!(
+                        agent_id = %heartbeat.agent_id,
+                        error = %crate::telemetry::error_chain(&err),
+                        "writing a coalesced heartbeat failed; will retry"
+                    );
+                    if now.is_some() {
+                        self.held.hold_again(heartbeat);
+                    }
                 }
-            }
-        }
+            })
+            .await;
     }
 
     /// Read, compute, compare-and-set, then announce; retried when another writer wins. Returns
@@ -602,6 +605,9 @@ fn held_id(heartbeat: &Heartbeat) -> String {
     )
 }
 
+/// Coalesced heartbeats the flusher writes at once.
+const FLUSH_CONCURRENCY: usize = 32;
+
 /// Agent records the registry could not read, over every sweep.
 static UNREADABLE: Unreadable = Unreadable::new("agent record");
 
@@ -751,10 +757,10 @@ mod tests {
         let held = Held::new(Duration::from_secs(1));
         let t0 = Instant::now();
         let beat = |at| heartbeat(at, ReportedStatus::Online);
-        assert!(!held.hold(&beat(1), t0), "nothing written yet: write it");
+        assert!(!held.hold(&beat(1)), "nothing written yet: write it");
         held.written(&beat(1), AgentStatus::Online, t0);
-        assert!(held.hold(&beat(3), t0 + Duration::from_millis(100)));
-        assert!(held.hold(&beat(2), t0 + Duration::from_millis(200)));
+        assert!(held.hold(&beat(3)));
+        assert!(held.hold(&beat(2)));
         assert!(held.due(Some(t0 + Duration::from_millis(300))).is_empty());
         assert_eq!(
             held.due(Some(t0 + Duration::from_millis(900))),
@@ -762,9 +768,10 @@ mod tests {
             "due before the window ends, the newest only"
         );
         assert!(
-            !held.hold(&beat(4), t0 + Duration::from_millis(950)),
-            "too close to the window's end to hold"
+            held.hold(&beat(4)),
+            "after the window: held for the next tick"
         );
+        assert_eq!(held.due(Some(t0 + Duration::from_millis(1500))), [beat(4)]);
     }
 
     #[test]
@@ -776,14 +783,14 @@ mod tests {
             AgentStatus::Online,
             t0,
         );
-        assert!(!held.hold(&heartbeat(2, ReportedStatus::Degraded), t0));
+        assert!(!held.hold(&heartbeat(2, ReportedStatus::Degraded)));
         let off = Held::new(Duration::ZERO);
         off.written(
             &heartbeat(1, ReportedStatus::Online),
             AgentStatus::Online,
             t0,
         );
-        assert!(!off.hold(&heartbeat(2, ReportedStatus::Online), t0));
+        assert!(!off.hold(&heartbeat(2, ReportedStatus::Online)));
     }
 
     #[test]
@@ -795,7 +802,7 @@ mod tests {
             AgentStatus::Online,
             t0,
         );
-        assert!(held.hold(&heartbeat(2, ReportedStatus::Online), t0));
+        assert!(held.hold(&heartbeat(2, ReportedStatus::Online)));
         let agent = AgentId::parse("a").unwrap();
         assert_eq!(
             held.forget(&agent),
@@ -803,7 +810,7 @@ mod tests {
         );
         assert_eq!(held.forget(&agent), None);
         assert!(
-            !held.hold(&heartbeat(3, ReportedStatus::Online), t0),
+            !held.hold(&heartbeat(3, ReportedStatus::Online)),
             "forgotten: write it"
         );
     }
