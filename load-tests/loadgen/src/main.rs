@@ -183,7 +183,8 @@ enum Sender {
         agents: Arc<[(Arc<str>, Arc<str>)]>,
     },
     Bus {
-        js: jetstream::Context,
+        /// Boxed: a context is far bigger than the HTTP variant.
+        js: Box<jetstream::Context>,
         payload: bytes::Bytes,
     },
 }
@@ -237,7 +238,7 @@ impl Sender {
                 })
                 .await?;
                 Sender::Bus {
-                    js,
+                    js: Box::new(js),
                     payload: bytes::Bytes::from(vec![b'x'; args.payload_bytes]),
                 }
             }
