@@ -385,6 +385,11 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENT_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub agent_sweep_interval: Duration,
 
+    /// Heartbeats of one agent within this window are written to the registry as one (the
+    /// newest); a status change is written at once. 0 writes every heartbeat.
+    #[arg(long, env = "HEARTBEAT_COALESCE", default_value = "1s", value_parser = values::duration_or_zero)]
+    pub heartbeat_coalesce: Duration,
+
     /// Largest accepted request body (never above the NATS server's max payload).
     #[arg(long, env = "BODY_LIMIT", default_value = "256KiB", value_parser = values::byte_size)]
     pub body_limit: usize,
@@ -880,6 +885,7 @@ impl Settings {
                 stale_after: args.agent_stale_after,
                 sweep_interval: args.agent_sweep_interval,
                 preregistered: args.registered_agents.clone().unwrap_or_default(),
+                heartbeat_coalesce: args.heartbeat_coalesce,
             },
             door: DoorSettings {
                 reject_burst: args.door_reject_burst,

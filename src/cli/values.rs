@@ -236,6 +236,14 @@ pub fn registered_agents(raw: &str) -> Result<BTreeMap<AgentId, AgentProfile>, S
     Ok(agents)
 }
 
+/// A duration where zero means "off": `0`, `0s`, or any positive duration.
+pub fn duration_or_zero(raw: &str) -> Result<std::time::Duration, crate::domain::DurationError> {
+    match crate::domain::parse_duration(raw) {
+        Err(crate::domain::DurationError::Zero) => Ok(std::time::Duration::ZERO),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

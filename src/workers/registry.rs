@@ -8,10 +8,22 @@
 //! `pending`, then published under a dedupe id derived from its cause, then cleared: it is
 //! announced only once it really happened, and a crash in between is finished by the next writer.
 //!
-//! [`RegistrySettings`] configures it: staleness, sweep interval, pre-registered agents.
+//! Heartbeats are coalesced per agent: after the registry writes an agent's record, further
+//! heartbeats of that agent that change nothing but `last_seen` are held for at most
+//! `heartbeat_coalesce`, and only the newest of them is written when the window ends (by a
+//! flusher, several agents at once, so the consumer never waits for those writes). A heartbeat
+//! that changes the status is written at once. So an agent costs at most one KV write per window
+//! however often it beats, and `last_seen` in the bucket trails the newest heartbeat by at most
+//! the window. A held heartbeat is acknowledged when it is held: a registry that crashes loses at
+//! most one window of `last_seen` freshness, which the agent's next heartbeat restores; one that
+//! stops writes what it holds before it returns.
+//!
+//! [`RegistrySettings`] configures it: staleness, sweep interval, coalescing window,
+//! pre-registered agents.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::Message;
@@ -20,7 +32,7 @@ use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKi
 use async_nats::jetstream::stream::Stream;
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +53,9 @@ pub struct RegistrySettings {
     pub sweep_interval: Duration,
     /// Agents registered from the configuration.
     pub preregistered: BTreeMap<AgentId, AgentProfile>,
+    /// Heartbeats of one agent within this window after a write are coalesced into one write;
+    /// zero writes every heartbeat.
+    pub heartbeat_coalesce: Duration,
 }
 
 /// Runs the registry until `stop` fires: consumes registrations and heartbeats, and sweeps.
@@ -56,6 +71,7 @@ pub async fn run(
         publisher: publisher.clone(),
         bucket,
         stale_after: settings.stale_after,
+        held: Arc::new(Held::new(settings.heartbeat_coalesce)),
     };
     let sweeper = {
         let registry = registry.clone();
@@ -63,16 +79,24 @@ pub async fn run(
         let every = settings.sweep_interval;
         tokio::spawn(async move { registry.sweep_forever(every, stop).await })
     };
+    let flusher = {
+        let registry = registry.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { registry.flush_forever(stop).await })
+    };
     consume(
         consumer,
         subjects::AGENTS_STREAM,
         subjects::REGISTRY_CONSUMER,
         publisher,
         stop,
-        registry,
+        registry.clone(),
     )
     .await;
     let _ = sweeper.await;
+    let _ = flusher.await;
+    // Every held heartbeat was acknowledged: write them before going away.
+    registry.flush(None).await;
     Ok(())
 }
 
@@ -143,6 +167,132 @@ struct Registry {
     publisher: Publisher,
     bucket: Store,
     stale_after: Duration,
+    held: Arc<Held>,
+}
+
+/// The coalescing state: per agent, when this replica last wrote its record and the newest
+/// heartbeat held since.
+struct Held {
+    window: Duration,
+    agents: Mutex<HashMap<AgentId, Slot>>,
+}
+
+struct Slot {
+    /// When this replica last wrote the agent's record for a heartbeat.
+    written_at: Instant,
+    /// The status that write left. Another replica may have changed it since; a heartbeat held
+    /// against a stale status is still written within the window.
+    status: AgentStatus,
+    /// The newest heartbeat since that write, not written yet.
+    newest: Option<Heartbeat>,
+}
+
+impl Held {
+    fn new(window: Duration) -> Self {
+        Self {
+            window,
+            agents: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How often held heartbeats are looked at: a slice of the window, so that a held one is
+    /// written no later than the window's end.
+    fn tick(&self) -> Duration {
+        (self.window / 8).max(Duration::from_millis(5))
+    }
+
+    /// Keeps `heartbeat` to be written by the flusher, if it only moves `last_seen` of an agent
+    /// whose record this replica wrote: within a window of that write, or at the next tick when
+    /// the window is over. False: write it now.
+    fn hold(&self, heartbeat: &Heartbeat) -> bool {
+        if self.window.is_zero() {
+            return false;
+        }
+        let mut agents = self.agents.lock().expect("coalescing state poisoned");
+        let Some(slot) = agents.get_mut(&heartbeat.agent_id) else {
+            return false;
+        };
+        if AgentStatus::from(heartbeat.status) != slot.status {
+            return false;
+        }
+        if slot
+            .newest
+            .as_ref()
+            .is_none_or(|newest| heartbeat.received_at >= newest.received_at)
+        {
+            slot.newest = Some(heartbeat.clone());
+        }
+        true
+    }
+
+    /// Records that the agent's record now holds `heartbeat` (and every older one) with `status`.
+    fn written(&self, heartbeat: &Heartbeat, status: AgentStatus, now: Instant) {
+        if self.window.is_zero() {
+            return;
+        }
+        let mut agents = self.agents.lock().expect("coalescing state poisoned");
+        let slot = agents.entry(heartbeat.agent_id.clone()).or_insert(Slot {
+            written_at: now,
+            status,
+            newest: None,
+        });
+        slot.written_at = now;
+        slot.status = status;
+        if slot
+            .newest
+            .as_ref()
+            .is_some_and(|newest| newest.received_at <= heartbeat.received_at)
+        {
+            slot.newest = None;
+        }
+    }
+
+    /// Holds `heartbeat` again after a failed write, unless a newer one is held already.
+    fn hold_again(&self, heartbeat: Heartbeat) {
+        let mut agents = self.agents.lock().expect("coalescing state poisoned");
+        let slot = agents
+            .entry(heartbeat.agent_id.clone())
+            .or_insert_with(|| Slot {
+                written_at: Instant::now(),
+                status: heartbeat.status.into(),
+                newest: None,
+            });
+        if slot
+            .newest
+            .as_ref()
+            .is_none_or(|newest| newest.received_at < heartbeat.received_at)
+        {
+            slot.newest = Some(heartbeat);
+        }
+    }
+
+    /// Forgets what this replica knows of `agent` (its record was written for another reason),
+    /// handing back a held heartbeat, which must still be written.
+    fn forget(&self, agent: &AgentId) -> Option<Heartbeat> {
+        let mut agents = self.agents.lock().expect("coalescing state poisoned");
+        agents.remove(agent).and_then(|slot| slot.newest)
+    }
+
+    /// Takes the held heartbeats whose window ends before the next tick (all of them when `now`
+    /// is `None`), and forgets agents idle for a whole window, so the map holds active agents only.
+    fn due(&self, now: Option<Instant>) -> Vec<Heartbeat> {
+        let mut agents = self.agents.lock().expect("coalescing state poisoned");
+        let Some(now) = now else {
+            return agents.drain().filter_map(|(_, slot)| slot.newest).collect();
+        };
+        let mut due = Vec::new();
+        agents.retain(|_, slot| {
+            let written_ago = now.saturating_duration_since(slot.written_at);
+            if written_ago + self.tick() >= self.window {
+                if let Some(newest) = slot.newest.take() {
+                    due.push(newest);
+                }
+                return written_ago < 2 * self.window;
+            }
+            true
+        });
+        due
+    }
 }
 
 /// A record and the transition that produced it, if any.
@@ -155,17 +305,22 @@ impl Handler for Registry {
         if subjects::matches(subjects::REGISTRATIONS, subject) {
             let registration: Registration = parse(&message.payload)?;
             let agent = registration.agent_id.clone();
+            if let Some(held) = self.held.forget(&agent) {
+                self.write_heartbeat(&held, &held_id(&held)).await?;
+            }
             self.apply(&agent, &format!("status:{agent}:{seq}"), |current| {
                 Ok(on_registration(current, &registration))
             })
             .await
+            .map(drop)
         } else if subjects::matches(subjects::HEARTBEATS, subject) {
             let heartbeat: Heartbeat = parse(&message.payload)?;
-            let agent = heartbeat.agent_id.clone();
-            self.apply(&agent, &format!("status:{agent}:{seq}"), |current| {
-                on_heartbeat(current, &heartbeat)
-            })
-            .await
+            if self.held.hold(&heartbeat) {
+                return Ok(());
+            }
+            let agent = &heartbeat.agent_id;
+            self.write_heartbeat(&heartbeat, &format!("status:{agent}:{seq}"))
+                .await
         } else {
             Err(HandleError::permanent_by(
                 "registry does not handle this subject",
@@ -182,13 +337,66 @@ struct Loaded {
 }
 
 impl Registry {
-    /// Read, compute, compare-and-set, then announce; retried when another writer wins.
+    /// Applies `heartbeat` to the agent's record and notes the write for coalescing.
+    async fn write_heartbeat(
+        &self,
+        heartbeat: &Heartbeat,
+        transition_id: &str,
+    ) -> Result<(), HandleError> {
+        let status = self
+            .apply(&heartbeat.agent_id, transition_id, |current| {
+                on_heartbeat(current, heartbeat)
+            })
+            .await?;
+        self.held.written(heartbeat, status, Instant::now());
+        Ok(())
+    }
+
+    /// Writes held heartbeats whose window has ended, until `stop` fires.
+    async fn flush_forever(&self, stop: CancellationToken) {
+        if self.held.window.is_zero() {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.held.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.flush(Some(Instant::now())).await;
+        }
+    }
+
+    /// Writes the held heartbeats that are due (all of them with `None`), several at once: the
+    /// writes are to different agents' keys, and in `fsync` mode each waits for its own fsync.
+    /// One that cannot be written now is held again for the next tick.
+    async fn flush(&self, now: Option<Instant>) {
+        let due = self.held.due(now);
+        futures::stream::iter(due)
+            .for_each_concurrent(FLUSH_CONCURRENCY, |heartbeat| async move {
+                if let Err(err) = self.write_heartbeat(&heartbeat, &held_id(&heartbeat)).await {
+                    tracing::warn!(
+                        agent_id = %heartbeat.agent_id,
+                        error = %crate::telemetry::error_chain(&err),
+                        "writing a coalesced heartbeat failed; will retry"
+                    );
+                    if now.is_some() {
+                        self.held.hold_again(heartbeat);
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Read, compute, compare-and-set, then announce; retried when another writer wins. Returns
+    /// the status the record is left with.
     async fn apply<F>(
         &self,
         agent: &AgentId,
         transition_id: &str,
         compute: F,
-    ) -> Result<(), HandleError>
+    ) -> Result<AgentStatus, HandleError>
     where
         F: Fn(Option<&AgentRecord>) -> Result<Outcome, HandleError> + Send + Sync,
     {
@@ -198,16 +406,17 @@ impl Registry {
             };
             let (mut next, transition) = compute(loaded.record.as_ref())?;
             if loaded.record.as_ref() == Some(&next) {
-                return Ok(());
+                return Ok(next.status);
             }
             if let Some((from, reason)) = transition {
                 next.pending = Some(pending_change(&next, from, reason, transition_id));
             }
             if let Some(revision) = self.store(agent, &next, loaded.revision).await? {
+                let status = next.status;
                 if next.pending.is_some() {
                     self.announce(agent, next, revision).await?;
                 }
-                return Ok(());
+                return Ok(status);
             }
         }
         Err(HandleError::transient(
@@ -363,6 +572,10 @@ impl Registry {
         if record.status == AgentStatus::Offline || now - record.last_seen <= stale_after {
             return Ok(());
         }
+        // A heartbeat held here is newer than the stored last_seen: the agent is not stale.
+        if let Some(held) = self.held.forget(agent) {
+            return self.write_heartbeat(&held, &held_id(&held)).await;
+        }
         let mut next = AgentRecord {
             status: AgentStatus::Offline,
             // The decision rests on `last_seen`: any heartbeat received after it wins.
@@ -381,6 +594,19 @@ impl Registry {
         Ok(())
     }
 }
+
+/// The dedupe id of a status change caused by a held heartbeat, which has no stream sequence of
+/// its own any more: its receive time tells it apart from the agent's other heartbeats.
+fn held_id(heartbeat: &Heartbeat) -> String {
+    format!(
+        "status:{}:held:{}",
+        heartbeat.agent_id,
+        heartbeat.received_at.timestamp_micros()
+    )
+}
+
+/// Coalesced heartbeats the flusher writes at once.
+const FLUSH_CONCURRENCY: usize = 32;
 
 /// Agent records the registry could not read, over every sweep.
 static UNREADABLE: Unreadable = Unreadable::new("agent record");
@@ -524,6 +750,69 @@ mod tests {
         assert_eq!(late.status, AgentStatus::Degraded);
         assert_eq!(late.last_seen, degraded.last_seen);
         assert_eq!(t, None);
+    }
+
+    #[test]
+    fn heartbeats_are_held_only_within_the_window_after_a_write_and_the_newest_is_kept() {
+        let held = Held::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let beat = |at| heartbeat(at, ReportedStatus::Online);
+        assert!(!held.hold(&beat(1)), "nothing written yet: write it");
+        held.written(&beat(1), AgentStatus::Online, t0);
+        assert!(held.hold(&beat(3)));
+        assert!(held.hold(&beat(2)));
+        assert!(held.due(Some(t0 + Duration::from_millis(300))).is_empty());
+        assert_eq!(
+            held.due(Some(t0 + Duration::from_millis(900))),
+            [beat(3)],
+            "due before the window ends, the newest only"
+        );
+        assert!(
+            held.hold(&beat(4)),
+            "after the window: held for the next tick"
+        );
+        assert_eq!(held.due(Some(t0 + Duration::from_millis(1500))), [beat(4)]);
+    }
+
+    #[test]
+    fn a_status_change_is_never_held_and_zero_holds_nothing() {
+        let held = Held::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        held.written(
+            &heartbeat(1, ReportedStatus::Online),
+            AgentStatus::Online,
+            t0,
+        );
+        assert!(!held.hold(&heartbeat(2, ReportedStatus::Degraded)));
+        let off = Held::new(Duration::ZERO);
+        off.written(
+            &heartbeat(1, ReportedStatus::Online),
+            AgentStatus::Online,
+            t0,
+        );
+        assert!(!off.hold(&heartbeat(2, ReportedStatus::Online)));
+    }
+
+    #[test]
+    fn forgetting_an_agent_hands_back_its_held_heartbeat() {
+        let held = Held::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        held.written(
+            &heartbeat(1, ReportedStatus::Online),
+            AgentStatus::Online,
+            t0,
+        );
+        assert!(held.hold(&heartbeat(2, ReportedStatus::Online)));
+        let agent = AgentId::parse("a").unwrap();
+        assert_eq!(
+            held.forget(&agent),
+            Some(heartbeat(2, ReportedStatus::Online))
+        );
+        assert_eq!(held.forget(&agent), None);
+        assert!(
+            !held.hold(&heartbeat(3, ReportedStatus::Online)),
+            "forgotten: write it"
+        );
     }
 
     #[test]

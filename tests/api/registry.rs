@@ -513,3 +513,214 @@ async fn a_heartbeat_whose_details_changed_within_the_second_is_not_a_duplicate(
         "{stored:?}"
     );
 }
+
+/// Writes to the agents bucket so far, history and deletes included: the bucket stream's last
+/// sequence, read fresh from the server.
+async fn bucket_writes(app: &TestApp) -> u64 {
+    let mut stream = app
+        .js
+        .get_stream(format!("KV_{AGENTS_BUCKET}"))
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.last_sequence
+}
+
+/// Waits until the registry consumer has settled every message delivered to it.
+async fn registry_drained(app: &TestApp) {
+    eventually(
+        Duration::from_secs(10),
+        "the registry consumer drained",
+        || async {
+            let mut consumer = app
+                .js
+                .get_stream(AGENTS_STREAM)
+                .await
+                .unwrap()
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("registry")
+                .await
+                .unwrap();
+            let info = consumer.info().await.unwrap();
+            (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// The agent's `last_seen` as listed, or `None` while it is not listed.
+async fn listed_last_seen(app: &TestApp, agent: &str) -> Option<String> {
+    listed(app)
+        .await
+        .into_iter()
+        .find(|a| a["agent_id"] == agent)
+        .map(|a| a["last_seen"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn many_heartbeats_of_one_agent_within_the_window_cost_one_registry_write() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--heartbeat-coalesce=3s"]).await;
+    app.register("agent-1").await;
+    wait_for_status(&app, "agent-1", "online", Duration::from_secs(5)).await;
+    // The first heartbeat after the registration is written at once and opens the window.
+    let (status, first) = heartbeat(
+        &app,
+        "agent-1",
+        &json!({"agent_id": "agent-1"}),
+        Some("hb-0"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    eventually(
+        Duration::from_secs(5),
+        "the first heartbeat applied",
+        || async {
+            (listed_last_seen(&app, "agent-1").await.as_deref() == first["timestamp"].as_str())
+                .then_some(())
+        },
+    )
+    .await;
+    let before = bucket_writes(&app).await;
+    let window_opened = Instant::now();
+
+    let mut last = Value::Null;
+    for i in 1..=20 {
+        let key = format!("hb-{i}");
+        let (status, body) =
+            heartbeat(&app, "agent-1", &json!({"agent_id": "agent-1"}), Some(&key)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["duplicate"], false, "{body}");
+        last = body;
+    }
+    registry_drained(&app).await;
+    let held_for = window_opened.elapsed();
+    assert!(
+        held_for < Duration::from_secs(2),
+        "the heartbeats took {held_for:?}, too long to be all within the 3 s window"
+    );
+    assert_eq!(
+        bucket_writes(&app).await,
+        before,
+        "20 heartbeats within the window, all acknowledged, none written yet"
+    );
+
+    eventually(
+        Duration::from_secs(6),
+        "the newest heartbeat written",
+        || async {
+            (listed_last_seen(&app, "agent-1").await.as_deref() == last["timestamp"].as_str())
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        window_opened.elapsed() < Duration::from_secs(3) + Duration::from_millis(500),
+        "the held heartbeat was written {:?} after the window opened",
+        window_opened.elapsed()
+    );
+    assert_eq!(
+        bucket_writes(&app).await,
+        before + 1,
+        "the 20 heartbeats cost one write"
+    );
+}
+
+#[tokio::test]
+async fn a_status_change_within_the_window_is_written_at_once() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--heartbeat-coalesce=10s"]).await;
+    app.register("agent-1").await;
+    wait_for_status(&app, "agent-1", "online", Duration::from_secs(5)).await;
+    let (status, body) = heartbeat(
+        &app,
+        "agent-1",
+        &json!({"agent_id": "agent-1"}),
+        Some("hb-0"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    registry_drained(&app).await;
+
+    let sent = Instant::now();
+    let (status, body) = heartbeat(
+        &app,
+        "agent-1",
+        &json!({"agent_id": "agent-1", "status": "degraded"}),
+        Some("hb-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let degraded = wait_for_status(&app, "agent-1", "degraded", Duration::from_secs(5)).await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "the change waited {:?} (the window is 10 s)",
+        sent.elapsed()
+    );
+    assert_eq!(degraded["last_seen"], body["timestamp"], "{degraded}");
+    assert_eq!(
+        transitions(&app, "agent-1").await,
+        [
+            transition(Value::Null, "online", "registered"),
+            transition(json!("online"), "degraded", "heartbeat"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn last_seen_in_the_list_never_trails_the_newest_heartbeat_by_more_than_the_window() {
+    const WINDOW: Duration = Duration::from_millis(500);
+    // The KV write, the watch that carries it to the list, and the list request itself.
+    const SLACK: Duration = Duration::from_millis(700);
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--heartbeat-coalesce=500ms"]).await;
+    app.register("agent-1").await;
+    wait_for_status(&app, "agent-1", "online", Duration::from_secs(5)).await;
+
+    let time = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
+    // (when answered, timestamp) of every heartbeat, newest last.
+    let mut answered: Vec<(Instant, String)> = Vec::new();
+    let mut checks = 0;
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        i += 1;
+        let key = format!("hb-{i}");
+        let (status, body) =
+            heartbeat(&app, "agent-1", &json!({"agent_id": "agent-1"}), Some(&key)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        answered.push((
+            Instant::now(),
+            body["timestamp"].as_str().unwrap().to_owned(),
+        ));
+        let asked = Instant::now();
+        let seen = listed_last_seen(&app, "agent-1").await.unwrap();
+        // Every heartbeat answered a window and the slack before the list was asked is in it.
+        if let Some((_, due)) = answered
+            .iter()
+            .rev()
+            .find(|(at, _)| *at + WINDOW + SLACK <= asked)
+        {
+            checks += 1;
+            assert!(
+                time(&seen) >= time(due),
+                "listed last_seen {seen} is older than {due}, answered more than {:?} before",
+                WINDOW + SLACK
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        checks > 10,
+        "only {checks} checks: the heartbeats were too slow"
+    );
+    // After the last heartbeat, its own last_seen shows within the window.
+    let (_, newest) = answered.last().unwrap().clone();
+    let stopped = Instant::now();
+    eventually(WINDOW + SLACK, "the newest heartbeat listed", || async {
+        (listed_last_seen(&app, "agent-1").await.as_deref() == Some(newest.as_str())).then_some(())
+    })
+    .await;
+    eprintln!(
+        "{i} heartbeats, {checks} checks; the newest listed {:?} after the last answer",
+        stopped.elapsed()
+    );
+}

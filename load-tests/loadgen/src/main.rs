@@ -10,6 +10,7 @@
 //!
 //! ```sh
 //! loadgen --url http://127.0.0.1:8080 --token "$TOKEN" --agent bench --rate 5000 --duration 20s
+//! SHARED_SECRET=... loadgen --agents 64 --rate 5000   # the rate spread over bench-0 … bench-63
 //! loadgen ... --step 1000:12000:1000     # highest rate with 0 errors and p99 < 50 ms
 //! loadgen --target bus --nats-url 127.0.0.1:4222 --step 1000:20000:1000
 //! loadgen ... --hdr-dir out/             # per rate: out/<label>-<rate>.hgrm, and out/steps.csv
@@ -55,9 +56,22 @@ struct Args {
     /// Directory for HDR output: one percentile distribution (.hgrm) per rate and steps.csv.
     #[arg(long)]
     hdr_dir: Option<PathBuf>,
-    /// The agent the token speaks for (the events' source).
+    /// The agent the token speaks for (the events' source); with --agents, the prefix of the
+    /// agents' names.
     #[arg(long, default_value = "bench")]
     agent: String,
+    /// Spread the rate over this many agents (`<agent>-0` …), round robin, each with its own
+    /// token minted from --secret, as a fleet sends it. 0: one agent, --token.
+    #[arg(long, default_value_t = 0)]
+    agents: usize,
+    /// The HS256 secret to mint the agents' tokens with (the bridge's SHARED_SECRET).
+    #[arg(
+        long,
+        env = "SHARED_SECRET",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    secret: String,
     /// Requests per second (ignored with --step).
     #[arg(long, default_value_t = 1000)]
     rate: u64,
@@ -165,11 +179,12 @@ enum Sender {
     Http {
         client: reqwest::Client,
         url: Arc<str>,
-        auth: Arc<str>,
-        agent: Arc<str>,
+        /// `(agent, "Bearer <token>")` per agent; request `i` goes out as agent `i % len`.
+        agents: Arc<[(Arc<str>, Arc<str>)]>,
     },
     Bus {
-        js: jetstream::Context,
+        /// Boxed: a context is far bigger than the HTTP variant.
+        js: Box<jetstream::Context>,
         payload: bytes::Bytes,
     },
 }
@@ -178,7 +193,25 @@ impl Sender {
     async fn connect(args: &Args) -> anyhow::Result<Self> {
         Ok(match args.target {
             Target::Http => {
-                anyhow::ensure!(!args.token.is_empty(), "--token (or TOKEN) is required");
+                let agents: Vec<(Arc<str>, Arc<str>)> = if args.agents == 0 {
+                    anyhow::ensure!(!args.token.is_empty(), "--token (or TOKEN) is required");
+                    vec![(
+                        args.agent.as_str().into(),
+                        format!("Bearer {}", args.token).into(),
+                    )]
+                } else {
+                    anyhow::ensure!(
+                        !args.secret.is_empty(),
+                        "--agents needs --secret (or SHARED_SECRET)"
+                    );
+                    (0..args.agents)
+                        .map(|k| {
+                            let agent = format!("{}-{k}", args.agent);
+                            let token = mint(&args.secret, &agent);
+                            (agent.into(), format!("Bearer {token}").into())
+                        })
+                        .collect()
+                };
                 let client = reqwest::Client::builder()
                     .pool_max_idle_per_host(4096)
                     .timeout(Duration::from_secs(30))
@@ -186,8 +219,7 @@ impl Sender {
                 Sender::Http {
                     client,
                     url: format!("{}/orchestrator/events", args.url.trim_end_matches('/')).into(),
-                    auth: format!("Bearer {}", args.token).into(),
-                    agent: args.agent.as_str().into(),
+                    agents: agents.into(),
                 }
             }
             Target::Bus => {
@@ -206,7 +238,7 @@ impl Sender {
                 })
                 .await?;
                 Sender::Bus {
-                    js,
+                    js: Box::new(js),
                     payload: bytes::Bytes::from(vec![b'x'; args.payload_bytes]),
                 }
             }
@@ -219,9 +251,9 @@ impl Sender {
             Sender::Http {
                 client,
                 url,
-                auth,
-                agent,
+                agents,
             } => {
+                let (agent, auth) = &agents[(i % agents.len() as u64) as usize];
                 let body = serde_json::json!({
                     "event_id": id,
                     "type": "bench.event",
@@ -255,6 +287,27 @@ impl Sender {
             }
         }
     }
+}
+
+/// An HS256 token for `agent`, as `auto-com-center token` mints one, valid for two hours.
+fn mint(secret: &str, agent: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        + 7200;
+    let claims = serde_json::json!({
+        "agent_id": agent,
+        "aud": "auto-com-center",
+        "exp": exp,
+        "scope": "orchestrator.register orchestrator.task orchestrator.events",
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 encoding of plain claims cannot fail")
 }
 
 async fn run_rate(args: &Args, sender: &Sender, rate: u64, run: u64) -> Outcome {
