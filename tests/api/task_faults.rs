@@ -874,8 +874,9 @@ async fn kill_9_of_nats_server_in_fsync_mode_with_2000_tasks_in_flight_leaves_ea
     let killed_at = run.started.elapsed();
     nats.kill();
     let stored_at_kill = *run.stored.borrow();
-    // The outage: long enough for every client to see it (503s, a lease renewal missed).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The outage: longer than a write's bound (`PUBLISH_TIMEOUT`, 2 s), so writes in flight
+    // fail, and every client sees it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     nats.restart();
     let back_at = run.started.elapsed();
     let js = async_nats::jetstream::new(nats.client().await);
