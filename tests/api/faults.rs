@@ -647,7 +647,10 @@ pub(crate) fn signal(child: &std::process::Child, signal: libc::c_int) {
 }
 
 /// Waits for the child to exit, at most `within`.
-pub(crate) async fn exited(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+pub(crate) async fn exited(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
