@@ -16,7 +16,8 @@
 //! revision it read, and only then applied in memory and answered: what an agent is told is
 //! stored. What is in memory (the records of unfinished tasks, the [`TaskQueue`], live attempts
 //! per agent, the timers) is rebuilt from the bucket whenever a replica takes the lease, so a
-//! successor resumes without losing a task or giving one twice. Past the lease's local
+//! successor resumes without losing a task or giving one twice; and also when a write failed and
+//! the record could not be read back (the bus went away mid-change), so no task is forgotten. Past the lease's local
 //! deadline nothing is written ([`Lease::acting`]).
 
 use std::cmp::Reverse;
@@ -111,6 +112,7 @@ pub async fn run(
         push,
         pusher: None,
         stored_figures: None,
+        out_of_step: false,
     };
     let renew_every = settings.lease_ttl / 3;
     loop {
@@ -200,6 +202,9 @@ struct Dispatcher {
     pusher: Option<Pusher>,
     /// The last snapshot stored for the alerting role, and when.
     stored_figures: Option<(tokio::time::Instant, TaskSnapshot)>,
+    /// A write failed and the record could not be read back (the bus went away): memory no
+    /// longer holds that task, so the loop stops acting and rebuilds from the bucket.
+    out_of_step: bool,
 }
 
 impl Dispatcher {
@@ -243,6 +248,11 @@ impl Dispatcher {
                     None => anyhow::bail!("the submissions consumer ended"),
                 },
                 _ = tick.tick() => {
+                    if self.out_of_step {
+                        let _ = requests.unsubscribe().await;
+                        self.answer_waiters_unavailable().await;
+                        anyhow::bail!("a task record could not be read back after a failed write; rebuilding from the bucket");
+                    }
                     if tokio::time::Instant::now() >= renew_at {
                         renew_at = tokio::time::Instant::now() + renew_every;
                         if !self.lease.acquire().await {
@@ -278,6 +288,7 @@ impl Dispatcher {
     /// Forgets everything held in memory (the lease is gone; a successor rebuilds it).
     fn stand_down(&mut self) {
         self.state = State::default();
+        self.out_of_step = false;
         self.pusher = None;
         self.stored_figures = None;
         self.figures.clear();
@@ -449,7 +460,11 @@ impl Dispatcher {
                 if let Some(current) = self.state.tasks.remove(&key) {
                     self.unindex(&current.record);
                 }
-                let _ = self.read(&key).await;
+                if self.read(&key).await.is_err() {
+                    // Forgotten here and not read back: without a rebuild the task would
+                    // wait, queued or leased, until another replica took over.
+                    self.out_of_step = true;
+                }
                 Err(Refusal::bus_unavailable(err))
             }
         }

@@ -614,6 +614,16 @@ async fn a_transiently_failing_message_is_dead_lettered_after_its_deliveries_and
 
 /// The bridge binary serving HTTP on `port` against `nats_url`, with `roles`.
 fn spawn_bridge(nats_url: &str, port: u16, roles: &str) -> std::process::Child {
+    spawn_bridge_with(nats_url, port, roles, &[])
+}
+
+/// [`spawn_bridge`] with more settings (`env`, e.g. `DISPATCHER_LEASE_TTL`).
+pub(crate) fn spawn_bridge_with(
+    nats_url: &str,
+    port: u16,
+    roles: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     binary()
         .args(["serve"])
         .env("SHARED_SECRET", SECRET)
@@ -623,20 +633,24 @@ fn spawn_bridge(nats_url: &str, port: u16, roles: &str) -> std::process::Child {
         .env("PUBLISH_TIMEOUT", "2s")
         .env("SHUTDOWN_TIMEOUT", "10s")
         .env("LOG_LEVEL", "error")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn the bridge")
 }
 
-fn signal(child: &std::process::Child, signal: libc::c_int) {
+pub(crate) fn signal(child: &std::process::Child, signal: libc::c_int) {
     // SAFETY: kill(2) on the pid of a child we own and have not reaped.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
     assert_eq!(rc, 0, "kill({}, {signal})", child.id());
 }
 
 /// Waits for the child to exit, at most `within`.
-async fn exited(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+pub(crate) async fn exited(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().unwrap() {

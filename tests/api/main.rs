@@ -31,5 +31,6 @@ mod registry;
 mod scheduling;
 mod scopes;
 mod streams;
+mod task_faults;
 mod tasks;
 mod traces;
