@@ -64,6 +64,9 @@ pub struct Lease {
     ttl: Duration,
     held: bool,
     fence: Fence,
+    /// When another holder's lease runs out, as last read: a standby tries again then
+    /// rather than at its next regular turn.
+    others_expire: Option<DateTime<Utc>>,
 }
 
 impl Lease {
@@ -83,6 +86,7 @@ impl Lease {
             ttl,
             held: false,
             fence: Fence::default(),
+            others_expire: None,
         }
     }
 
@@ -113,13 +117,21 @@ impl Lease {
         held
     }
 
+    /// How long a standby waits before its next [`Lease::acquire`]: `every`, or less when
+    /// the other holder's lease runs out sooner (so a successor takes over about one TTL
+    /// after the holder's last renewal, not up to a further `every` later).
+    pub fn standby_wait(&self, every: Duration) -> Duration {
+        standby_wait(self.others_expire, Utc::now(), every)
+    }
+
     /// True while this replica may act: it holds the lease and its local deadline has not
     /// passed. Checked before every send and store.
     pub fn acting(&self) -> bool {
         self.held && self.fence.allows(tokio::time::Instant::now())
     }
 
-    async fn try_acquire(&self) -> Result<bool, async_nats::Error> {
+    async fn try_acquire(&mut self) -> Result<bool, async_nats::Error> {
+        self.others_expire = None;
         let now = Utc::now();
         let record = LeaseRecord {
             holder: self.holder.clone(),
@@ -136,6 +148,7 @@ impl Lease {
             (Some(_), Some(current))
                 if current.holder != self.holder && current.expires_at > now =>
             {
+                self.others_expire = Some(current.expires_at);
                 Ok(false)
             }
             (Some(entry), _) => Ok(self
@@ -170,9 +183,46 @@ impl Lease {
     }
 }
 
+/// The wait of [`Lease::standby_wait`] at `now`: just past the other holder's expiry (so the
+/// compare with the record's clock has passed by then), at most `every`.
+fn standby_wait(
+    others_expire: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    every: Duration,
+) -> Duration {
+    let Some(expires) = others_expire else {
+        return every;
+    };
+    let until = (expires - now).to_std().unwrap_or_default();
+    (until + Duration::from_millis(20)).min(every)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_tries_again_just_after_the_holders_lease_runs_out() {
+        let every = Duration::from_millis(666);
+        let now = Utc::now();
+        assert_eq!(standby_wait(None, now, every), every, "no holder seen");
+        let soon = now + chrono::Duration::milliseconds(100);
+        assert_eq!(
+            standby_wait(Some(soon), now, every),
+            Duration::from_millis(120)
+        );
+        let late = now + chrono::Duration::seconds(5);
+        assert_eq!(
+            standby_wait(Some(late), now, every),
+            every,
+            "never past a regular turn"
+        );
+        let past = now - chrono::Duration::seconds(1);
+        assert_eq!(
+            standby_wait(Some(past), now, every),
+            Duration::from_millis(20)
+        );
+    }
 
     #[test]
     fn the_fence_closes_before_the_ttl_runs_out() {

@@ -116,14 +116,16 @@ pub async fn run(
     };
     let renew_every = settings.lease_ttl / 3;
     loop {
-        // Standing by: try for the lease every third of its TTL.
+        // Standing by: try for the lease every third of its TTL, or as soon as the holder's
+        // lease runs out.
         loop {
             if dispatcher.lease.acquire().await {
                 break;
             }
+            let wait = dispatcher.lease.standby_wait(renew_every);
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                () = tokio::time::sleep(renew_every) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
         if let Err(err) = dispatcher.rebuild().await {
