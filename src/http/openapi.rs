@@ -135,6 +135,23 @@ fn text(media: &'static str) -> Vec<(u16, &'static str, Value)> {
     vec![(200, media, json!({"type": "string"}))]
 }
 
+/// A stream of Server-Sent Events: each event's `id` (a stream sequence), `event` and `data`
+/// (JSON text).
+fn events() -> Vec<(u16, &'static str, Value)> {
+    vec![(
+        200,
+        "text/event-stream",
+        json!({
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "event": {"type": "string"},
+                "data": {"type": "string"},
+            }
+        }),
+    )]
+}
+
 fn task_filters() -> Vec<(&'static str, Value, &'static str)> {
     let states: Vec<&str> = crate::tasks::TaskStatus::ALL
         .iter()
@@ -285,9 +302,9 @@ fn operation(route: &routes::Route) -> Operation {
         op.answers = vec![(200, JSON, list_of("records"))];
     } else if is(&EVENTS_STREAM) {
         op.query = stream_filters();
-        op.answers = text("text/event-stream");
+        op.answers = events();
     } else if is(&TASK_STREAM) || is(&AGENTS_STREAM) || is(&ALERTS_STREAM) || is(&AUDIT_STREAM) {
-        op.answers = text("text/event-stream");
+        op.answers = events();
     } else if is(&HEALTH) {
         op.answers = vec![(200, JSON, health()), (503, JSON, health())];
     } else if is(&HEALTH_LIVE) {
@@ -361,10 +378,13 @@ pub fn document() -> Value {
             .split('/')
             .filter_map(|part| part.strip_prefix('{')?.strip_suffix('}'))
             .map(|name| {
-                json!({
-                    "name": name, "in": "path", "required": true,
-                    "schema": {"type": "string", "minLength": 1}
-                })
+                // A task id is an id (`domain::TaskId`); alert and silence ids are 16 lowercase
+                // hex digits (`alerting::store::valid_id`).
+                let schema = match name {
+                    "task_id" => json!({"type": "string", "pattern": bodies::id_pattern()}),
+                    _ => json!({"type": "string", "pattern": "^[0-9a-f]{16}$"}),
+                };
+                json!({"name": name, "in": "path", "required": true, "schema": schema})
             })
             .collect();
         for (name, schema, description) in op.query {
