@@ -1,7 +1,7 @@
 //! The AsyncAPI 3.0 document of the NATS interface, generated from `subjects/catalog.json`: one
 //! channel per subject (its address with `{parameters}` for the wildcard tokens), one message
 //! per channel with the subject's JSON Schema as payload, and the headers as message traits. The
-//! inbound subjects (`acc.in.*`) carry the request bodies of [`crate::contract::bodies`], the
+//! inbound subjects (`acc.in.*`) carry the request bodies of [`crate::bodies`], the
 //! same schemas the OpenAPI document gives the HTTP door.
 //!
 //! Operations are the bridge's own: it `receive`s what agents publish on `acc.in.*` and the
@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::contract::bodies;
+use crate::bodies;
 
 /// The request body an inbound subject carries, by subject (a component of [`bodies::all`]).
 pub const INBOUND_BODIES: [(&str, &str); 6] = [

@@ -12,7 +12,7 @@
 //! imports it.
 //!
 //! The interface documents are generated: [`http::openapi`] (HTTP, OpenAPI 3.1) and [`asyncapi`]
-//! (NATS, AsyncAPI 3.0), both with the request bodies of [`contract::bodies`].
+//! (NATS, AsyncAPI 3.0), both with the request bodies of [`bodies`].
 
 pub mod admission;
 pub mod alerting;
@@ -20,6 +20,7 @@ pub mod app;
 pub mod asyncapi;
 pub mod audit;
 pub mod auth;
+pub mod bodies;
 pub mod bus;
 pub mod cli;
 pub mod contract;

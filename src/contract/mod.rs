@@ -10,10 +10,7 @@
 //! - [`bucket::Buckets`]: the one token bucket (per-agent rates, failed authentications per
 //!   address, the NATS door's rejections per caller).
 //! - [`RefusalCounts`], [`Tally`]: refusals counted by code (and admissions), for `/health`.
-//! - [`bodies`]: the JSON Schema of every body both doors accept (for the OpenAPI and AsyncAPI
-//!   documents), from the stored schemas and the parsers' constants.
 
-pub mod bodies;
 pub mod bucket;
 mod code;
 mod counts;

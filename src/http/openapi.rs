@@ -15,7 +15,8 @@ use axum::routing::get;
 use serde_json::{Map, Value, json};
 
 use super::{AppState, routes};
-use crate::contract::{Code, bodies};
+use crate::bodies;
+use crate::contract::Code;
 
 pub fn router() -> Router<AppState> {
     Router::new().route(routes::OPENAPI.path, get(|| async { Json(document()) }))

@@ -29,23 +29,20 @@ use crate::tasks::spec::{
 const STORED: [(&str, &str); 5] = [
     (
         "registration.json",
-        include_str!("../../subjects/schemas/registration.json"),
+        include_str!("../subjects/schemas/registration.json"),
     ),
     (
         "heartbeat.json",
-        include_str!("../../subjects/schemas/heartbeat.json"),
+        include_str!("../subjects/schemas/heartbeat.json"),
     ),
     (
         "task_result.json",
-        include_str!("../../subjects/schemas/task_result.json"),
+        include_str!("../subjects/schemas/task_result.json"),
     ),
-    (
-        "event.json",
-        include_str!("../../subjects/schemas/event.json"),
-    ),
+    ("event.json", include_str!("../subjects/schemas/event.json")),
     (
         "task_submission.json",
-        include_str!("../../subjects/schemas/task_submission.json"),
+        include_str!("../subjects/schemas/task_submission.json"),
     ),
 ];
 
