@@ -1,7 +1,7 @@
 //! The JSON Schema of every body an agent or client sends, whichever door it comes through
 //! (the HTTP request body, or the payload on `acc.in.*`): the request bodies of the OpenAPI
 //! document (`http::openapi`) and the inbound messages of the AsyncAPI document
-//! ([`crate::asyncapi`]).
+//! (`asyncapi`).
 //!
 //! One source per rule. A field that is also stored takes its schema from the stored message's
 //! schema under `subjects/schemas/` (a name's length, an id's pattern, a priority's range); a
