@@ -25,6 +25,8 @@ RUN mkdir -p src tests/api load-tests/loadgen/src \
       target/release/.fingerprint/auto-com-center-*
 
 COPY src ./src
+# The request-body schemas (src/bodies.rs) are built from the stored messages' schemas.
+COPY subjects ./subjects
 COPY tests ./tests
 COPY load-tests/loadgen/src ./load-tests/loadgen/src
 RUN cargo build --release --locked \

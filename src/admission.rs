@@ -34,10 +34,14 @@ pub struct Receipt<T> {
     pub ack: Ack,
 }
 
-const MAX_TYPE_LEN: usize = 256;
-const MAX_TRACE_ID_LEN: usize = 128;
-const MAX_STATUS_LEN: usize = 64;
-const MAX_KEY_LEN: usize = 128;
+/// Longest event `type`, in bytes.
+pub const MAX_TYPE_LEN: usize = 256;
+/// Longest `trace_id` an agent may send, in bytes.
+pub const MAX_TRACE_ID_LEN: usize = 128;
+/// Longest task result `status`, in bytes.
+pub const MAX_STATUS_LEN: usize = 64;
+/// Longest `event_id` (and event `source`), in bytes.
+pub const MAX_KEY_LEN: usize = 128;
 /// Largest heartbeat `details`, as JSON: a status note, not a store.
 pub const MAX_DETAILS_BYTES: usize = 4096;
 /// The refusal of a task another agent reported, on a read or a report alike.

@@ -38,7 +38,8 @@ impl fmt::Display for FieldError {
 
 impl std::error::Error for FieldError {}
 
-const MAX_ID_LEN: usize = 128;
+/// Longest agent or task id, in bytes (ASCII).
+pub const MAX_ID_LEN: usize = 128;
 
 fn parse_token(raw: &str) -> Result<(), String> {
     if raw.is_empty() {
@@ -159,9 +160,14 @@ fn one_task() -> u32 {
 /// The most `max_concurrent_tasks` a registration may ask for.
 pub const MAX_CONCURRENT_TASKS: u32 = 1024;
 
-const MAX_NAME_LEN: usize = 256;
-const MAX_CAPABILITIES: usize = 256;
-const MAX_CAPABILITY_LEN: usize = 128;
+/// Longest agent `name`, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+/// Most `capabilities` of a registration.
+pub const MAX_CAPABILITIES: usize = 256;
+/// Longest capability, in bytes.
+pub const MAX_CAPABILITY_LEN: usize = 128;
+/// Longest `base_url`, in bytes.
+pub const MAX_BASE_URL_LEN: usize = 2048;
 
 impl AgentProfile {
     /// Reads `name`, `base_url`, `capabilities`, `max_concurrent_tasks`, `dispatch` and
@@ -169,7 +175,7 @@ impl AgentProfile {
     /// is the caller's check ([`AgentProfile::push_url`]).
     pub fn parse(body: &Map<String, Value>) -> Result<Self, FieldError> {
         let name = required_string(body, "name", MAX_NAME_LEN)?;
-        let base_url = required_string(body, "base_url", 2048)?;
+        let base_url = required_string(body, "base_url", MAX_BASE_URL_LEN)?;
         if base_url.trim() != base_url || base_url.contains(char::is_whitespace) {
             return Err(FieldError::new("base_url", "must not contain whitespace"));
         }

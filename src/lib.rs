@@ -10,12 +10,17 @@
 //! [`cli`] sits on top: it reads the command line into [`cli::Settings`], made of the settings
 //! type each module owns ([`auth::AuthSettings`], [`bus::StreamSettings`], …). No other module
 //! imports it.
+//!
+//! The interface documents are generated: [`http::openapi`] (HTTP, OpenAPI 3.1) and [`asyncapi`]
+//! (NATS, AsyncAPI 3.0), both with the request bodies of [`bodies`].
 
 pub mod admission;
 pub mod alerting;
 pub mod app;
+pub mod asyncapi;
 pub mod audit;
 pub mod auth;
+pub mod bodies;
 pub mod bus;
 pub mod cli;
 pub mod contract;

@@ -26,8 +26,10 @@ use crate::domain::parse_duration;
 use crate::telemetry::with_trace_id;
 
 /// Most matchers a silence may carry, and the longest label name or value.
-const MAX_MATCHERS: usize = 8;
-const MAX_LABEL_BYTES: usize = 256;
+pub(super) const MAX_MATCHERS: usize = 8;
+pub(super) const MAX_LABEL_BYTES: usize = 256;
+/// Longest silence `comment`, in bytes.
+pub(super) const MAX_COMMENT_BYTES: usize = 1024;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -184,11 +186,11 @@ async fn create_silence(
     };
     let comment = match body.get("comment") {
         None | Some(Value::Null) => String::new(),
-        Some(Value::String(c)) if c.len() <= 1024 => c.clone(),
+        Some(Value::String(c)) if c.len() <= MAX_COMMENT_BYTES => c.clone(),
         Some(_) => {
-            return Err(Refusal::invalid_payload(
-                "comment: a string of at most 1024 bytes",
-            ));
+            return Err(Refusal::invalid_payload(format!(
+                "comment: a string of at most {MAX_COMMENT_BYTES} bytes"
+            )));
         }
     };
     let now = Utc::now();

@@ -24,7 +24,7 @@ use crate::telemetry::with_trace_id;
 
 /// Records listed per page by default, and at most.
 const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1_000;
+pub(super) const MAX_LIMIT: usize = 1_000;
 /// Records read from the stream per batch while a page fills.
 const BATCH: usize = 500;
 

@@ -26,9 +26,10 @@ use crate::contract::{Code, Refusal};
 use crate::domain::{FieldError, TaskId};
 
 /// The most tasks one list page holds, and the default.
-const MAX_PAGE: usize = 500;
+pub const MAX_PAGE: usize = 500;
 const DEFAULT_PAGE: usize = 100;
-const MAX_ERROR_MESSAGE: usize = 4096;
+/// Longest `error.message` of a failed attempt, in bytes.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
 
 /// Filters of `GET /orchestrator/tasks`.
 #[derive(Debug, Clone, Default)]

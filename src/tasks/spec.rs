@@ -11,16 +11,19 @@ use crate::domain::{
     AgentId, DurationError, FieldError, TaskId, optional_string, parse_duration, required_string,
 };
 
-const MAX_CAPABILITY_LEN: usize = 128;
-const MAX_CAPABILITIES: usize = 256;
+use crate::domain::{MAX_CAPABILITIES, MAX_CAPABILITY_LEN};
 /// Priorities run from 1 (first) to 5; 3 unless the submission says.
 pub const PRIORITIES: std::ops::RangeInclusive<u8> = 1..=5;
-const DEFAULT_PRIORITY: u8 = 3;
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-const MIN_TIMEOUT: Duration = Duration::from_millis(100);
-const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-const DEFAULT_MAX_ATTEMPTS: u32 = 5;
-const MAX_ATTEMPTS: u32 = 100;
+pub const DEFAULT_PRIORITY: u8 = 3;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Shortest and longest lease of one attempt (`timeout`).
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Most attempts a submission may ask for (`max_attempts`).
+pub const MAX_ATTEMPTS: u32 = 100;
+/// The range of a backoff's `multiplier`.
+pub const BACKOFF_MULTIPLIER: std::ops::RangeInclusive<f64> = 1.0..=10.0;
 /// Most tasks one claim may take.
 pub const MAX_CLAIM: u32 = 100;
 /// Longest a claim may wait for a task.
@@ -73,7 +76,7 @@ impl Backoff {
             None | Some(Value::Null) => defaults.multiplier,
             Some(value) => value
                 .as_f64()
-                .filter(|m| (1.0..=10.0).contains(m))
+                .filter(|m| BACKOFF_MULTIPLIER.contains(m))
                 .ok_or_else(|| {
                     FieldError::new("backoff.multiplier", "must be a number from 1 to 10")
                 })?,

@@ -966,7 +966,8 @@ async fn a_worker_killed_before_it_acks_ends_with_the_registry_of_a_run_without_
     drop((restarted, clean_registry));
 }
 
-/// Three JetStream servers clustered on loopback ports, named n1..n3.
+/// Three JetStream servers clustered on loopback ports, named n1..n3, each with
+/// `deploy/nats/cluster.conf`: the configuration docker-compose.cluster.yml's nodes use.
 fn start_cluster() -> Vec<NatsServer> {
     let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let routes = cluster_ports
@@ -976,12 +977,18 @@ fn start_cluster() -> Vec<NatsServer> {
         .join(", ");
     (0..3)
         .map(|i| {
-            NatsServer::start_with_config(&format!(
-                "server_name: n{}\ncluster {{\n  name: acc\n  listen: \"127.0.0.1:{}\"\n  \
-                 routes: [{routes}]\n}}\n",
-                i + 1,
-                cluster_ports[i]
-            ))
+            NatsServer::start_with_config_file(
+                "deploy/nats/cluster.conf",
+                &[
+                    ("NATS_SERVER_NAME", format!("n{}", i + 1)),
+                    (
+                        "NATS_CLUSTER_LISTEN",
+                        format!("127.0.0.1:{}", cluster_ports[i]),
+                    ),
+                    ("NATS_CLUSTER_ROUTES", format!("[{routes}]")),
+                ],
+                free_port(),
+            )
         })
         .collect()
 }

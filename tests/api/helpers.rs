@@ -50,8 +50,11 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: TempDir,
-    /// Extra configuration (a `-c` file in the store directory), e.g. `max_payload: 8MB`.
+    /// Extra configuration (a `-c` file in the store directory, or one of the repo's), e.g.
+    /// `max_payload: 8MB`.
     config: Option<PathBuf>,
+    /// Environment the configuration file reads (`$NATS_SERVER_NAME` ...).
+    env: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -72,6 +75,24 @@ impl NatsServer {
             port: free_port(),
             store,
             config,
+            env: Vec::new(),
+        };
+        server.launch();
+        server
+    }
+
+    /// Starts with the configuration file `config` (a path under the repository, such as
+    /// `deploy/nats/cluster.conf`), whose variables come from `env`, on `port`.
+    pub fn start_with_config_file(config: &str, env: &[(&str, String)], port: u16) -> Self {
+        let mut server = Self {
+            child: None,
+            port,
+            store: tempfile::tempdir().unwrap(),
+            config: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(config)),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
         };
         server.launch();
         server
@@ -83,6 +104,7 @@ impl NatsServer {
             command.arg("-c").arg(config);
         }
         let child = command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args([
                 "-a",
                 "127.0.0.1",
