@@ -319,7 +319,9 @@ async fn an_oversized_content_length_is_refused_413_before_any_body_is_read() {
 #[tokio::test]
 async fn past_the_in_flight_cap_requests_are_shed_with_503_not_queued() {
     let nats = NatsServer::start();
-    let app = TestApp::spawn_with(&nats, &["--max-in-flight=3"]).await;
+    // Each agent may hold all three (the per-agent cap is tried on its own, below).
+    let app =
+        TestApp::spawn_with(&nats, &["--max-in-flight=3", "--max-in-flight-per-agent=3"]).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(stalled_request(&app).await);
