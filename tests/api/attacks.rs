@@ -1329,3 +1329,50 @@ async fn concurrent_first_reports_of_a_task_bind_exactly_one_agent() {
     second.stop().await;
     first.stop().await;
 }
+
+/// Issue 13, row 13's residual (`ACC_INBOUND`'s 100 ms duplicate window, shared by all agents):
+/// JetStream dedupes on `Nats-Msg-Id` before the door runs, and that cannot be scoped to an
+/// agent. `Idempotency-Key` is not read by JetStream, only by the door, per agent and for
+/// `DUPLICATE_WINDOW`: another agent sending the same key at the same moment changes nothing,
+/// and the agent's own retry well past 100 ms is still one message.
+#[tokio::test]
+async fn an_idempotency_key_on_the_nats_door_is_scoped_to_its_agent_past_100_ms() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    app.register("agent-a").await;
+    app.register("agent-b").await;
+    let (a, b) = (
+        NatsAgent::connect(&nats.url(), "agent-a").await,
+        NatsAgent::connect(&nats.url(), "agent-b").await,
+    );
+    // agent-a sends the key first; agent-b's message with it, at once, is its own.
+    let (squat, real) = tokio::join!(beat(&a), beat(&b));
+    assert_eq!(squat.0, 200, "{}", squat.1);
+    assert_eq!(real.0, 200, "{}", real.1);
+    assert_eq!(real.1["duplicate"], false, "{}", real.1);
+    // agent-b's retry after a lost answer, past ACC_INBOUND's window: one message.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retry = beat(&b).await;
+    assert_eq!(retry.1["duplicate"], true, "{}", retry.1);
+    assert_eq!(retry.1["seq"], real.1["seq"]);
+    println!(
+        "Idempotency-Key shared by two agents at once: both stored (seq {} and {}); \
+         agent-b's retry 300 ms later duplicate: {}",
+        squat.1["seq"], real.1["seq"], retry.1["duplicate"]
+    );
+}
+
+/// A heartbeat from `agent` on the NATS door with the `Idempotency-Key` `shared-key-1`.
+async fn beat(agent: &NatsAgent) -> DoorAnswer {
+    let body = serde_json::to_vec(&json!({"agent_id": agent.agent})).unwrap();
+    agent
+        .call_with(
+            "acc.in.heartbeat",
+            Some(&token(&agent.agent)),
+            body,
+            &[("Idempotency-Key", "shared-key-1")],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the door answers")
+}
