@@ -580,7 +580,7 @@ pub struct ServeArgs {
 
     /// Requests one agent may have in flight at once, over HTTP and the NATS door together; more
     /// are refused at once with 429 RATE_LIMITED (Retry-After: 1), so one agent never holds the
-    /// slots of MAX_IN_FLIGHT that others need. Default: a 16th of MAX_IN_FLIGHT (at least 1).
+    /// slots of MAX_IN_FLIGHT that others need. Default: half of MAX_IN_FLIGHT (at least 1).
     #[arg(long, env = "MAX_IN_FLIGHT_PER_AGENT", value_parser = values::at_least(1usize))]
     pub max_in_flight_per_agent: Option<usize>,
 
@@ -939,7 +939,7 @@ impl Settings {
                 max_in_flight: args.max_in_flight,
                 max_in_flight_per_agent: args
                     .max_in_flight_per_agent
-                    .unwrap_or((args.max_in_flight / 16).max(1)),
+                    .unwrap_or((args.max_in_flight / 2).max(1)),
                 connections: crate::http::server::ConnectionLimits {
                     header_read_timeout: args.header_read_timeout,
                     body_read_timeout: args.body_read_timeout,
