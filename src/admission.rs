@@ -6,6 +6,7 @@
 //! Both doors call it: the HTTP door (`http`) and the NATS door (`door`). What it refuses is a
 //! [`Refusal`], which each door renders its own way.
 
+use async_nats::jetstream::kv::{self, CreateErrorKind};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use std::sync::Arc;
 
@@ -17,7 +18,6 @@ use sha2::{Digest as _, Sha256};
 
 use crate::auth::Caller;
 use crate::bus::{Ack, Publisher, subjects};
-use crate::contract::bucket::{Buckets, retry_after_secs};
 use crate::contract::{Code, Refusal};
 use crate::directory::Directory;
 use crate::domain::{
@@ -25,6 +25,8 @@ use crate::domain::{
     ReportedStatus, TaskId, TaskResult, optional_string, required_string,
 };
 use crate::telemetry::with_trace_id;
+
+pub use crate::quota::StoreQuota;
 
 /// What the caller gets back after an admitted write.
 #[derive(Debug, Clone, Serialize)]
@@ -56,32 +58,16 @@ pub enum Call<'a> {
     Event,
 }
 
-/// The bytes each agent may store on the bus: a token bucket of bytes per agent, `quota` full,
-/// refilled at `quota` per `period` (the streams' max age). Over any period an agent stores at
-/// most twice its quota, so with the default (a 32nd of `STREAM_MAX_BYTES`) one agent never
-/// fills a stream. Per process, like the request rate, and shared by both doors.
-pub struct StoreQuota(Buckets<str>);
-
-impl StoreQuota {
-    pub fn new(quota: u64, period: std::time::Duration) -> Self {
-        let quota = quota as f64;
-        Self(Buckets::new(quota / period.as_secs_f64().max(1.0), quota))
-    }
-
-    /// Charges `bytes` to `agent`, or refuses with 429 `QUOTA_EXCEEDED` and when to retry.
-    fn charge(&self, agent: &AgentId, bytes: usize) -> Result<(), Refusal> {
-        self.0.take_n(agent.as_str(), bytes as f64).map_err(|wait| {
-            Refusal::new(Code::QuotaExceeded).with_retry_after(retry_after_secs(wait))
-        })
-    }
-}
-
 #[derive(Clone)]
 pub struct Admission {
     publisher: Publisher,
     directory: Directory,
-    /// Per-agent stored bytes; `None` (tests, the fuzz harness) stores without a quota.
+    /// Per-agent stored bytes and messages; `None` (tests, the fuzz harness) stores without a
+    /// quota.
     quota: Option<Arc<StoreQuota>>,
+    /// The `acc_limits` bucket, where the first reporter of a task is bound to it; `None` (the
+    /// fuzz harness) checks the stored result only.
+    owners: Option<kv::Store>,
     /// `PUSH_ALLOWED_URLS`: a registration asking for push over HTTP must have its `base_url`
     /// under one of these.
     push_allowed: Arc<[String]>,
@@ -93,6 +79,7 @@ impl Admission {
             publisher,
             directory,
             quota: None,
+            owners: None,
             push_allowed: Arc::from(Vec::new()),
         }
     }
@@ -100,6 +87,13 @@ impl Admission {
     /// Charges what each agent stores to `quota` (shared by both doors).
     pub fn with_quota(mut self, quota: Arc<StoreQuota>) -> Self {
         self.quota = Some(quota);
+        self
+    }
+
+    /// Binds each task the orchestrator never queued to its first reporter in `owners` (the
+    /// `acc_limits` bucket), atomically across replicas.
+    pub fn with_task_owners(mut self, owners: kv::Store) -> Self {
+        self.owners = Some(owners);
         self
     }
 
@@ -402,8 +396,10 @@ impl Admission {
     /// `FORBIDDEN`, nothing of the task in the answer) and nothing is stored, so no agent can
     /// overwrite another's result. A record that cannot be read is nobody's to overwrite.
     ///
-    /// Residual: two agents reporting a never-seen id within the same few milliseconds can both
-    /// be stored (the check and the write are two steps); the read then serves the later.
+    /// The first report binds: before a never-seen id is stored, its reporter creates the
+    /// task's key in `acc_limits` ([`subjects::task_owner_key`]), which the server makes once
+    /// and refuses to make again, so of agents reporting a new id at the same moment, on any
+    /// replicas, exactly one is bound and every other is refused as above.
     async fn bind_task(&self, caller: &Caller, task_id: &TaskId) -> Result<(), Refusal> {
         if self.publisher.client().connection_state() != async_nats::connection::State::Connected {
             return Err(Refusal::bus_unavailable("not connected"));
@@ -418,7 +414,9 @@ impl Admission {
         let lookup = stream.get_last_raw_message_by_subject(&subject);
         let message = match tokio::time::timeout(self.publisher.timeout(), lookup).await {
             Ok(Ok(message)) => message,
-            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return self.bind_first(caller, task_id).await;
+            }
             Ok(Err(err)) => return Err(Refusal::bus_unavailable(err)),
             Err(_) => return Err(Refusal::bus_unavailable("task lookup timed out")),
         };
@@ -434,6 +432,35 @@ impl Admission {
         Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
     }
 
+    /// Binds a task with no stored result to `caller`, unless another agent was bound first.
+    async fn bind_first(&self, caller: &Caller, task_id: &TaskId) -> Result<(), Refusal> {
+        let Some(owners) = &self.owners else {
+            return Ok(());
+        };
+        let key = subjects::task_owner_key(task_id);
+        let timeout = self.publisher.timeout();
+        let created = tokio::time::timeout(
+            timeout,
+            owners.create(&key, caller.agent_id.to_string().into()),
+        )
+        .await
+        .map_err(|_| Refusal::bus_unavailable("task owner write timed out"))?;
+        match created {
+            Ok(_) => return Ok(()),
+            Err(err) if err.kind() == CreateErrorKind::AlreadyExists => {}
+            Err(err) => return Err(Refusal::bus_unavailable(err)),
+        }
+        // Bound before: by this agent (a retry, or its earlier report not stored) or another.
+        let owner = tokio::time::timeout(timeout, owners.get(&key))
+            .await
+            .map_err(|_| Refusal::bus_unavailable("task owner read timed out"))?
+            .map_err(Refusal::bus_unavailable)?;
+        if owner.as_deref() == Some(caller.agent_id.as_str().as_bytes()) {
+            return Ok(());
+        }
+        Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
+    }
+
     /// Stores `message` for `agent`, charged to its quota.
     async fn publish<T: Serialize>(
         &self,
@@ -444,7 +471,7 @@ impl Admission {
     ) -> Result<Ack, Refusal> {
         let payload = Bytes::from(serde_json::to_vec(message).expect("domain types serialize"));
         if let Some(quota) = &self.quota {
-            quota.charge(agent, payload.len())?;
+            quota.charge(agent, payload.len()).await?;
         }
         Ok(self
             .publisher

@@ -210,10 +210,20 @@ impl Application {
 
         // One bucket per agent for both doors: an agent cannot double its rate by using both.
         let agent_rate = Arc::new(settings.limits.agent_rate());
-        // And one store quota per agent for both doors.
+        // And one cap on each agent's requests in flight.
+        let agent_slots = Arc::new(settings.limits.agent_slots());
+        // And one store quota per agent for both doors, kept on the bus for every replica; the
+        // same bucket binds each task to its first reporter.
+        let limits_bucket = js
+            .get_key_value(subjects::LIMITS_BUCKET)
+            .await
+            .context("opening the limits bucket")?;
         let store_quota = Arc::new(StoreQuota::new(
+            limits_bucket.clone(),
             settings.agent_store_quota,
+            settings.agent_store_messages,
             settings.streams.max_age,
+            settings.publish_timeout,
         ));
         let task_figures = Arc::new(crate::metrics::tasks::TaskGauges::default());
         if settings.runs(Role::Dispatcher) {
@@ -248,6 +258,7 @@ impl Application {
             let door = Door::new(
                 Admission::new(publisher.clone(), directory.clone())
                     .with_quota(store_quota.clone())
+                    .with_task_owners(limits_bucket.clone())
                     .with_push_allowed(&settings.push.allowed_urls),
                 task_api(&js, &publisher, &settings).await?,
                 authenticator.clone(),
@@ -255,7 +266,8 @@ impl Application {
                 &settings.door,
                 agent_rate.clone(),
                 door_tally.clone(),
-            );
+            )
+            .with_agent_slots(agent_slots.clone());
             let stop = stop.clone();
             tasks.spawn(async move { door.run(inbound, stop).await.context("NATS door") });
         }
@@ -323,6 +335,7 @@ impl Application {
             let state = AppState::new(http::Inner {
                 admission: Admission::new(publisher.clone(), directory)
                     .with_quota(store_quota)
+                    .with_task_owners(limits_bucket)
                     .with_push_allowed(&settings.push.allowed_urls),
                 verifier: authenticator.clone(),
                 stats,
@@ -335,7 +348,7 @@ impl Application {
                 metrics_agent_ids: settings.metrics.agent_ids,
                 fleet,
                 alerting,
-                limits: http::limits::Limits::new(&settings.limits, agent_rate),
+                limits: http::limits::Limits::new(&settings.limits, agent_rate, agent_slots),
                 live: http::streams::Live {
                     events,
                     agents,

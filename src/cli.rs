@@ -583,6 +583,12 @@ pub struct ServeArgs {
     )]
     pub max_in_flight: usize,
 
+    /// Requests one agent may have in flight at once, over HTTP and the NATS door together; more
+    /// are refused at once with 429 RATE_LIMITED (Retry-After: 1), so one agent never holds the
+    /// slots of MAX_IN_FLIGHT that others need. Default: half of MAX_IN_FLIGHT (at least 1).
+    #[arg(long, env = "MAX_IN_FLIGHT_PER_AGENT", value_parser = values::at_least(1usize))]
+    pub max_in_flight_per_agent: Option<usize>,
+
     /// A connection must send a request's headers within this long of opening, or of its
     /// previous answer; else it is closed. This is also the idle timeout of keep-alive connections.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -597,6 +603,17 @@ pub struct ServeArgs {
     /// never fills a stream.
     #[arg(long, env = "AGENT_STORE_QUOTA", value_parser = values::byte_size)]
     pub agent_store_quota: Option<usize>,
+
+    /// Messages one agent may store on the bus per STREAM_MAX_AGE (a token bucket of messages
+    /// beside AGENT_STORE_QUOTA's bytes, both kept on the bus so every replica charges the same
+    /// one); past it, 429 QUOTA_EXCEEDED.
+    #[arg(
+        long,
+        env = "AGENT_STORE_MESSAGES",
+        default_value = "1000000",
+        value_parser = values::at_least(1u64)
+    )]
+    pub agent_store_messages: u64,
 
     /// Connections one source address may hold open at once; past it, a new connection is closed
     /// as soon as it is accepted.
@@ -783,6 +800,8 @@ pub struct Settings {
     pub tasks: TaskSettings,
     /// Bytes one agent may store per `streams.max_age` (`AGENT_STORE_QUOTA`).
     pub agent_store_quota: u64,
+    /// Messages one agent may store per `streams.max_age` (`AGENT_STORE_MESSAGES`).
+    pub agent_store_messages: u64,
     /// Push delivery of tasks (registration check and the dispatcher's pushes).
     pub push: PushSettings,
     /// Largest accepted request body.
@@ -924,6 +943,9 @@ impl Settings {
                 auth_failure_burst: args.auth_failure_burst,
                 auth_failure_interval: args.auth_failure_interval,
                 max_in_flight: args.max_in_flight,
+                max_in_flight_per_agent: args
+                    .max_in_flight_per_agent
+                    .unwrap_or((args.max_in_flight / 2).max(1)),
                 connections: crate::http::server::ConnectionLimits {
                     header_read_timeout: args.header_read_timeout,
                     body_read_timeout: args.body_read_timeout,
@@ -946,6 +968,7 @@ impl Settings {
                 max_queued_per_tenant: args.task_max_queued_per_tenant,
             },
             agent_store_quota: args.agent_store_quota.unwrap_or(args.stream_max_bytes / 32) as u64,
+            agent_store_messages: args.agent_store_messages,
             push: PushSettings {
                 allowed_urls: args.push_allowed_urls.clone(),
                 timeout: args.push_timeout,
@@ -1196,6 +1219,8 @@ mod tests {
             ("--auth-failure-burst=0", "AUTH_FAILURE_BURST"),
             ("--auth-failure-interval=often", "AUTH_FAILURE_INTERVAL"),
             ("--max-in-flight=0", "MAX_IN_FLIGHT"),
+            ("--max-in-flight-per-agent=0", "MAX_IN_FLIGHT_PER_AGENT"),
+            ("--agent-store-messages=0", "AGENT_STORE_MESSAGES"),
             ("--max-token-lifetime=forever", "MAX_TOKEN_LIFETIME"),
         ];
         for (flag, setting) in cases {

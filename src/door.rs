@@ -18,7 +18,9 @@
 //! refills (drop with record: the refused message is in `ACC_REJECTED`). Valid messages count
 //! against the same per-agent rate as HTTP requests ([`AgentRate`], one bucket per agent shared
 //! by both doors): over it, `RATE_LIMITED` with `Retry-After`, recorded the same way, so one
-//! agent's flood is refused cheaply instead of queueing ahead of every other agent. A failure on our side
+//! agent's flood is refused cheaply instead of queueing ahead of every other agent. A message in
+//! admission holds one of its agent's slots in flight ([`AgentSlots`], shared with the HTTP door):
+//! an agent holding all of them over HTTP gets `RATE_LIMITED` on the door too. A failure on our side
 //! (a 5xx over HTTP: the bus did not acknowledge) is not the caller's fault: the message is left
 //! to redelivery, and dead-lettered by the shared loop if it never succeeds.
 //!
@@ -58,6 +60,7 @@ use crate::audit::{Audit, is_refused_credential};
 use crate::auth::{Authenticator, Caller, EVENTS_SCOPE, REGISTER_SCOPE, SUBMIT_SCOPE, TASK_SCOPE};
 use crate::bus::{PublishFailure, Publisher, subjects};
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
+use crate::contract::slots::{AgentSlot, AgentSlots};
 use crate::contract::{self, Code, Refusal, Tally};
 use crate::tasks::Tasks;
 use crate::workers::{self, HandleError, Handler, MAX_DELIVER};
@@ -94,6 +97,10 @@ pub struct Door {
     limiter: RejectionLimiter,
     /// The per-agent rate, shared with the HTTP door: valid messages count against it too.
     agent_rate: Arc<AgentRate>,
+    /// Requests in flight per agent, shared with the HTTP door: a message in admission holds
+    /// one of its agent's slots, so an agent's HTTP requests and NATS messages in flight count
+    /// together against `MAX_IN_FLIGHT_PER_AGENT`. `None`: no cap.
+    agent_slots: Option<Arc<AgentSlots>>,
     tally: Arc<Tally>,
     tasks: Tasks,
     /// Permits for claims waiting in their own task.
@@ -123,9 +130,24 @@ impl Door {
             body_limit: settings.body_limit,
             limiter: Buckets::per_interval(settings.reject_interval, settings.reject_burst),
             agent_rate,
+            agent_slots: None,
             tally,
             waiting_claims: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_CLAIMS)),
         }
+    }
+
+    /// Counts each message in admission against its agent's slots (shared with the HTTP door).
+    pub fn with_agent_slots(mut self, slots: Arc<AgentSlots>) -> Self {
+        self.agent_slots = Some(slots);
+        self
+    }
+
+    /// One of `caller`'s slots while its message is admitted, or 429 when it holds them all.
+    fn hold_slot(&self, caller: &Caller) -> Result<Option<AgentSlot>, Refusal> {
+        self.agent_slots
+            .as_ref()
+            .map(|slots| slots.acquire(caller.agent_id.as_str()))
+            .transpose()
     }
 
     /// Consumes `ACC_INBOUND` until `stop` fires, serving callers in turn: messages are pulled
@@ -191,8 +213,12 @@ impl Door {
             (Ok(()), Ok(_)) if requested_reply.is_some() && reply.is_none() => {
                 Err(Refusal::new(Code::InvalidReplyTo))
             }
-            (Ok(()), Ok(caller)) => match self.agent_rate.admit(caller.agent_id.as_str()) {
-                Ok(()) => {
+            (Ok(()), Ok(caller)) => match self
+                .agent_rate
+                .admit(caller.agent_id.as_str())
+                .and_then(|()| self.hold_slot(&caller))
+            {
+                Ok(_slot) => {
                     self.admit(message, &caller, inbound_seq, reply.as_deref())
                         .await
                 }

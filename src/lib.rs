@@ -30,6 +30,7 @@ pub mod door;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod quota;
 pub mod stats;
 pub mod streams;
 pub mod tasks;

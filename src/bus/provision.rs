@@ -13,7 +13,7 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 
 use super::StreamSettings;
-use super::subjects::{self, AGENTS_BUCKET, ALERTING_BUCKET, TASKS_BUCKET};
+use super::subjects::{self, AGENTS_BUCKET, ALERTING_BUCKET, LIMITS_BUCKET, TASKS_BUCKET};
 
 /// The streams the bridge owns.
 pub const STREAMS: &[&str] = &[
@@ -135,6 +135,22 @@ pub fn tasks_bucket_config(settings: &StreamSettings) -> kv::Config {
     }
 }
 
+/// Admission's per-agent accounting, written by every replica with create and compare-and-set:
+/// task owners and store quotas. A key lives as long as the results it guards (`max_age`).
+pub fn limits_bucket_config(settings: &StreamSettings) -> kv::Config {
+    kv::Config {
+        bucket: LIMITS_BUCKET.to_owned(),
+        description: "first reporter of each task, store quota of each agent (admission)"
+            .to_owned(),
+        history: 1,
+        max_age: settings.max_age,
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        max_bytes: settings.max_bytes,
+        ..Default::default()
+    }
+}
+
 /// Creates or updates every stream and bucket. Retries briefly when another replica races us.
 pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Result<()> {
     for name in STREAMS {
@@ -166,6 +182,7 @@ pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Resul
         agents_bucket_config(settings),
         alerting_bucket_config(settings),
         tasks_bucket_config(settings),
+        limits_bucket_config(settings),
     ];
     for config in buckets {
         let name = config.bucket.clone();
@@ -191,6 +208,7 @@ pub async fn present(js: &Context) -> bool {
     js.get_key_value(AGENTS_BUCKET).await.is_ok()
         && js.get_key_value(ALERTING_BUCKET).await.is_ok()
         && js.get_key_value(TASKS_BUCKET).await.is_ok()
+        && js.get_key_value(LIMITS_BUCKET).await.is_ok()
 }
 
 async fn retry<F, Fut>(mut attempt: F) -> anyhow::Result<()>

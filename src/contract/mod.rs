@@ -9,12 +9,14 @@
 //! - [`json_object`]: the one body check (size limit, JSON syntax, an object at the top).
 //! - [`bucket::Buckets`]: the one token bucket (per-agent rates, failed authentications per
 //!   address, the NATS door's rejections per caller).
+//! - [`slots::AgentSlots`]: requests in flight per agent, capped (`MAX_IN_FLIGHT_PER_AGENT`).
 //! - [`RefusalCounts`], [`Tally`]: refusals counted by code (and admissions), for `/health`.
 
 pub mod bucket;
 mod code;
 mod counts;
 mod refusal;
+pub mod slots;
 
 pub use code::Code;
 pub use counts::{RefusalCounts, Tally};

@@ -22,7 +22,8 @@ use crate::contract::{self, Code, Refusal};
 /// when its address has used up its failed authentications (so a guesser learns nothing more),
 /// else 401, counted against the address. A request without a token at all does not count as a
 /// failure, nor does a token that could not be checked (503 `AUTH_UNAVAILABLE`). A verified
-/// agent over its rate is refused (429).
+/// agent over its rate, or holding all its slots in flight (`MAX_IN_FLIGHT_PER_AGENT`), is
+/// refused (429).
 pub struct Authenticated(pub Caller);
 
 /// The outcome of verifying this request's `Authorization` header, when it was verified before
@@ -55,6 +56,10 @@ impl FromRequestParts<AppState> for Authenticated {
             }
         };
         state.limits.admit_agent(caller.agent_id.as_str())?;
+        // One of the agent's slots for the rest of the request (`observe` may hold it already).
+        if let Some(slot) = parts.extensions.get::<super::limits::SlotCell>() {
+            slot.hold(&state.limits, caller.agent_id.as_str())?;
+        }
         // The route's scope, on every request: a cached token is checked like a fresh one.
         let path = parts
             .extensions

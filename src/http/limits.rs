@@ -7,7 +7,11 @@
 //!   [`Limits::auth_failed`]): an address that keeps presenting bad tokens gets 429 for every
 //!   further bad one, while a token that verifies is still served;
 //! - a global cap on requests in flight ([`shed`]): past it, requests are refused at once with 503
-//!   `OVERLOADED` instead of queueing without bound (memory stays flat when the bus is slow).
+//!   `OVERLOADED` instead of queueing without bound (memory stays flat when the bus is slow);
+//! - a cap per agent within it ([`SlotCell`], an [`AgentSlots`] shared with the NATS door): a
+//!   request whose token verified takes one of its agent's slots before any of its body is
+//!   read and holds it until answered; past `MAX_IN_FLIGHT_PER_AGENT`, 429 `RATE_LIMITED` at
+//!   once, so one agent never holds the slots other agents need.
 //!
 //! Every refusal that tells a client to come back later (429, 503) is counted by code
 //! ([`Limits::refusals`], shown by `/health`), so a full stream or a shedding door is visible at once.
@@ -15,7 +19,7 @@
 //! The buckets are [`crate::contract::bucket::Buckets`], shared with the NATS door.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -25,6 +29,7 @@ use tokio::sync::Semaphore;
 
 use super::AppState;
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
+use crate::contract::slots::{AgentSlot, AgentSlots};
 use crate::contract::{Code, Refusal, RefusalCounts};
 
 /// The HTTP door's load limits.
@@ -40,6 +45,8 @@ pub struct LimitSettings {
     pub auth_failure_interval: Duration,
     /// Requests handled at once; more are refused with 503 `OVERLOADED`.
     pub max_in_flight: usize,
+    /// Requests one agent may have in flight at once (both doors); more are refused 429.
+    pub max_in_flight_per_agent: usize,
     /// Bounds on every connection: header and body read timeouts, connections per address.
     pub connections: super::server::ConnectionLimits,
 }
@@ -49,6 +56,11 @@ impl LimitSettings {
     pub fn agent_rate(&self) -> AgentRate {
         AgentRate::new(self.per_agent_rate, self.per_agent_burst)
     }
+
+    /// The per-agent cap on requests in flight, for both doors.
+    pub fn agent_slots(&self) -> AgentSlots {
+        AgentSlots::new(self.max_in_flight_per_agent)
+    }
 }
 
 /// The limiters of one HTTP door.
@@ -56,6 +68,8 @@ pub struct Limits {
     per_agent: Arc<AgentRate>,
     auth_failures: Buckets<IpAddr>,
     in_flight: Arc<Semaphore>,
+    /// Requests in flight per agent, shared with the NATS door.
+    agent_slots: Arc<AgentSlots>,
     /// Refusals answered so far, by code.
     pub refusals: RefusalCounts,
 }
@@ -89,8 +103,13 @@ impl Limits {
 }
 
 impl Limits {
-    /// `per_agent` is the rate shared with the NATS door ([`LimitSettings::agent_rate`]).
-    pub fn new(settings: &LimitSettings, per_agent: Arc<AgentRate>) -> Self {
+    /// `per_agent` is the rate and `agent_slots` the cap on requests in flight shared with the
+    /// NATS door ([`LimitSettings::agent_rate`], [`LimitSettings::agent_slots`]).
+    pub fn new(
+        settings: &LimitSettings,
+        per_agent: Arc<AgentRate>,
+        agent_slots: Arc<AgentSlots>,
+    ) -> Self {
         Self {
             per_agent,
             auth_failures: Buckets::per_interval(
@@ -98,6 +117,7 @@ impl Limits {
                 settings.auth_failure_burst,
             ),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            agent_slots,
             refusals: RefusalCounts::default(),
         }
     }
@@ -120,16 +140,41 @@ impl Limits {
     }
 }
 
+/// The agent slot a request holds: empty until its token verified, then filled once (by
+/// whichever of `observe` and the extractor verified it first), and emptied by [`shed`] when
+/// the request is answered. A clone shares the slot.
+#[derive(Clone, Default)]
+pub struct SlotCell(Arc<Mutex<Option<AgentSlot>>>);
+
+impl SlotCell {
+    /// Takes one of `agent`'s slots for this request, unless it holds one already; refuses 429
+    /// `RATE_LIMITED` when the agent holds all of its own.
+    pub fn hold(&self, limits: &Limits, agent: &str) -> Result<(), Refusal> {
+        let mut cell = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if cell.is_none() {
+            *cell = Some(limits.agent_slots.acquire(agent)?);
+        }
+        Ok(())
+    }
+
+    fn release(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
 /// Middleware: holds one in-flight permit for the whole request, or refuses at once with 503
-/// `OVERLOADED`; counts refusals by code. Health probes are not counted against the cap, so an
-/// overloaded door still answers them.
-pub async fn shed(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// `OVERLOADED`; gives back the agent slot the request took ([`SlotCell`]); counts refusals by
+/// code. Health probes are not counted against the cap, so an overloaded door still answers them.
+pub async fn shed(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     if request.uri().path().starts_with("/health") {
         return next.run(request).await;
     }
     let response = match state.limits.in_flight.clone().try_acquire_owned() {
         Ok(permit) => {
+            let slot = SlotCell::default();
+            request.extensions_mut().insert(slot.clone());
             let response = next.run(request).await;
+            slot.release();
             drop(permit);
             response
         }

@@ -182,10 +182,17 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             // Verified once: the extractor takes this result instead of verifying again.
             let verified = state.verifier.verify_header(authorization).await;
             let valid = verified.is_ok();
+            // A verified agent takes one of its slots before its body is read.
+            let held = match (&verified, request.extensions().get::<limits::SlotCell>()) {
+                (Ok(caller), Some(slot)) => slot.hold(&state.limits, caller.agent_id.as_str()),
+                _ => Ok(()),
+            };
             let mut request = request;
             request.extensions_mut().insert(extract::Verified(verified));
             if !valid {
                 (Some(request), None)
+            } else if let Err(refusal) = held {
+                (None, Some(refusal))
             } else {
                 match peek_trace_id(request, state.body_limit).await {
                     Ok((request, trace_id)) => {

@@ -319,7 +319,9 @@ async fn an_oversized_content_length_is_refused_413_before_any_body_is_read() {
 #[tokio::test]
 async fn past_the_in_flight_cap_requests_are_shed_with_503_not_queued() {
     let nats = NatsServer::start();
-    let app = TestApp::spawn_with(&nats, &["--max-in-flight=3"]).await;
+    // Each agent may hold all three (the per-agent cap is tried on its own, below).
+    let app =
+        TestApp::spawn_with(&nats, &["--max-in-flight=3", "--max-in-flight-per-agent=3"]).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(stalled_request(&app).await);
@@ -1056,4 +1058,321 @@ async fn a_stream_close_to_full_raises_an_alert_before_it_refuses() {
     );
     assert_eq!(alert["labels"]["severity"], "warning", "{alert}");
     app.stop().await;
+}
+
+/// Residual of issue 13, item 3 (messages in flight per agent): `MAX_IN_FLIGHT` was shared by
+/// all agents, so one agent holding requests open held every slot and another agent got 503
+/// `OVERLOADED`. Now an agent holds at most `MAX_IN_FLIGHT_PER_AGENT` of them, over HTTP and
+/// the NATS door together; its excess is refused at once with 429 `RATE_LIMITED`.
+#[tokio::test]
+async fn one_agent_holding_its_requests_open_does_not_refuse_another() {
+    let nats = NatsServer::start();
+    let app =
+        TestApp::spawn_with(&nats, &["--max-in-flight=3", "--max-in-flight-per-agent=2"]).await;
+    // agent-a holds two requests open (valid token, half a body), then tries a third.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(stalled_request(&app).await);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "agent-a holding two slots",
+        || async {
+            let mut probe = stalled_request(&app).await;
+            let line = status_line(&mut probe, Duration::from_millis(500)).await;
+            line.filter(|line| line.contains(" 429 "))
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let response = app
+        .http
+        .post(app.url("/orchestrator/events"))
+        .bearer_auth(token("agent-a"))
+        .json(&event("agent-a", "third"))
+        .send()
+        .await
+        .unwrap();
+    let refused_in = started.elapsed();
+    assert_eq!(response.headers()["retry-after"], "1");
+    let (status, refused) = read(response).await;
+    assert_error(status, &refused, 429, "RATE_LIMITED");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("in flight")),
+        "{refused}"
+    );
+    assert!(refused_in < Duration::from_millis(500), "{refused_in:?}");
+    // Another agent still has the third slot.
+    let started = Instant::now();
+    let (status, other) = app
+        .post(
+            "/orchestrator/events",
+            Some(&token("agent-b")),
+            &event("agent-b", "served"),
+        )
+        .await;
+    let other_in = started.elapsed();
+    assert_eq!(status, StatusCode::OK, "{other}");
+    // The NATS door counts the same slots: agent-a's message is refused, agent-b's admitted.
+    let door_a = NatsAgent::connect(&nats.url(), "agent-a").await;
+    let (status, on_door) = door_a
+        .call("acc.in.event", &event("agent-a", "on-door"))
+        .await;
+    assert_eq!(status, 429, "{on_door}");
+    assert_eq!(on_door["error"]["code"], "RATE_LIMITED", "{on_door}");
+    let door_b = NatsAgent::connect(&nats.url(), "agent-b").await;
+    let (status, _) = door_b
+        .call("acc.in.event", &event("agent-b", "on-door"))
+        .await;
+    assert_eq!(status, 200);
+    // Once agent-a's requests end, it is served again on both doors.
+    drop(held);
+    let body = eventually(Duration::from_secs(5), "agent-a served again", || async {
+        let (status, body) = app
+            .post(
+                "/orchestrator/events",
+                Some(&token("agent-a")),
+                &event("agent-a", "after"),
+            )
+            .await;
+        (status == StatusCode::OK).then_some(body)
+    })
+    .await;
+    assert_eq!(body["success"], true);
+    let (status, _) = door_a
+        .call("acc.in.event", &event("agent-a", "on-door-after"))
+        .await;
+    assert_eq!(status, 200);
+    println!(
+        "agent-a holding 2 of 3 slots: its third request 429 RATE_LIMITED in {refused_in:?}, \
+         its NATS message 429; agent-b 200 in {other_in:?} and 200 on the door"
+    );
+}
+
+/// Residual of issue 13, item 3 (quotas across replicas): the store quota was per process, so
+/// an agent alternating between N replicas stored N times its share. Now the quota's buckets
+/// live on the bus (`acc_limits`), and both replicas charge the same one, in bytes
+/// (`AGENT_STORE_QUOTA`) and in messages (`AGENT_STORE_MESSAGES`).
+#[tokio::test]
+async fn an_agent_alternating_between_two_replicas_is_held_to_one_store_quota() {
+    let nats = NatsServer::start();
+    let flags = [
+        "--stream-max-bytes=4MiB",
+        "--agent-store-quota=128KiB",
+        "--agent-store-messages=10",
+    ];
+    let first = TestApp::spawn_with(&nats, &flags).await;
+    let second = TestApp::spawn_with(&nats, &[&flags[..], &["--roles=ingress"]].concat()).await;
+    let replicas = [&first, &second];
+
+    // Bytes: 50 KB events from agent-a, alternating, until refused.
+    let a = token("agent-a");
+    let mut body = event("agent-a", "x");
+    body["data"] = json!("x".repeat(50_000));
+    let mut stored = 0;
+    let mut refusals = Vec::new();
+    for i in 0..12 {
+        body["event_id"] = json!(format!("big-{i}"));
+        let (status, answer) = replicas[i % 2]
+            .post("/orchestrator/events", Some(&a), &body)
+            .await;
+        match status {
+            StatusCode::OK => stored += 1,
+            _ => refusals.push((i % 2, status, answer)),
+        }
+    }
+    let bytes = stored_bytes(&first.js, "acc.events.agent-a").await;
+    println!(
+        "bytes: agent-a alternating between 2 replicas stored {stored} events of 50 KB \
+         ({bytes} bytes) of a 131,072-byte quota, then {} refusals",
+        refusals.len()
+    );
+    assert_eq!(stored, 2, "one quota, not one per replica");
+    assert!(bytes <= 128 << 10, "{bytes}");
+    for (_, status, answer) in &refusals {
+        assert_error(*status, answer, 429, "QUOTA_EXCEEDED");
+    }
+    assert!(refusals.iter().any(|(replica, ..)| *replica == 0));
+    assert!(refusals.iter().any(|(replica, ..)| *replica == 1));
+
+    // Messages: small events from agent-m, alternating, until refused.
+    let m = token("agent-m");
+    let mut answers = Vec::new();
+    for i in 0..16 {
+        let (status, answer) = replicas[i % 2]
+            .post(
+                "/orchestrator/events",
+                Some(&m),
+                &event("agent-m", &format!("small-{i}")),
+            )
+            .await;
+        answers.push((status, answer));
+    }
+    let accepted = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    let stored_messages = all_stored(&first.js, "ACC_EVENTS", "acc.events.agent-m")
+        .await
+        .len();
+    println!(
+        "messages: agent-m alternating stored {accepted} of 16 small events \
+         (AGENT_STORE_MESSAGES=10); {stored_messages} in ACC_EVENTS"
+    );
+    assert_eq!(accepted, 10);
+    assert_eq!(stored_messages, 10);
+    for (status, answer) in &answers[10..] {
+        assert_error(*status, answer, 429, "QUOTA_EXCEEDED");
+    }
+    // Other agents have their own quota on either replica.
+    for replica in replicas {
+        let (status, body) = replica
+            .post(
+                "/orchestrator/events",
+                Some(&token("agent-b")),
+                &event("agent-b", &format!("b-{}", replica.addr.port())),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    second.stop().await;
+    first.stop().await;
+}
+
+/// Payload bytes `ACC_EVENTS` holds on `subject`.
+async fn stored_bytes(js: &async_nats::jetstream::Context, subject: &str) -> u64 {
+    raw_messages(js, "ACC_EVENTS")
+        .await
+        .iter()
+        .filter(|m| m.subject.as_str() == subject)
+        .map(|m| m.payload.len() as u64)
+        .sum()
+}
+
+/// Residual of issue 13, item 6 (first reporter): the owner check and the write were two
+/// steps, so agents reporting a new task id at the same moment could all be stored. Now the
+/// first report creates the task's owner key in `acc_limits`, which only one can: of 16 agents
+/// reporting each of 8 new task ids at once on two replicas, exactly one per task is stored.
+#[tokio::test]
+async fn concurrent_first_reports_of_a_task_bind_exactly_one_agent() {
+    let nats = NatsServer::start();
+    let first = TestApp::spawn(&nats).await;
+    let second = TestApp::spawn_with(&nats, &["--roles=ingress"]).await;
+    let replicas = [&first, &second];
+    const AGENTS: usize = 16;
+    const TASKS: usize = 8;
+    let mut winners = Vec::new();
+    let mut refused = 0;
+    for task in 0..TASKS {
+        let task_id = format!("t-race-{task}");
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(AGENTS));
+        let reports = (0..AGENTS).map(|i| {
+            let (barrier, app, task_id) = (barrier.clone(), replicas[i % 2], task_id.clone());
+            async move {
+                let agent = format!("agent-{i}");
+                let request = app
+                    .http
+                    .post(app.url(&format!("/orchestrator/tasks/{task_id}/callback")))
+                    .bearer_auth(token(&agent))
+                    .json(&json!({"status": "done", "result": agent}));
+                barrier.wait().await;
+                let (status, body) = read(request.send().await.unwrap()).await;
+                (agent, status, body)
+            }
+        });
+        let answers = futures::future::join_all(reports).await;
+        let won: Vec<_> = answers
+            .iter()
+            .filter(|(_, status, _)| *status == StatusCode::OK)
+            .map(|(agent, ..)| agent.clone())
+            .collect();
+        let stored = all_stored(
+            &first.js,
+            "ACC_TASKS",
+            &format!("acc.tasks.result.{task_id}"),
+        )
+        .await;
+        assert_eq!(won.len(), 1, "{task_id}: {won:?} all stored");
+        assert_eq!(stored.len(), 1, "{task_id}: {stored:?}");
+        assert_eq!(stored[0]["reported_by"], won[0].as_str());
+        // Every other agent gets the same 403 as its read of the task.
+        let (status, read_by_other) = first
+            .get(
+                &format!("/orchestrator/tasks/{task_id}"),
+                Some(&token(if won[0] == "agent-0" {
+                    "agent-1"
+                } else {
+                    "agent-0"
+                })),
+            )
+            .await;
+        assert_error(status, &read_by_other, 403, "FORBIDDEN");
+        for (_, status, body) in answers.iter().filter(|(a, ..)| *a != won[0]) {
+            assert_error(*status, body, 403, "FORBIDDEN");
+            assert_eq!(body["error"], read_by_other["error"]);
+            refused += 1;
+        }
+        // The winner reads its result and may report again.
+        let (status, read_by_owner) = second
+            .get(
+                &format!("/orchestrator/tasks/{task_id}"),
+                Some(&token(&won[0])),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{read_by_owner}");
+        assert_eq!(read_by_owner["result"], won[0].as_str());
+        winners.push(won[0].clone());
+    }
+    println!(
+        "{TASKS} new task ids, each reported by {AGENTS} agents at once on 2 replicas: \
+         1 stored per task (winners {winners:?}), {refused} refused 403 FORBIDDEN"
+    );
+    second.stop().await;
+    first.stop().await;
+}
+
+/// Issue 13, row 13's residual (`ACC_INBOUND`'s 100 ms duplicate window, shared by all agents):
+/// JetStream dedupes on `Nats-Msg-Id` before the door runs, and that cannot be scoped to an
+/// agent. `Idempotency-Key` is not read by JetStream, only by the door, per agent and for
+/// `DUPLICATE_WINDOW`: another agent sending the same key at the same moment changes nothing,
+/// and the agent's own retry well past 100 ms is still one message.
+#[tokio::test]
+async fn an_idempotency_key_on_the_nats_door_is_scoped_to_its_agent_past_100_ms() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    app.register("agent-a").await;
+    app.register("agent-b").await;
+    let (a, b) = (
+        NatsAgent::connect(&nats.url(), "agent-a").await,
+        NatsAgent::connect(&nats.url(), "agent-b").await,
+    );
+    // agent-a sends the key first; agent-b's message with it, at once, is its own.
+    let (squat, real) = tokio::join!(beat(&a), beat(&b));
+    assert_eq!(squat.0, 200, "{}", squat.1);
+    assert_eq!(real.0, 200, "{}", real.1);
+    assert_eq!(real.1["duplicate"], false, "{}", real.1);
+    // agent-b's retry after a lost answer, past ACC_INBOUND's window: one message.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retry = beat(&b).await;
+    assert_eq!(retry.1["duplicate"], true, "{}", retry.1);
+    assert_eq!(retry.1["seq"], real.1["seq"]);
+    println!(
+        "Idempotency-Key shared by two agents at once: both stored (seq {} and {}); \
+         agent-b's retry 300 ms later duplicate: {}",
+        squat.1["seq"], real.1["seq"], retry.1["duplicate"]
+    );
+}
+
+/// A heartbeat from `agent` on the NATS door with the `Idempotency-Key` `shared-key-1`.
+async fn beat(agent: &NatsAgent) -> DoorAnswer {
+    let body = serde_json::to_vec(&json!({"agent_id": agent.agent})).unwrap();
+    agent
+        .call_with(
+            "acc.in.heartbeat",
+            Some(&token(&agent.agent)),
+            body,
+            &[("Idempotency-Key", "shared-key-1")],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the door answers")
 }

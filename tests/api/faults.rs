@@ -445,6 +445,9 @@ async fn a_slow_or_stalled_nats_link_keeps_the_wait_bounded_and_sheds_excess_loa
         &[
             "--publish-timeout=1s",
             &format!("--max-in-flight={CAP}"),
+            // The load is one agent's: it may hold every slot (the per-agent cap is tried in
+            // attacks.rs).
+            &format!("--max-in-flight-per-agent={CAP}"),
             "--rate-limit-per-agent=0",
         ],
     ))
