@@ -1,13 +1,13 @@
 //! [`Hub`]: the one bus subscription per replica behind every stream of one kind (events,
 //! agent status changes, alerts, the audit trail, task records).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::Subject;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::stream::Stream;
-use bytes::Bytes;
+use bytes::{BufMut as _, Bytes, BytesMut};
 use futures::StreamExt as _;
 use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
@@ -27,6 +27,9 @@ pub struct StreamedEvent {
     pub source: String,
     /// The stored JSON, sent as it is.
     pub payload: Bytes,
+    /// Its SSE frame (`id:` and `data:` lines), rendered once here and shared by every
+    /// subscriber that is sent it.
+    pub frame: Bytes,
 }
 
 impl StreamedEvent {
@@ -46,9 +49,27 @@ impl StreamedEvent {
             subject,
             kind: fields.kind,
             source: fields.source,
+            frame: render(seq, &payload),
             payload,
         })
     }
+}
+
+/// The SSE frame of the message stored at `seq`: `id: <seq>`, one `data:` line per line of the
+/// payload (stored JSON is one line; a pretty-printed one is split as SSE requires), a blank
+/// line.
+fn render(seq: u64, payload: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(payload.len() + 32);
+    frame.put_slice(b"id: ");
+    frame.put_slice(seq.to_string().as_bytes());
+    frame.put_u8(b'\n');
+    for line in payload.split(|b| *b == b'\n') {
+        frame.put_slice(b"data: ");
+        frame.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        frame.put_u8(b'\n');
+    }
+    frame.put_u8(b'\n');
+    frame.freeze()
 }
 
 /// Follows one subject pattern of one stream with one ordered consumer and broadcasts each new
@@ -62,7 +83,9 @@ struct Inner {
     events: Stream,
     /// The subjects followed, e.g. `acc.events.*`.
     subject: &'static str,
-    sender: broadcast::Sender<Arc<StreamedEvent>>,
+    /// `None` once the hub has stopped: dropping the sender ends every receiver, so every
+    /// open stream ends on shutdown without watching a stop signal of its own.
+    sender: Mutex<Option<broadcast::Sender<Arc<StreamedEvent>>>>,
     /// The first sequence the hub covers, once its consumer exists: every event from there on
     /// is broadcast, in order.
     covers_from: watch::Sender<Option<u64>>,
@@ -76,7 +99,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 events,
                 subject,
-                sender,
+                sender: Mutex::new(Some(sender)),
                 covers_from: watch::Sender::new(None),
             }),
         }
@@ -93,35 +116,43 @@ impl Hub {
     }
 
     /// A receiver of every event the hub broadcasts from now on, once the hub follows the
-    /// stream (so that every event stored after this call reaches the receiver).
-    pub async fn subscribe(&self) -> broadcast::Receiver<Arc<StreamedEvent>> {
+    /// stream (so that every event stored after this call reaches the receiver); `None` once
+    /// the hub has stopped.
+    pub async fn subscribe(&self) -> Option<broadcast::Receiver<Arc<StreamedEvent>>> {
         let mut ready = self.inner.covers_from.subscribe();
         let _ = ready.wait_for(Option::is_some).await;
-        self.inner.sender.subscribe()
+        self.sender().as_ref().map(broadcast::Sender::subscribe)
     }
 
     /// Subscribers right now.
     pub fn subscribers(&self) -> usize {
-        self.inner.sender.receiver_count()
+        self.sender()
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    fn sender(&self) -> std::sync::MutexGuard<'_, Option<broadcast::Sender<Arc<StreamedEvent>>>> {
+        self.inner.sender.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Follows the stream until `stop` fires, re-creating its consumer after any interruption
-    /// from the next sequence it has not broadcast.
+    /// from the next sequence it has not broadcast; then closes, which ends every receiver.
     pub async fn run(self, stop: CancellationToken) {
         let mut next: Option<u64> = None;
         loop {
             let followed = tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => break,
                 followed = self.follow(&mut next) => followed,
             };
             if let Err(err) = followed {
                 tracing::warn!(error = %err, "event hub interrupted; following again");
             }
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => break,
                 () = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
+        self.sender().take();
     }
 
     async fn follow(&self, next: &mut Option<u64>) -> Result<(), async_nats::Error> {
@@ -153,7 +184,11 @@ impl Hub {
             }
             match StreamedEvent::decode(seq, message.subject.clone(), message.payload.clone()) {
                 // No receiver is not an error: nobody is subscribed right now.
-                Some(event) => drop(self.inner.sender.send(Arc::new(event))),
+                Some(event) => {
+                    if let Some(sender) = self.sender().as_ref() {
+                        drop(sender.send(Arc::new(event)));
+                    }
+                }
                 None => tracing::warn!(
                     seq,
                     subject = self.inner.subject,
