@@ -8,7 +8,7 @@ use async_nats::Subject;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::stream::Stream;
 use bytes::{BufMut as _, Bytes, BytesMut};
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -55,6 +55,35 @@ impl StreamedEvent {
     }
 }
 
+/// Events broadcast together: what followed each other within one batch window (or was
+/// already waiting), at most [`MAX_BATCH`] of them, in sequence order, with their frames
+/// joined once for the subscribers that are sent all of them.
+#[derive(Debug)]
+pub struct Batch {
+    pub events: Vec<Arc<StreamedEvent>>,
+    /// Every event's frame, in order.
+    pub frames: Bytes,
+}
+
+impl Batch {
+    fn new(events: Vec<Arc<StreamedEvent>>) -> Self {
+        let frames = match events.as_slice() {
+            [one] => one.frame.clone(),
+            many => {
+                let mut joined = BytesMut::with_capacity(many.iter().map(|e| e.frame.len()).sum());
+                for event in many {
+                    joined.put_slice(&event.frame);
+                }
+                joined.freeze()
+            }
+        };
+        Self { events, frames }
+    }
+}
+
+/// Most events in one broadcast: what the ring holds is at most this many times its length.
+pub const MAX_BATCH: usize = 32;
+
 /// The SSE frame of the message stored at `seq`: `id: <seq>`, one `data:` line per line of the
 /// payload (stored JSON is one line; a pretty-printed one is split as SSE requires), a blank
 /// line.
@@ -85,21 +114,25 @@ struct Inner {
     subject: &'static str,
     /// `None` once the hub has stopped: dropping the sender ends every receiver, so every
     /// open stream ends on shutdown without watching a stop signal of its own.
-    sender: Mutex<Option<broadcast::Sender<Arc<StreamedEvent>>>>,
+    sender: Mutex<Option<broadcast::Sender<Arc<Batch>>>>,
+    /// How long the first event of a batch waits for others before the batch is broadcast.
+    window: Duration,
     /// The first sequence the hub covers, once its consumer exists: every event from there on
     /// is broadcast, in order.
     covers_from: watch::Sender<Option<u64>>,
 }
 
 impl Hub {
-    /// A hub over `subject` of `events` whose subscribers may fall `buffer` messages behind.
-    pub fn new(events: Stream, subject: &'static str, buffer: usize) -> Self {
+    /// A hub over `subject` of `events` whose subscribers may fall `buffer` broadcasts
+    /// behind, each gathering what arrives within `window` of its first event.
+    pub fn new(events: Stream, subject: &'static str, buffer: usize, window: Duration) -> Self {
         let (sender, _) = broadcast::channel(buffer.max(1));
         Self {
             inner: Arc::new(Inner {
                 events,
                 subject,
                 sender: Mutex::new(Some(sender)),
+                window,
                 covers_from: watch::Sender::new(None),
             }),
         }
@@ -118,7 +151,7 @@ impl Hub {
     /// A receiver of every event the hub broadcasts from now on, once the hub follows the
     /// stream (so that every event stored after this call reaches the receiver); `None` once
     /// the hub has stopped.
-    pub async fn subscribe(&self) -> Option<broadcast::Receiver<Arc<StreamedEvent>>> {
+    pub async fn subscribe(&self) -> Option<broadcast::Receiver<Arc<Batch>>> {
         let mut ready = self.inner.covers_from.subscribe();
         let _ = ready.wait_for(Option::is_some).await;
         self.sender().as_ref().map(broadcast::Sender::subscribe)
@@ -131,7 +164,7 @@ impl Hub {
             .map_or(0, broadcast::Sender::receiver_count)
     }
 
-    fn sender(&self) -> std::sync::MutexGuard<'_, Option<broadcast::Sender<Arc<StreamedEvent>>>> {
+    fn sender(&self) -> std::sync::MutexGuard<'_, Option<broadcast::Sender<Arc<Batch>>>> {
         self.inner.sender.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -174,8 +207,41 @@ impl Hub {
         let mut messages = consumer.messages().await?;
         *next = Some(start);
         self.inner.covers_from.send_replace(Some(start));
-        while let Some(message) = messages.next().await {
-            let message = message?;
+        let mut batch: Vec<Arc<StreamedEvent>> = Vec::with_capacity(MAX_BATCH);
+        let mut due = tokio::time::Instant::now();
+        loop {
+            // The first event of a batch is awaited for as long as it takes; the others for
+            // what is left of the window, or, with no window, only if already there.
+            let message = if batch.is_empty() {
+                match messages.next().await {
+                    Some(message) => message,
+                    None => return Ok(()),
+                }
+            } else {
+                let more = if self.inner.window.is_zero() {
+                    messages.next().now_or_never()
+                } else {
+                    tokio::time::timeout_at(due, messages.next()).await.ok()
+                };
+                match more {
+                    Some(Some(message)) => message,
+                    Some(None) => {
+                        self.broadcast(&mut batch);
+                        return Ok(());
+                    }
+                    None => {
+                        self.broadcast(&mut batch);
+                        continue;
+                    }
+                }
+            };
+            let message = match message {
+                Ok(message) => message,
+                Err(err) => {
+                    self.broadcast(&mut batch);
+                    return Err(err.into());
+                }
+            };
             let seq = message.info()?.stream_sequence;
             *next = Some(seq + 1);
             if message.payload.is_empty() {
@@ -183,11 +249,11 @@ impl Hub {
                 continue;
             }
             match StreamedEvent::decode(seq, message.subject.clone(), message.payload.clone()) {
-                // No receiver is not an error: nobody is subscribed right now.
                 Some(event) => {
-                    if let Some(sender) = self.sender().as_ref() {
-                        drop(sender.send(Arc::new(event)));
+                    if batch.is_empty() {
+                        due = tokio::time::Instant::now() + self.inner.window;
                     }
+                    batch.push(Arc::new(event));
                 }
                 None => tracing::warn!(
                     seq,
@@ -195,7 +261,21 @@ impl Hub {
                     "unreadable stored message; not streamed"
                 ),
             }
+            if batch.len() == MAX_BATCH {
+                self.broadcast(&mut batch);
+            }
         }
-        Ok(())
+    }
+
+    /// Broadcasts what `batch` gathered, if anything, and empties it.
+    fn broadcast(&self, batch: &mut Vec<Arc<StreamedEvent>>) {
+        if batch.is_empty() {
+            return;
+        }
+        let events = std::mem::replace(batch, Vec::with_capacity(MAX_BATCH));
+        if let Some(sender) = self.sender().as_ref() {
+            // No receiver is not an error: nobody is subscribed right now.
+            drop(sender.send(Arc::new(Batch::new(events))));
+        }
     }
 }

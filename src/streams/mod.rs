@@ -23,7 +23,7 @@ mod slots;
 mod subscription;
 
 pub use filter::{Filter, MAX_PATTERNS, TypePattern};
-pub use hub::{Hub, StreamedEvent};
+pub use hub::{Batch, Hub, MAX_BATCH, StreamedEvent};
 pub use key::KeyWatch;
 pub use slots::{Slot, Slots, SlotsFull};
 pub use subscription::{Start, Subscription};
@@ -35,8 +35,13 @@ use std::time::Duration;
 pub struct StreamsSettings {
     /// A comment is sent this often on an idle stream, so proxies keep it open.
     pub keepalive: Duration,
-    /// Events a subscriber may fall behind the newest before it is cut off.
+    /// Broadcasts (each of at most [`MAX_BATCH`] events) a subscriber may fall behind the
+    /// newest before it is cut off.
     pub buffer: usize,
+    /// How long a hub gathers events after the first before it broadcasts them together:
+    /// fewer, larger writes per subscriber for at most this much added latency. Zero: each
+    /// event is broadcast at once (with any already waiting behind it).
+    pub batch_window: Duration,
     /// Concurrent streams in all, on this replica.
     pub max_streams: usize,
     /// Concurrent streams one caller may hold.

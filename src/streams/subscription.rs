@@ -29,7 +29,7 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::ReusableBoxFuture;
 
-use super::{Filter, Hub, Slot, StreamedEvent};
+use super::{Batch, Filter, Hub, Slot, StreamedEvent};
 
 /// Where a subscriber starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +54,8 @@ const KEEPALIVE: &[u8] = b":\n\n";
 const OVERFLOW: &[u8] =
     b"event: overflow\ndata: {\"reason\":\"the subscriber fell behind; resume with Last-Event-ID\"}\n\n";
 
-type Receiver = broadcast::Receiver<Arc<StreamedEvent>>;
-type Received = (Result<Arc<StreamedEvent>, RecvError>, Receiver);
+type Receiver = broadcast::Receiver<Arc<Batch>>;
+type Received = (Result<Arc<Batch>, RecvError>, Receiver);
 
 /// One subscriber's stream of SSE chunks: the body of its response. It holds its slot until
 /// the connection drops it; it ends after an overflow, when the hub stops (shutdown), or when
@@ -141,20 +141,13 @@ impl Subscription {
     /// (if any frame passed the filter), and whether the stream ends after it.
     fn take_waiting(
         &mut self,
-        mut received: Result<Arc<StreamedEvent>, RecvError>,
+        mut received: Result<Arc<Batch>, RecvError>,
         live: &mut Receiver,
     ) -> (Option<Bytes>, bool) {
         let mut chunk = Chunk::default();
         loop {
             match received {
-                Ok(event) => {
-                    if event.seq > self.sent {
-                        self.sent = event.seq;
-                        if self.filter.accepts(&event.kind, &event.source) {
-                            chunk.push(&event.frame);
-                        }
-                    }
-                }
+                Ok(batch) => self.take_batch(&batch, &mut chunk),
                 Err(RecvError::Lagged(missed)) => {
                     tracing::info!(missed, "event subscriber fell behind; ending its stream");
                     chunk.push(&Bytes::from_static(OVERFLOW));
@@ -171,6 +164,29 @@ impl Subscription {
                 Err(TryRecvError::Lagged(missed)) => Err(RecvError::Lagged(missed)),
                 Err(TryRecvError::Closed) => Err(RecvError::Closed),
             };
+        }
+    }
+
+    /// What of `batch` this subscriber is sent, into `chunk`: the batch's joined frames as
+    /// they are when it takes every event, else frame by frame.
+    fn take_batch(&mut self, batch: &Batch, chunk: &mut Chunk) {
+        let all = batch.events.first().is_some_and(|e| e.seq > self.sent)
+            && batch
+                .events
+                .iter()
+                .all(|e| self.filter.accepts(&e.kind, &e.source));
+        if all {
+            chunk.push(&batch.frames);
+            self.sent = batch.events.last().map_or(self.sent, |e| e.seq);
+            return;
+        }
+        for event in &batch.events {
+            if event.seq > self.sent {
+                self.sent = event.seq;
+                if self.filter.accepts(&event.kind, &event.source) {
+                    chunk.push(&event.frame);
+                }
+            }
         }
     }
 
