@@ -13,8 +13,9 @@
 //! the stored JSON. Filters: `type` (repeatable; exact or `*`/`>` patterns) and `source`. Resume
 //! with `Last-Event-ID` or `?from_seq=N`, or start at `?since=<RFC 3339>`; with none, only new
 //! events. A resume point older than the stream holds is answered `event: reset` with
-//! `{"first_seq": N}` first. A subscriber that falls `SSE_BUFFER` events behind gets
-//! `event: overflow` and its stream ends; it resumes by its last id.
+//! `{"first_seq": N}` first. A subscriber that falls `SSE_BUFFER` broadcasts behind gets
+//! `event: overflow` and its stream ends; it resumes by its last id. The body of an event
+//! stream is its [`Subscription`]: frames rendered once by the hub, written as they come.
 
 use std::convert::Infallible;
 
@@ -27,8 +28,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
-use chrono::{DateTime, Utc};
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
 

@@ -279,3 +279,39 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, payload: &'static str) -> Arc<StreamedEvent> {
+        Arc::new(
+            StreamedEvent::decode(seq, Subject::from("acc.events.x"), Bytes::from(payload))
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_frame_carries_the_sequence_and_one_data_line_per_payload_line() {
+        let one = event(7, r#"{"type":"a.b","source":"s"}"#);
+        assert_eq!(
+            one.frame.as_ref(),
+            b"id: 7\ndata: {\"type\":\"a.b\",\"source\":\"s\"}\n\n"
+        );
+        assert_eq!((one.kind.as_str(), one.source.as_str()), ("a.b", "s"));
+        let pretty = event(8, "{\r\n  \"type\": \"a\"\n}");
+        assert_eq!(
+            pretty.frame.as_ref(),
+            b"id: 8\ndata: {\ndata:   \"type\": \"a\"\ndata: }\n\n"
+        );
+    }
+
+    #[test]
+    fn a_batch_joins_its_frames_in_order_and_shares_a_single_one() {
+        let (a, b) = (event(1, r#"{"type":"a"}"#), event(2, r#"{"type":"b"}"#));
+        let single = Batch::new(vec![a.clone()]);
+        assert_eq!(single.frames.as_ptr(), a.frame.as_ptr(), "not copied");
+        let both = Batch::new(vec![a.clone(), b.clone()]);
+        assert_eq!(both.frames, [a.frame.as_ref(), b.frame.as_ref()].concat());
+    }
+}
