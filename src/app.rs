@@ -310,7 +310,12 @@ impl Application {
                     .get_stream(stream)
                     .await
                     .with_context(|| format!("opening {stream}"))?;
-                let hub = Hub::new(stream, subject, settings.live.buffer);
+                let hub = Hub::new(
+                    stream,
+                    subject,
+                    settings.live.buffer,
+                    settings.live.batch_window,
+                );
                 tasks.spawn(hub.clone().run(stop.clone()).map(Ok));
                 followed.push(hub);
             }
@@ -325,6 +330,8 @@ impl Application {
                 records,
                 subjects::TASK_RECORDS,
                 settings.live.buffer.min(256),
+                // A task's few changes go out at once.
+                std::time::Duration::ZERO,
             );
             tasks.spawn(task_hub.clone().run(stop.clone()).map(Ok));
             let alerting = js

@@ -494,8 +494,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SSE_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
     pub sse_keepalive: Duration,
 
-    /// Events a stream subscriber may fall behind the newest before its stream is ended (it
-    /// resumes by Last-Event-ID). Memory: at most this many events per replica.
+    /// Broadcasts a stream subscriber may fall behind the newest before its stream is ended
+    /// (it resumes by Last-Event-ID). Each broadcast carries up to 32 events (see
+    /// SSE_BATCH_WINDOW). Memory: at most this many broadcasts per stream kind and replica.
     #[arg(
         long,
         env = "SSE_BUFFER",
@@ -503,6 +504,12 @@ pub struct ServeArgs {
         value_parser = values::between(16usize, 1_000_000)
     )]
     pub sse_buffer: usize,
+
+    /// How long an event stream's hub gathers events after the first before it sends them to
+    /// its subscribers together: fewer, larger writes per subscriber, for at most this much
+    /// added latency. 0s: each event at once.
+    #[arg(long, env = "SSE_BATCH_WINDOW", default_value = "10ms", value_parser = parse_duration)]
+    pub sse_batch_window: Duration,
 
     /// Event streams open at once on this replica; more get 503 OVERLOADED.
     #[arg(
@@ -955,6 +962,7 @@ impl Settings {
             live: StreamsSettings {
                 keepalive: args.sse_keepalive,
                 buffer: args.sse_buffer,
+                batch_window: args.sse_batch_window,
                 max_streams: args.sse_max_streams,
                 max_streams_per_caller: args.sse_max_streams_per_caller,
             },

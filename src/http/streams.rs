@@ -13,22 +13,24 @@
 //! the stored JSON. Filters: `type` (repeatable; exact or `*`/`>` patterns) and `source`. Resume
 //! with `Last-Event-ID` or `?from_seq=N`, or start at `?since=<RFC 3339>`; with none, only new
 //! events. A resume point older than the stream holds is answered `event: reset` with
-//! `{"first_seq": N}` first. A subscriber that falls `SSE_BUFFER` events behind gets
-//! `event: overflow` and its stream ends; it resumes by its last id.
+//! `{"first_seq": N}` first. A subscriber that falls `SSE_BUFFER` broadcasts behind gets
+//! `event: overflow` and its stream ends; it resumes by its last id. The body of an event
+//! stream is its [`Subscription`]: frames rendered once by the hub, written as they come.
 
 use std::convert::Infallible;
 
 use axum::Router;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State, rejection::PathRejection};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::Stream;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::extract::Authenticated;
@@ -38,7 +40,7 @@ use crate::bus::subjects;
 use crate::contract::{Code, Refusal};
 use crate::domain::TaskId;
 use crate::streams::{
-    Filter, Hub, Item, KeyWatch, MAX_PATTERNS, Slot, Slots, SlotsFull, Start, StreamedEvent,
+    Filter, Hub, KeyWatch, MAX_PATTERNS, Slot, Slots, SlotsFull, Start, StreamedEvent,
     StreamsSettings, Subscription, TypePattern,
 };
 use crate::tasks::TaskRecord;
@@ -134,12 +136,24 @@ async fn serve(
     let (start, filter) = parse_request(headers, query.unwrap_or(""))?;
     let live = &state.live;
     let slot = take_slot(live, caller)?;
-    let subscription = Subscription::open(hub, start, filter, slot, live.stop.clone())
+    let subscription = Subscription::open(hub, start, filter, slot, live.settings.keepalive)
         .await
         .map_err(|err| Refusal::bus_unavailable(err.to_string()))?;
-    Ok(Sse::new(sse_events(subscription))
-        .keep_alive(KeepAlive::new().interval(live.settings.keepalive))
-        .into_response())
+    Ok(sse_response(subscription))
+}
+
+/// A `text/event-stream` response whose body is `chunks`, written as they come.
+fn sse_response(
+    chunks: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response()
 }
 
 /// A stream slot for `caller`, or the refusal when it or the replica holds its maximum.
@@ -230,25 +244,6 @@ fn task_events(
             }
         },
     )
-}
-
-/// The subscription's items as SSE events.
-fn sse_events(subscription: Subscription) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures::stream::unfold(subscription.items, |mut items| async move {
-        let item = items.recv().await?;
-        let event = match item {
-            Item::Reset { first_seq } => Event::default()
-                .event("reset")
-                .data(json!({ "first_seq": first_seq }).to_string()),
-            Item::Event(event) => Event::default()
-                .id(event.seq.to_string())
-                .data(String::from_utf8_lossy(&event.payload)),
-            Item::Overflow => Event::default()
-                .event("overflow")
-                .data(r#"{"reason":"the subscriber fell behind; resume with Last-Event-ID"}"#),
-        };
-        Some((Ok(event), items))
-    })
 }
 
 /// The resume point and the filter, from `Last-Event-ID` and the query.

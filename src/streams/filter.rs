@@ -8,9 +8,15 @@ const MAX_PATTERN: usize = 256;
 pub const MAX_PATTERNS: usize = 16;
 
 /// An event type pattern: dot-separated tokens where `*` matches one token and a final `>`
-/// matches one or more.
+/// matches one or more. Parsed once per stream: a pattern without wildcards is matched as one
+/// string comparison.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TypePattern(Vec<String>);
+pub enum TypePattern {
+    /// No wildcard: the type itself.
+    Exact(String),
+    /// Its tokens, at least one of them `*` or `>`.
+    Tokens(Vec<String>),
+}
 
 impl TypePattern {
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
@@ -30,12 +36,20 @@ impl TypePattern {
                 return Err(invalid("'*' and '>' stand alone as a token"));
             }
         }
-        Ok(Self(tokens))
+        if tokens.iter().any(|t| t == "*" || t == ">") {
+            Ok(Self::Tokens(tokens))
+        } else {
+            Ok(Self::Exact(raw.to_owned()))
+        }
     }
 
     pub fn matches(&self, kind: &str) -> bool {
+        let patterns = match self {
+            Self::Exact(exact) => return kind == exact,
+            Self::Tokens(patterns) => patterns,
+        };
         let mut tokens = kind.split('.');
-        for (i, pattern) in self.0.iter().enumerate() {
+        for (i, pattern) in patterns.iter().enumerate() {
             match pattern.as_str() {
                 ">" => return tokens.next().is_some(),
                 "*" => {
@@ -49,7 +63,7 @@ impl TypePattern {
                     }
                 }
             }
-            if i + 1 == self.0.len() {
+            if i + 1 == patterns.len() {
                 return tokens.next().is_none();
             }
         }

@@ -15,11 +15,12 @@ use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::subscription::STUCK_AFTER;
-use super::{Hub, Slot, StreamedEvent};
+use super::{Batch, Hub, Slot, StreamedEvent};
 
 /// Changes queued per watcher between its task and its connection.
 const QUEUE: usize = 16;
+/// A watcher whose queue stays full this long is ended.
+const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A running watch of one key.
 pub struct KeyWatch {
@@ -41,7 +42,7 @@ impl KeyWatch {
         slot: Slot,
         stop: CancellationToken,
     ) -> Result<Self, async_nats::Error> {
-        let live = hub.subscribe().await;
+        let live = hub.subscribe().await.ok_or("the event hub has stopped")?;
         let current = last_value(hub, &subject).await?;
         let covered = current.as_ref().map_or(after, |c| c.seq.max(after));
         let (sender, changes) = mpsc::channel(QUEUE);
@@ -71,15 +72,23 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, mut live: broadcast::Receiver<Arc<StreamedEvent>>) {
+    async fn run(mut self, mut live: broadcast::Receiver<Arc<Batch>>) {
         loop {
             let received = tokio::select! {
                 () = self.sender.closed() => return,
                 received = live.recv() => received,
             };
             let change = match received {
-                Ok(event) if event.subject.as_str() == self.subject => event,
-                Ok(_) => continue,
+                // The key's newest change in the batch, if it changed.
+                Ok(batch) => match batch
+                    .events
+                    .iter()
+                    .rev()
+                    .find(|e| e.subject.as_str() == self.subject)
+                {
+                    Some(event) => event.clone(),
+                    None => continue,
+                },
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     // Other keys crowded the ring: this key's newest value is all that counts.
                     match last_value(&self.hub, &self.subject).await {

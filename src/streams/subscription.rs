@@ -1,21 +1,35 @@
-//! [`Subscription`]: one subscriber's events — a reset when needed, the stored gap, then live
-//! events — handed over without a gap or a duplicate.
+//! [`Subscription`]: one subscriber's SSE body — a reset when needed, the stored gap, then live
+//! events — handed over without a gap or a duplicate, and with no task of its own.
 //!
 //! The hand-over: the subscriber's live receiver is taken from the [`Hub`] *before* the
 //! stream's last sequence `L` is read. Every event stored after that read is broadcast after
 //! the receiver existed, so the receiver sees it; the replay covers everything up to `L`; live
-//! events at or below the last sequence already sent are skipped.
+//! events at or below the last sequence covered are skipped.
+//!
+//! What one delivery costs: the hub renders each event's SSE frame once per replica
+//! ([`StreamedEvent::frame`]). A subscription is the body of its HTTP response, polled by its
+//! connection's task when the hub's broadcast wakes it: it takes every frame already waiting in
+//! the ring and hands the connection one chunk — the shared frame itself when one is waiting,
+//! or the waiting frames copied into one buffer, so a subscriber that fell a little behind
+//! catches up in one write. No relay task, no queue, no JSON work per subscriber; the
+//! keep-alive timer is re-armed once per interval, not at every event.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
-use tokio::sync::{broadcast, mpsc};
-use tokio_util::sync::CancellationToken;
+use futures::stream::BoxStream;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::ReusableBoxFuture;
 
-use super::{Filter, Hub, Slot, StreamedEvent};
+use super::{Batch, Filter, Hub, Slot, StreamedEvent};
 
 /// Where a subscriber starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,211 +44,361 @@ pub enum Start {
     Since(DateTime<Utc>),
 }
 
-/// What a subscriber is sent.
-#[derive(Debug, Clone)]
-pub enum Item {
-    /// The resume point is older than the stream holds; the replay starts at `first_seq`.
-    Reset {
-        first_seq: u64,
-    },
-    Event(Arc<StreamedEvent>),
-    /// The subscriber fell too far behind; its stream ends here (it resumes by its last id).
-    Overflow,
-}
-
-/// Items queued per subscriber between its task and its connection.
-const QUEUE: usize = 64;
-/// A subscriber whose queue stays full this long is ended.
-pub(super) const STUCK_AFTER: Duration = Duration::from_secs(30);
-/// Messages asked for per replay batch.
+/// Messages asked for per replay batch; each batch is one chunk.
 const REPLAY_BATCH: usize = 1_000;
+/// Frames coalesced into one chunk stop growing past this many bytes.
+const MAX_CHUNK: usize = 256 * 1024;
+/// The comment sent on a stream idle for a keep-alive interval.
+const KEEPALIVE: &[u8] = b":\n\n";
+/// The last frame of a subscriber that fell more than the hub's ring behind.
+const OVERFLOW: &[u8] =
+    b"event: overflow\ndata: {\"reason\":\"the subscriber fell behind; resume with Last-Event-ID\"}\n\n";
 
-/// A running subscription: items arrive on [`Subscription::items`].
+type Receiver = broadcast::Receiver<Arc<Batch>>;
+type Received = (Result<Arc<Batch>, RecvError>, Receiver);
+
+/// One subscriber's stream of SSE chunks: the body of its response. It holds its slot until
+/// the connection drops it; it ends after an overflow, when the hub stops (shutdown), or when
+/// a replay fails.
 pub struct Subscription {
-    pub items: mpsc::Receiver<Item>,
+    /// The live receiver, waiting for the hub's next broadcast.
+    live: ReusableBoxFuture<'static, Received>,
+    /// The reset and the stored gap, while they last.
+    replay: Option<BoxStream<'static, Result<Bytes, ()>>>,
+    filter: Filter,
+    /// The last sequence covered: live events at or below it are not sent again.
+    sent: u64,
+    keepalive: Keepalive,
+    ended: bool,
+    _slot: Slot,
 }
 
 impl Subscription {
-    /// Starts one subscriber's task. It holds `slot` while it runs, and ends when the receiver
-    /// is dropped (the client went away), the subscriber overflows, or `stop` fires.
+    /// Opens one subscriber's stream from `start`, with a keep-alive comment after each
+    /// `keepalive` without a frame.
     pub async fn open(
         hub: &Hub,
         start: Start,
         filter: Filter,
         slot: Slot,
-        stop: CancellationToken,
+        keepalive: Duration,
     ) -> Result<Self, async_nats::Error> {
-        let live = hub.subscribe().await;
+        let live = hub.subscribe().await.ok_or("the event hub has stopped")?;
         let state = hub.events().get_info().await?.state;
         let (first, last) = (state.first_sequence, state.last_sequence);
-        let (sender, items) = mpsc::channel(QUEUE);
-        let task = Task {
-            hub: hub.clone(),
-            filter,
-            sender,
-            sent: last,
-        };
-        tokio::spawn(async move {
-            let _slot = slot;
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = task.run(start, first, last, live) => {}
+        let mut sent = last;
+        let mut reset = None;
+        let policy = match start {
+            Start::New => DeliverPolicy::New,
+            Start::Since(time) => DeliverPolicy::ByStartTime {
+                start_time: to_offset(time),
+            },
+            Start::After(_) | Start::At(_) => {
+                let mut from = match start {
+                    Start::After(seq) => seq.saturating_add(1),
+                    Start::At(seq) => seq.max(1),
+                    _ => unreachable!("matched above"),
+                };
+                if from < first {
+                    reset = Some(first);
+                    from = first;
+                }
+                if from > last {
+                    // Nothing stored to replay; sequences up to the resume point are covered.
+                    sent = sent.max(from - 1);
+                    DeliverPolicy::New
+                } else {
+                    DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    }
+                }
             }
+        };
+        let replay = (reset.is_some() || policy != DeliverPolicy::New).then(|| {
+            Replay {
+                hub: hub.clone(),
+                filter: filter.clone(),
+                policy,
+                last,
+                reset,
+                consumer: None,
+                finished: policy == DeliverPolicy::New,
+            }
+            .into_stream()
         });
-        Ok(Self { items })
+        Ok(Self {
+            live: ReusableBoxFuture::new(recv(live)),
+            replay,
+            filter,
+            sent,
+            keepalive: Keepalive::new(keepalive),
+            ended: false,
+            _slot: slot,
+        })
+    }
+
+    /// Takes every frame waiting in the ring, starting with `received`: the chunk to write
+    /// (if any frame passed the filter), and whether the stream ends after it.
+    fn take_waiting(
+        &mut self,
+        mut received: Result<Arc<Batch>, RecvError>,
+        live: &mut Receiver,
+    ) -> (Option<Bytes>, bool) {
+        let mut chunk = Chunk::default();
+        loop {
+            match received {
+                Ok(batch) => self.take_batch(&batch, &mut chunk),
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::info!(missed, "event subscriber fell behind; ending its stream");
+                    chunk.push(&Bytes::from_static(OVERFLOW));
+                    return (chunk.finish(), true);
+                }
+                Err(RecvError::Closed) => return (chunk.finish(), true),
+            }
+            if chunk.len() >= MAX_CHUNK {
+                return (chunk.finish(), false);
+            }
+            received = match live.try_recv() {
+                Ok(event) => Ok(event),
+                Err(TryRecvError::Empty) => return (chunk.finish(), false),
+                Err(TryRecvError::Lagged(missed)) => Err(RecvError::Lagged(missed)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            };
+        }
+    }
+
+    /// What of `batch` this subscriber is sent, into `chunk`: the batch's joined frames as
+    /// they are when it takes every event, else frame by frame.
+    fn take_batch(&mut self, batch: &Batch, chunk: &mut Chunk) {
+        let all = batch.events.first().is_some_and(|e| e.seq > self.sent)
+            && batch
+                .events
+                .iter()
+                .all(|e| self.filter.accepts(&e.kind, &e.source));
+        if all {
+            chunk.push(&batch.frames);
+            self.sent = batch.events.last().map_or(self.sent, |e| e.seq);
+            return;
+        }
+        for event in &batch.events {
+            if event.seq > self.sent {
+                self.sent = event.seq;
+                if self.filter.accepts(&event.kind, &event.source) {
+                    chunk.push(&event.frame);
+                }
+            }
+        }
+    }
+
+    fn keepalive(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Infallible>>> {
+        match self.keepalive.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE)))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
-struct Task {
+impl futures::Stream for Subscription {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(replay) = &mut this.replay {
+            match replay.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.keepalive.wrote();
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+                // The gap is sent: live events take over.
+                Poll::Ready(None) => this.replay = None,
+                Poll::Ready(Some(Err(()))) => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return this.keepalive(cx),
+            }
+        }
+        // Until a frame passes the filter, or the receiver waits (and so will wake this body).
+        while let Poll::Ready((received, mut live)) = this.live.poll(cx) {
+            let (chunk, ends) = this.take_waiting(received, &mut live);
+            if ends {
+                this.ended = true;
+                return Poll::Ready(chunk.map(Ok));
+            }
+            this.live.set(recv(live));
+            if let Some(chunk) = chunk {
+                this.keepalive.wrote();
+                return Poll::Ready(Some(Ok(chunk)));
+            }
+        }
+        this.keepalive(cx)
+    }
+}
+
+async fn recv(mut live: Receiver) -> Received {
+    let received = live.recv().await;
+    (received, live)
+}
+
+/// Frames gathered into one chunk: the first frame alone is shared as it is; more are copied
+/// into one buffer.
+#[derive(Default)]
+struct Chunk {
+    first: Option<Bytes>,
+    joined: BytesMut,
+}
+
+impl Chunk {
+    fn push(&mut self, frame: &Bytes) {
+        if self.first.is_none() && self.joined.is_empty() {
+            self.first = Some(frame.clone());
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.joined.reserve(first.len() + frame.len() * 8);
+            self.joined.put_slice(&first);
+        }
+        self.joined.put_slice(frame);
+    }
+
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(self.joined.len(), Bytes::len)
+    }
+
+    fn finish(self) -> Option<Bytes> {
+        match self.first {
+            Some(first) => Some(first),
+            None if self.joined.is_empty() => None,
+            None => Some(self.joined.freeze()),
+        }
+    }
+}
+
+/// A comment after each interval in which nothing was written. The timer is re-armed when it
+/// fires, never per frame.
+struct Keepalive {
+    every: Duration,
+    timer: Pin<Box<Sleep>>,
+    wrote: bool,
+}
+
+impl Keepalive {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            timer: Box::pin(tokio::time::sleep(every)),
+            wrote: false,
+        }
+    }
+
+    fn wrote(&mut self) {
+        self.wrote = true;
+    }
+
+    /// Ready when a comment is due.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            self.timer.as_mut().reset(Instant::now() + self.every);
+            if !std::mem::take(&mut self.wrote) {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// The reset and the stored gap up to the last sequence at the hand-over, one chunk per batch.
+struct Replay {
     hub: Hub,
     filter: Filter,
-    sender: mpsc::Sender<Item>,
-    /// The last sequence covered: live events at or below it are not sent again.
-    sent: u64,
+    policy: DeliverPolicy,
+    /// The stream's last sequence when the live receiver was taken.
+    last: u64,
+    reset: Option<u64>,
+    consumer: Option<PullConsumer>,
+    finished: bool,
 }
 
-impl Task {
-    async fn run(
-        mut self,
-        start: Start,
-        first: u64,
-        last: u64,
-        mut live: broadcast::Receiver<Arc<StreamedEvent>>,
-    ) {
-        let replay_from = match start {
-            Start::New => None,
-            Start::After(seq) => Some(DeliverPolicy::ByStartSequence {
-                start_sequence: seq.saturating_add(1),
-            }),
-            Start::At(seq) => Some(DeliverPolicy::ByStartSequence {
-                start_sequence: seq.max(1),
-            }),
-            Start::Since(time) => Some(DeliverPolicy::ByStartTime {
-                start_time: to_offset(time),
-            }),
+impl Replay {
+    fn into_stream(self) -> BoxStream<'static, Result<Bytes, ()>> {
+        futures::stream::unfold(self, |mut replay| async move {
+            match replay.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), replay)),
+                Ok(None) => None,
+                Err(err) => {
+                    tracing::warn!(error = %err, "event replay failed; ending the stream");
+                    replay.finished = true;
+                    Some((Err(()), replay))
+                }
+            }
+        })
+        .boxed()
+    }
+
+    /// The next chunk of the gap; `None` once it is all sent.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, async_nats::Error> {
+        let mut chunk = Chunk::default();
+        if let Some(first_seq) = self.reset.take() {
+            chunk.push(&Bytes::from(format!(
+                "event: reset\ndata: {{\"first_seq\":{first_seq}}}\n\n"
+            )));
+        }
+        while !self.finished && chunk.len() == 0 {
+            self.batch(&mut chunk).await?;
+        }
+        Ok(chunk.finish())
+    }
+
+    /// One batch of stored messages into `chunk`.
+    async fn batch(&mut self, chunk: &mut Chunk) -> Result<(), async_nats::Error> {
+        let consumer = match &self.consumer {
+            Some(consumer) => consumer,
+            None => self.consumer.insert(
+                self.hub
+                    .events()
+                    .create_consumer(pull::Config {
+                        filter_subject: self.hub.subject().to_owned(),
+                        deliver_policy: self.policy,
+                        ack_policy: AckPolicy::None,
+                        inactive_threshold: Duration::from_secs(10),
+                        memory_storage: true,
+                        ..Default::default()
+                    })
+                    .await?,
+            ),
         };
-        if let Some(mut policy) = replay_from {
-            if let DeliverPolicy::ByStartSequence { start_sequence } = policy {
-                if start_sequence < first {
-                    if !self.send(Item::Reset { first_seq: first }).await {
-                        return;
-                    }
-                    policy = DeliverPolicy::ByStartSequence {
-                        start_sequence: first,
-                    };
-                }
-                if start_sequence > last {
-                    // Nothing stored to replay; sequences up to the resume point are covered.
-                    self.sent = self.sent.max(start_sequence - 1);
-                    policy = DeliverPolicy::New;
-                }
-            }
-            if policy != DeliverPolicy::New {
-                match self.replay(policy, last).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "event replay failed; ending the stream");
-                        return;
-                    }
-                }
-            }
-        }
-        loop {
-            let received = tokio::select! {
-                // The connection is gone (its queue's receiver dropped): free the slot now, not
-                // at the next event.
-                () = self.sender.closed() => return,
-                received = live.recv() => received,
-            };
-            let event = match received {
-                Ok(event) => event,
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::info!(missed, "event subscriber fell behind; ending its stream");
-                    self.send(Item::Overflow).await;
-                    return;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if event.seq <= self.sent {
-                continue;
-            }
-            self.sent = event.seq;
-            if self.filter.accepts(&event.kind, &event.source)
-                && !self.send(Item::Event(event)).await
-            {
-                return;
-            }
-        }
-    }
-
-    /// Sends the stored events from `policy` up to `last`. False when the client went away.
-    async fn replay(
-        &mut self,
-        policy: DeliverPolicy,
-        last: u64,
-    ) -> Result<bool, async_nats::Error> {
-        let consumer = self
-            .hub
-            .events()
-            .create_consumer(pull::Config {
-                filter_subject: self.hub.subject().to_owned(),
-                deliver_policy: policy,
-                ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(10),
-                memory_storage: true,
-                ..Default::default()
-            })
+        let mut batch = consumer
+            .fetch()
+            .max_messages(REPLAY_BATCH)
+            .messages()
             .await?;
-        loop {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(REPLAY_BATCH)
-                .messages()
-                .await?;
-            let mut got = 0;
-            while let Some(message) = batch.next().await {
-                let message = message?;
-                got += 1;
-                let seq = message.info()?.stream_sequence;
-                if seq > last {
-                    // Live events take over from here.
-                    return Ok(true);
-                }
-                self.sent = seq;
-                let Some(event) =
-                    StreamedEvent::decode(seq, message.subject.clone(), message.payload.clone())
-                else {
-                    continue;
-                };
-                if self.filter.accepts(&event.kind, &event.source)
-                    && !self.send(Item::Event(Arc::new(event))).await
-                {
-                    return Ok(false);
-                }
-                if seq == last {
-                    return Ok(true);
-                }
+        let mut got = 0;
+        while let Some(message) = batch.next().await {
+            let message = message?;
+            got += 1;
+            let seq = message.info()?.stream_sequence;
+            if seq > self.last {
+                // Live events take over from here.
+                self.finished = true;
+                return Ok(());
             }
-            if got == 0 {
-                return Ok(true);
+            let event =
+                StreamedEvent::decode(seq, message.subject.clone(), message.payload.clone());
+            if let Some(event) = event.filter(|e| self.filter.accepts(&e.kind, &e.source)) {
+                chunk.push(&event.frame);
+            }
+            if seq == self.last {
+                self.finished = true;
+                return Ok(());
             }
         }
-    }
-
-    /// Queues `item` for the connection. False when the client went away, or has not taken
-    /// anything for [`STUCK_AFTER`] with its queue full: then the subscription ends and frees
-    /// its slot, whatever the connection does.
-    async fn send(&self, item: Item) -> bool {
-        match tokio::time::timeout(STUCK_AFTER, self.sender.send(item)).await {
-            Ok(sent) => sent.is_ok(),
-            Err(_) => {
-                tracing::info!(
-                    "event subscriber took nothing for {STUCK_AFTER:?}; ending its stream"
-                );
-                false
-            }
+        if got == 0 {
+            self.finished = true;
         }
+        Ok(())
     }
 }
 

@@ -58,6 +58,112 @@ async fn every_admin_write_is_in_the_audit_trail_with_who_and_what() {
     }
 }
 
+#[tokio::test]
+async fn an_alert_ack_an_admin_task_cancel_and_a_dlq_replay_are_in_the_audit_trail() {
+    use crate::alerting::{flags, offline_rule, rules_file};
+    use crate::tasks::{claim, register_worker, scoped_token};
+    let nats = NatsServer::start();
+    let (_dir, rules) = rules_file(json!([offline_rule(0.5, None)]));
+    let app = TestApp::spawn_with(
+        &nats,
+        &flags(&[
+            "--agent-stale-after=300ms",
+            "--agent-sweep-interval=100ms",
+            &rules,
+        ]),
+    )
+    .await;
+    let post = |path: String, token: String, body: Value| {
+        let app = &app;
+        async move {
+            let (status, answer) = app.post(&path, Some(&token), &body).await;
+            assert!(status.is_success(), "{path}: {status} {answer}");
+            answer
+        }
+    };
+
+    // An alert, acknowledged: a silent agent goes offline.
+    app.register("silent").await;
+    let alert = eventually(Duration::from_secs(10), "the alert to fire", || async {
+        let (_, body) = app.get("/orchestrator/alerts", Some(&admin_token())).await;
+        body["active"]
+            .as_array()?
+            .iter()
+            .find(|a| a["phase"] == "firing")
+            .map(|a| a["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    post(
+        format!("/orchestrator/alerts/{alert}/ack"),
+        admin_token(),
+        json!({}),
+    )
+    .await;
+
+    // A queued task, cancelled by the operator.
+    let submitter = scoped_token("client-1", "orchestrator.submit");
+    let submit = |task_id: &str, capability: &str| {
+        post(
+            "/orchestrator/tasks".into(),
+            submitter.clone(),
+            json!({ "task_id": task_id, "capability": capability }),
+        )
+    };
+    submit("t-cancelled", "nobody-does-this").await;
+    post(
+        "/orchestrator/tasks/t-cancelled/cancel".into(),
+        admin_token(),
+        json!({}),
+    )
+    .await;
+    // A submitter cancelling its own task is not an admin write.
+    submit("t-own", "nobody-does-this").await;
+    post(
+        "/orchestrator/tasks/t-own/cancel".into(),
+        submitter.clone(),
+        json!({}),
+    )
+    .await;
+
+    // A dead-lettered task, replayed.
+    register_worker(&app, "strict", &["c"], 1).await;
+    submit("t-dead", "c").await;
+    claim(&app, "strict", json!({ "wait": "5s" })).await;
+    let failed = post(
+        "/orchestrator/tasks/t-dead/callback".into(),
+        token("strict"),
+        json!({ "status": "failed", "error": { "message": "bad input", "retryable": false } }),
+    )
+    .await;
+    assert_eq!(failed["status"], "dead_lettered", "{failed}");
+    post(
+        "/orchestrator/dlq/t-dead/replay".into(),
+        admin_token(),
+        json!({}),
+    )
+    .await;
+
+    let body = audit(&app, "?kind=admin").await;
+    let records = body["records"].as_array().unwrap();
+    let actions: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("alert.ack", alert.as_str()),
+            ("task.cancel", "t-cancelled"),
+            ("dlq.replay", "t-dead"),
+        ]
+    );
+    for record in records {
+        assert_eq!(record["actor"], "operator");
+        assert!(record["at"].is_string(), "{record}");
+        assert_matches_schema("acc.audit.admin", &record_without_seq(record));
+    }
+}
+
 /// `seq` is where the record is stored, added by the listing, not part of the record.
 fn record_without_seq(record: &Value) -> Value {
     let mut record = record.clone();

@@ -353,6 +353,7 @@ async fn a_subscriber_that_never_reads_does_not_delay_others_and_is_cut_off() {
     let mut stalled = SseReader::open(&app, "", &reader, None).await;
     let mut reading = SseReader::open(&app, "", &reader, None).await;
     let total = 300;
+    let started = std::time::Instant::now();
     let sender = {
         let (url, token) = (app.url("/orchestrator/events"), token("emitter"));
         let http = app.http.clone();
@@ -370,25 +371,47 @@ async fn a_subscriber_that_never_reads_does_not_delay_others_and_is_cut_off() {
                     .unwrap();
                 assert_eq!(response.status(), StatusCode::OK);
             }
+            started.elapsed()
         })
     };
-    let started = std::time::Instant::now();
     let got = reading.take(total).await;
     let took = started.elapsed();
-    sender.await.unwrap();
+    let sent_within = sender.await.unwrap();
     assert_eq!(got.len(), total);
     let mut seen = ids(&got);
     seen.dedup();
     assert_eq!(seen.len(), total, "no duplicate for the reading subscriber");
-    println!("the reading subscriber got {total} events in {took:?} beside a stalled one");
+    // Measured: the reading subscriber has the last event soon after it was stored, however
+    // far behind the stalled one is (a stalled subscriber that held the others back would hold
+    // them until it was cut off).
+    let behind = took.saturating_sub(sent_within);
+    println!(
+        "the reading subscriber got {total} events in {took:?} beside a stalled one; \
+         the publisher took {sent_within:?}, so the reader finished {behind:?} after it"
+    );
+    assert!(
+        behind < Duration::from_secs(2),
+        "the reader finished {behind:?} after the last event was stored"
+    );
 
-    // The stalled subscriber, read at last, finds its stream ended with an overflow notice.
+    // The stalled subscriber, read at last, finds its stream ended with an overflow notice,
+    // after far fewer events than were sent: what the bridge held for it is bounded (its
+    // connection's buffers and the hub's ring of 16), not the whole backlog.
+    let mut before_overflow = 0;
     let mut last = None;
     while let Some(event) = stalled.next(Duration::from_secs(5)).await {
+        if event.id.is_some() {
+            before_overflow += 1;
+        }
         last = Some(event);
     }
     let last = last.expect("it got something before it was cut off");
     assert_eq!(last.event.as_deref(), Some("overflow"), "{last:?}");
+    println!("the stalled subscriber got {before_overflow} of {total} events, then the overflow");
+    assert!(
+        before_overflow < total / 2,
+        "{before_overflow} of {total} events were held for the stalled subscriber"
+    );
 }
 
 #[tokio::test]

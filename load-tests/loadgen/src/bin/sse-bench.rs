@@ -16,7 +16,10 @@
 //!    the last id before them; the time from its request to its last gap event is the replay.
 //!
 //! With `--bridge-pid`, the bridge's CPU time (utime + stime of `/proc/<pid>/stat`) over the
-//! live phase and its resident memory before and with the subscribers are reported too.
+//! live phase and its resident memory before and with the subscribers are reported too; the
+//! benchmark's own CPU time (its readers and publisher share the machine) always, and with
+//! `--nats-pid` the nats-server's. Each reader takes a frame's receipt time when the chunk
+//! that completes it comes off the socket, before parsing it, and searches each byte once.
 //!
 //! ```sh
 //! sse-bench --url http://127.0.0.1:8080 --reader-token "$ADMIN" --token "$AGENT" \
@@ -65,6 +68,9 @@ struct Args {
     /// The bridge's process id, for its CPU time and memory.
     #[arg(long)]
     bridge_pid: Option<u32>,
+    /// The embedded nats-server's process id, for its CPU time.
+    #[arg(long)]
+    nats_pid: Option<u32>,
     /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100)]
     clk_tck: u64,
@@ -102,12 +108,20 @@ struct Seen {
 struct SseStream {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    /// Where the unread part of `buffer` starts.
+    start: usize,
+    /// Where the search for the end of the next frame resumes.
+    scanned: usize,
+    /// When the chunk that completed the frames in `buffer` arrived (µs since the epoch).
+    received_at: u64,
 }
 
-/// One event's id and, for the benchmark's events, `data.bench_t`.
+/// One event's id and, for the benchmark's events, `data.bench_t`, with when its last byte
+/// arrived.
 struct Frame {
     id: Option<u64>,
     sent_at: Option<u64>,
+    received_at: u64,
 }
 
 impl SseStream {
@@ -133,23 +147,55 @@ impl SseStream {
         Ok(Self {
             response,
             buffer: Vec::with_capacity(16 * 1024),
+            start: 0,
+            scanned: 0,
+            received_at: 0,
         })
     }
 
-    /// The next event (comments skipped); `None` when the stream ended.
+    /// The next event (comments skipped); `None` when the stream ended. Its receipt time is
+    /// taken once per chunk read off the socket, before any parsing, so the reader's own
+    /// parsing does not count as latency.
     async fn next(&mut self) -> anyhow::Result<Option<Frame>> {
         loop {
-            if let Some(end) = find(&self.buffer, b"\n\n") {
-                let frame = parse(&self.buffer[..end]);
-                self.buffer.drain(..end + 2);
+            if let Some(end) = self.frame_end() {
+                let frame = parse(&self.buffer[self.start..end], self.received_at);
+                self.start = end + 2;
+                self.scanned = self.start;
                 if let Some(frame) = frame {
                     return Ok(Some(frame));
                 }
                 continue;
             }
             match self.response.chunk().await? {
-                Some(chunk) => self.buffer.extend_from_slice(&chunk),
+                Some(chunk) => {
+                    self.received_at = now_micros();
+                    if self.start == self.buffer.len() {
+                        self.buffer.clear();
+                        self.scanned -= self.start;
+                        self.start = 0;
+                    } else if self.start > self.buffer.len() / 2 {
+                        self.buffer.drain(..self.start);
+                        self.scanned -= self.start;
+                        self.start = 0;
+                    }
+                    self.buffer.extend_from_slice(&chunk);
+                }
                 None => return Ok(None),
+            }
+        }
+    }
+
+    /// Where the next frame's blank line starts, searching only bytes not searched before.
+    fn frame_end(&mut self) -> Option<usize> {
+        let from = self.scanned.max(self.start);
+        let unread = &self.buffer[from..];
+        match unread.windows(2).position(|w| w == b"\n\n") {
+            Some(at) => Some(from + at),
+            None => {
+                // The last byte may be the first half of the blank line.
+                self.scanned = self.buffer.len().saturating_sub(1).max(self.start);
+                None
             }
         }
     }
@@ -160,10 +206,11 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// An event block's id and `bench_t`; `None` for a comment-only block.
-fn parse(block: &[u8]) -> Option<Frame> {
+fn parse(block: &[u8], received_at: u64) -> Option<Frame> {
     let mut frame = Frame {
         id: None,
         sent_at: None,
+        received_at,
     };
     let mut any = false;
     for line in block.split(|b| *b == b'\n') {
@@ -219,7 +266,7 @@ async fn subscribe(mut stream: SseStream, mut want: watch::Receiver<Option<u64>>
         let Some(sent_at) = frame.sent_at else {
             continue;
         };
-        let micros = now_micros().saturating_sub(sent_at);
+        let micros = frame.received_at.saturating_sub(sent_at);
         seen.latency.record(micros.clamp(1, 60_000_000)).ok();
         seen.events += 1;
         match frame.id {
@@ -310,6 +357,9 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. Publish open loop at the rate.
     let cpu_before = pid.and_then(|p| cpu_seconds(p, args.clk_tck));
+    let own_pid = std::process::id();
+    let own_cpu_before = cpu_seconds(own_pid, args.clk_tck);
+    let nats_cpu_before = args.nats_pid.and_then(|p| cpu_seconds(p, args.clk_tck));
     let live_started = Instant::now();
     let total = args.rate * args.duration;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
@@ -368,6 +418,8 @@ async fn main() -> anyhow::Result<()> {
     .await;
     let live_took = live_started.elapsed();
     let cpu_after = pid.and_then(|p| cpu_seconds(p, args.clk_tck));
+    let own_cpu_after = cpu_seconds(own_pid, args.clk_tck);
+    let nats_cpu_after = args.nats_pid.and_then(|p| cpu_seconds(p, args.clk_tck));
     let rss_peak = rss("VmHWM:");
     incomplete += readers.len() as u64;
     readers.abort_all();
@@ -428,6 +480,24 @@ async fn main() -> anyhow::Result<()> {
             "bridge_cpu_us_per_delivery".into(),
             (cpu * 1e6 / deliveries.max(1) as f64).into(),
         );
+    }
+    // The other processes on the same 2 cores: this client (the subscribers' reading and
+    // parsing, and the publisher) and the bridge's embedded nats-server.
+    let secs = live_took.as_secs_f64();
+    for (who, before, after) in [
+        ("client", own_cpu_before, own_cpu_after),
+        ("nats_server", nats_cpu_before, nats_cpu_after),
+    ] {
+        if let (Some(before), Some(after)) = (before, after) {
+            let cpu = after - before;
+            println!(
+                "{} {who} CPU {cpu:.2} s over {secs:.1} s ({:.0} % of one core), {:.2} µs per delivery",
+                args.label,
+                100.0 * cpu / secs,
+                cpu * 1e6 / deliveries.max(1) as f64,
+            );
+            report.insert(format!("{who}_cpu_s"), cpu.into());
+        }
     }
     if let (Some(idle), Some(connected)) = (rss_idle, rss_connected) {
         let per = (connected as f64 - idle as f64) / args.subscribers.max(1) as f64;
