@@ -243,7 +243,7 @@ impl Dispatcher {
                 Some(outcome) = pushed.recv() => self.pushed(outcome).await,
                 next = incoming.next() => match next {
                     Some(Ok(message)) => {
-                        let mut items = vec![Item::Submission(message)];
+                        let mut items = vec![Item::Submission(Box::new(message))];
                         drain(&mut items, &mut requests, &mut incoming);
                         self.run_turns(items).await;
                     }
@@ -336,7 +336,7 @@ impl Dispatcher {
     }
 
     /// A submission whose record is stored: counted for the backlog and acknowledged.
-    async fn taken_in(&mut self, message: async_nats::jetstream::Message, seq: u64) {
+    async fn taken_in(&mut self, message: Box<async_nats::jetstream::Message>, seq: u64) {
         self.state.backlog.taken_in(seq);
         if let Err(err) = message.ack().await {
             tracing::debug!(error = %err, "submission ack failed; it will come again");
@@ -855,7 +855,7 @@ const TURNS_MAX: usize = 8;
 
 /// Something the loop took in, handled in a [`Turn`].
 enum Item {
-    Submission(async_nats::jetstream::Message),
+    Submission(Box<async_nats::jetstream::Message>),
     Request(async_nats::Message),
 }
 
@@ -872,7 +872,7 @@ fn drain(
             items.push(Item::Request(message));
         }
         if let Some(Some(Ok(message))) = incoming.next().now_or_never() {
-            items.push(Item::Submission(message));
+            items.push(Item::Submission(Box::new(message)));
         }
         if items.len() == before {
             break;
@@ -908,7 +908,7 @@ struct Write {
 enum Then {
     /// A new task's record: the submission is acknowledged.
     Admit {
-        message: async_nats::jetstream::Message,
+        message: Box<async_nats::jetstream::Message>,
         seq: u64,
     },
     /// An attempt leased for claim number `claim` of the turn.
@@ -981,7 +981,11 @@ impl Dispatcher {
     }
 
     /// A submission: its record is created (create-only, so a redelivery changes nothing).
-    async fn plan_submission(&mut self, turn: &mut Turn, message: async_nats::jetstream::Message) {
+    async fn plan_submission(
+        &mut self,
+        turn: &mut Turn,
+        message: Box<async_nats::jetstream::Message>,
+    ) {
         let seq = message.info().map(|info| info.stream_sequence).unwrap_or(0);
         let submission = match serde_json::from_slice::<Submission>(&message.payload) {
             Ok(submission) => submission,
