@@ -21,7 +21,7 @@
 //! deadline nothing is written ([`Lease::acting`]).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -242,10 +242,18 @@ impl Dispatcher {
                     self.answer_waiters_unavailable().await;
                     return Ok(Stopped::Stop);
                 }
-                Some(message) = requests.next() => self.handle(message).await,
+                Some(message) = requests.next() => {
+                    let mut items = vec![Item::Request(message)];
+                    drain(&mut items, &mut requests, &mut incoming);
+                    self.run_turns(items).await;
+                }
                 Some(outcome) = pushed.recv() => self.pushed(outcome).await,
                 next = incoming.next() => match next {
-                    Some(Ok(message)) => self.take_in(message).await,
+                    Some(Ok(message)) => {
+                        let mut items = vec![Item::Submission(Box::new(message))];
+                        drain(&mut items, &mut requests, &mut incoming);
+                        self.run_turns(items).await;
+                    }
                     Some(Err(err)) => tracing::debug!(error = %err, "submissions: pull interrupted"),
                     None => anyhow::bail!("the submissions consumer ended"),
                 },
@@ -273,8 +281,7 @@ impl Dispatcher {
                         // Waiting claims are also looked at again now and then: an agent the
                         // view did not know yet, or one whose status changed.
                         waiters_at = tokio::time::Instant::now() + RESERVE_WAITERS_EVERY;
-                        self.serve_waiters().await;
-                        self.push_queued().await;
+                        self.run_turns(Vec::new()).await;
                     }
                     if tokio::time::Instant::now() >= figures_at {
                         figures_at = tokio::time::Instant::now() + FIGURES_EVERY;
@@ -341,29 +348,11 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Takes one submission in: create its record (unless it has one) and queue it.
-    async fn take_in(&mut self, message: async_nats::jetstream::Message) {
-        let seq = message.info().map(|info| info.stream_sequence).unwrap_or(0);
-        let submission = match serde_json::from_slice::<Submission>(&message.payload) {
-            Ok(submission) => submission,
-            Err(err) => {
-                tracing::warn!(subject = %message.subject, error = %err, "unreadable submission; skipped");
-                let _ = message.ack_with(async_nats::jetstream::AckKind::Term).await;
-                return;
-            }
-        };
-        match self.admit(submission, seq).await {
-            Ok(_) => {
-                self.state.backlog.taken_in(seq);
-                if let Err(err) = message.ack().await {
-                    tracing::debug!(error = %err, "submission ack failed; it will come again");
-                }
-                self.serve_waiters().await;
-                self.push_queued().await;
-            }
-            Err(refusal) => {
-                tracing::warn!(error = %refusal, "cannot store a task record; the submission will come again");
-            }
+    /// A submission whose record is stored: counted for the backlog and acknowledged.
+    async fn taken_in(&mut self, message: Box<async_nats::jetstream::Message>, seq: u64) {
+        self.state.backlog.taken_in(seq);
+        if let Err(err) = message.ack().await {
+            tracing::debug!(error = %err, "submission ack failed; it will come again");
         }
     }
 
@@ -563,121 +552,11 @@ impl Dispatcher {
         }
     }
 
-    /// One request from the ingress.
-    async fn handle(&mut self, message: async_nats::Message) {
-        let Some(reply) = message.reply.clone() else {
-            return;
-        };
-        let subject = message.subject.as_str();
-        if subject == subjects::DISPATCH_CLAIM {
-            match serde_json::from_slice::<ClaimRequest>(&message.payload) {
-                Ok(request) => self.claim(request, reply).await,
-                Err(err) => self.answer(reply, Err(Refusal::internal(err))).await,
-            }
-            return;
-        }
-        let answer = match subject {
-            subjects::DISPATCH_CALLBACK => match decode::<CallbackRequest>(&message.payload) {
-                Ok(request) => self.callback(request).await,
-                Err(refusal) => Err(refusal),
-            },
-            subjects::DISPATCH_CANCEL => match decode::<CancelRequest>(&message.payload) {
-                Ok(request) => self.cancel(request).await,
-                Err(refusal) => Err(refusal),
-            },
-            subjects::DISPATCH_REPLAY => match decode::<ReplayRequest>(&message.payload) {
-                Ok(request) => self.replay(request).await,
-                Err(refusal) => Err(refusal),
-            },
-            other => Err(Refusal::internal(format!("no dispatcher request {other}"))),
-        };
-        self.answer(reply, answer).await;
-        self.serve_waiters().await;
-        self.push_queued().await;
-    }
-
     async fn answer(&self, reply: Subject, answer: Result<Value, Refusal>) {
         let bytes = Answer::from_result(answer).to_bytes();
         if let Err(err) = self.client.publish(reply, bytes).await {
             tracing::debug!(error = %err, "dispatcher answer not sent");
         }
-    }
-
-    /// A claim: tasks now, or wait for some up to its `wait`.
-    async fn claim(&mut self, request: ClaimRequest, reply: Subject) {
-        match self.take_for(&request).await {
-            Ok(tasks) if !tasks.is_empty() || request.wait_ms == 0 => {
-                self.answer(reply, Ok(claimed(tasks))).await;
-            }
-            Ok(_) => self.state.waiters.push(Waiter {
-                reply,
-                deadline: tokio::time::Instant::now() + Duration::from_millis(request.wait_ms),
-                request,
-            }),
-            Err(refusal) => self.answer(reply, Err(refusal)).await,
-        }
-    }
-
-    /// Leases up to the claim's `max` tasks (and the agent's free slots) to the claiming agent.
-    async fn take_for(&mut self, request: &ClaimRequest) -> Result<Vec<Value>, Refusal> {
-        let agent_id = &request.agent_id;
-        let Some(agent) = self.directory.get(agent_id) else {
-            // Registered a moment ago, and the view has not caught up: nothing yet (a waiting
-            // claim is looked at again). Never registered: 404.
-            return if self.directory.is_known(agent_id).await? {
-                Ok(Vec::new())
-            } else {
-                Err(Refusal::new(Code::AgentNotFound))
-            };
-        };
-        let capabilities = self.claimable(&agent, request.capabilities.as_deref());
-        let live = self.state.live.get(agent_id).copied().unwrap_or(0);
-        let slots = agent.profile.max_concurrent_tasks.saturating_sub(live);
-        let mut tasks = Vec::new();
-        while (tasks.len() as u32) < request.max.min(slots) && !capabilities.is_empty() {
-            let (queue, records, directory) =
-                (&mut self.state.queue, &self.state.tasks, &self.directory);
-            let taken = queue.pop_for(&capabilities, |task_id| {
-                records
-                    .get(task_id)
-                    .is_some_and(|held| prefers(directory, &held.record, agent_id))
-            });
-            let Some(waiting) = taken else {
-                break;
-            };
-            let Some(held) = self.state.tasks.get(&waiting.task_id).cloned() else {
-                continue;
-            };
-            let mut next = held.record.clone();
-            let now = now();
-            let attempt = next.start_attempt(agent_id, now);
-            match self.commit(next.clone(), held.revision).await {
-                Ok(_) => {
-                    tracing::info!(task_id = %next.task_id, agent_id = %agent_id, attempt, "task dispatched");
-                    tasks.push(json!({
-                        "task_id": next.task_id,
-                        "capability": next.spec.capability,
-                        "input": next.spec.input,
-                        "attempt": attempt,
-                        "lease_expires_at": next.lease_expires_at,
-                        "priority": next.spec.priority,
-                    }));
-                }
-                Err(refusal) => {
-                    // Not stored: back in the queue (reloaded by commit if it changed).
-                    if let Some(held) = self.state.tasks.get(&waiting.task_id) {
-                        if held.record.status == TaskStatus::Queued {
-                            self.state.queue.push(waiting);
-                        }
-                    }
-                    if tasks.is_empty() {
-                        return Err(refusal);
-                    }
-                    break;
-                }
-            }
-        }
-        Ok(tasks)
     }
 
     /// The capabilities `agent` may take tasks of now: those it registered (and asked for);
@@ -700,21 +579,6 @@ impl Dispatcher {
                 })
                 .cloned()
                 .collect(),
-        }
-    }
-
-    /// Gives waiting claims what has become available.
-    async fn serve_waiters(&mut self) {
-        if self.state.waiters.is_empty() || self.state.queue.is_empty() {
-            return;
-        }
-        let waiters = std::mem::take(&mut self.state.waiters);
-        for waiter in waiters {
-            match self.take_for(&waiter.request).await {
-                Ok(tasks) if tasks.is_empty() => self.state.waiters.push(waiter),
-                Ok(tasks) => self.answer(waiter.reply, Ok(claimed(tasks))).await,
-                Err(refusal) => self.answer(waiter.reply, Err(refusal)).await,
-            }
         }
     }
 
@@ -779,38 +643,8 @@ impl Dispatcher {
             }
         }
         if changed {
-            self.serve_waiters().await;
-            self.push_queued().await;
+            self.run_turns(Vec::new()).await;
         }
-    }
-
-    /// A callback from the agent holding the live attempt changes the task; anything else is
-    /// a duplicate of the final report, or refused with nothing stored.
-    async fn callback(&mut self, request: CallbackRequest) -> Result<Value, Refusal> {
-        let held = self.lookup(&request.task_id).await?;
-        let record = &held.record;
-        let holds = record
-            .live_attempt()
-            .is_some_and(|a| a.agent_id == request.agent_id);
-        if !holds {
-            return repeated(record, held.revision, &request);
-        }
-        let mut next = record.clone();
-        let now = now();
-        match &request.report {
-            Report::Running { .. } => next.mark_running(now),
-            Report::Succeeded { result } => next.succeed(result.clone(), now),
-            Report::Failed { error } => next.fail(
-                Outcome::Failed,
-                json!({"message": error.message, "retryable": error.retryable}),
-                error.retryable,
-                rand::random(),
-                now,
-            ),
-        }
-        let revision = self.commit(next.clone(), held.revision).await?;
-        tracing::info!(task_id = %next.task_id, agent_id = %request.agent_id, status = next.status.as_str(), "task callback stored");
-        Ok(callback_answer(&next, revision, false))
     }
 
     async fn cancel(&mut self, request: CancelRequest) -> Result<Value, Refusal> {
@@ -991,51 +825,6 @@ impl Dispatcher {
 
 /// Push delivery: the dispatcher's side of [`super::push`].
 impl Dispatcher {
-    /// Leases queued tasks to push agents with free slots and sends them. The same rules as a
-    /// claim apply ([`Dispatcher::take_for`]: online first, degraded only for capabilities no
-    /// online agent has, `max_concurrent_tasks`, a retry away from an agent that failed it).
-    async fn push_queued(&mut self) {
-        if self.state.queue.is_empty()
-            || self.pusher.is_none()
-            || !self
-                .directory
-                .any(|agent| agent.profile.push_channel().is_some())
-        {
-            return;
-        }
-        let agents = self.directory.list();
-        for agent in agents
-            .iter()
-            .filter(|agent| agent.profile.push_channel().is_some())
-        {
-            if self.state.queue.is_empty() {
-                break;
-            }
-            let live = self.state.live.get(&agent.agent_id).copied().unwrap_or(0);
-            if live >= agent.profile.max_concurrent_tasks {
-                continue;
-            }
-            let request = ClaimRequest {
-                agent_id: agent.agent_id.clone(),
-                capabilities: None,
-                max: agent.profile.max_concurrent_tasks,
-                wait_ms: 0,
-            };
-            match self.take_for(&request).await {
-                Ok(tasks) => {
-                    if let Some(pusher) = &self.pusher {
-                        for task in &tasks {
-                            pusher.deliver(agent, task);
-                        }
-                    }
-                }
-                Err(refusal) => {
-                    tracing::debug!(agent_id = %agent.agent_id, error = %refusal, "nothing pushed to this agent now");
-                }
-            }
-        }
-    }
-
     /// A push came back: a failed one fails its attempt (retryable), if that attempt is still
     /// the live one. A delivered one needs nothing: the agent calls back.
     async fn pushed(&mut self, outcome: PushOutcome) {
@@ -1058,8 +847,7 @@ impl Dispatcher {
         match self.commit(next, held.revision).await {
             Ok(_) => {
                 tracing::info!(task_id = %outcome.task_id, agent_id = %outcome.agent_id, attempt = outcome.attempt, "pushed attempt failed");
-                self.serve_waiters().await;
-                self.push_queued().await;
+                self.run_turns(Vec::new()).await;
             }
             Err(refusal) => {
                 // The lease still ends the attempt if this write never lands.
@@ -1074,5 +862,560 @@ impl Dispatcher {
             return;
         };
         pusher.tell_cancelled(&agent, task_id);
+    }
+}
+
+/// The most messages one turn takes in before their writes go out together.
+const TURN_MAX: usize = 512;
+/// The most turns run back to back before the loop looks at its tick again.
+const TURNS_MAX: usize = 8;
+
+/// Something the loop took in, handled in a [`Turn`].
+enum Item {
+    Submission(Box<async_nats::jetstream::Message>),
+    Request(async_nats::Message),
+}
+
+/// Adds to `items` what the two inputs hold already, without waiting, up to [`TURN_MAX`].
+fn drain(
+    items: &mut Vec<Item>,
+    requests: &mut async_nats::Subscriber,
+    incoming: &mut consumer::pull::Stream,
+) {
+    use futures::FutureExt as _;
+    while items.len() < TURN_MAX {
+        let before = items.len();
+        if let Some(Some(message)) = requests.next().now_or_never() {
+            items.push(Item::Request(message));
+        }
+        if let Some(Some(Ok(message))) = incoming.next().now_or_never() {
+            items.push(Item::Submission(Box::new(message)));
+        }
+        if items.len() == before {
+            break;
+        }
+    }
+}
+
+/// One turn of the dispatcher: the changes of many messages, planned in memory, written to the
+/// bucket together (JetStream commits concurrent writes to disk together), then applied and
+/// answered as each landed. A task has at most one write in a turn ([`Turn::busy`]); a second
+/// message about it waits for the next turn, so its writes are in the order they came.
+#[derive(Default)]
+struct Turn {
+    writes: Vec<Write>,
+    /// Tasks with a write in this turn.
+    busy: HashSet<TaskId>,
+    claims: Vec<PlannedClaim>,
+    /// Attempts planned per agent in this turn, not yet in [`State::live`] (its free slots).
+    reserved: HashMap<AgentId, u32>,
+    /// Messages about a busy task, for the next turn.
+    later: Vec<Item>,
+}
+
+/// A record change to store with its follow-up.
+struct Write {
+    next: TaskRecord,
+    /// The revision it replaces (compare-and-set), or `None` to create it.
+    revision: Option<u64>,
+    then: Then,
+}
+
+/// What a write is for: done once it is stored, undone when it is not.
+enum Then {
+    /// A new task's record: the submission is acknowledged.
+    Admit {
+        message: Box<async_nats::jetstream::Message>,
+        seq: u64,
+    },
+    /// An attempt leased for claim number `claim` of the turn.
+    Claim {
+        claim: usize,
+        waiting: Waiting,
+        attempt: u32,
+    },
+    /// A callback from the holder of the live attempt, answered on `reply`.
+    Callback { reply: Subject, agent_id: AgentId },
+}
+
+/// How a write went.
+enum Written {
+    Stored(u64),
+    Refused(String),
+    TimedOut,
+}
+
+/// Who a claim planned in a turn is for.
+enum ClaimFor {
+    /// A claim request, or a waiting one (`deadline` set), answered on `reply`.
+    Reply {
+        reply: Subject,
+        deadline: Option<tokio::time::Instant>,
+    },
+    /// A push agent: what it is leased is sent to it.
+    Push(AgentRecord),
+}
+
+struct PlannedClaim {
+    request: ClaimRequest,
+    to: ClaimFor,
+    /// What was leased, as the agent is told it, once stored.
+    tasks: Vec<Value>,
+    refusal: Option<Refusal>,
+}
+
+impl Dispatcher {
+    /// Runs turns for `items`, then for what they made possible (tasks queued for waiting
+    /// claims and push agents), a few at most.
+    async fn run_turns(&mut self, mut items: Vec<Item>) {
+        for round in 1.. {
+            let mut turn = Turn::default();
+            for item in items {
+                self.plan(&mut turn, item).await;
+            }
+            self.plan_waiters(&mut turn).await;
+            self.plan_pushes(&mut turn).await;
+            let wrote = !turn.writes.is_empty();
+            // Each turn handles at least the first message about every task, so what is left
+            // for the next turn shrinks until nothing is.
+            items = self.execute(turn).await;
+            if !items.is_empty() {
+                continue;
+            }
+            let more = !self.state.queue.is_empty()
+                && (!self.state.waiters.is_empty() || self.pusher.is_some());
+            if !(wrote && more) || round >= TURNS_MAX {
+                return;
+            }
+        }
+    }
+
+    async fn plan(&mut self, turn: &mut Turn, item: Item) {
+        match item {
+            Item::Submission(message) => self.plan_submission(turn, message).await,
+            Item::Request(message) => self.plan_request(turn, message).await,
+        }
+    }
+
+    /// A submission: its record is created (create-only, so a redelivery changes nothing).
+    async fn plan_submission(
+        &mut self,
+        turn: &mut Turn,
+        message: Box<async_nats::jetstream::Message>,
+    ) {
+        let seq = message.info().map(|info| info.stream_sequence).unwrap_or(0);
+        let submission = match serde_json::from_slice::<Submission>(&message.payload) {
+            Ok(submission) => submission,
+            Err(err) => {
+                tracing::warn!(subject = %message.subject, error = %err, "unreadable submission; skipped");
+                let _ = message.ack_with(async_nats::jetstream::AckKind::Term).await;
+                return;
+            }
+        };
+        if turn.busy.contains(&submission.task_id) {
+            turn.later.push(Item::Submission(message));
+            return;
+        }
+        if self.state.tasks.contains_key(&submission.task_id) {
+            self.taken_in(message, seq).await;
+            return;
+        }
+        if let Err(refusal) = self.fence() {
+            tracing::warn!(error = %refusal, "cannot store a task record; the submission will come again");
+            return;
+        }
+        let next = TaskRecord::queued(submission, seq);
+        turn.busy.insert(next.task_id.clone());
+        turn.writes.push(Write {
+            next,
+            revision: None,
+            then: Then::Admit { message, seq },
+        });
+    }
+
+    /// One request from the ingress. Cancel and replay (rare) are written at once; a message
+    /// about a task with a write in this turn waits for the next.
+    async fn plan_request(&mut self, turn: &mut Turn, message: async_nats::Message) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let subject = message.subject.as_str();
+        let answer = match subject {
+            subjects::DISPATCH_CLAIM => match decode::<ClaimRequest>(&message.payload) {
+                Ok(request) => {
+                    let to = ClaimFor::Reply {
+                        reply,
+                        deadline: None,
+                    };
+                    self.plan_claim(turn, request, to).await;
+                    return;
+                }
+                Err(refusal) => Err(refusal),
+            },
+            subjects::DISPATCH_CALLBACK => match decode::<CallbackRequest>(&message.payload) {
+                Ok(request) if turn.busy.contains(&request.task_id) => {
+                    turn.later.push(Item::Request(message));
+                    return;
+                }
+                Ok(request) => match self.plan_callback(turn, request, reply.clone()).await {
+                    Some(answer) => answer,
+                    None => return,
+                },
+                Err(refusal) => Err(refusal),
+            },
+            subjects::DISPATCH_CANCEL => match decode::<CancelRequest>(&message.payload) {
+                Ok(request) if turn.busy.contains(&request.task_id) => {
+                    turn.later.push(Item::Request(message));
+                    return;
+                }
+                Ok(request) => self.cancel(request).await,
+                Err(refusal) => Err(refusal),
+            },
+            subjects::DISPATCH_REPLAY => match decode::<ReplayRequest>(&message.payload) {
+                Ok(request) if turn.busy.contains(&request.task_id) => {
+                    turn.later.push(Item::Request(message));
+                    return;
+                }
+                Ok(request) => self.replay(request).await,
+                Err(refusal) => Err(refusal),
+            },
+            other => Err(Refusal::internal(format!("no dispatcher request {other}"))),
+        };
+        self.answer(reply, answer).await;
+    }
+
+    /// A callback from the agent holding the live attempt plans its change; anything else is
+    /// answered now: a duplicate of the final report, or refused with nothing stored.
+    async fn plan_callback(
+        &mut self,
+        turn: &mut Turn,
+        request: CallbackRequest,
+        reply: Subject,
+    ) -> Option<Result<Value, Refusal>> {
+        let held = match self.lookup(&request.task_id).await {
+            Ok(held) => held,
+            Err(refusal) => return Some(Err(refusal)),
+        };
+        let record = &held.record;
+        let holds = record
+            .live_attempt()
+            .is_some_and(|a| a.agent_id == request.agent_id);
+        if !holds {
+            return Some(repeated(record, held.revision, &request));
+        }
+        if let Err(refusal) = self.fence() {
+            return Some(Err(refusal));
+        }
+        let mut next = record.clone();
+        let now = now();
+        match &request.report {
+            Report::Running { .. } => next.mark_running(now),
+            Report::Succeeded { result } => next.succeed(result.clone(), now),
+            Report::Failed { error } => next.fail(
+                Outcome::Failed,
+                json!({"message": error.message, "retryable": error.retryable}),
+                error.retryable,
+                rand::random(),
+                now,
+            ),
+        }
+        turn.busy.insert(next.task_id.clone());
+        turn.writes.push(Write {
+            next,
+            revision: Some(held.revision),
+            then: Then::Callback {
+                reply,
+                agent_id: request.agent_id,
+            },
+        });
+        None
+    }
+
+    /// A claim: the tasks it leases are planned now; answered when their writes landed (or,
+    /// with nothing to take, it waits up to its `wait`).
+    async fn plan_claim(&mut self, turn: &mut Turn, request: ClaimRequest, to: ClaimFor) {
+        let claim = turn.claims.len();
+        let refusal = match self.directory.get(&request.agent_id) {
+            // Registered a moment ago, and the view has not caught up: nothing yet (a waiting
+            // claim is looked at again). Never registered: 404.
+            None => match self.directory.is_known(&request.agent_id).await {
+                Ok(true) => None,
+                Ok(false) => Some(Refusal::new(Code::AgentNotFound)),
+                Err(err) => Some(Refusal::from(err)),
+            },
+            Some(agent) => self.plan_take(turn, claim, &agent, &request).err(),
+        };
+        turn.claims.push(PlannedClaim {
+            request,
+            to,
+            tasks: Vec::new(),
+            refusal,
+        });
+    }
+
+    /// Leases up to the claim's `max` tasks (and the agent's free slots) to `agent`.
+    fn plan_take(
+        &mut self,
+        turn: &mut Turn,
+        claim: usize,
+        agent: &AgentRecord,
+        request: &ClaimRequest,
+    ) -> Result<(), Refusal> {
+        let agent_id = &agent.agent_id;
+        let capabilities = self.claimable(agent, request.capabilities.as_deref());
+        if capabilities.is_empty() || self.state.queue.is_empty() {
+            return Ok(());
+        }
+        self.fence()?;
+        let live = self.state.live.get(agent_id).copied().unwrap_or(0)
+            + turn.reserved.get(agent_id).copied().unwrap_or(0);
+        let slots = agent.profile.max_concurrent_tasks.saturating_sub(live);
+        let mut taken = 0;
+        while taken < request.max.min(slots) {
+            let (queue, records, directory) =
+                (&mut self.state.queue, &self.state.tasks, &self.directory);
+            let popped = queue.pop_for(&capabilities, |task_id| {
+                !turn.busy.contains(task_id)
+                    && records
+                        .get(task_id)
+                        .is_some_and(|held| prefers(directory, &held.record, agent_id))
+            });
+            let Some(waiting) = popped else {
+                break;
+            };
+            let Some(held) = self.state.tasks.get(&waiting.task_id) else {
+                continue;
+            };
+            let mut next = held.record.clone();
+            let attempt = next.start_attempt(agent_id, now());
+            turn.busy.insert(waiting.task_id.clone());
+            *turn.reserved.entry(agent_id.clone()).or_default() += 1;
+            taken += 1;
+            turn.writes.push(Write {
+                next,
+                revision: Some(held.revision),
+                then: Then::Claim {
+                    claim,
+                    waiting,
+                    attempt,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Waiting claims get what is queued now.
+    async fn plan_waiters(&mut self, turn: &mut Turn) {
+        if self.state.waiters.is_empty() || self.state.queue.is_empty() {
+            return;
+        }
+        for waiter in std::mem::take(&mut self.state.waiters) {
+            let to = ClaimFor::Reply {
+                reply: waiter.reply,
+                deadline: Some(waiter.deadline),
+            };
+            self.plan_claim(turn, waiter.request, to).await;
+        }
+    }
+
+    /// Push agents with free slots are leased queued tasks, by the same rules as a claim
+    /// ([`Dispatcher::plan_take`]: online first, degraded only for capabilities no online agent
+    /// has, `max_concurrent_tasks`, a retry away from an agent that failed it).
+    async fn plan_pushes(&mut self, turn: &mut Turn) {
+        if self.state.queue.is_empty()
+            || self.pusher.is_none()
+            || !self
+                .directory
+                .any(|agent| agent.profile.push_channel().is_some())
+        {
+            return;
+        }
+        for agent in self.directory.list() {
+            if agent.profile.push_channel().is_none() {
+                continue;
+            }
+            if self.state.queue.is_empty() {
+                break;
+            }
+            let live = self.state.live.get(&agent.agent_id).copied().unwrap_or(0)
+                + turn.reserved.get(&agent.agent_id).copied().unwrap_or(0);
+            if live >= agent.profile.max_concurrent_tasks {
+                continue;
+            }
+            let request = ClaimRequest {
+                agent_id: agent.agent_id.clone(),
+                capabilities: None,
+                max: agent.profile.max_concurrent_tasks,
+                wait_ms: 0,
+            };
+            self.plan_claim(turn, request, ClaimFor::Push(agent)).await;
+        }
+    }
+
+    /// Writes the turn's changes concurrently, then applies each stored one in memory and
+    /// answers; returns the messages left for the next turn.
+    async fn execute(&mut self, turn: Turn) -> Vec<Item> {
+        let Turn {
+            writes,
+            mut claims,
+            later,
+            ..
+        } = turn;
+        let results = {
+            let (kv, limit) = (&self.kv, self.write_timeout);
+            futures::future::join_all(writes.iter().map(|write| async move {
+                let key = write.next.task_id.as_str();
+                let value = encode(&write.next);
+                let written = match write.revision {
+                    None => tokio::time::timeout(limit, kv.create(key, value))
+                        .await
+                        .map(|r| r.map_err(|err| err.to_string())),
+                    Some(revision) => tokio::time::timeout(limit, kv.update(key, value, revision))
+                        .await
+                        .map(|r| r.map_err(|err| err.to_string())),
+                };
+                match written {
+                    Ok(Ok(revision)) => Written::Stored(revision),
+                    Ok(Err(err)) => Written::Refused(err),
+                    Err(_) => Written::TimedOut,
+                }
+            }))
+            .await
+        };
+        for (write, written) in writes.into_iter().zip(results) {
+            self.landed(write, written, &mut claims).await;
+        }
+        self.finish_claims(claims).await;
+        later
+    }
+
+    /// One write of a turn landed (or did not): what an agent is told is what was stored.
+    async fn landed(&mut self, write: Write, written: Written, claims: &mut [PlannedClaim]) {
+        let Write {
+            next,
+            revision,
+            then,
+        } = write;
+        let task_id = next.task_id.clone();
+        let timed_out = matches!(written, Written::TimedOut);
+        let refusal = match written {
+            Written::Stored(stored) => {
+                match then {
+                    Then::Admit { message, seq } => {
+                        tracing::info!(%task_id, capability = %next.spec.capability, "task queued");
+                        self.apply(Held {
+                            record: next,
+                            revision: stored,
+                        });
+                        self.taken_in(message, seq).await;
+                    }
+                    Then::Claim { claim, attempt, .. } => {
+                        let claim = &mut claims[claim];
+                        tracing::info!(%task_id, agent_id = %claim.request.agent_id, attempt, "task dispatched");
+                        claim.tasks.push(json!({
+                            "task_id": next.task_id,
+                            "capability": next.spec.capability,
+                            "input": next.spec.input,
+                            "attempt": attempt,
+                            "lease_expires_at": next.lease_expires_at,
+                            "priority": next.spec.priority,
+                        }));
+                        self.apply(Held {
+                            record: next,
+                            revision: stored,
+                        });
+                    }
+                    Then::Callback { reply, agent_id } => {
+                        tracing::info!(%task_id, agent_id = %agent_id, status = next.status.as_str(), "task callback stored");
+                        let answer = callback_answer(&next, stored, false);
+                        self.apply(Held {
+                            record: next,
+                            revision: stored,
+                        });
+                        self.answer(reply, Ok(answer)).await;
+                    }
+                }
+                return;
+            }
+            Written::Refused(err) => {
+                if revision.is_some() {
+                    // Another writer, or a lost answer to our own write: believe the bucket.
+                    tracing::warn!(%task_id, error = %err, "task record changed under the dispatcher; reloading");
+                    if let Some(current) = self.state.tasks.remove(&task_id) {
+                        self.unindex(&current.record);
+                    }
+                    let _ = self.read(&task_id).await;
+                }
+                Refusal::bus_unavailable(err)
+            }
+            Written::TimedOut => Refusal::bus_unavailable("task record write timed out"),
+        };
+        match then {
+            Then::Admit { message, seq } => {
+                // Created meanwhile (a redelivery, a takeover): read what is there.
+                let read = if revision.is_none() && !timed_out {
+                    self.read(&task_id).await.ok().flatten()
+                } else {
+                    None
+                };
+                if read.is_some() {
+                    self.taken_in(message, seq).await;
+                } else {
+                    tracing::warn!(error = %refusal, "cannot store a task record; the submission will come again");
+                }
+            }
+            Then::Claim { claim, waiting, .. } => {
+                // Not stored: back in the queue (reloaded above if it changed).
+                if let Some(held) = self.state.tasks.get(&waiting.task_id) {
+                    if held.record.status == TaskStatus::Queued {
+                        self.state.queue.push(waiting);
+                    }
+                }
+                claims[claim].refusal.get_or_insert(refusal);
+            }
+            Then::Callback { reply, .. } => self.answer(reply, Err(refusal)).await,
+        }
+    }
+
+    /// Answers the turn's claims, sends push agents theirs, and puts back to wait the claims
+    /// that got nothing and may wait.
+    async fn finish_claims(&mut self, claims: Vec<PlannedClaim>) {
+        for claim in claims {
+            let PlannedClaim {
+                request,
+                to,
+                tasks,
+                refusal,
+            } = claim;
+            match to {
+                ClaimFor::Push(agent) => {
+                    if let Some(pusher) = &self.pusher {
+                        for task in &tasks {
+                            pusher.deliver(&agent, task);
+                        }
+                    }
+                    if let (true, Some(refusal)) = (tasks.is_empty(), refusal) {
+                        tracing::debug!(agent_id = %agent.agent_id, error = %refusal, "nothing pushed to this agent now");
+                    }
+                }
+                ClaimFor::Reply { reply, deadline } => match (tasks.is_empty(), refusal) {
+                    (false, _) => self.answer(reply, Ok(claimed(tasks))).await,
+                    (true, Some(refusal)) => self.answer(reply, Err(refusal)).await,
+                    (true, None) if request.wait_ms == 0 => {
+                        self.answer(reply, Ok(claimed(Vec::new()))).await;
+                    }
+                    (true, None) => {
+                        let deadline = deadline.unwrap_or_else(|| {
+                            tokio::time::Instant::now() + Duration::from_millis(request.wait_ms)
+                        });
+                        self.state.waiters.push(Waiter {
+                            reply,
+                            request,
+                            deadline,
+                        });
+                    }
+                },
+            }
+        }
     }
 }

@@ -922,3 +922,130 @@ async fn with_two_replicas_one_dispatches_and_the_other_takes_over_without_losin
             .is_empty()
     );
 }
+
+/// The dispatcher writes many records at once; a task is still leased once and its success
+/// stored once, however many agents claim at the same moment.
+#[tokio::test]
+async fn many_concurrent_claims_never_lease_one_task_twice() {
+    const TASKS: usize = 120;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let agents: Vec<String> = (0..8).map(|i| format!("crowd-{i}")).collect();
+    for agent in &agents {
+        register_worker(&app, agent, &["crowd"], 4).await;
+    }
+    let submitted: Vec<String> = futures::future::join_all(
+        (0..TASKS).map(|_| submit_ok(&app, json!({"capability": "crowd"}))),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let work = |agent: String| {
+        let app = &app;
+        async move {
+            let mut leased = Vec::new();
+            while Instant::now() < deadline {
+                let tasks = claim(app, &agent, json!({"max": 4, "wait": "300ms"})).await;
+                if tasks.is_empty() && !leased.is_empty() {
+                    break;
+                }
+                let done = tasks.iter().map(|t| {
+                    let id = t["task_id"].as_str().unwrap().to_owned();
+                    let agent = agent.clone();
+                    async move {
+                        let body = json!({"status": "succeeded", "result": agent});
+                        let (status, answer) = callback(app, &agent, &id, body).await;
+                        assert_eq!(status, StatusCode::OK, "{answer}");
+                        assert_eq!(answer["duplicate"], false, "{answer}");
+                    }
+                });
+                futures::future::join_all(done).await;
+                leased.extend(tasks.into_iter().map(|t| {
+                    assert_eq!(t["attempt"], 1, "{t}");
+                    (t["task_id"].as_str().unwrap().to_owned(), agent.clone())
+                }));
+            }
+            leased
+        }
+    };
+    let leased: Vec<(String, String)> = futures::future::join_all(agents.iter().cloned().map(work))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut ids: Vec<&str> = leased.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    let claimed = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), claimed, "a task was leased twice");
+    assert_eq!(claimed, TASKS, "every task is leased once");
+    for (id, agent) in &leased {
+        let view = task(&app, id).await;
+        assert_eq!(view["status"], "succeeded", "{view}");
+        assert_eq!(view["attempts"].as_array().unwrap().len(), 1, "{view}");
+        assert_eq!(view["result"], agent.as_str(), "{view}");
+    }
+    assert!(submitted.iter().all(|id| ids.contains(&id.as_str())));
+}
+
+/// Callbacks sent around the moment their lease runs out: each task ends in exactly one
+/// terminal state, the one its agent was told — a `succeeded` answered 200 is the stored result,
+/// one answered 409 left the task expired.
+#[tokio::test]
+async fn callbacks_racing_a_lease_expiry_are_either_stored_or_stale_never_both() {
+    const TASKS: usize = 20;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "racer", &["race"], TASKS as u32).await;
+    for _ in 0..TASKS {
+        submit_ok(
+            &app,
+            json!({"capability": "race", "timeout": "1s", "max_attempts": 1}),
+        )
+        .await;
+    }
+    let mut held = Vec::new();
+    while held.len() < TASKS {
+        held.extend(claim(&app, "racer", json!({"max": TASKS, "wait": "2s"})).await);
+    }
+    // One callback every 20 ms from 200 ms before the lease's end to 200 ms after it.
+    let race = held.iter().enumerate().map(|(i, t)| {
+        let app = &app;
+        async move {
+            let id = t["task_id"].as_str().unwrap().to_owned();
+            let expires: chrono::DateTime<chrono::Utc> =
+                t["lease_expires_at"].as_str().unwrap().parse().unwrap();
+            let at = expires - chrono::Duration::milliseconds(200)
+                + chrono::Duration::milliseconds(20 * i as i64);
+            if let Ok(wait) = (at - chrono::Utc::now()).to_std() {
+                tokio::time::sleep(wait).await;
+            }
+            let body = json!({"status": "succeeded", "result": i});
+            let (status, answer) = callback(app, "racer", &id, body).await;
+            (id, i, status, answer)
+        }
+    });
+    let mut stored = 0;
+    for (id, i, status, answer) in futures::future::join_all(race).await {
+        let view = eventually(Duration::from_secs(10), "a terminal state", || async {
+            let view = task(&app, &id).await;
+            (view["status"] != "dispatched" && view["status"] != "running").then_some(view)
+        })
+        .await;
+        let attempts = view["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "{view}");
+        if status == StatusCode::OK {
+            stored += 1;
+            assert_eq!(answer["status"], "succeeded", "{answer}");
+            assert_eq!(view["status"], "succeeded", "{view}");
+            assert_eq!(view["result"], i, "{view}");
+            assert_eq!(attempts[0]["outcome"], "succeeded", "{view}");
+        } else {
+            assert_error(status, &answer, 409, "STALE_ATTEMPT");
+            assert_eq!(view["status"], "dead_lettered", "{view}");
+            assert_eq!(attempts[0]["outcome"], "expired", "{view}");
+            assert!(view.get("result").is_none_or(Value::is_null), "{view}");
+        }
+    }
+    // The early ones landed before their lease ran out.
+    assert!(stored >= 1, "no callback was in time");
+}
