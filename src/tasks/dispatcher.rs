@@ -1344,7 +1344,11 @@ impl Dispatcher {
                     if let Some(current) = self.state.tasks.remove(&task_id) {
                         self.unindex(&current.record);
                     }
-                    let _ = self.read(&task_id).await;
+                    if self.read(&task_id).await.is_err() {
+                        // Forgotten here and not read back: rebuild on the next tick (see
+                        // `commit`).
+                        self.out_of_step = true;
+                    }
                 }
                 Refusal::bus_unavailable(err)
             }
