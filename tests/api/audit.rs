@@ -39,12 +39,8 @@ async fn every_admin_write_is_in_the_audit_trail_with_who_and_what() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 
-    let body = audit(&app, "?kind=admin").await;
-    let records = body["records"].as_array().unwrap();
-    let actions: Vec<(&str, &str)> = records
-        .iter()
-        .map(|r| (r["action"].as_str().unwrap(), r["target"].as_str().unwrap()))
-        .collect();
+    let records = admin_records(&app).await;
+    let actions: Vec<(&str, &str)> = records.iter().map(action_and_target).collect();
     assert_eq!(
         actions,
         [
@@ -52,7 +48,7 @@ async fn every_admin_write_is_in_the_audit_trail_with_who_and_what() {
             ("silence.expire", silence.as_str())
         ]
     );
-    for record in records {
+    for record in &records {
         assert_eq!(record["actor"], "operator");
         assert_matches_schema("acc.audit.admin", &record_without_seq(record));
     }
@@ -143,12 +139,8 @@ async fn an_alert_ack_an_admin_task_cancel_and_a_dlq_replay_are_in_the_audit_tra
     )
     .await;
 
-    let body = audit(&app, "?kind=admin").await;
-    let records = body["records"].as_array().unwrap();
-    let actions: Vec<(&str, &str)> = records
-        .iter()
-        .map(|r| (r["action"].as_str().unwrap(), r["target"].as_str().unwrap()))
-        .collect();
+    let records = admin_records(&app).await;
+    let actions: Vec<(&str, &str)> = records.iter().map(action_and_target).collect();
     assert_eq!(
         actions,
         [
@@ -157,11 +149,24 @@ async fn an_alert_ack_an_admin_task_cancel_and_a_dlq_replay_are_in_the_audit_tra
             ("dlq.replay", "t-dead"),
         ]
     );
-    for record in records {
+    for record in &records {
         assert_eq!(record["actor"], "operator");
         assert!(record["at"].is_string(), "{record}");
         assert_matches_schema("acc.audit.admin", &record_without_seq(record));
     }
+}
+
+/// Every admin record of the trail, oldest first.
+async fn admin_records(app: &TestApp) -> Vec<Value> {
+    let body = audit(app, "?kind=admin").await;
+    body["records"].as_array().unwrap().clone()
+}
+
+fn action_and_target(record: &Value) -> (&str, &str) {
+    (
+        record["action"].as_str().unwrap(),
+        record["target"].as_str().unwrap(),
+    )
 }
 
 /// `seq` is where the record is stored, added by the listing, not part of the record.
