@@ -14,7 +14,10 @@
 //!
 //! Every change is computed on a copy of the record, written with compare-and-set on the
 //! revision it read, and only then applied in memory and answered: what an agent is told is
-//! stored. What is in memory (the records of unfinished tasks, the [`TaskQueue`], live attempts
+//! stored. Changes are planned and written in turns ([`Turn`]); the next turn is planned and
+//! sent while earlier ones are still being stored, a task having at most one write in flight.
+//! A submission taken while a claim waits is created `dispatched` with its first attempt, in
+//! one write instead of two. What is in memory (the records of unfinished tasks, the [`TaskQueue`], live attempts
 //! per agent, the timers) is rebuilt from the bucket whenever a replica takes the lease, so a
 //! successor resumes without losing a task or giving one twice; and also when a write failed and
 //! the record could not be read back (the bus went away mid-change), so no task is forgotten. Past the lease's local
@@ -32,6 +35,8 @@ use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::{Client, Subject};
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -113,6 +118,7 @@ pub async fn run(
         pusher: None,
         stored_figures: None,
         out_of_step: false,
+        flights: std::sync::Mutex::default(),
     };
     let renew_every = settings.lease_ttl / 3;
     loop {
@@ -184,6 +190,13 @@ struct State {
     waiters: Vec<Waiter>,
     /// Queued tasks per tenant, written for the ingress's `TASK_MAX_QUEUED_PER_TENANT` check.
     backlog: BacklogCounts,
+    /// Tasks with a write in flight.
+    busy: HashSet<TaskId>,
+    /// Attempts per agent with their write in flight, not yet in `live` (its free slots).
+    reserved: HashMap<AgentId, u32>,
+    /// Messages about a busy task (or that came while [`FLIGHTS_MAX`] turns were in flight),
+    /// planned again when a turn lands.
+    deferred: Vec<Item>,
 }
 
 struct Dispatcher {
@@ -207,6 +220,9 @@ struct Dispatcher {
     /// A write failed and the record could not be read back (the bus went away): memory no
     /// longer holds that task, so the loop stops acting and rebuilds from the bucket.
     out_of_step: bool,
+    /// The turns whose writes are in flight. (Behind a mutex only so the dispatcher stays
+    /// `Sync`; it is reached through `get_mut`, never locked.)
+    flights: std::sync::Mutex<Flights>,
 }
 
 impl Dispatcher {
@@ -239,16 +255,20 @@ impl Dispatcher {
             tokio::select! {
                 () = stop.cancelled() => {
                     let _ = requests.unsubscribe().await;
+                    self.land_all().await;
                     self.answer_waiters_unavailable().await;
                     return Ok(Stopped::Stop);
                 }
-                Some(message) = requests.next() => {
+                Some(flight) = self.flights_mut().next(), if self.in_flight() > 0 => {
+                    self.land(flight).await;
+                }
+                Some(message) = requests.next(), if self.in_flight() < FLIGHTS_MAX => {
                     let mut items = vec![Item::Request(message)];
                     drain(&mut items, &mut requests, &mut incoming);
                     self.run_turns(items).await;
                 }
                 Some(outcome) = pushed.recv() => self.pushed(outcome).await,
-                next = incoming.next() => match next {
+                next = incoming.next(), if self.in_flight() < FLIGHTS_MAX => match next {
                     Some(Ok(message)) => {
                         let mut items = vec![Item::Submission(Box::new(message))];
                         drain(&mut items, &mut requests, &mut incoming);
@@ -260,6 +280,7 @@ impl Dispatcher {
                 _ = tick.tick() => {
                     if self.out_of_step {
                         let _ = requests.unsubscribe().await;
+                        self.land_all().await;
                         self.answer_waiters_unavailable().await;
                         anyhow::bail!("a task record could not be read back after a failed write; rebuilding from the bucket");
                     }
@@ -267,6 +288,7 @@ impl Dispatcher {
                         renew_at = tokio::time::Instant::now() + renew_every;
                         if !self.lease.acquire().await {
                             let _ = requests.unsubscribe().await;
+                            self.land_all().await;
                             self.answer_waiters_unavailable().await;
                             return Ok(Stopped::LeaseLost);
                         }
@@ -298,6 +320,7 @@ impl Dispatcher {
     fn stand_down(&mut self) {
         self.state = State::default();
         self.out_of_step = false;
+        self.flights = std::sync::Mutex::default();
         self.pusher = None;
         self.stored_figures = None;
         self.figures.clear();
@@ -465,7 +488,7 @@ impl Dispatcher {
     fn apply(&mut self, held: Held) {
         let old = self.state.tasks.remove(&held.record.task_id);
         if let Some(old) = &old {
-            self.count(&old.record, &held.record);
+            self.count(Some(&old.record), &held.record);
         }
         self.index(old.as_ref().map(|h| &h.record), &held.record);
         if !held.record.is_terminal() {
@@ -480,14 +503,7 @@ impl Dispatcher {
         }
         let state = &mut self.state;
         if new.status == TaskStatus::Queued {
-            state.queue.push(Waiting {
-                task_id: new.task_id.clone(),
-                capability: new.spec.capability.clone(),
-                priority: new.spec.priority,
-                tenant: new.spec.tenant.clone(),
-                queued_at: new.waiting_since(),
-                seq: new.seq,
-            });
+            state.queue.push(waiting_of(new));
         }
         if let Some(attempt) = new.live_attempt() {
             *state.live.entry(attempt.agent_id.clone()).or_default() += 1;
@@ -503,12 +519,14 @@ impl Dispatcher {
     /// Counts, for `/metrics`, how `old` became `new`: an attempt that ended, a lease that ran
     /// out, a task that entered the dead-letter queue. (Replays leave it in `replay`, as
     /// finished records are not held in memory.)
-    fn count(&self, old: &TaskRecord, new: &TaskRecord) {
-        let ended = old.live_attempt().is_some() && new.live_attempt().is_none();
+    /// `old` is `None` for a record created with its first attempt.
+    fn count(&self, old: Option<&TaskRecord>, new: &TaskRecord) {
+        let ended = old.is_some_and(|o| o.live_attempt().is_some()) && new.live_attempt().is_none();
         let outcome = new.attempts.last().map(|a| a.outcome);
-        let dead = old.status != TaskStatus::DeadLettered && new.status == TaskStatus::DeadLettered;
+        let dead = old.is_some_and(|o| o.status != TaskStatus::DeadLettered)
+            && new.status == TaskStatus::DeadLettered;
         // Submit → dispatched, for the first attempt only (a retry's wait is its backoff).
-        let first_dispatch = (old.attempts.is_empty() && new.attempts.len() == 1)
+        let first_dispatch = (old.is_none_or(|o| o.attempts.is_empty()) && new.attempts.len() == 1)
             .then(|| {
                 (new.attempts[0].started_at - new.submitted_at)
                     .to_std()
@@ -608,6 +626,8 @@ impl Dispatcher {
     async fn fire_timers(&mut self) {
         let now = now();
         let mut changed = false;
+        // Due while a write of the task is in flight: looked at again once it landed.
+        let mut postponed = Vec::new();
         while let Some(Reverse((at, _))) = self.state.timers.peek() {
             if *at > now {
                 break;
@@ -615,6 +635,10 @@ impl Dispatcher {
             let Some(Reverse((at, task_id))) = self.state.timers.pop() else {
                 break;
             };
+            if self.state.busy.contains(&task_id) {
+                postponed.push(Reverse((now + RETRY_WRITE_AFTER, task_id)));
+                continue;
+            }
             let Some(held) = self.state.tasks.get(&task_id).cloned() else {
                 continue;
             };
@@ -642,6 +666,7 @@ impl Dispatcher {
                     .push(Reverse((at.max(now) + RETRY_WRITE_AFTER, task_id))),
             }
         }
+        self.state.timers.extend(postponed);
         if changed {
             self.run_turns(Vec::new()).await;
         }
@@ -831,6 +856,10 @@ impl Dispatcher {
         let Some(reason) = outcome.failure else {
             return;
         };
+        if self.state.busy.contains(&outcome.task_id) {
+            // A callback or an expiry of it is being stored: that decides the attempt.
+            return;
+        }
         let Some(held) = self.state.tasks.get(&outcome.task_id).cloned() else {
             return;
         };
@@ -867,8 +896,9 @@ impl Dispatcher {
 
 /// The most messages one turn takes in before their writes go out together.
 const TURN_MAX: usize = 512;
-/// The most turns run back to back before the loop looks at its tick again.
-const TURNS_MAX: usize = 8;
+/// The most turns whose writes are in flight at once. While they are, the loop plans and sends
+/// the next turn; past this many it lets messages gather into larger turns instead.
+const FLIGHTS_MAX: usize = 4;
 
 /// Something the loop took in, handled in a [`Turn`].
 enum Item {
@@ -897,20 +927,35 @@ fn drain(
     }
 }
 
-/// One turn of the dispatcher: the changes of many messages, planned in memory, written to the
-/// bucket together (JetStream commits concurrent writes to disk together), then applied and
-/// answered as each landed. A task has at most one write in a turn ([`Turn::busy`]); a second
-/// message about it waits for the next turn, so its writes are in the order they came.
+/// One turn of the dispatcher: the changes of many messages, planned in memory and sent to the
+/// bucket together; their acknowledgements come back as a [`Flight`]. Up to [`FLIGHTS_MAX`]
+/// turns are in flight at once. A task has at most one write in flight ([`State::busy`]); a
+/// later message about it waits in [`State::deferred`] until that write landed, so the writes
+/// of one task are made in the order their messages came.
 #[derive(Default)]
 struct Turn {
     writes: Vec<Write>,
-    /// Tasks with a write in this turn.
-    busy: HashSet<TaskId>,
     claims: Vec<PlannedClaim>,
-    /// Attempts planned per agent in this turn, not yet in [`State::live`] (its free slots).
-    reserved: HashMap<AgentId, u32>,
-    /// Messages about a busy task, for the next turn.
-    later: Vec<Item>,
+    /// Submissions taken in this turn whose record is not planned yet: a claim of the same
+    /// turn may take one, and its record is then created `dispatched` in one write.
+    fresh: HashMap<TaskId, Fresh>,
+}
+
+/// A submission of this turn, queued in memory until the turn is sent.
+struct Fresh {
+    record: TaskRecord,
+    message: Box<async_nats::jetstream::Message>,
+    seq: u64,
+}
+
+/// The turns in flight, each yielding its [`Flight`] when all its writes came back.
+type Flights = FuturesUnordered<BoxFuture<'static, Flight>>;
+
+/// A turn's writes once acknowledged (or not): applied and answered by [`Dispatcher::land`].
+struct Flight {
+    writes: Vec<Write>,
+    claims: Vec<PlannedClaim>,
+    results: Vec<Written>,
 }
 
 /// A record change to store with its follow-up.
@@ -928,11 +973,13 @@ enum Then {
         message: Box<async_nats::jetstream::Message>,
         seq: u64,
     },
-    /// An attempt leased for claim number `claim` of the turn.
+    /// An attempt leased for claim number `claim` of the turn; `admitted` when the record is
+    /// created with it (a submission of the same turn), whose submission is then acknowledged.
     Claim {
         claim: usize,
         waiting: Waiting,
         attempt: u32,
+        admitted: Option<(Box<async_nats::jetstream::Message>, u64)>,
     },
     /// A callback from the holder of the live attempt, answered on `reply`.
     Callback { reply: Subject, agent_id: AgentId },
@@ -965,39 +1012,157 @@ struct PlannedClaim {
 }
 
 impl Dispatcher {
-    /// Runs turns for `items`, then for what they made possible (tasks queued for waiting
-    /// claims and push agents), a few at most.
-    async fn run_turns(&mut self, mut items: Vec<Item>) {
-        for round in 1.. {
-            let mut turn = Turn::default();
-            for item in items {
-                self.plan(&mut turn, item).await;
+    /// Plans a turn for `items` (and for waiting claims and push agents) and sends its writes;
+    /// with [`FLIGHTS_MAX`] turns in flight already, the items wait for one to land.
+    async fn run_turns(&mut self, items: Vec<Item>) {
+        if self.in_flight() >= FLIGHTS_MAX {
+            self.state.deferred.extend(items);
+            return;
+        }
+        let mut turn = Turn::default();
+        // Submissions first, so that a claim of this turn (or one already waiting) can take
+        // them; then the claims waiting longest; then the rest in the order they came.
+        let (submissions, requests): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|item| matches!(item, Item::Submission(_)));
+        let mut waiters_planned = false;
+        for item in submissions.into_iter().chain(requests) {
+            match item {
+                Item::Submission(message) => self.plan_submission(&mut turn, message).await,
+                Item::Request(message) => {
+                    if !waiters_planned {
+                        waiters_planned = true;
+                        self.plan_waiters(&mut turn).await;
+                    }
+                    self.plan_request(&mut turn, message).await;
+                }
             }
+        }
+        if !waiters_planned {
             self.plan_waiters(&mut turn).await;
-            self.plan_pushes(&mut turn).await;
-            let wrote = !turn.writes.is_empty();
-            // Each turn handles at least the first message about every task, so what is left
-            // for the next turn shrinks until nothing is.
-            items = self.execute(turn).await;
-            if !items.is_empty() {
-                continue;
-            }
-            let more = !self.state.queue.is_empty()
-                && (!self.state.waiters.is_empty() || self.pusher.is_some());
-            if !(wrote && more) || round >= TURNS_MAX {
-                return;
-            }
+        }
+        self.plan_pushes(&mut turn).await;
+        self.settle_fresh(&mut turn);
+        if !turn.writes.is_empty() {
+            self.launch(turn);
         }
     }
 
-    async fn plan(&mut self, turn: &mut Turn, item: Item) {
-        match item {
-            Item::Submission(message) => self.plan_submission(turn, message).await,
-            Item::Request(message) => self.plan_request(turn, message).await,
+    /// The submissions of the turn no claim took get their record created `queued`; they
+    /// leave the queue until it is stored.
+    fn settle_fresh(&mut self, turn: &mut Turn) {
+        for (task_id, fresh) in std::mem::take(&mut turn.fresh) {
+            self.state.queue.remove(&task_id);
+            self.state.busy.insert(task_id);
+            turn.writes.push(Write {
+                next: fresh.record,
+                revision: None,
+                then: Then::Admit {
+                    message: fresh.message,
+                    seq: fresh.seq,
+                },
+            });
         }
     }
 
-    /// A submission: its record is created (create-only, so a redelivery changes nothing).
+    /// Sends the turn's writes, all at once; they come back through [`Dispatcher::flights`].
+    fn launch(&mut self, turn: Turn) {
+        let Turn { writes, claims, .. } = turn;
+        let encoded: Vec<(String, Bytes, Option<u64>)> = writes
+            .iter()
+            .map(|w| {
+                (
+                    w.next.task_id.as_str().to_owned(),
+                    encode(&w.next),
+                    w.revision,
+                )
+            })
+            .collect();
+        let (kv, limit) = (self.kv.clone(), self.write_timeout);
+        self.flights_mut().push(Box::pin(async move {
+            let results =
+                futures::future::join_all(encoded.into_iter().map(|(key, value, revision)| {
+                    let kv = &kv;
+                    async move {
+                        let written = match revision {
+                            None => tokio::time::timeout(limit, kv.create(&key, value))
+                                .await
+                                .map(|r| r.map_err(|err| err.to_string())),
+                            Some(revision) => {
+                                tokio::time::timeout(limit, kv.update(&key, value, revision))
+                                    .await
+                                    .map(|r| r.map_err(|err| err.to_string()))
+                            }
+                        };
+                        match written {
+                            Ok(Ok(revision)) => Written::Stored(revision),
+                            Ok(Err(err)) => Written::Refused(err),
+                            Err(_) => Written::TimedOut,
+                        }
+                    }
+                }))
+                .await;
+            Flight {
+                writes,
+                claims,
+                results,
+            }
+        }));
+    }
+
+    /// A turn's writes came back: each stored one is applied in memory and answered, then the
+    /// messages that waited for them are planned.
+    async fn land(&mut self, flight: Flight) {
+        self.apply_flight(flight).await;
+        let deferred = std::mem::take(&mut self.state.deferred);
+        self.run_turns(deferred).await;
+    }
+
+    /// Applies and answers each write of a turn, as it was stored or not.
+    async fn apply_flight(&mut self, flight: Flight) {
+        let Flight {
+            writes,
+            mut claims,
+            results,
+        } = flight;
+        for (write, written) in writes.into_iter().zip(results) {
+            self.state.busy.remove(&write.next.task_id);
+            if let Then::Claim { claim, .. } = &write.then {
+                let agent_id = &claims[*claim].request.agent_id;
+                if let Some(count) = self.state.reserved.get_mut(agent_id) {
+                    *count = count.saturating_sub(1);
+                }
+            }
+            self.landed(write, written, &mut claims).await;
+        }
+        self.finish_claims(claims).await;
+    }
+
+    fn flights_mut(&mut self) -> &mut Flights {
+        self.flights
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn in_flight(&mut self) -> usize {
+        self.flights_mut().len()
+    }
+
+    /// Waits for every turn in flight and applies it (before standing down or stopping).
+    async fn land_all(&mut self) {
+        while let Some(flight) = self.flights_mut().next().await {
+            self.apply_flight(flight).await;
+        }
+    }
+
+    /// True when a message about `task_id` must wait: the task has a write in flight, or its
+    /// submission is in this turn.
+    fn is_busy(&self, turn: &Turn, task_id: &TaskId) -> bool {
+        self.state.busy.contains(task_id) || turn.fresh.contains_key(task_id)
+    }
+
+    /// A submission: its record is created (create-only, so a redelivery changes nothing);
+    /// meanwhile it is queued in memory for the claims of this turn.
     async fn plan_submission(
         &mut self,
         turn: &mut Turn,
@@ -1012,8 +1177,8 @@ impl Dispatcher {
                 return;
             }
         };
-        if turn.busy.contains(&submission.task_id) {
-            turn.later.push(Item::Submission(message));
+        if self.is_busy(turn, &submission.task_id) {
+            self.state.deferred.push(Item::Submission(message));
             return;
         }
         if self.state.tasks.contains_key(&submission.task_id) {
@@ -1024,17 +1189,20 @@ impl Dispatcher {
             tracing::warn!(error = %refusal, "cannot store a task record; the submission will come again");
             return;
         }
-        let next = TaskRecord::queued(submission, seq);
-        turn.busy.insert(next.task_id.clone());
-        turn.writes.push(Write {
-            next,
-            revision: None,
-            then: Then::Admit { message, seq },
-        });
+        let record = TaskRecord::queued(submission, seq);
+        self.state.queue.push(waiting_of(&record));
+        turn.fresh.insert(
+            record.task_id.clone(),
+            Fresh {
+                record,
+                message,
+                seq,
+            },
+        );
     }
 
     /// One request from the ingress. Cancel and replay (rare) are written at once; a message
-    /// about a task with a write in this turn waits for the next.
+    /// about a busy task waits ([`Dispatcher::is_busy`]).
     async fn plan_request(&mut self, turn: &mut Turn, message: async_nats::Message) {
         let Some(reply) = message.reply.clone() else {
             return;
@@ -1053,8 +1221,8 @@ impl Dispatcher {
                 Err(refusal) => Err(refusal),
             },
             subjects::DISPATCH_CALLBACK => match decode::<CallbackRequest>(&message.payload) {
-                Ok(request) if turn.busy.contains(&request.task_id) => {
-                    turn.later.push(Item::Request(message));
+                Ok(request) if self.is_busy(turn, &request.task_id) => {
+                    self.state.deferred.push(Item::Request(message));
                     return;
                 }
                 Ok(request) => match self.plan_callback(turn, request, reply.clone()).await {
@@ -1064,16 +1232,16 @@ impl Dispatcher {
                 Err(refusal) => Err(refusal),
             },
             subjects::DISPATCH_CANCEL => match decode::<CancelRequest>(&message.payload) {
-                Ok(request) if turn.busy.contains(&request.task_id) => {
-                    turn.later.push(Item::Request(message));
+                Ok(request) if self.is_busy(turn, &request.task_id) => {
+                    self.state.deferred.push(Item::Request(message));
                     return;
                 }
                 Ok(request) => self.cancel(request).await,
                 Err(refusal) => Err(refusal),
             },
             subjects::DISPATCH_REPLAY => match decode::<ReplayRequest>(&message.payload) {
-                Ok(request) if turn.busy.contains(&request.task_id) => {
-                    turn.later.push(Item::Request(message));
+                Ok(request) if self.is_busy(turn, &request.task_id) => {
+                    self.state.deferred.push(Item::Request(message));
                     return;
                 }
                 Ok(request) => self.replay(request).await,
@@ -1119,7 +1287,7 @@ impl Dispatcher {
                 now,
             ),
         }
-        turn.busy.insert(next.task_id.clone());
+        self.state.busy.insert(next.task_id.clone());
         turn.writes.push(Write {
             next,
             revision: Some(held.revision),
@@ -1131,10 +1299,11 @@ impl Dispatcher {
         None
     }
 
-    /// A claim: the tasks it leases are planned now; answered when their writes landed (or,
-    /// with nothing to take, it waits up to its `wait`).
+    /// A claim: the tasks it leases are planned now and answered when their writes landed. A
+    /// claim that gets nothing is answered now, or (with a `wait`) waits for a task to arrive.
     async fn plan_claim(&mut self, turn: &mut Turn, request: ClaimRequest, to: ClaimFor) {
         let claim = turn.claims.len();
+        let planned = turn.writes.len();
         let refusal = match self.directory.get(&request.agent_id) {
             // Registered a moment ago, and the view has not caught up: nothing yet (a waiting
             // claim is looked at again). Never registered: 404.
@@ -1145,12 +1314,17 @@ impl Dispatcher {
             },
             Some(agent) => self.plan_take(turn, claim, &agent, &request).err(),
         };
-        turn.claims.push(PlannedClaim {
+        let claim = PlannedClaim {
             request,
             to,
             tasks: Vec::new(),
             refusal,
-        });
+        };
+        if turn.writes.len() == planned {
+            self.finish_claims(vec![claim]).await;
+        } else {
+            turn.claims.push(claim);
+        }
     }
 
     /// Leases up to the claim's `max` tasks (and the agent's free slots) to `agent`.
@@ -1168,36 +1342,43 @@ impl Dispatcher {
         }
         self.fence()?;
         let live = self.state.live.get(agent_id).copied().unwrap_or(0)
-            + turn.reserved.get(agent_id).copied().unwrap_or(0);
+            + self.state.reserved.get(agent_id).copied().unwrap_or(0);
         let slots = agent.profile.max_concurrent_tasks.saturating_sub(live);
         let mut taken = 0;
         while taken < request.max.min(slots) {
-            let (queue, records, directory) =
-                (&mut self.state.queue, &self.state.tasks, &self.directory);
-            let popped = queue.pop_for(&capabilities, |task_id| {
-                !turn.busy.contains(task_id)
-                    && records
-                        .get(task_id)
-                        .is_some_and(|held| prefers(directory, &held.record, agent_id))
+            let state = &mut self.state;
+            let (fresh, directory) = (&turn.fresh, &self.directory);
+            let popped = state.queue.pop_for(&capabilities, |task_id| {
+                // A fresh task has had no attempt, so no agent failed it.
+                fresh.contains_key(task_id)
+                    || (!state.busy.contains(task_id)
+                        && state
+                            .tasks
+                            .get(task_id)
+                            .is_some_and(|held| prefers(directory, &held.record, agent_id)))
             });
             let Some(waiting) = popped else {
                 break;
             };
-            let Some(held) = self.state.tasks.get(&waiting.task_id) else {
-                continue;
+            let (mut next, revision, admitted) = match turn.fresh.remove(&waiting.task_id) {
+                Some(fresh) => (fresh.record, None, Some((fresh.message, fresh.seq))),
+                None => match self.state.tasks.get(&waiting.task_id) {
+                    Some(held) => (held.record.clone(), Some(held.revision), None),
+                    None => continue,
+                },
             };
-            let mut next = held.record.clone();
             let attempt = next.start_attempt(agent_id, now());
-            turn.busy.insert(waiting.task_id.clone());
-            *turn.reserved.entry(agent_id.clone()).or_default() += 1;
+            self.state.busy.insert(waiting.task_id.clone());
+            *self.state.reserved.entry(agent_id.clone()).or_default() += 1;
             taken += 1;
             turn.writes.push(Write {
                 next,
-                revision: Some(held.revision),
+                revision,
                 then: Then::Claim {
                     claim,
                     waiting,
                     attempt,
+                    admitted,
                 },
             });
         }
@@ -1238,7 +1419,12 @@ impl Dispatcher {
                 break;
             }
             let live = self.state.live.get(&agent.agent_id).copied().unwrap_or(0)
-                + turn.reserved.get(&agent.agent_id).copied().unwrap_or(0);
+                + self
+                    .state
+                    .reserved
+                    .get(&agent.agent_id)
+                    .copied()
+                    .unwrap_or(0);
             if live >= agent.profile.max_concurrent_tasks {
                 continue;
             }
@@ -1250,43 +1436,6 @@ impl Dispatcher {
             };
             self.plan_claim(turn, request, ClaimFor::Push(agent)).await;
         }
-    }
-
-    /// Writes the turn's changes concurrently, then applies each stored one in memory and
-    /// answers; returns the messages left for the next turn.
-    async fn execute(&mut self, turn: Turn) -> Vec<Item> {
-        let Turn {
-            writes,
-            mut claims,
-            later,
-            ..
-        } = turn;
-        let results = {
-            let (kv, limit) = (&self.kv, self.write_timeout);
-            futures::future::join_all(writes.iter().map(|write| async move {
-                let key = write.next.task_id.as_str();
-                let value = encode(&write.next);
-                let written = match write.revision {
-                    None => tokio::time::timeout(limit, kv.create(key, value))
-                        .await
-                        .map(|r| r.map_err(|err| err.to_string())),
-                    Some(revision) => tokio::time::timeout(limit, kv.update(key, value, revision))
-                        .await
-                        .map(|r| r.map_err(|err| err.to_string())),
-                };
-                match written {
-                    Ok(Ok(revision)) => Written::Stored(revision),
-                    Ok(Err(err)) => Written::Refused(err),
-                    Err(_) => Written::TimedOut,
-                }
-            }))
-            .await
-        };
-        for (write, written) in writes.into_iter().zip(results) {
-            self.landed(write, written, &mut claims).await;
-        }
-        self.finish_claims(claims).await;
-        later
     }
 
     /// One write of a turn landed (or did not): what an agent is told is what was stored.
@@ -1309,7 +1458,12 @@ impl Dispatcher {
                         });
                         self.taken_in(message, seq).await;
                     }
-                    Then::Claim { claim, attempt, .. } => {
+                    Then::Claim {
+                        claim,
+                        attempt,
+                        admitted,
+                        ..
+                    } => {
                         let claim = &mut claims[claim];
                         tracing::info!(%task_id, agent_id = %claim.request.agent_id, attempt, "task dispatched");
                         claim.tasks.push(json!({
@@ -1320,10 +1474,16 @@ impl Dispatcher {
                             "lease_expires_at": next.lease_expires_at,
                             "priority": next.spec.priority,
                         }));
+                        if admitted.is_some() {
+                            self.count(None, &next);
+                        }
                         self.apply(Held {
                             record: next,
                             revision: stored,
                         });
+                        if let Some((message, seq)) = admitted {
+                            self.taken_in(message, seq).await;
+                        }
                     }
                     Then::Callback { reply, agent_id } => {
                         tracing::info!(%task_id, agent_id = %agent_id, status = next.status.as_str(), "task callback stored");
@@ -1354,35 +1514,46 @@ impl Dispatcher {
             }
             Written::TimedOut => Refusal::bus_unavailable("task record write timed out"),
         };
-        match then {
-            Then::Admit { message, seq } => {
-                // Created meanwhile (a redelivery, a takeover): read what is there.
-                let read = if revision.is_none() && !timed_out {
-                    self.read(&task_id).await.ok().flatten()
-                } else {
-                    None
-                };
-                if read.is_some() {
-                    self.taken_in(message, seq).await;
-                } else {
-                    tracing::warn!(error = %refusal, "cannot store a task record; the submission will come again");
-                }
-            }
-            Then::Claim { claim, waiting, .. } => {
+        // A create that failed: created meanwhile (a redelivery, a takeover), so read what is
+        // there and acknowledge; or not stored, and the submission comes again.
+        let admitted = match then {
+            Then::Admit { message, seq } => Some((message, seq)),
+            Then::Claim {
+                claim,
+                waiting,
+                admitted,
+                ..
+            } => {
                 // Not stored: back in the queue (reloaded above if it changed).
                 if let Some(held) = self.state.tasks.get(&waiting.task_id) {
                     if held.record.status == TaskStatus::Queued {
                         self.state.queue.push(waiting);
                     }
                 }
-                claims[claim].refusal.get_or_insert(refusal);
+                claims[claim].refusal.get_or_insert(refusal.clone());
+                admitted
             }
-            Then::Callback { reply, .. } => self.answer(reply, Err(refusal)).await,
+            Then::Callback { reply, .. } => {
+                self.answer(reply, Err(refusal.clone())).await;
+                None
+            }
+        };
+        if let Some((message, seq)) = admitted {
+            let read = if revision.is_none() && !timed_out {
+                self.read(&task_id).await.ok().flatten()
+            } else {
+                None
+            };
+            if read.is_some() {
+                self.taken_in(message, seq).await;
+            } else {
+                tracing::warn!(error = %refusal, "cannot store a task record; the submission will come again");
+            }
         }
     }
 
-    /// Answers the turn's claims, sends push agents theirs, and puts back to wait the claims
-    /// that got nothing and may wait.
+    /// Answers the claims, sends push agents theirs, and puts back to wait the claims that got
+    /// nothing and may wait.
     async fn finish_claims(&mut self, claims: Vec<PlannedClaim>) {
         for claim in claims {
             let PlannedClaim {
@@ -1421,5 +1592,17 @@ impl Dispatcher {
                 },
             }
         }
+    }
+}
+
+/// How a queued record waits in the [`TaskQueue`].
+fn waiting_of(record: &TaskRecord) -> Waiting {
+    Waiting {
+        task_id: record.task_id.clone(),
+        capability: record.spec.capability.clone(),
+        priority: record.spec.priority,
+        tenant: record.spec.tenant.clone(),
+        queued_at: record.waiting_since(),
+        seq: record.seq,
     }
 }

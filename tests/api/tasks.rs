@@ -1049,3 +1049,63 @@ async fn callbacks_racing_a_lease_expiry_are_either_stored_or_stale_never_both()
     // The early ones landed before their lease ran out.
     assert!(stored >= 1, "no callback was in time");
 }
+
+/// The statuses `watch` sees `task_id`'s record stored with, up to and including `last`.
+async fn statuses_stored(
+    watch: &mut async_nats::jetstream::kv::Watch,
+    task_id: &str,
+    last: &str,
+) -> Vec<String> {
+    use futures::StreamExt as _;
+    let mut statuses = Vec::new();
+    while statuses.last().is_none_or(|s| s != last) {
+        let entry = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("the record is written within 5 s")
+            .unwrap()
+            .unwrap();
+        if entry.key == task_id {
+            let record: Value = serde_json::from_slice(&entry.value).unwrap();
+            statuses.push(record["status"].as_str().unwrap().to_owned());
+        }
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn a_task_submitted_while_a_claim_waits_is_stored_dispatched_in_one_write() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "waiter", &["at-once"], 1).await;
+    let bucket = app.js.get_key_value("acc_tasks").await.unwrap();
+    let mut watch = bucket.watch_all().await.unwrap();
+    // Nobody waits: the record is created queued, then leased by the claim.
+    submit_ok(&app, json!({"task_id": "t-early", "capability": "at-once"})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tasks = claim(&app, "waiter", json!({"wait": "5s"})).await;
+    assert_eq!(tasks[0]["task_id"], "t-early");
+    let (status, body) = callback(&app, "waiter", "t-early", json!({"status": "succeeded"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        statuses_stored(&mut watch, "t-early", "succeeded").await,
+        ["queued", "dispatched", "succeeded"]
+    );
+
+    // A claim waits: the submission's record is created with the claim's attempt.
+    let (tasks, _) = tokio::join!(claim(&app, "waiter", json!({"wait": "5s"})), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        submit_ok(&app, json!({"task_id": "t-late", "capability": "at-once"})).await
+    });
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0]["task_id"], "t-late");
+    assert_eq!(tasks[0]["attempt"], 1);
+    let (status, body) = callback(&app, "waiter", "t-late", json!({"status": "succeeded"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        statuses_stored(&mut watch, "t-late", "succeeded").await,
+        ["dispatched", "succeeded"]
+    );
+    let view = task(&app, "t-late").await;
+    assert_eq!(view["attempts"][0]["agent_id"], "waiter");
+    assert_eq!(view["attempts"][0]["outcome"], "succeeded");
+}
