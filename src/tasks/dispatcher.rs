@@ -615,10 +615,27 @@ impl Dispatcher {
         }
     }
 
+    /// Also answers the requests still waiting behind a busy task, and gives their
+    /// submissions back at once (they stay on the stream for the successor).
     async fn answer_waiters_unavailable(&mut self) {
         for waiter in std::mem::take(&mut self.state.waiters) {
             let refusal = Refusal::bus_unavailable("the dispatcher is stopping");
             self.answer(waiter.reply, Err(refusal)).await;
+        }
+        for item in std::mem::take(&mut self.state.deferred) {
+            match item {
+                Item::Request(message) => {
+                    if let Some(reply) = message.reply {
+                        let refusal = Refusal::bus_unavailable("the dispatcher is stopping");
+                        self.answer(reply, Err(refusal)).await;
+                    }
+                }
+                Item::Submission(message) => {
+                    let _ = message
+                        .ack_with(async_nats::jetstream::AckKind::Nak(None))
+                        .await;
+                }
+            }
         }
     }
 
