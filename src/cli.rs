@@ -605,6 +605,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub body_read_timeout: Duration,
 
+    /// A connection whose pending write makes no progress for this long (its client reads
+    /// nothing, e.g. a stalled event stream) is closed, freeing its stream slot.
+    #[arg(long, env = "WRITE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_stall_timeout: Duration,
+
     /// Bytes one agent may store on the bus per STREAM_MAX_AGE (a token bucket of bytes, full at
     /// start); past it, 429 QUOTA_EXCEEDED. Default: a 32nd of STREAM_MAX_BYTES, so one agent
     /// never fills a stream.
@@ -957,6 +962,7 @@ impl Settings {
                     header_read_timeout: args.header_read_timeout,
                     body_read_timeout: args.body_read_timeout,
                     max_per_address: args.max_connections_per_address,
+                    write_stall_timeout: args.write_stall_timeout,
                 },
             },
             live: StreamsSettings {

@@ -343,6 +343,24 @@ async fn a_caller_over_its_stream_cap_gets_429() {
     .await;
 }
 
+/// Publishes `total` events of 64 KiB from `emitter` in a task of their own (so that readers
+/// read meanwhile): big enough that a connection that reads nothing fills its socket's buffers.
+/// The task ends with how long it took from now.
+fn publish_big_events(app: &TestApp, total: usize) -> tokio::task::JoinHandle<Duration> {
+    let (url, token) = (app.url("/orchestrator/events"), token("emitter"));
+    let http = app.http.clone();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        for i in 0..total {
+            let mut body = event("emitter", &format!("big-{i}"));
+            body["data"] = json!({ "pad": "x".repeat(64 * 1024) });
+            let response = http.post(&url).bearer_auth(&token).json(&body).send().await;
+            assert_eq!(response.unwrap().status(), StatusCode::OK);
+        }
+        started.elapsed()
+    })
+}
+
 #[tokio::test]
 async fn a_subscriber_that_never_reads_does_not_delay_others_and_is_cut_off() {
     let nats = NatsServer::start();
@@ -354,26 +372,7 @@ async fn a_subscriber_that_never_reads_does_not_delay_others_and_is_cut_off() {
     let mut reading = SseReader::open(&app, "", &reader, None).await;
     let total = 300;
     let started = std::time::Instant::now();
-    let sender = {
-        let (url, token) = (app.url("/orchestrator/events"), token("emitter"));
-        let http = app.http.clone();
-        tokio::spawn(async move {
-            for i in 0..total {
-                let mut body = event("emitter", &format!("big-{i}"));
-                // Big enough that the stalled connection's socket buffers fill.
-                body["data"] = json!({ "pad": "x".repeat(64 * 1024) });
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), StatusCode::OK);
-            }
-            started.elapsed()
-        })
-    };
+    let sender = publish_big_events(&app, total);
     let got = reading.take(total).await;
     let took = started.elapsed();
     let sent_within = sender.await.unwrap();
@@ -412,6 +411,105 @@ async fn a_subscriber_that_never_reads_does_not_delay_others_and_is_cut_off() {
         before_overflow < total / 2,
         "{before_overflow} of {total} events were held for the stalled subscriber"
     );
+}
+
+/// A stream opened on a raw socket with a small receive buffer whose client then reads nothing:
+/// once its socket's buffers are full, hyper stops polling the body, and only the connection's
+/// write watchdog can end it.
+async fn open_and_never_read(app: &TestApp, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(app.addr).await.unwrap();
+    let request = format!(
+        "GET /orchestrator/events/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
+        app.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // The answer's head, then nothing more is read.
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "the head ended early"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream
+}
+
+#[tokio::test]
+async fn a_connection_that_never_reads_is_closed_within_the_write_stall_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let nats = NatsServer::start();
+    // The hub's ring (the default 1,024 broadcasts) holds everything sent here: the stalled
+    // stream is never cut off for falling behind, only by the watchdog.
+    let app = TestApp::spawn_with(
+        &nats,
+        &[
+            "--write-stall-timeout=1s",
+            "--sse-max-streams-per-caller=1",
+            "--agent-store-quota=1GiB",
+        ],
+    )
+    .await;
+    let stalled_token = reader_token("stalled");
+    let mut stalled = open_and_never_read(&app, &stalled_token).await;
+    let mut reading = SseReader::open(&app, "", &reader_token("watcher"), None).await;
+    // The stalled stream holds its caller's one slot.
+    let refused = SseReader::request(&app, "", &stalled_token, None).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    drop(refused);
+
+    // 200 events of 64 KiB, far more than the stalled socket's buffers hold, published while
+    // the other subscriber reads.
+    let total = 200;
+    let publisher = publish_big_events(&app, total);
+    assert_eq!(reading.take(total).await.len(), total);
+    publisher.await.unwrap();
+    let stored = std::time::Instant::now();
+
+    // The stalled write began before the last event was stored, so within the 1 s bound of
+    // it (and the time an open takes) the slot is free again.
+    eventually(
+        Duration::from_secs(4),
+        "the stalled stream's slot is freed",
+        || async {
+            let response = SseReader::request(&app, "", &stalled_token, None).await;
+            (response.status() == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    let freed = stored.elapsed();
+    println!("the stalled stream's slot was free {freed:?} after the last event was stored");
+
+    // The stalled client, reading at last, finds the connection closed after what its
+    // buffers held: a part of the 12.5 MiB sent, not all of it.
+    let mut received = 0usize;
+    let mut buffer = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stalled.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the stalled connection is still open");
+    println!("the stalled client got {received} bytes before the connection closed");
+    assert!(
+        received < total * 64 * 1024 / 2,
+        "{received} bytes were held for the stalled client"
+    );
+
+    // The other subscriber goes on receiving.
+    let more = emit(&app, "emitter", 1_000, 3, "test.event").await;
+    assert_eq!(ids(&reading.take(3).await), more);
 }
 
 #[tokio::test]
