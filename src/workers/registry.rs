@@ -8,21 +8,25 @@
 //! `pending`, then published under a dedupe id derived from its cause, then cleared: it is
 //! announced only once it really happened, and a crash in between is finished by the next writer.
 //!
-//! Heartbeats are coalesced per agent: after the registry writes an agent's record, further
-//! heartbeats of that agent that change nothing but `last_seen` are held for at most
-//! `heartbeat_coalesce`, and only the newest of them is written when the window ends (by a
-//! flusher, several agents at once, so the consumer never waits for those writes). A heartbeat
-//! that changes the status is written at once. So an agent costs at most one KV write per window
-//! however often it beats, and `last_seen` in the bucket trails the newest heartbeat by at most
-//! the window. A held heartbeat is acknowledged when it is held: a registry that crashes loses at
+//! Heartbeats are coalesced per agent: the registry keeps each active agent's record and KV
+//! revision as it last wrote or read it, and a heartbeat that changes nothing but `last_seen` is
+//! held, not written. The newest one held is written when the agent's window
+//! (`heartbeat_coalesce`, counted from this replica's last write of the record) ends, by a
+//! flusher that writes the due heartbeats of many agents as atomic batches: one server write (one
+//! fsync in `fsync` mode) for up to 1,000 records, each compare-and-set against the revision
+//! known here, with no read first. A batch refused because another replica wrote one of its
+//! agents is written agent by agent, re-reading whichever record lost. A heartbeat that changes
+//! the status is written at once. So an agent costs at most one KV write per window however
+//! often it beats, and `last_seen` in the bucket trails the newest heartbeat by at most the
+//! window. A held heartbeat is acknowledged when it is held: a registry that crashes loses at
 //! most one window of `last_seen` freshness, which the agent's next heartbeat restores; one that
 //! stops writes what it holds before it returns.
 //!
 //! [`RegistrySettings`] configures it: staleness, sweep interval, coalescing window,
 //! pre-registered agents.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -36,7 +40,9 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use self::held::{Due, Held};
 use super::{HandleError, Handler, MAX_DELIVER, consume};
+use crate::bus::group::SERVER_MAX_BATCH;
 use crate::bus::unreadable::Unreadable;
 use crate::bus::{Publisher, subjects};
 use crate::domain::{
@@ -71,7 +77,7 @@ pub async fn run(
         publisher: publisher.clone(),
         bucket,
         stale_after: settings.stale_after,
-        held: Arc::new(Held::new(settings.heartbeat_coalesce)),
+        held: Arc::new(Held::new(settings.heartbeat_coalesce, settings.stale_after)),
     };
     let sweeper = {
         let registry = registry.clone();
@@ -162,137 +168,14 @@ pub async fn preregister(
     Ok(())
 }
 
+mod held;
+
 #[derive(Clone)]
 struct Registry {
     publisher: Publisher,
     bucket: Store,
     stale_after: Duration,
     held: Arc<Held>,
-}
-
-/// The coalescing state: per agent, when this replica last wrote its record and the newest
-/// heartbeat held since.
-struct Held {
-    window: Duration,
-    agents: Mutex<HashMap<AgentId, Slot>>,
-}
-
-struct Slot {
-    /// When this replica last wrote the agent's record for a heartbeat.
-    written_at: Instant,
-    /// The status that write left. Another replica may have changed it since; a heartbeat held
-    /// against a stale status is still written within the window.
-    status: AgentStatus,
-    /// The newest heartbeat since that write, not written yet.
-    newest: Option<Heartbeat>,
-}
-
-impl Held {
-    fn new(window: Duration) -> Self {
-        Self {
-            window,
-            agents: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// How often held heartbeats are looked at: a slice of the window, so that a held one is
-    /// written no later than the window's end.
-    fn tick(&self) -> Duration {
-        (self.window / 8).max(Duration::from_millis(5))
-    }
-
-    /// Keeps `heartbeat` to be written by the flusher, if it only moves `last_seen` of an agent
-    /// whose record this replica wrote: within a window of that write, or at the next tick when
-    /// the window is over. False: write it now.
-    fn hold(&self, heartbeat: &Heartbeat) -> bool {
-        if self.window.is_zero() {
-            return false;
-        }
-        let mut agents = self.agents.lock().expect("coalescing state poisoned");
-        let Some(slot) = agents.get_mut(&heartbeat.agent_id) else {
-            return false;
-        };
-        if AgentStatus::from(heartbeat.status) != slot.status {
-            return false;
-        }
-        if slot
-            .newest
-            .as_ref()
-            .is_none_or(|newest| heartbeat.received_at >= newest.received_at)
-        {
-            slot.newest = Some(heartbeat.clone());
-        }
-        true
-    }
-
-    /// Records that the agent's record now holds `heartbeat` (and every older one) with `status`.
-    fn written(&self, heartbeat: &Heartbeat, status: AgentStatus, now: Instant) {
-        if self.window.is_zero() {
-            return;
-        }
-        let mut agents = self.agents.lock().expect("coalescing state poisoned");
-        let slot = agents.entry(heartbeat.agent_id.clone()).or_insert(Slot {
-            written_at: now,
-            status,
-            newest: None,
-        });
-        slot.written_at = now;
-        slot.status = status;
-        if slot
-            .newest
-            .as_ref()
-            .is_some_and(|newest| newest.received_at <= heartbeat.received_at)
-        {
-            slot.newest = None;
-        }
-    }
-
-    /// Holds `heartbeat` again after a failed write, unless a newer one is held already.
-    fn hold_again(&self, heartbeat: Heartbeat) {
-        let mut agents = self.agents.lock().expect("coalescing state poisoned");
-        let slot = agents
-            .entry(heartbeat.agent_id.clone())
-            .or_insert_with(|| Slot {
-                written_at: Instant::now(),
-                status: heartbeat.status.into(),
-                newest: None,
-            });
-        if slot
-            .newest
-            .as_ref()
-            .is_none_or(|newest| newest.received_at < heartbeat.received_at)
-        {
-            slot.newest = Some(heartbeat);
-        }
-    }
-
-    /// Forgets what this replica knows of `agent` (its record was written for another reason),
-    /// handing back a held heartbeat, which must still be written.
-    fn forget(&self, agent: &AgentId) -> Option<Heartbeat> {
-        let mut agents = self.agents.lock().expect("coalescing state poisoned");
-        agents.remove(agent).and_then(|slot| slot.newest)
-    }
-
-    /// Takes the held heartbeats whose window ends before the next tick (all of them when `now`
-    /// is `None`), and forgets agents idle for a whole window, so the map holds active agents only.
-    fn due(&self, now: Option<Instant>) -> Vec<Heartbeat> {
-        let mut agents = self.agents.lock().expect("coalescing state poisoned");
-        let Some(now) = now else {
-            return agents.drain().filter_map(|(_, slot)| slot.newest).collect();
-        };
-        let mut due = Vec::new();
-        agents.retain(|_, slot| {
-            let written_ago = now.saturating_duration_since(slot.written_at);
-            if written_ago + self.tick() >= self.window {
-                if let Some(newest) = slot.newest.take() {
-                    due.push(newest);
-                }
-                return written_ago < 2 * self.window;
-            }
-            true
-        });
-        due
-    }
 }
 
 /// A record and the transition that produced it, if any.
@@ -315,10 +198,23 @@ impl Handler for Registry {
             .map(drop)
         } else if subjects::matches(subjects::HEARTBEATS, subject) {
             let heartbeat: Heartbeat = parse(&message.payload)?;
-            if self.held.hold(&heartbeat) {
+            let agent = &heartbeat.agent_id;
+            if self.held.hold(&heartbeat, Instant::now()) {
                 return Ok(());
             }
-            let agent = &heartbeat.agent_id;
+            if !self.held.window.is_zero() && self.held.known(agent).is_none() {
+                // Read the record once (an agent not registered yet is retried), then hold.
+                if let Some(Loaded {
+                    record: Some(record),
+                    revision: Some(revision),
+                }) = self.load_settled(agent).await?
+                {
+                    self.held.known_at(&record, revision, false, Instant::now());
+                    if self.held.hold(&heartbeat, Instant::now()) {
+                        return Ok(());
+                    }
+                }
+            }
             self.write_heartbeat(&heartbeat, &format!("status:{agent}:{seq}"))
                 .await
         } else {
@@ -337,19 +233,16 @@ struct Loaded {
 }
 
 impl Registry {
-    /// Applies `heartbeat` to the agent's record and notes the write for coalescing.
+    /// Applies `heartbeat` to the agent's record at once.
     async fn write_heartbeat(
         &self,
         heartbeat: &Heartbeat,
         transition_id: &str,
     ) -> Result<(), HandleError> {
-        let status = self
-            .apply(&heartbeat.agent_id, transition_id, |current| {
-                on_heartbeat(current, heartbeat)
-            })
-            .await?;
-        self.held.written(heartbeat, status, Instant::now());
-        Ok(())
+        self.apply(&heartbeat.agent_id, transition_id, |current| {
+            on_heartbeat(current, heartbeat)
+        })
+        .await
     }
 
     /// Writes held heartbeats whose window has ended, until `stop` fires.
@@ -368,13 +261,35 @@ impl Registry {
         }
     }
 
-    /// Writes the held heartbeats that are due (all of them with `None`), several at once: the
-    /// writes are to different agents' keys, and in `fsync` mode each waits for its own fsync.
-    /// One that cannot be written now is held again for the next tick.
+    /// Writes the held heartbeats that are due (all of them with `None`). Those that leave the
+    /// status as it is go out as atomic batches, many agents' records per server write (one
+    /// fsync in `fsync` mode), each record compare-and-set against the revision known here. A
+    /// batch the server refuses (another replica wrote one of its agents, or the bucket takes no
+    /// batches) is written agent by agent, each read afresh. One that cannot be written now is
+    /// held again for the next tick.
     async fn flush(&self, now: Option<Instant>) {
-        let due = self.held.due(now);
-        futures::stream::iter(due)
+        let mut one_by_one = Vec::new();
+        let mut batch = Vec::new();
+        for due in self.held.due(now) {
+            match on_heartbeat(Some(&due.record), &due.heartbeat) {
+                Ok((next, None)) if next == due.record => {}
+                Ok((next, None)) => batch.push((due, next)),
+                _ => one_by_one.push(due.heartbeat),
+            }
+        }
+        for chunk in batch.chunks(SERVER_MAX_BATCH) {
+            if let Err(err) = self.write_batch(chunk).await {
+                tracing::debug!(
+                    error = %crate::telemetry::error_chain(&err),
+                    records = chunk.len(),
+                    "batch of heartbeats not written; writing them one by one"
+                );
+                one_by_one.extend(chunk.iter().map(|(due, _)| due.heartbeat.clone()));
+            }
+        }
+        futures::stream::iter(one_by_one)
             .for_each_concurrent(FLUSH_CONCURRENCY, |heartbeat| async move {
+                // A revision known here that lost is read afresh after one failed compare.
                 if let Err(err) = self.write_heartbeat(&heartbeat, &held_id(&heartbeat)).await {
                     tracing::warn!(
                         agent_id = %heartbeat.agent_id,
@@ -389,34 +304,98 @@ impl Registry {
             .await;
     }
 
-    /// Read, compute, compare-and-set, then announce; retried when another writer wins. Returns
-    /// the status the record is left with.
+    /// Stores the records of `batch` as one atomic batch: all, each at the revision after the
+    /// one it was computed from, or none.
+    async fn write_batch(&self, batch: &[(Due, AgentRecord)]) -> Result<(), HandleError> {
+        let client = self.publisher.client();
+        let id = format!("registry-{:016x}", rand::random::<u64>());
+        let prefix = self
+            .bucket
+            .put_prefix
+            .as_ref()
+            .unwrap_or(&self.bucket.prefix);
+        let mut commit = None;
+        for (i, (due, next)) in batch.iter().enumerate() {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(BATCH_ID, id.as_str());
+            headers.insert(BATCH_SEQUENCE, (i + 1).to_string().as_str());
+            headers.insert(EXPECTED_REVISION, due.revision.to_string().as_str());
+            let subject = format!("{prefix}{}", next.agent_id);
+            let value = Bytes::from(serde_json::to_vec(next).expect("records serialize"));
+            if i + 1 == batch.len() {
+                headers.insert(BATCH_COMMIT, "1");
+                commit = Some(client.request_with_headers(subject, headers, value));
+            } else {
+                client
+                    .publish_with_headers(subject, headers, value)
+                    .await
+                    .map_err(|e| HandleError::transient_by("sending a batch of records", e))?;
+            }
+        }
+        let Some(commit) = commit else {
+            return Ok(());
+        };
+        let reply = tokio::time::timeout(self.publisher.timeout(), commit)
+            .await
+            .map_err(|_| HandleError::transient("no answer to a batch of records in time"))?
+            .map_err(|e| HandleError::transient_by("committing a batch of records", e))?;
+        let ack: BatchAck = serde_json::from_slice(&reply.payload)
+            .map_err(|e| HandleError::transient_by("unreadable batch answer", e))?;
+        if let Some(error) = ack.error {
+            return Err(HandleError::transient(format!(
+                "batch of records refused: {}",
+                error.description
+            )));
+        }
+        let n = batch.len() as u64;
+        if ack.count != n || ack.seq < n {
+            return Err(HandleError::transient(
+                "batch answer does not match the batch",
+            ));
+        }
+        let now = Instant::now();
+        for (i, (_, next)) in batch.iter().enumerate() {
+            self.held
+                .known_at(next, ack.seq - n + 1 + i as u64, true, now);
+        }
+        Ok(())
+    }
+
+    /// Compute, compare-and-set, then announce; retried when another writer wins. The first
+    /// attempt uses the record known here, if any, with no read; the others read it afresh.
     async fn apply<F>(
         &self,
         agent: &AgentId,
         transition_id: &str,
         compute: F,
-    ) -> Result<AgentStatus, HandleError>
+    ) -> Result<(), HandleError>
     where
         F: Fn(Option<&AgentRecord>) -> Result<Outcome, HandleError> + Send + Sync,
     {
+        let mut known = self.held.known(agent).map(|(record, revision)| Loaded {
+            record: Some(record),
+            revision: Some(revision),
+        });
         for _ in 0..10 {
-            let Some(loaded) = self.load_settled(agent).await? else {
-                continue;
+            let loaded = match known.take() {
+                Some(loaded) => loaded,
+                None => match self.load_settled(agent).await? {
+                    Some(loaded) => loaded,
+                    None => continue,
+                },
             };
             let (mut next, transition) = compute(loaded.record.as_ref())?;
             if loaded.record.as_ref() == Some(&next) {
-                return Ok(next.status);
+                return Ok(());
             }
             if let Some((from, reason)) = transition {
                 next.pending = Some(pending_change(&next, from, reason, transition_id));
             }
             if let Some(revision) = self.store(agent, &next, loaded.revision).await? {
-                let status = next.status;
                 if next.pending.is_some() {
                     self.announce(agent, next, revision).await?;
                 }
-                return Ok(status);
+                return Ok(());
             }
         }
         Err(HandleError::transient(
@@ -475,18 +454,25 @@ impl Registry {
         revision: Option<u64>,
     ) -> Result<Option<u64>, HandleError> {
         let value = Bytes::from(serde_json::to_vec(record).expect("records serialize"));
-        match revision {
+        let stored = match revision {
             Some(revision) => match self.bucket.update(agent.as_str(), value, revision).await {
-                Ok(revision) => Ok(Some(revision)),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
-                Err(e) => Err(HandleError::transient_by("writing agent record", e)),
+                Ok(revision) => Some(revision),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => None,
+                Err(e) => return Err(HandleError::transient_by("writing agent record", e)),
             },
             None => match self.bucket.create(agent.as_str(), value).await {
-                Ok(revision) => Ok(Some(revision)),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
-                Err(e) => Err(HandleError::transient_by("writing agent record", e)),
+                Ok(revision) => Some(revision),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => None,
+                Err(e) => return Err(HandleError::transient_by("writing agent record", e)),
             },
+        };
+        // A record with a change still to announce is cleared by a write right after this one.
+        if let Some(revision) = stored
+            && record.pending.is_none()
+        {
+            self.held.known_at(record, revision, true, Instant::now());
         }
+        Ok(stored)
     }
 
     /// Publishes the record's pending change under its dedupe id, then clears it. Returns the
@@ -605,8 +591,31 @@ fn held_id(heartbeat: &Heartbeat) -> String {
     )
 }
 
-/// Coalesced heartbeats the flusher writes at once.
+/// Coalesced heartbeats the flusher writes at once when it writes them one by one.
 const FLUSH_CONCURRENCY: usize = 32;
+
+const BATCH_ID: &str = "Nats-Batch-Id";
+const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+/// A KV compare-and-set is a publish expecting the key's last revision.
+const EXPECTED_REVISION: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// The server's answer to a batch commit: a pub ack with `count`, or an error.
+#[derive(Debug, serde::Deserialize)]
+struct BatchAck {
+    #[serde(default)]
+    error: Option<BatchAckError>,
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    count: u64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BatchAckError {
+    #[serde(default)]
+    description: String,
+}
 
 /// Agent records the registry could not read, over every sweep.
 static UNREADABLE: Unreadable = Unreadable::new("agent record");
@@ -699,17 +708,22 @@ mod tests {
     use super::*;
     use crate::domain::{AgentProfile, ReportedStatus};
 
+    /// Agent `a`'s profile, for the registry's unit tests.
+    pub(super) fn profile() -> AgentProfile {
+        AgentProfile {
+            name: "A".into(),
+            base_url: "https://a.example".into(),
+            capabilities: vec![],
+            max_concurrent_tasks: 1,
+            dispatch: crate::domain::Dispatch::Pull,
+            push_over: None,
+        }
+    }
+
     fn registration(at: i64) -> Registration {
         Registration {
             agent_id: AgentId::parse("a").unwrap(),
-            profile: AgentProfile {
-                name: "A".into(),
-                base_url: "https://a.example".into(),
-                capabilities: vec![],
-                max_concurrent_tasks: 1,
-                dispatch: crate::domain::Dispatch::Pull,
-                push_over: None,
-            },
+            profile: profile(),
             origin: RegistrationOrigin::Agent,
             received_at: DateTime::from_timestamp(at, 0).unwrap(),
         }
@@ -750,69 +764,6 @@ mod tests {
         assert_eq!(late.status, AgentStatus::Degraded);
         assert_eq!(late.last_seen, degraded.last_seen);
         assert_eq!(t, None);
-    }
-
-    #[test]
-    fn heartbeats_are_held_only_within_the_window_after_a_write_and_the_newest_is_kept() {
-        let held = Held::new(Duration::from_secs(1));
-        let t0 = Instant::now();
-        let beat = |at| heartbeat(at, ReportedStatus::Online);
-        assert!(!held.hold(&beat(1)), "nothing written yet: write it");
-        held.written(&beat(1), AgentStatus::Online, t0);
-        assert!(held.hold(&beat(3)));
-        assert!(held.hold(&beat(2)));
-        assert!(held.due(Some(t0 + Duration::from_millis(300))).is_empty());
-        assert_eq!(
-            held.due(Some(t0 + Duration::from_millis(900))),
-            [beat(3)],
-            "due before the window ends, the newest only"
-        );
-        assert!(
-            held.hold(&beat(4)),
-            "after the window: held for the next tick"
-        );
-        assert_eq!(held.due(Some(t0 + Duration::from_millis(1500))), [beat(4)]);
-    }
-
-    #[test]
-    fn a_status_change_is_never_held_and_zero_holds_nothing() {
-        let held = Held::new(Duration::from_secs(1));
-        let t0 = Instant::now();
-        held.written(
-            &heartbeat(1, ReportedStatus::Online),
-            AgentStatus::Online,
-            t0,
-        );
-        assert!(!held.hold(&heartbeat(2, ReportedStatus::Degraded)));
-        let off = Held::new(Duration::ZERO);
-        off.written(
-            &heartbeat(1, ReportedStatus::Online),
-            AgentStatus::Online,
-            t0,
-        );
-        assert!(!off.hold(&heartbeat(2, ReportedStatus::Online)));
-    }
-
-    #[test]
-    fn forgetting_an_agent_hands_back_its_held_heartbeat() {
-        let held = Held::new(Duration::from_secs(1));
-        let t0 = Instant::now();
-        held.written(
-            &heartbeat(1, ReportedStatus::Online),
-            AgentStatus::Online,
-            t0,
-        );
-        assert!(held.hold(&heartbeat(2, ReportedStatus::Online)));
-        let agent = AgentId::parse("a").unwrap();
-        assert_eq!(
-            held.forget(&agent),
-            Some(heartbeat(2, ReportedStatus::Online))
-        );
-        assert_eq!(held.forget(&agent), None);
-        assert!(
-            !held.hold(&heartbeat(3, ReportedStatus::Online)),
-            "forgotten: write it"
-        );
     }
 
     #[test]

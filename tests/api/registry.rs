@@ -555,30 +555,29 @@ async fn listed_last_seen(app: &TestApp, agent: &str) -> Option<String> {
         .map(|a| a["last_seen"].as_str().unwrap().to_owned())
 }
 
+/// Sends `agent`'s first heartbeat and waits until the list shows its `last_seen`.
+async fn first_heartbeat_listed(app: &TestApp, agent: &str) {
+    let (status, first) = heartbeat(app, agent, &json!({"agent_id": agent}), Some("hb-0")).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    eventually(
+        Duration::from_secs(5),
+        "the first heartbeat applied",
+        || async {
+            (listed_last_seen(app, agent).await.as_deref() == first["timestamp"].as_str())
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn many_heartbeats_of_one_agent_within_the_window_cost_one_registry_write() {
     let nats = NatsServer::start();
     let app = TestApp::spawn_with(&nats, &["--heartbeat-coalesce=3s"]).await;
     app.register("agent-1").await;
     wait_for_status(&app, "agent-1", "online", Duration::from_secs(5)).await;
-    // The first heartbeat after the registration is written at once and opens the window.
-    let (status, first) = heartbeat(
-        &app,
-        "agent-1",
-        &json!({"agent_id": "agent-1"}),
-        Some("hb-0"),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{first}");
-    eventually(
-        Duration::from_secs(5),
-        "the first heartbeat applied",
-        || async {
-            (listed_last_seen(&app, "agent-1").await.as_deref() == first["timestamp"].as_str())
-                .then_some(())
-        },
-    )
-    .await;
+    // The first heartbeat after the registration is written at the next tick and opens the window.
+    first_heartbeat_listed(&app, "agent-1").await;
     let before = bucket_writes(&app).await;
     let window_opened = Instant::now();
 
@@ -722,5 +721,118 @@ async fn last_seen_in_the_list_never_trails_the_newest_heartbeat_by_more_than_th
     eprintln!(
         "{i} heartbeats, {checks} checks; the newest listed {:?} after the last answer",
         stopped.elapsed()
+    );
+}
+
+/// The agent's record as stored in the bucket, and its revision.
+async fn stored_record(app: &TestApp, agent: &str) -> (Value, u64) {
+    let kv = app.js.get_key_value(AGENTS_BUCKET).await.unwrap();
+    let entry = kv.entry(agent).await.unwrap().expect("the agent is stored");
+    (
+        serde_json::from_slice(&entry.value).unwrap(),
+        entry.revision,
+    )
+}
+
+/// Issue 18, item 3: the registry writes a held heartbeat against the revision it wrote last,
+/// with no read. When another replica wrote the record meanwhile, that write must not be lost:
+/// the compare-and-set fails and the heartbeat is applied to the record read afresh.
+#[tokio::test]
+async fn a_record_written_by_another_replica_meanwhile_is_read_again_not_overwritten() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--heartbeat-coalesce=300ms"]).await;
+    app.register("agent-1").await;
+    first_heartbeat_listed(&app, "agent-1").await;
+    registry_drained(&app).await;
+
+    // Another writer (a second replica applying a re-registration) changes the record.
+    let (mut record, revision) = stored_record(&app, "agent-1").await;
+    record["name"] = json!("renamed elsewhere");
+    let kv = app.js.get_key_value(AGENTS_BUCKET).await.unwrap();
+    kv.update(
+        "agent-1",
+        serde_json::to_vec(&record).unwrap().into(),
+        revision,
+    )
+    .await
+    .unwrap();
+
+    let (status, second) = heartbeat(
+        &app,
+        "agent-1",
+        &json!({"agent_id": "agent-1"}),
+        Some("hb-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    eventually(
+        Duration::from_secs(5),
+        "the second heartbeat applied",
+        || async {
+            (listed_last_seen(&app, "agent-1").await.as_deref() == second["timestamp"].as_str())
+                .then_some(())
+        },
+    )
+    .await;
+    let (record, _) = stored_record(&app, "agent-1").await;
+    assert_eq!(
+        record["name"], "renamed elsewhere",
+        "the other writer's change survived: {record}"
+    );
+    assert_eq!(record["last_seen"], second["timestamp"], "{record}");
+    assert_eq!(
+        transitions(&app, "agent-1").await,
+        [transition(Value::Null, "online", "registered")]
+    );
+}
+
+/// Two registry replicas share the consumer, so both hold heartbeats of the same agents and
+/// their batches conflict. Every agent must end with its newest heartbeat, one transition and
+/// nothing dead-lettered.
+#[tokio::test]
+async fn two_registry_replicas_coalescing_the_same_agents_lose_no_heartbeat() {
+    const AGENTS: usize = 20;
+    let nats = NatsServer::start();
+    let a = TestApp::spawn_with(&nats, &["--heartbeat-coalesce=200ms"]).await;
+    let b = TestApp::spawn_with(&nats, &["--heartbeat-coalesce=200ms"]).await;
+    let agents: Vec<String> = (0..AGENTS).map(|i| format!("agent-{i}")).collect();
+    for agent in &agents {
+        a.register(agent).await;
+    }
+    let mut newest = HashMap::new();
+    for round in 0..10 {
+        for (i, agent) in agents.iter().enumerate() {
+            let app = if (round + i) % 2 == 0 { &a } else { &b };
+            let key = format!("hb-{round}");
+            let (status, body) =
+                heartbeat(app, agent, &json!({"agent_id": agent}), Some(&key)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            newest.insert(
+                agent.clone(),
+                body["timestamp"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    for agent in &agents {
+        eventually(
+            Duration::from_secs(5),
+            &format!("{agent}'s newest heartbeat"),
+            || async {
+                let (record, _) = stored_record(&a, agent).await;
+                (record["last_seen"].as_str() == newest.get(agent).map(String::as_str))
+                    .then_some(())
+            },
+        )
+        .await;
+        assert_eq!(
+            transitions(&a, agent).await,
+            [transition(Value::Null, "online", "registered")]
+        );
+    }
+    let mut dead = a.js.get_stream("ACC_DEAD_LETTER").await.unwrap();
+    assert_eq!(
+        dead.info().await.unwrap().state.messages,
+        0,
+        "nothing dead-lettered"
     );
 }

@@ -54,6 +54,19 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Times KV compare-and-set writes to a scratch bucket, three ways: one at a time, 32 in
+    /// flight, and as atomic batches; shows what a write costs the server in each.
+    KvProbe {
+        /// Distinct keys written round robin.
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        /// Writes per way.
+        #[arg(long, default_value_t = 3000)]
+        writes: usize,
+        /// Writes per atomic batch.
+        #[arg(long, default_value_t = 250)]
+        batch: usize,
+    },
 }
 
 #[tokio::main]
@@ -79,6 +92,11 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Drain { label, timeout } => drain(&js, label, Duration::from_secs(timeout)).await,
+        Command::KvProbe {
+            keys,
+            writes,
+            batch,
+        } => kv_probe(&js, keys, writes, batch).await,
     }
 }
 
@@ -181,6 +199,98 @@ async fn drain(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+async fn kv_probe(
+    js: &jetstream::Context,
+    keys: usize,
+    writes: usize,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let kv = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: "hbprobe".into(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let mut stream = js.get_stream("KV_hbprobe").await?;
+    let mut config = stream.info().await?.config.clone();
+    config.allow_atomic_publish = true;
+    js.update_stream(config).await?;
+    let value = bytes::Bytes::from(vec![b'x'; 300]);
+    let mut revisions = Vec::with_capacity(keys);
+    for k in 0..keys {
+        revisions.push(kv.put(format!("k{k}"), value.clone()).await?);
+    }
+    let report = |way: &str, started: Instant| {
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "kv-probe {way}: {writes} writes in {seconds:.2} s = {:.0} writes/s",
+            writes as f64 / seconds
+        );
+    };
+    let started = Instant::now();
+    for i in 0..writes {
+        let k = i % keys;
+        revisions[k] = kv
+            .update(format!("k{k}"), value.clone(), revisions[k])
+            .await?;
+    }
+    report("one at a time", started);
+    let started = Instant::now();
+    for chunk in (0..writes).collect::<Vec<_>>().chunks(32) {
+        let updates = chunk.iter().map(|i| {
+            let k = i % keys;
+            let kv = kv.clone();
+            let (value, revision) = (value.clone(), revisions[k]);
+            async move { (k, kv.update(format!("k{k}"), value, revision).await) }
+        });
+        for (k, revision) in futures::future::join_all(updates).await {
+            revisions[k] = revision?;
+        }
+    }
+    report("32 in flight", started);
+    let client = js.client();
+    let started = Instant::now();
+    let mut done = 0;
+    let mut id = 0;
+    while done < writes {
+        let n = batch.min(writes - done).min(keys);
+        id += 1;
+        let mut commit = None;
+        for j in 0..n {
+            let k = (done + j) % keys;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Batch-Id", format!("probe-{id}").as_str());
+            headers.insert("Nats-Batch-Sequence", (j + 1).to_string().as_str());
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                revisions[k].to_string().as_str(),
+            );
+            let subject = format!("$KV.hbprobe.k{k}");
+            if j + 1 == n {
+                headers.insert("Nats-Batch-Commit", "1");
+                commit = Some(client.request_with_headers(subject, headers, value.clone()));
+            } else {
+                client
+                    .publish_with_headers(subject, headers, value.clone())
+                    .await?;
+            }
+        }
+        let reply = commit.expect("n > 0").await?;
+        let ack: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+        let seq = ack["seq"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("batch refused: {ack}"))?;
+        for j in 0..n {
+            revisions[(done + j) % keys] = seq - n as u64 + 1 + j as u64;
+        }
+        done += n;
+    }
+    report(&format!("atomic batches of {batch}"), started);
+    Ok(())
 }
 
 /// `ms` since the epoch as an RFC 3339 UTC timestamp with milliseconds.
