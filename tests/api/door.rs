@@ -628,11 +628,33 @@ async fn the_door_stopped_mid_stream_and_restarted_admits_every_message_exactly_
     let js = async_nats::jetstream::new(nats.client().await);
     let admitted_before_restart = count_stored(&js, "ACC_EVENTS").await;
 
-    // …more while no door runs (captured, not lost)…
-    send_batch(BEFORE..BEFORE + WHILE_STOPPED).await;
+    // …a publish while no door runs is refused "no responders" (not lost silently), so the
+    // agent sends those again once a door is back…
+    let refused = agent
+        .js
+        .publish_with_headers("acc.in.event", headers.clone(), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .expect_err("no intake runs");
+    assert_eq!(
+        refused.kind(),
+        async_nats::jetstream::context::PublishErrorKind::StreamNotFound
+    );
 
     // …and a new door finishes the lot.
     let app = TestApp::spawn_with(&nats, &flags).await;
+    for i in BEFORE..BEFORE + WHILE_STOPPED {
+        let (subject, body) = if i % 3 == 0 {
+            ("acc.in.heartbeat", json!({"agent_id": "agent-1"}))
+        } else {
+            ("acc.in.event", event("agent-1", &format!("evt-{i}")))
+        };
+        // Retried while the new door's intake is not yet subscribed.
+        agent
+            .send(subject, headers.clone(), serde_json::to_vec(&body).unwrap())
+            .await;
+    }
     let total = BEFORE + WHILE_STOPPED;
     let events_sent = (0..total).filter(|i| i % 3 != 0).count() as u64;
     let heartbeats_sent = (0..total).filter(|i| i % 3 == 0).count();
