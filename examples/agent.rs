@@ -135,10 +135,12 @@ impl Door {
                 let mut headers = HeaderMap::new();
                 headers.insert("Authorization", format!("Bearer {token}").as_str());
                 headers.insert("Acc-Reply-To", reply.as_str());
-                // Dedupes a retried publish in ACC_INBOUND; unique across all agents.
+                // Dedupes a retried publish in ACC_INBOUND (the door's intake scopes it to
+                // this agent, so no other agent can take it first).
                 let msg_id = format!("{agent}-{:016x}", rand::random::<u64>());
                 headers.insert("Nats-Msg-Id", msg_id.as_str());
-                // JetStream's ack: the message is durably captured, even if no door runs now.
+                // The intake's PubAck: the message is durably captured in ACC_INBOUND. With no
+                // door running the publish fails with "no responders"; try again later.
                 js.publish_with_headers(subject, headers, serde_json::to_vec(body)?.into())
                     .await?
                     .await

@@ -107,7 +107,7 @@ fn inbound_headers() -> Value {
             },
             "Nats-Msg-Id": {
                 "type": "string", "minLength": 1,
-                "description": "JetStream's dedupe id in ACC_INBOUND (shared by all agents: prefix it with your agent id)."
+                "description": "Dedupe id: the door's intake stores the message in ACC_INBOUND with it scoped to the token's agent (a retry within DUPLICATE_WINDOW is acked duplicate; no other agent can pre-empt it)."
             },
             "traceparent": traceparent(),
         }

@@ -2,8 +2,10 @@
 //!
 //! Agents publish the same JSON bodies as the HTTP calls on the inbound subjects
 //! (`acc.in.register`, `acc.in.heartbeat`, `acc.in.task_result.<task_id>`, `acc.in.event`), with
-//! the JWT in an `Authorization: Bearer …` header. The stream `ACC_INBOUND` captures them, so a
-//! publish JetStream acknowledged is kept even while no door runs. The door is a durable consumer
+//! the JWT in an `Authorization: Bearer …` header. The door's [`intake`] authenticates each
+//! publish and stores it in `ACC_INBOUND` with a dedupe id scoped to its agent, then answers with
+//! the PubAck, so a publish the intake acknowledged is kept even if the door stops right after
+//! (with no door running, a publish gets "no responders"). The door is a durable consumer
 //! on that stream that serves callers in turn (see [`Door::run`]; each message is handled and
 //! settled by the shared [`crate::workers::process`]) and runs, per message, exactly
 //! what the HTTP door runs: [`Authenticator::verify_header`], the scope check, then [`Admission::admit`] — same
@@ -64,6 +66,8 @@ use crate::contract::slots::{AgentSlot, AgentSlots};
 use crate::contract::{self, Code, Refusal, Tally};
 use crate::tasks::Tasks;
 use crate::workers::{self, HandleError, Handler, MAX_DELIVER};
+
+pub mod intake;
 
 /// The caller key of messages whose token did not verify: they share one bucket.
 const ANONYMOUS: &str = "anonymous";
@@ -154,28 +158,37 @@ impl Door {
     /// ahead of handling (up to [`WINDOW`]) into one queue per caller, and the door takes one
     /// message from each caller with messages waiting before it takes a second from any, so one
     /// agent's backlog does not delay another agent's answer. Each caller's own messages keep
-    /// their order. On `stop`, the message in hand is finished and every message pulled but not
-    /// handled is given back to the server at once (nak), for the next door to take.
+    /// their order. The [`intake`] runs beside it, storing what agents publish. On `stop`, the
+    /// intake takes no new publish and finishes those in hand, the message in hand is finished,
+    /// and every message pulled but not handled is given back to the server at once (nak), for
+    /// the next door to take.
     pub async fn run(self, inbound: Stream, stop: CancellationToken) -> anyhow::Result<()> {
         let consumer = durable_consumer(&inbound).await?;
+        let door = Arc::new(self);
+        let taking = tokio::spawn(intake::serve(
+            door.clone(),
+            intake::subscribe(&door).await?,
+            stop.clone(),
+        ));
         let queue = Arc::new(FairQueue::default());
         let pulling = tokio::spawn(pull_ahead(
             consumer,
             queue.clone(),
-            self.verifier.clone(),
+            door.verifier.clone(),
             stop.clone(),
         ));
         while let Some(message) = queue.next(&stop).await {
             workers::process(
-                &self.publisher,
+                &door.publisher,
                 subjects::INBOUND_STREAM,
                 subjects::DOOR_CONSUMER,
-                &self,
+                &*door,
                 message,
             )
             .await;
         }
         let _ = pulling.await;
+        let _ = taking.await;
         for message in queue.drain() {
             if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
                 tracing::warn!(error = %err, "cannot give a message back; it is redelivered after its ack wait");
@@ -285,16 +298,11 @@ impl Door {
             body.insert("push_over".into(), "nats".into());
         }
         // A header that is not text is passed on as an empty key, refused by admission as over
-        // HTTP. Without an `Idempotency-Key`, the agent's `Nats-Msg-Id` is the key: admission
-        // scopes every key to the authenticated agent, so no agent can pre-empt another's id
-        // (`ACC_INBOUND` itself does not dedupe). A heartbeat with neither gets its key from its
-        // place in the inbound stream, so a redelivery after a door crash is the same heartbeat,
-        // not a second one.
-        let sent_key = headers.and_then(|h| {
-            h.get(subjects::IDEMPOTENCY_KEY)
-                .or_else(|| h.get(async_nats::header::NATS_MESSAGE_ID))
-                .map(|v| v.as_str())
-        });
+        // HTTP. Without an `Idempotency-Key`, the agent's `Nats-Msg-Id` is the key (the intake
+        // passes it on as `Idempotency-Key`): admission scopes every key to the authenticated
+        // agent. A heartbeat with neither gets its key from its place in the inbound stream, so
+        // a redelivery after a door crash is the same heartbeat, not a second one.
+        let sent_key = header(headers, subjects::IDEMPOTENCY_KEY);
         let derived;
         let key = match (call, sent_key) {
             (_, Some(key)) => Some(key),
@@ -380,6 +388,26 @@ impl Door {
         caller_key: &str,
         refusal: &Refusal,
     ) -> Result<(), HandleError> {
+        self.record_rejection(
+            &message.subject,
+            message.payload.clone(),
+            Some(inbound_seq),
+            caller_key,
+            refusal,
+        )
+        .await
+    }
+
+    /// [`Door::reject`] of a message on `subject` with `payload`, at `inbound_seq` in
+    /// `ACC_INBOUND` (`None`: the intake refused it, so it was never stored there).
+    async fn record_rejection(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        inbound_seq: Option<u64>,
+        caller_key: &str,
+        refusal: &Refusal,
+    ) -> Result<(), HandleError> {
         let reason = refusal.reason();
         let mut headers = HeaderMap::new();
         let code = refusal.code();
@@ -392,22 +420,26 @@ impl Door {
         if caller_key != ANONYMOUS {
             headers.insert(subjects::REJECTED_CALLER, caller_key);
         }
-        headers.insert(subjects::REJECTED_SUBJECT, message.subject.as_str());
-        headers.insert(
-            subjects::REJECTED_SEQUENCE,
-            inbound_seq.to_string().as_str(),
-        );
+        headers.insert(subjects::REJECTED_SUBJECT, subject);
+        if let Some(seq) = inbound_seq {
+            headers.insert(subjects::REJECTED_SEQUENCE, seq.to_string().as_str());
+        }
         // A caller over its rate or quota is recorded without its body: a flood (with or without
         // a token) costs `ACC_REJECTED` a few hundred bytes a message, not its payloads.
         let payload = match code {
             Code::RateLimited | Code::QuotaExceeded => Bytes::new(),
-            _ => message.payload.clone(),
+            _ => payload,
+        };
+        // Redelivered, a stored message is recorded once; the intake's refusals are all distinct.
+        let msg_id = match inbound_seq {
+            Some(seq) => format!("rejected:{seq}"),
+            None => format!("rejected:intake:{:032x}", rand::random::<u128>()),
         };
         let stored = self
             .publisher
             .publish(
                 subjects::rejected(code.as_str()),
-                &format!("rejected:{inbound_seq}"),
+                &msg_id,
                 payload,
                 Some(headers),
             )
@@ -425,14 +457,14 @@ impl Door {
         // Bounded like the rejections: a caller out of tokens gets `RATE_LIMITED`, not recorded.
         if is_refused_credential(code) {
             let actor = (caller_key != ANONYMOUS).then_some(caller_key);
-            let action = format!("NATS {}", inbound_pattern(&message.subject));
+            let action = format!("NATS {}", inbound_pattern(subject));
             self.audit.door_credential_refused(actor, &action, code);
         }
         let count = self.tally.refused.count(code);
         tracing::warn!(
             code = code.as_str(),
             caller = caller_key,
-            subject = %message.subject,
+            subject,
             inbound_seq,
             count,
             reason = %reason,
@@ -769,6 +801,21 @@ mod tests {
         }
         let long = format!("acc.reply.agent-a.{}", "x".repeat(300));
         assert!(reply_subject(&a, &long).is_none());
+    }
+
+    #[test]
+    fn an_inbound_dedupe_id_is_scoped_to_its_agent() {
+        let (a, b) = (caller("agent-a"), caller("agent-b"));
+        let id = intake::scoped_msg_id(&a, Some("b-1"));
+        assert_eq!(id, "agent-a:b-1");
+        assert_ne!(id, intake::scoped_msg_id(&b, Some("b-1")));
+        // A message without an id dedupes with nothing, not even another such message.
+        let (x, y) = (
+            intake::scoped_msg_id(&a, None),
+            intake::scoped_msg_id(&a, None),
+        );
+        assert_ne!(x, y);
+        assert!(x.starts_with("agent-a/"), "{x}");
     }
 
     #[test]

@@ -10,11 +10,11 @@
 //! stream. Each agent named in `NATS_AGENTS` (user name = agent id) has an account of its own
 //! ([`agent_account`]) that imports only two things from the bridge's account:
 //!
-//! - the inbound subjects `acc.in.>`, as a *service*: the agent's publish is captured by
-//!   `ACC_INBOUND` in the bridge's account, and JetStream's acknowledgement travels back through
-//!   the import to the reply subject *in the agent's own account*. Whatever an agent names as its
+//! - the inbound subjects `acc.in.>`, as a *service*: the agent's publish reaches the door's
+//!   intake in the bridge's account (which stores it in `ACC_INBOUND`), and the intake's PubAck
+//!   travels back through the import to the reply subject *in the agent's own account*. Whatever an agent names as its
 //!   reply subject (`$KV.acc_agents.<other>`, `acc.tasks.result.<task>`, another agent's reply
-//!   namespace), the acknowledgement never lands in the bridge's account;
+//!   namespace), the answer never lands in the bridge's account;
 //! - its own reply namespace `acc.reply.<agent_id>.>`, as a *stream* exported to that agent's
 //!   account only, where the door's answers arrive.
 //!

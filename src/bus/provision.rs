@@ -32,12 +32,6 @@ pub const STREAMS: &[&str] = &[
 /// Metric snapshots matter for minutes: only the last few per subject are kept.
 const METRICS_PER_SUBJECT: i64 = 10;
 
-/// `ACC_INBOUND`'s duplicate window: the shortest the server accepts (100 ms). Its window is
-/// shared by every agent, so within it one agent could send another's `Nats-Msg-Id` first and
-/// have the other's message dropped; the default (the streams' `DUPLICATE_WINDOW`) gave minutes
-/// for that. The door dedupes instead, on an id scoped to the authenticated agent (see `door`).
-pub const INBOUND_DUPLICATE_WINDOW: Duration = Duration::from_millis(100);
-
 /// The configuration of one of our streams.
 pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
     let mut config = base_stream_config(name, settings);
@@ -55,7 +49,14 @@ pub fn stream_config(name: &str, settings: &StreamSettings) -> stream::Config {
         config.deny_purge = true;
     }
     if name == subjects::INBOUND_STREAM {
-        config.duplicate_window = INBOUND_DUPLICATE_WINDOW;
+        // Only the door's intake publishes here, with dedupe ids scoped to the authenticated
+        // agent, so the normal duplicate window applies per agent. The stream stores each
+        // message on the subject the agent published on.
+        config.subjects = vec![subjects::INBOUND_CAPTURE.to_owned()];
+        config.subject_transform = Some(stream::SubjectTransform {
+            source: subjects::INBOUND_CAPTURE.to_owned(),
+            destination: subjects::INBOUND_ALL.to_owned(),
+        });
         // Holds only what the door has not handled yet: a message leaves once the door acks it.
         config.retention = RetentionPolicy::WorkQueue;
     }

@@ -14,7 +14,7 @@ pub const SUBMISSIONS_STREAM: &str = "ACC_TASK_SUBMISSIONS";
 pub const EVENTS_STREAM: &str = "ACC_EVENTS";
 /// Stream of messages a worker gave up on, with the reason in headers.
 pub const DEAD_LETTER_STREAM: &str = "ACC_DEAD_LETTER";
-/// Stream capturing what agents publish directly on NATS, before the door admits it.
+/// Stream of what agents publish on NATS, stored by the door's intake before the door admits it.
 pub const INBOUND_STREAM: &str = "ACC_INBOUND";
 /// Stream of inbound messages the door refused, with the reason and caller in headers.
 pub const REJECTED_STREAM: &str = "ACC_REJECTED";
@@ -102,6 +102,17 @@ pub const INBOUND_TASK_CLAIM: &str = "acc.in.task_claim";
 pub const INBOUND_ALL: &str = "acc.in.>";
 /// Prefix of `acc.in.task_result.<task_id>`.
 pub const INBOUND_TASK_RESULT_PREFIX: &str = "acc.in.task_result.";
+/// What [`INBOUND_STREAM`] listens on: the door's intake stores an agent's `acc.in.<rest>` on
+/// `acc.inbound.<rest>`, and the stream keeps it as `acc.in.<rest>` again (a subject transform),
+/// so the door reads the subject the agent published on. Agents cannot publish here: their
+/// accounts import only [`INBOUND_ALL`], which the intake serves.
+pub const INBOUND_CAPTURE: &str = "acc.inbound.>";
+
+/// `acc.inbound.<rest>` for an inbound subject `acc.in.<rest>`; `None` for any other subject.
+pub fn inbound_capture(subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix("acc.in.")?;
+    (!rest.is_empty()).then(|| format!("acc.inbound.{rest}"))
+}
 pub const REJECTIONS: &str = "acc.rejected.*";
 
 /// Requests to the acting dispatcher (core NATS request/reply, not stored): the ingress asks,
@@ -407,7 +418,19 @@ pub fn subjects_of(stream: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::family;
+    use super::{INBOUND_ALL, INBOUND_CAPTURE, family, inbound_capture, matches};
+
+    #[test]
+    fn an_inbound_subject_is_captured_under_the_streams_own_subjects() {
+        for subject in ["acc.in.event", "acc.in.task_result.t-1"] {
+            let captured = inbound_capture(subject).unwrap();
+            assert!(matches(INBOUND_CAPTURE, &captured), "{captured}");
+            assert!(!matches(INBOUND_ALL, &captured), "{captured}");
+            assert_eq!(captured.replacen("acc.inbound.", "acc.in.", 1), subject);
+        }
+        assert_eq!(inbound_capture("acc.in."), None);
+        assert_eq!(inbound_capture("acc.events.agent-1"), None);
+    }
 
     #[test]
     fn span_names_keep_every_literal_token_and_drop_only_ids() {

@@ -527,16 +527,24 @@ async fn an_agent_naming_a_protected_subject_as_its_nats_reply_stores_nothing_th
         "acc.events.agent-b",
         "acc.reply.agent-b.x",
     ];
+    // Without a token (refused by the door's intake) and with agent-a's own (stored): either
+    // way the intake's answer goes back into agent-a's account only.
+    let mut signed = async_nats::HeaderMap::new();
+    signed.insert(
+        "Authorization",
+        format!("Bearer {}", token("agent-a")).as_str(),
+    );
     for reply in protected {
-        a.client
-            .publish_with_reply("acc.in.event", reply, "{}".into())
-            .await
-            .unwrap();
+        for headers in [async_nats::HeaderMap::new(), signed.clone()] {
+            a.client
+                .publish_with_reply_and_headers("acc.in.event", reply, headers, "{}".into())
+                .await
+                .unwrap();
+        }
     }
     a.client.flush().await.unwrap();
     // The agent's own JetStream publishes are still acknowledged to it.
-    a.send("acc.in.event", async_nats::HeaderMap::new(), b"{}".to_vec())
-        .await;
+    a.send("acc.in.event", signed.clone(), b"{}".to_vec()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let ack_marker = "ACC_INBOUND";
@@ -970,9 +978,11 @@ async fn one_agent_cannot_fill_a_stream_for_the_others() {
     }
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Authorization", "Bearer forged");
+    // Refused by the door's intake: never stored in ACC_INBOUND at all.
     agent
-        .send("acc.in.event", headers, vec![b'x'; 500_000])
-        .await;
+        .publish("acc.in.event", headers, vec![b'x'; 500_000])
+        .await
+        .expect_err("a publish without a valid token is refused");
     let left = eventually(Duration::from_secs(10), "ACC_INBOUND drained", || async {
         let left = stored_count(&app.js, "ACC_INBOUND").await;
         (left == 0).then_some(left)

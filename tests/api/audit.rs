@@ -231,8 +231,9 @@ async fn garbage_tokens_on_the_nats_door_are_recorded_as_many_as_its_rejection_l
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Authorization", format!("Bearer {garbage}").as_str());
         flood
-            .send("acc.in.heartbeat", headers, b"{}".to_vec())
-            .await;
+            .publish("acc.in.heartbeat", headers, b"{}".to_vec())
+            .await
+            .expect_err("the door's intake refuses a token that does not verify");
     }
     eventually(
         Duration::from_secs(20),

@@ -121,14 +121,20 @@ async fn streams_are_provisioned_with_explicit_durability_settings() {
         assert_eq!(config.max_age, Duration::from_secs(days * 86_400), "{name}");
         assert_eq!(config.deny_purge, *name == "ACC_AUDIT", "{name}");
         assert!(config.deny_delete, "{name}");
-        // The inbound stream's window is shared by every agent, so it is the shortest there is;
-        // the door dedupes per agent instead.
-        let window = if *name == "ACC_INBOUND" {
-            auto_com_center::bus::provision::INBOUND_DUPLICATE_WINDOW
-        } else {
-            Duration::from_secs(90)
-        };
-        assert_eq!(config.duplicate_window, window, "{name}");
+        // Only the door's intake writes the inbound stream, with ids scoped to each agent, so
+        // its window is the normal one too.
+        assert_eq!(config.duplicate_window, Duration::from_secs(90), "{name}");
+        if *name == "ACC_INBOUND" {
+            assert_eq!(config.subjects, ["acc.inbound.>"]);
+            let transform = config
+                .subject_transform
+                .as_ref()
+                .expect("stored as acc.in.>");
+            assert_eq!(
+                (transform.source.as_str(), transform.destination.as_str()),
+                ("acc.inbound.>", "acc.in.>")
+            );
+        }
         assert_eq!(config.num_replicas, 1, "{name}");
     }
     let bucket = app.js.get_key_value("acc_agents").await.unwrap();

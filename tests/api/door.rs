@@ -342,7 +342,13 @@ async fn the_contract_is_the_same_through_both_doors() {
             step.want_status.to_string()
         );
         assert_eq!(record.subject, format!("acc.rejected.{}", step.want_code));
-        assert_eq!(record.payload, step.body.as_bytes());
+        // The intake keeps no body of a message whose token did not verify.
+        let kept = if step.want_status == 401 {
+            &b""[..]
+        } else {
+            step.body.as_bytes()
+        };
+        assert_eq!(record.payload, kept);
     }
     assert_eq!(
         refused_unauthenticated,
@@ -394,25 +400,40 @@ async fn refused_messages_reach_no_verified_subject_and_are_recorded_with_reason
         if let Some(token) = token {
             headers.insert("Authorization", format!("Bearer {token}").as_str());
         }
-        sent.push(
-            agent
-                .send(subject, headers, serde_json::to_vec(body).unwrap())
-                .await,
-        );
+        // A token that does not verify is refused by the intake: never stored in ACC_INBOUND.
+        let ack = agent
+            .publish(subject, headers, serde_json::to_vec(body).unwrap())
+            .await;
+        sent.push(ack.ok().map(|ack| ack.sequence));
     }
-    let mut records = eventually(Duration::from_secs(10), "five rejections", || async {
+    assert!(sent[0].is_none() && sent[1].is_none(), "{sent:?}");
+    let records = eventually(Duration::from_secs(10), "five rejections", || async {
         let records = rejections(&app.js).await;
         (records.len() == cases.len()).then_some(records)
     })
     .await;
-    // The door serves callers in turn, so records of different callers come in any order.
-    records.sort_by_key(|r| r.headers["Acc-Rejected-Sequence"].parse::<u64>().unwrap());
-    for ((subject, _, body, code), (record, seq)) in cases.iter().zip(records.iter().zip(&sent)) {
-        assert_eq!(record.headers["Acc-Rejected-Code"], *code);
+    // The door serves callers in turn, so records of different callers come in any order; each
+    // case has a code of its own.
+    let record_of = |code: &str| {
+        records
+            .iter()
+            .find(|r| r.headers["Acc-Rejected-Code"] == code)
+            .unwrap_or_else(|| panic!("no {code} record"))
+    };
+    for ((subject, _, body, code), seq) in cases.iter().zip(&sent) {
+        let record = record_of(code);
         assert_eq!(record.headers["Acc-Rejected-Subject"], *subject);
-        assert_eq!(record.headers["Acc-Rejected-Sequence"], seq.to_string());
+        assert_eq!(
+            record.headers.get("Acc-Rejected-Sequence"),
+            seq.map(|s| s.to_string()).as_ref()
+        );
         assert!(!record.headers["Acc-Rejected-Reason"].is_empty());
-        assert_eq!(record.payload, serde_json::to_vec(body).unwrap());
+        // The intake records an unauthenticated message without its body.
+        let kept = match seq {
+            Some(_) => serde_json::to_vec(body).unwrap(),
+            None => Vec::new(),
+        };
+        assert_eq!(record.payload, kept, "{code}");
         assert!(
             !record.headers.contains_key("Authorization"),
             "a rejection record never keeps the token"
@@ -425,10 +446,11 @@ async fn refused_messages_reach_no_verified_subject_and_are_recorded_with_reason
             _ => assert_eq!(record.headers["Acc-Rejected-Caller"], "agent-1"),
         }
     }
+    let forged = record_of("INVALID_TOKEN");
     assert!(
-        records[0].headers["Acc-Rejected-Reason"].contains("invalid signature"),
+        forged.headers["Acc-Rejected-Reason"].contains("invalid signature"),
         "{:?}",
-        records[0].headers
+        forged.headers
     );
     for stream in VERIFIED {
         assert_eq!(count_stored(&app.js, stream).await, 0, "{stream}");
@@ -606,11 +628,33 @@ async fn the_door_stopped_mid_stream_and_restarted_admits_every_message_exactly_
     let js = async_nats::jetstream::new(nats.client().await);
     let admitted_before_restart = count_stored(&js, "ACC_EVENTS").await;
 
-    // …more while no door runs (captured, not lost)…
-    send_batch(BEFORE..BEFORE + WHILE_STOPPED).await;
+    // …a publish while no door runs is refused "no responders" (not lost silently), so the
+    // agent sends those again once a door is back…
+    let refused = agent
+        .js
+        .publish_with_headers("acc.in.event", headers.clone(), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .expect_err("no intake runs");
+    assert_eq!(
+        refused.kind(),
+        async_nats::jetstream::context::PublishErrorKind::StreamNotFound
+    );
 
     // …and a new door finishes the lot.
     let app = TestApp::spawn_with(&nats, &flags).await;
+    for i in BEFORE..BEFORE + WHILE_STOPPED {
+        let (subject, body) = if i % 3 == 0 {
+            ("acc.in.heartbeat", json!({"agent_id": "agent-1"}))
+        } else {
+            ("acc.in.event", event("agent-1", &format!("evt-{i}")))
+        };
+        // Retried while the new door's intake is not yet subscribed.
+        agent
+            .send(subject, headers.clone(), serde_json::to_vec(&body).unwrap())
+            .await;
+    }
     let total = BEFORE + WHILE_STOPPED;
     let events_sent = (0..total).filter(|i| i % 3 != 0).count() as u64;
     let heartbeats_sent = (0..total).filter(|i| i % 3 == 0).count();
@@ -727,15 +771,76 @@ async fn agent_passwords_survive_a_restart_of_the_embedded_server() {
     app.stop().await;
 }
 
-/// Calls `subject` as `agent`, with its own token and `Nats-Msg-Id: msg_id`.
-async fn call_with_msg_id(
+/// Issue 13, items 3 and 9: `ACC_INBOUND`'s dedupe window was shared by all agents, so agent-a
+/// could send agent-b's `Nats-Msg-Id` first and agent-b's real event was dropped as a duplicate,
+/// never answered and never stored (until the fix, within 100 ms: the server's shortest window).
+/// The door's intake now stores every message with its id scoped to the authenticated agent, so
+/// agent-a's squat, published first and immediately, takes nothing from agent-b.
+#[tokio::test]
+async fn one_agent_cannot_preempt_another_agents_nats_msg_id() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let a = NatsAgent::connect(&nats.url(), "agent-a").await;
+    let b = NatsAgent::connect(&nats.url(), "agent-b").await;
+    let started = std::time::Instant::now();
+    let (squat, _) = acked_with_msg_id(&a, "acc.in.event", &event("agent-a", "evt-a"), "b-1").await;
+    let squat = squat.expect("agent-a's publish is stored");
+    let (real, answer) =
+        acked_with_msg_id(&b, "acc.in.event", &event("agent-b", "evt-b"), "b-1").await;
+    let gap = started.elapsed();
+    let real = real.expect("agent-b's publish is stored");
+    println!("agent-b published its id {gap:?} after agent-a squatted it");
+    assert!(
+        !real.duplicate,
+        "agent-b's publish was taken as agent-a's duplicate"
+    );
+    assert_ne!(real.sequence, squat.sequence);
+    let (status, answer) = answer.expect("agent-b's event is answered, not dropped");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["duplicate"], false, "{answer}");
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 2);
+    // ACC_INBOUND deduped on ids scoped to each agent; neither agent's id reached it as sent.
+    let window = stream_config(&app.js, "ACC_INBOUND").await.duplicate_window;
+    assert_eq!(
+        window,
+        Duration::from_secs(120),
+        "the normal window, per agent"
+    );
+
+    // An agent's own retry with the same id, past the old 100 ms, is one message: JetStream says
+    // `duplicate` (the answer went to the first publish's reply subject) and nothing is stored.
+    app.register("agent-a").await;
+    let beat = json!({"agent_id": "agent-a"});
+    let (first, answer) = acked_with_msg_id(&a, "acc.in.heartbeat", &beat, "a-hb-1").await;
+    let first = first.unwrap();
+    assert_eq!(answer.unwrap().0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored = count_stored(&app.js, "ACC_AGENTS").await;
+    let (retry, _) = acked_with_msg_id(&a, "acc.in.heartbeat", &beat, "a-hb-1").await;
+    let retry = retry.unwrap();
+    assert!(!first.duplicate);
+    assert!(retry.duplicate, "{retry:?}");
+    assert_eq!(retry.sequence, first.sequence);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count_stored(&app.js, "ACC_AGENTS").await, stored);
+}
+
+/// Publishes `body` on `subject` as `agent`, with its own token, `Acc-Reply-To` and
+/// `Nats-Msg-Id: msg_id`: the PubAck, and the door's answer when one came within 5 s.
+async fn acked_with_msg_id(
     agent: &NatsAgent,
     subject: &str,
     body: &Value,
     msg_id: &str,
-) -> Option<DoorAnswer> {
+) -> (
+    Result<
+        async_nats::jetstream::publish::PublishAck,
+        async_nats::jetstream::context::PublishError,
+    >,
+    Option<DoorAnswer>,
+) {
     agent
-        .call_with(
+        .call_acked(
             subject,
             Some(&token(&agent.agent)),
             serde_json::to_vec(body).unwrap(),
@@ -745,44 +850,104 @@ async fn call_with_msg_id(
         .await
 }
 
-/// Issue 13, item 3: `ACC_INBOUND`'s dedupe window was shared by all agents, so agent-a could
-/// send agent-b's `Nats-Msg-Id` first and agent-b's real event was dropped as a duplicate,
-/// never answered and never stored. Now the id dedupes (for longer than `ACC_INBOUND`'s 100 ms)
-/// only within its own agent.
+async fn stream_config(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> async_nats::jetstream::stream::Config {
+    let mut stream = js.get_stream(name).await.unwrap();
+    stream.info().await.unwrap().config.clone()
+}
+
+/// The intake refuses a message whose token does not verify before anything stores it: the
+/// publisher gets an error naming the code, `ACC_INBOUND` never holds it, and the refusal is
+/// counted and recorded without the body.
 #[tokio::test]
-async fn one_agent_cannot_preempt_another_agents_nats_msg_id() {
+async fn an_unauthenticated_publish_never_reaches_acc_inbound() {
     let nats = NatsServer::start();
     let app = TestApp::spawn(&nats).await;
-    let a = NatsAgent::connect(&nats.url(), "agent-a").await;
-    let b = NatsAgent::connect(&nats.url(), "agent-b").await;
-    let (status, squat) = call_with_msg_id(&a, "acc.in.event", &event("agent-a", "evt-a"), "b-1")
+    let attacker = NatsAgent::connect(&nats.url(), "agent-1").await;
+    let body = serde_json::to_vec(&event("agent-1", "evt-1")).unwrap();
+    for (token, code) in [
+        (Tok::Missing, "MISSING_TOKEN"),
+        (Tok::Forged, "INVALID_TOKEN"),
+        (Tok::Expired, "TOKEN_EXPIRED"),
+    ] {
+        let mut headers = HeaderMap::new();
+        if let Some(token) = token.value() {
+            headers.insert("Authorization", format!("Bearer {token}").as_str());
+        }
+        headers.insert("Nats-Msg-Id", "squat-1");
+        let refused = attacker
+            .publish("acc.in.event", headers, body.clone())
+            .await
+            .expect_err("an unauthenticated publish is refused");
+        assert!(refused.to_string().contains(code), "{code}: {refused}");
+    }
+    let inbound = app
+        .js
+        .get_stream("ACC_INBOUND")
         .await
-        .unwrap();
-    assert_eq!(status, 200, "{squat}");
-    // ACC_INBOUND's own window is the server's minimum, 100 ms (the residual risk, docs/nats.md);
-    // before, it was the streams' duplicate window (minutes).
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let (status, real) = call_with_msg_id(&b, "acc.in.event", &event("agent-b", "evt-b"), "b-1")
+        .unwrap()
+        .info()
         .await
-        .expect("agent-b's event is answered, not dropped as a duplicate");
-    assert_eq!(status, 200, "{real}");
-    assert_eq!(real["duplicate"], false, "{real}");
-    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 2);
+        .unwrap()
+        .state
+        .clone();
+    assert_eq!(inbound.last_sequence, 0, "ACC_INBOUND never stored one");
+    let records = rejections(&app.js).await;
+    let codes: Vec<&str> = records
+        .iter()
+        .map(|r| r.headers["Acc-Rejected-Code"].as_str())
+        .collect();
+    assert_eq!(codes, ["MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED"]);
+    for record in &records {
+        assert!(record.payload.is_empty(), "{record:?}");
+        assert!(!record.headers.contains_key("Acc-Rejected-Sequence"));
+    }
+    let (_, health) = app.get("/health", None).await;
+    assert_eq!(health["door"]["rejected"]["MISSING_TOKEN"], 1, "{health}");
+    // A valid agent's publish with the id the attacker tried is not a duplicate of anything.
+    let (ack, answer) = acked_with_msg_id(
+        &attacker,
+        "acc.in.event",
+        &event("agent-1", "evt-1"),
+        "squat-1",
+    )
+    .await;
+    assert!(!ack.unwrap().duplicate);
+    assert_eq!(answer.unwrap().0, 200);
+}
 
-    // An agent's own retry with the same id is still one message.
-    app.register("agent-a").await;
-    let beat = json!({"agent_id": "agent-a"});
-    let (_, first) = call_with_msg_id(&a, "acc.in.heartbeat", &beat, "a-hb-1")
+/// With no door running, nothing captures a publish: the agent gets "no responders" at once,
+/// as from any request/reply service that is down, and retries.
+#[tokio::test]
+async fn with_no_door_running_a_publish_gets_no_responders() {
+    let nats = NatsServer::start();
+    let _app = TestApp::spawn_with(&nats, &["--roles=ingress"]).await;
+    let agent = NatsAgent::connect(&nats.url(), "agent-1").await;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Authorization",
+        format!("Bearer {}", token("agent-1")).as_str(),
+    );
+    let started = std::time::Instant::now();
+    let refused = agent
+        .js
+        .publish_with_headers("acc.in.event", headers, "{}".into())
         .await
-        .unwrap();
-    // A retry after a lost answer, past ACC_INBOUND's window: the door's scoped id dedupes it.
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let (_, retry) = call_with_msg_id(&a, "acc.in.heartbeat", &beat, "a-hb-1")
+        .unwrap()
         .await
-        .unwrap();
-    assert_eq!(first["duplicate"], false, "{first}");
-    assert_eq!(retry["duplicate"], true, "{retry}");
-    assert_eq!(retry["seq"], first["seq"]);
+        .expect_err("nobody stores it");
+    assert_eq!(
+        refused.kind(),
+        async_nats::jetstream::context::PublishErrorKind::StreamNotFound,
+        "{refused}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Issue 13, item 8: the NATS door had no rate limit for valid messages, so one agent could have

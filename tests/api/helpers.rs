@@ -583,14 +583,42 @@ impl NatsAgent {
         })
     }
 
-    /// Publishes `body` on `subject` through JetStream with `headers`; returns its inbound
-    /// sequence once JetStream acknowledged it.
+    /// Publishes `body` on `subject` as a JetStream publish with `headers`: the door's intake
+    /// answers with the PubAck once `ACC_INBOUND` stored it, or with an error (a refused token,
+    /// no door running).
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: async_nats::HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+        use jetstream::context::PublishErrorKind;
+        // The intake subscribes once the door role is up, a moment after the app answers HTTP:
+        // until then a publish gets "no responders", and an agent retries.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ack = self
+                .js
+                .publish_with_headers(subject.to_owned(), headers.clone(), body.clone().into())
+                .await
+                .expect("publish sent")
+                .await;
+            match ack {
+                Err(err)
+                    if err.kind() == PublishErrorKind::StreamNotFound
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                ack => return ack,
+            }
+        }
+    }
+
+    /// [`Self::publish`], expecting it stored; returns its inbound sequence.
     pub async fn send(&self, subject: &str, headers: async_nats::HeaderMap, body: Vec<u8>) -> u64 {
         let ack = self
-            .js
-            .publish_with_headers(subject.to_owned(), headers, body.into())
-            .await
-            .expect("publish sent")
+            .publish(subject, headers, body)
             .await
             .expect("inbound stream acknowledges");
         assert_eq!(ack.stream, "ACC_INBOUND");
@@ -599,7 +627,7 @@ impl NatsAgent {
 
     /// Sends like an agent that wants the door's answer: `Authorization` (when `token` is
     /// given), `Acc-Reply-To` inside its namespace, and `extra` headers. `None` when no answer
-    /// came within `wait`.
+    /// came within `wait`, or the intake refused the publish (a token that does not verify).
     pub async fn call_with(
         &self,
         subject: &str,
@@ -608,6 +636,23 @@ impl NatsAgent {
         extra: &[(&str, &str)],
         wait: Duration,
     ) -> Option<DoorAnswer> {
+        let (ack, answer) = self.call_acked(subject, token, body, extra, wait).await;
+        ack.ok()?;
+        answer
+    }
+
+    /// [`Self::call_with`], returning the PubAck (or the intake's error) beside the answer.
+    pub async fn call_acked(
+        &self,
+        subject: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+        extra: &[(&str, &str)],
+        wait: Duration,
+    ) -> (
+        Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+        Option<DoorAnswer>,
+    ) {
         use futures::StreamExt as _;
         let reply = self.client.new_inbox();
         let mut answers = self.client.subscribe(reply.clone()).await.unwrap();
@@ -620,8 +665,15 @@ impl NatsAgent {
         for (name, value) in extra {
             headers.insert(*name, *value);
         }
-        self.send(subject, headers, body).await;
-        let answer = tokio::time::timeout(wait, answers.next()).await.ok()??;
+        let ack = self.publish(subject, headers, body).await;
+        match &ack {
+            Ok(ack) => assert_eq!(ack.stream, "ACC_INBOUND"),
+            Err(_) => return (ack, None),
+        }
+        let answer = match tokio::time::timeout(wait, answers.next()).await {
+            Ok(Some(answer)) => answer,
+            _ => return (ack, None),
+        };
         let status = answer
             .headers
             .as_ref()
@@ -630,7 +682,8 @@ impl NatsAgent {
             .as_str()
             .parse()
             .unwrap();
-        Some((status, serde_json::from_slice(&answer.payload).unwrap()))
+        let body = serde_json::from_slice(&answer.payload).unwrap();
+        (ack, Some((status, body)))
     }
 
     /// [`Self::call_with`] of a JSON body with this agent's own token, expecting an answer.

@@ -621,18 +621,27 @@ async fn trace_context_in_an_agents_nats_headers_continues_through_the_nats_door
     let spans = collected(&telemetry, "door spans in the agent's trace", || {
         let spans = collector.spans_of(CLIENT_TRACE);
         let has = |name: &str| spans.iter().any(|s| s.name == name);
-        (has("process acc.in.event") && has("send acc.events")).then_some(spans)
+        (has("door.intake")
+            && has("send acc.inbound.event")
+            && has("process acc.in.event")
+            && has("send acc.events"))
+        .then_some(spans)
     })
     .await;
-    let process = spans
-        .iter()
-        .find(|s| s.name == "process acc.in.event")
-        .unwrap();
-    let publish = spans.iter().find(|s| s.name == "send acc.events").unwrap();
+    let named = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+    let process = named("process acc.in.event");
+    let publish = named("send acc.events");
+    // The door's intake continues the agent's span, and the door continues from the intake's
+    // store into ACC_INBOUND.
     assert_eq!(
-        hex(&process.parent_span_id),
+        hex(&named("door.intake").parent_span_id),
         CLIENT_SPAN,
-        "the door continues the agent's span"
+        "the intake continues the agent's span"
+    );
+    assert_eq!(
+        process.parent_span_id,
+        named("send acc.inbound.event").span_id,
+        "the door continues from the intake's store"
     );
     // The verified publish descends from the door's processing span.
     let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();

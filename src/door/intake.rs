@@ -1,0 +1,256 @@
+//! The door's intake: where an agent's publish on an inbound subject (`acc.in.>`) arrives, before
+//! anything stores it.
+//!
+//! JetStream dedupes on `Nats-Msg-Id` per stream, over one window shared by every publisher, and
+//! it does so before any of our code runs: had agents published straight into `ACC_INBOUND`, one
+//! agent could send another's id first and have the other's message dropped as a duplicate. So
+//! agents' publishes do not land in JetStream. The intake is a core-NATS queue-group subscription
+//! ([`INTAKE_QUEUE`]) on the inbound subjects in the bridge's account (which the agents' accounts
+//! import as a service), and per message it:
+//!
+//! 1. authenticates the caller from the `Authorization` header, with the verification the door
+//!    uses (cached for introspected tokens);
+//! 2. refuses a message whose token does not verify: counted, recorded on `acc.rejected.<CODE>`
+//!    without its body, and answered with a JetStream-shaped error, so it never reaches the stream
+//!    (an introspection server we cannot reach is our failure: answered 503, not recorded);
+//! 3. stores the message in `ACC_INBOUND` on `acc.inbound.<…>` (the stream keeps it as the
+//!    `acc.in.<…>` the agent published on) with a dedupe id scoped to the authenticated agent,
+//!    [`scoped_msg_id`]. The agent's own `Nats-*` headers never reach JetStream; its `Nats-Msg-Id`
+//!    travels on as `Idempotency-Key` when it sent none, so the door dedupes on it as before;
+//! 4. answers the NATS reply subject with the PubAck JetStream would have sent,
+//!    `{"stream":"ACC_INBOUND","seq":N}` (with `"duplicate":true` for a retry), or an error.
+//!
+//! The reply subject of an agent in its own account is the server's mapping back into that
+//! account (`_R_.…`), so the answer lands nowhere in the bridge's subject space; the intake
+//! answers only on such subjects and on inboxes ([`answerable`]), as a second fence for a
+//! publisher inside the bridge's account.
+//!
+//! Messages are stored concurrently (at most [`MAX_PENDING`] waiting for their PubAck), so an
+//! agent that publishes several messages without waiting for each PubAck may have them stored in
+//! another order; one that waits (as `examples/agent.rs` does) keeps its order.
+
+use std::sync::Arc;
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use super::{ANONYMOUS, Door, header};
+use crate::auth::Caller;
+use crate::bus::subjects;
+use crate::contract::Refusal;
+use crate::contract::bucket::retry_after_secs;
+
+/// The queue group every door's intake joins: each inbound message goes to one of them.
+pub const INTAKE_QUEUE: &str = "door-intake";
+/// Most messages waiting for their PubAck at once; past that the intake reads no further.
+pub const MAX_PENDING: usize = 1024;
+
+/// Subscribes to the inbound subjects in the intake's queue group. Done before the door
+/// consumes, so that a publish made once the door is up has someone to answer it.
+pub async fn subscribe(door: &Door) -> anyhow::Result<async_nats::Subscriber> {
+    use anyhow::Context as _;
+    door.client
+        .queue_subscribe(subjects::INBOUND_ALL, INTAKE_QUEUE.to_owned())
+        .await
+        .context("subscribing the door's intake to the inbound subjects")
+}
+
+/// Takes inbound messages until `stop`, then stops taking new ones and finishes those waiting
+/// for their PubAck.
+pub async fn serve(door: Arc<Door>, mut inbound: async_nats::Subscriber, stop: CancellationToken) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => break,
+            message = inbound.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let Ok(permit) = pending.clone().acquire_owned().await else {
+            break;
+        };
+        let door = door.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            door.take(message).await;
+        });
+    }
+    let _ = inbound.unsubscribe().await;
+    let _ = pending.acquire_many(MAX_PENDING as u32).await;
+}
+
+impl Door {
+    /// Authenticates one inbound message, stores it with its scoped dedupe id and answers.
+    async fn take(&self, message: async_nats::Message) {
+        let headers = message.headers.as_ref();
+        let span = tracing::info_span!(
+            "door.intake",
+            subject = %message.subject,
+            agent_id = tracing::field::Empty,
+            code = tracing::field::Empty,
+        );
+        if let Some(headers) = headers {
+            let _ = span.set_parent(crate::telemetry::extract(headers));
+        }
+        let answer = async {
+            let authorization = header(headers, "Authorization").map(str::as_bytes);
+            match self.verifier.verify_header(authorization).await {
+                Ok(caller) => {
+                    tracing::Span::current().record("agent_id", caller.agent_id.as_str());
+                    self.capture(&message, &caller).await
+                }
+                Err(err) => Err(self
+                    .refuse_unauthenticated(&message, Refusal::from(err))
+                    .await),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let (status, retry_after, body) = match answer {
+            Ok(ack) => (200, None, ack),
+            Err(refusal) => {
+                span.record("code", refusal.code().as_str());
+                let body = jetstream_error(&refusal);
+                (refusal.status(), refusal.retry_after(), body)
+            }
+        };
+        let Some(reply) = message.reply.as_ref().filter(|r| answerable(r)) else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(subjects::REPLY_STATUS, status.to_string().as_str());
+        if let Some(secs) = retry_after {
+            headers.insert("Retry-After", secs.to_string().as_str());
+        }
+        let payload = Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"));
+        if let Err(err) = self
+            .client
+            .publish_with_headers(reply.clone(), headers, payload)
+            .await
+        {
+            tracing::warn!(error = %err, "cannot answer an inbound publish");
+        }
+    }
+
+    /// Stores an authenticated message in `ACC_INBOUND`; the PubAck to send back.
+    async fn capture(
+        &self,
+        message: &async_nats::Message,
+        caller: &Caller,
+    ) -> Result<Value, Refusal> {
+        let sent = message.headers.as_ref();
+        let agents_id = header(sent, async_nats::header::NATS_MESSAGE_ID.as_ref());
+        let mut headers = HeaderMap::new();
+        for (name, values) in sent.into_iter().flat_map(HeaderMap::iter) {
+            let name: &str = name.as_ref();
+            // `Nats-*` headers are JetStream's instructions (dedupe id, expectations, TTL,
+            // rollup): only the intake gives those.
+            if name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-") {
+                continue;
+            }
+            for value in values {
+                headers.append(name, value.as_str());
+            }
+        }
+        if let (Some(id), None) = (agents_id, header(sent, subjects::IDEMPOTENCY_KEY)) {
+            headers.insert(subjects::IDEMPOTENCY_KEY, id);
+        }
+        let subject = subjects::inbound_capture(&message.subject).ok_or_else(|| {
+            Refusal::new(crate::contract::Code::NotFound)
+                .with_message(format!("No route for {}", message.subject))
+        })?;
+        let msg_id = scoped_msg_id(caller, agents_id);
+        let ack = self
+            .publisher
+            .publish(subject, &msg_id, message.payload.clone(), Some(headers))
+            .await?;
+        let mut answer = json!({"stream": ack.stream, "seq": ack.seq});
+        if ack.duplicate {
+            answer["duplicate"] = true.into();
+        }
+        Ok(answer)
+    }
+
+    /// A message whose token did not verify: counted and recorded without its body (charged to
+    /// the anonymous caller's bucket of rejections, past which it is `RATE_LIMITED`), never
+    /// stored in `ACC_INBOUND`. A token we could not check (introspection unreachable) is our
+    /// failure, answered as such and not recorded.
+    async fn refuse_unauthenticated(
+        &self,
+        message: &async_nats::Message,
+        refusal: Refusal,
+    ) -> Refusal {
+        if refusal.code().is_server_error() {
+            return refusal;
+        }
+        let refusal = match self.limiter.check(ANONYMOUS) {
+            Ok(()) => refusal,
+            Err(wait) => Refusal::rate_limited(retry_after_secs(wait))
+                .with_message("Too many rejected messages from this caller; retry later"),
+        };
+        if let Err(err) = self
+            .record_rejection(&message.subject, Bytes::new(), None, ANONYMOUS, &refusal)
+            .await
+        {
+            tracing::warn!(error = %err, "cannot record an unauthenticated publish");
+        }
+        refusal
+    }
+}
+
+/// The dedupe id an inbound message is stored with: the agent's `Nats-Msg-Id` behind its agent
+/// id and `:` (which no agent id contains), so an id dedupes only among that agent's own
+/// messages. A message without one gets a random id behind `/`, which dedupes with nothing.
+pub fn scoped_msg_id(caller: &Caller, agents_id: Option<&str>) -> String {
+    match agents_id {
+        Some(id) => format!("{}:{id}", caller.agent_id),
+        None => format!("{}/{:032x}", caller.agent_id, rand::random::<u128>()),
+    }
+}
+
+/// True for the reply subjects the intake answers on: the server's mapping back into an
+/// importing account (`_R_.…`) and inboxes (`_INBOX.…`, an agent's `acc.reply.<agent_id>.…`).
+/// Nothing a stream stores starts so.
+pub fn answerable(reply: &Subject) -> bool {
+    let reply = reply.as_str();
+    ["_R_.", "_INBOX.", "acc.reply."]
+        .iter()
+        .any(|prefix| reply.starts_with(prefix))
+}
+
+/// A refusal in the shape of JetStream's own error answer, which NATS clients read as a failed
+/// publish: `{"error":{"code":<status>,"err_code":0,"description":"<CODE>: <reason>"}}`.
+fn jetstream_error(refusal: &Refusal) -> Value {
+    json!({ "error": {
+        "code": refusal.status(),
+        "err_code": 0,
+        "description": format!("{}: {}", refusal.code().as_str(), refusal.reason()),
+    }})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_intake_answers_only_mapped_replies_and_inboxes() {
+        for ok in ["_R_.abc.def", "_INBOX.x", "acc.reply.agent-a.x"] {
+            assert!(answerable(&Subject::from(ok)), "{ok}");
+        }
+        for bad in [
+            "$KV.acc_agents.agent-b",
+            "acc.tasks.result.t-1",
+            "acc.events.agent-b",
+            "$JS.API.STREAM.DELETE.ACC_EVENTS",
+            "acc.in.event",
+        ] {
+            assert!(!answerable(&Subject::from(bad)), "{bad}");
+        }
+    }
+}
