@@ -96,7 +96,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let runtime = app::runtime(&settings).expect("tokio runtime");
             // The gRPC exporter needs the runtime to exist when it is built.
             let telemetry = {
                 let _runtime = runtime.enter();

@@ -478,27 +478,30 @@ pub fn routine_span(name: &'static str) -> tracing::Span {
     span
 }
 
-/// The W3C ids of `span`: `(trace_id, traceparent)`, when it has a valid context.
-pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
+/// The W3C `traceparent` of `span`, when it has a valid context.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
     let context = span.context();
     let span_ref = context.span();
     let span_context = span_ref.span_context();
-    if !span_context.is_valid() {
-        return None;
-    }
-    let trace_id = span_context.trace_id().to_string();
-    let traceparent = format!(
-        "00-{}-{}-{:02x}",
-        trace_id,
-        span_context.span_id(),
-        span_context.trace_flags().to_u8()
-    );
-    Some((trace_id, traceparent))
+    span_context.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            span_context.trace_id(),
+            span_context.span_id(),
+            span_context.trace_flags().to_u8()
+        )
+    })
 }
 
-/// The trace id of the current span, for response bodies.
+/// The trace id of the current span, for response bodies. Only the trace id is formatted:
+/// every answer asks for it, and the `traceparent` is made once, by the HTTP door.
 pub fn current_trace_id() -> Option<String> {
-    ids(&tracing::Span::current()).map(|(trace_id, _)| trace_id)
+    let context = tracing::Span::current().context();
+    let span_ref = context.span();
+    let span_context = span_ref.span_context();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
 }
 
 /// An internal cause kept for the log. Shared, so that one failure (a refused batch, say) can be

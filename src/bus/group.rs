@@ -17,6 +17,11 @@
 //! batches per stream); while they are, new requests queue, so the busier the stream, the
 //! bigger the next batch. No request waits for a timer.
 //!
+//! At low load nothing waits: a request that finds the queue empty and a write slot free is
+//! written from its own task, as an ordinary publish, without waking the writer task or a task
+//! spawned for the write. It holds one of the `in_flight` slots meanwhile, so the bound on
+//! writes on their way is the same, and a request that finds company queues as above.
+//!
 //! Dedupe still holds per message. The server refuses a whole atomic batch when any of its
 //! `Nats-Msg-Id`s is already stored or appears twice in it (error 10201), so repeats within a
 //! batch are held back and sent after it as ordinary publishes (the server then answers them
@@ -80,8 +85,11 @@ pub struct GroupCounts {
     pub batches: AtomicU64,
     /// Messages acknowledged through those batches.
     pub batched_messages: AtomicU64,
-    /// Messages sent as ordinary publishes (small groups, repeats, refused batches).
+    /// Messages sent as ordinary publishes (small groups, repeats, refused batches, and the
+    /// direct writes below).
     pub single_messages: AtomicU64,
+    /// Messages written from their request's own task, because nothing waited (low load).
+    pub direct_messages: AtomicU64,
     /// Batches the server refused, whose messages were then sent one by one.
     pub refused_batches: AtomicU64,
 }
@@ -100,6 +108,9 @@ struct Pending {
 pub struct GroupCommit {
     queue: mpsc::Sender<Pending>,
     counts: Arc<GroupCounts>,
+    writer: Arc<Writer>,
+    /// The stream's write slots (`in_flight`), shared by the writer task and direct writes.
+    slots: Arc<Semaphore>,
 }
 
 impl GroupCommit {
@@ -123,8 +134,15 @@ impl GroupCommit {
             batch_prefix: batch_prefix(),
             next_batch: AtomicU64::new(0),
         };
-        tokio::spawn(Arc::new(writer).run(receiver));
-        Self { queue, counts }
+        let writer = Arc::new(writer);
+        let slots = Arc::new(Semaphore::new(settings.in_flight.max(1)));
+        tokio::spawn(writer.clone().run(receiver, slots.clone()));
+        Self {
+            queue,
+            counts,
+            writer,
+            slots,
+        }
     }
 
     pub fn counts(&self) -> &GroupCounts {
@@ -147,6 +165,17 @@ impl GroupCommit {
             headers,
             answer,
         };
+        // Nothing waiting and a slot free: write it here, with no task woken to do it.
+        if self.queue.capacity() == self.queue.max_capacity() {
+            if let Ok(slot) = self.slots.try_acquire() {
+                self.counts.direct_messages.fetch_add(1, Ordering::Relaxed);
+                self.writer.write(vec![pending]).await;
+                drop(slot);
+                return answered.await.unwrap_or_else(|_| {
+                    Err(PublishFailure::unavailable("the write was abandoned"))
+                });
+            }
+        }
         self.queue.try_send(pending).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => {
                 PublishFailure::unavailable("too many writes waiting for the bus")
@@ -178,10 +207,8 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self: Arc<Self>, mut receiver: mpsc::Receiver<Pending>) {
+    async fn run(self: Arc<Self>, mut receiver: mpsc::Receiver<Pending>, slots: Arc<Semaphore>) {
         let max = self.settings.max_batch.clamp(1, SERVER_MAX_BATCH);
-        let in_flight = self.settings.in_flight.max(1);
-        let slots = Arc::new(Semaphore::new(in_flight));
         loop {
             // Take what waits only once a write slot is free: meanwhile the group grows.
             let Ok(slot) = slots.clone().acquire_owned().await else {

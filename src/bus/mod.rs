@@ -14,8 +14,9 @@ pub use settings::{
     StreamSettings,
 };
 
+use std::borrow::Cow;
 use std::error::Error as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -26,7 +27,6 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Client, ConnectOptions, HeaderMap, ServerAddr};
 use bytes::Bytes;
 use serde::Serialize;
-use tracing::Instrument as _;
 
 use crate::telemetry::Cause;
 use group::{GroupCommit, GroupSettings};
@@ -219,9 +219,19 @@ impl Publisher {
         payload: Bytes,
         headers: Option<HeaderMap>,
     ) -> Result<Ack, PublishFailure> {
+        // One catalog look-up per publish gives both the span name and the stream.
+        let spec = subjects::CATALOG
+            .iter()
+            .position(|spec| subjects::matches(spec.subject, &subject));
+        let name = match spec {
+            Some(i) => Cow::Borrowed(send_names()[i].as_str()),
+            // Not in the catalog: rare, so the name may cost an allocation.
+            None => Cow::Owned(format!("send {subject}")),
+        };
+        let stream = spec.map(|i| subjects::CATALOG[i].stream);
         let span = tracing::info_span!(
             "nats.publish",
-            otel.name = %format!("send {}", subjects::family(&subject)),
+            otel.name = &*name,
             otel.kind = "producer",
             otel.status_code = tracing::field::Empty,
             messaging.system = "nats",
@@ -233,10 +243,10 @@ impl Publisher {
         );
         let mut headers = headers.unwrap_or_default();
         crate::telemetry::inject(&span, &mut headers);
-        let result = self
-            .send(subject, msg_id, payload, headers)
-            .instrument(span.clone())
-            .await;
+        // Not entered while the write is awaited: nothing in it logs, the message carries the
+        // span's context already (above), and entering and leaving a span on every poll is
+        // paid per request.
+        let result = self.send(stream, subject, msg_id, payload, headers).await;
         match &result {
             Ok(ack) => {
                 span.record("messaging.nats.stream_sequence", ack.seq);
@@ -253,6 +263,7 @@ impl Publisher {
 
     async fn send(
         &self,
+        stream: Option<&'static str>,
         subject: String,
         msg_id: &str,
         payload: Bytes,
@@ -261,7 +272,7 @@ impl Publisher {
         if self.client.connection_state() != State::Connected {
             return Err(PublishFailure::unavailable("not connected"));
         }
-        if let Some(writer) = subjects::stream_of(&subject).and_then(|s| self.group(s)) {
+        if let Some(writer) = stream.and_then(|s| self.group(s)) {
             return tokio::time::timeout(
                 self.timeout,
                 writer.publish(subject, msg_id, payload, headers),
@@ -287,6 +298,18 @@ impl Publisher {
             duplicate: ack.duplicate,
         })
     }
+}
+
+/// The producer span name of each [`subjects::CATALOG`] entry (`send <family>`), by index:
+/// made once, so a publish allocates no name.
+fn send_names() -> &'static [String] {
+    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        subjects::CATALOG
+            .iter()
+            .map(|spec| format!("send {}", subjects::family(spec.subject)))
+            .collect()
+    })
 }
 
 /// Maps an async-nats publish error to what it means for the caller, by kind and server error
@@ -321,5 +344,32 @@ fn classify(err: jetstream::context::PublishError) -> PublishFailure {
             PublishFailure::unavailable_by("no cluster quorum", err)
         }
         _ => PublishFailure::Rejected(Arc::new(err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_catalog_entry_names_its_publishes_as_its_family() {
+        for (i, spec) in subjects::CATALOG.iter().enumerate() {
+            // A concrete subject under the pattern: every wildcard made one token.
+            let subject = spec.subject.replace(['*', '>'], "agent-1");
+            let found = subjects::CATALOG
+                .iter()
+                .position(|spec| subjects::matches(spec.subject, &subject))
+                .expect("in the catalog");
+            assert_eq!(
+                send_names()[found],
+                format!("send {}", subjects::family(&subject)),
+                "{subject}"
+            );
+            assert_eq!(
+                subjects::CATALOG[found].stream,
+                spec.stream,
+                "{subject} (entry {i})"
+            );
+        }
     }
 }

@@ -8,8 +8,10 @@
 //! off is what it should do, as for its rate.
 //!
 //! A slot is held by an [`AgentSlot`] and given back when it is dropped. Counts live in a few
-//! mutex-guarded shards keyed by a hash, like [`super::bucket::Buckets`]; an agent with nothing
-//! in flight has no entry, so memory follows the agents with requests open, not every agent seen.
+//! mutex-guarded shards keyed by a hash, like [`super::bucket::Buckets`]. An agent's entry
+//! stays when its count falls to 0, so a request of an agent seen before allocates nothing (its
+//! slot shares the entry's name); past a soft cap per shard, entries with nothing in flight are
+//! forgotten, so memory is bounded by the agents with requests open plus that cap.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -18,22 +20,27 @@ use std::sync::{Arc, Mutex};
 use super::Refusal;
 
 const SHARDS: usize = 16;
+/// Above this many agents a shard forgets those with nothing in flight.
+const SHARD_SOFT_CAP: usize = 4096;
 
 /// The message of a refusal past the cap.
 pub const TOO_MANY_IN_FLIGHT: &str =
     "This agent has too many requests in flight; wait for an answer before sending more";
 
+/// Requests in flight by agent; the name is shared with the agent's [`AgentSlot`]s.
+type Shard = Mutex<HashMap<Arc<str>, usize>>;
+
 /// Requests in flight per agent, at most `cap` each.
 pub struct AgentSlots {
     cap: usize,
-    shards: Box<[Mutex<HashMap<String, usize>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
 }
 
 /// One agent's slot, given back on drop.
 pub struct AgentSlot {
     slots: Arc<AgentSlots>,
-    agent: String,
+    agent: Arc<str>,
 }
 
 impl AgentSlots {
@@ -50,25 +57,31 @@ impl AgentSlots {
         self.cap
     }
 
-    fn shard(&self, agent: &str) -> &Mutex<HashMap<String, usize>> {
+    fn shard(&self, agent: &str) -> &Shard {
         &self.shards[self.hasher.hash_one(agent) as usize % SHARDS]
     }
 
     /// Takes one of `agent`'s slots, or refuses with 429 `RATE_LIMITED` when it holds them all.
     pub fn acquire(self: &Arc<Self>, agent: &str) -> Result<AgentSlot, Refusal> {
         let mut shard = self.shard(agent).lock().unwrap_or_else(|p| p.into_inner());
-        match shard.get_mut(agent) {
-            Some(held) if *held >= self.cap => {
+        let name = match shard.get_key_value(agent) {
+            Some((_, &held)) if held >= self.cap => {
                 return Err(Refusal::rate_limited(1).with_message(TOO_MANY_IN_FLIGHT));
             }
-            Some(held) => *held += 1,
+            Some((name, _)) => name.clone(),
             None => {
-                shard.insert(agent.to_owned(), 1);
+                if shard.len() >= SHARD_SOFT_CAP {
+                    shard.retain(|_, held| *held > 0);
+                }
+                let name: Arc<str> = Arc::from(agent);
+                shard.insert(name.clone(), 0);
+                name
             }
-        }
+        };
+        *shard.get_mut(agent).expect("present") += 1;
         Ok(AgentSlot {
             slots: self.clone(),
-            agent: agent.to_owned(),
+            agent: name,
         })
     }
 
@@ -86,11 +99,8 @@ impl Drop for AgentSlot {
             .shard(&self.agent)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = shard.get_mut(&self.agent) {
+        if let Some(held) = shard.get_mut(&*self.agent) {
             *held -= 1;
-            if *held == 0 {
-                shard.remove(&self.agent);
-            }
         }
     }
 }
@@ -119,12 +129,27 @@ mod tests {
         // Another agent has its own slots.
         let _b = slots.acquire("b").unwrap();
         assert_eq!(slots.held("b"), 1);
-        // A slot given back can be taken again; an idle agent leaves no entry.
+        // A slot given back can be taken again.
         drop(a1);
         let _a3 = slots.acquire("a").unwrap();
         drop((_a2, _a3));
         assert_eq!(slots.held("a"), 0);
-        let shard = slots.shard("a").lock().unwrap();
-        assert!(!shard.contains_key("a"));
+    }
+
+    #[test]
+    fn a_shard_past_its_soft_cap_forgets_agents_with_nothing_in_flight() {
+        let slots = Arc::new(AgentSlots::new(1));
+        let busy = slots.acquire("busy").unwrap();
+        // Enough idle agents to fill every shard past its cap.
+        for i in 0..SHARDS * SHARD_SOFT_CAP * 2 {
+            drop(slots.acquire(&format!("idle-{i}")).unwrap());
+        }
+        let entries: usize = slots.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(entries <= SHARDS * SHARD_SOFT_CAP, "{entries} entries kept");
+        // An agent with a request open keeps its count through the sweeps.
+        assert_eq!(slots.held("busy"), 1);
+        assert!(slots.acquire("busy").is_err());
+        drop(busy);
+        assert!(slots.acquire("busy").is_ok());
     }
 }

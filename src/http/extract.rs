@@ -78,15 +78,23 @@ impl FromRequestParts<AppState> for Authenticated {
 /// A JSON object body: `Content-Type: application/json`, at most `BODY_LIMIT` bytes.
 pub struct JsonObject(pub Map<String, Value>);
 
+/// The body of this request as a JSON object, when `observe` parsed it already (for its
+/// `trace_id`): [`JsonObject`] takes it instead of parsing the bytes a second time.
+#[derive(Clone)]
+pub struct Parsed(pub Map<String, Value>);
+
 impl FromRequest<AppState> for JsonObject {
     type Rejection = Refusal;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Refusal> {
+    async fn from_request(mut req: Request, state: &AppState) -> Result<Self, Refusal> {
         if !is_json(req.headers()) {
             return Err(Refusal::new(Code::UnsupportedMediaType));
         }
         let limit = state.body_limit;
         declared_within(req.headers(), limit)?;
+        if let Some(Parsed(object)) = req.extensions_mut().remove::<Parsed>() {
+            return Ok(Self(object));
+        }
         let deadline = req.extensions().get::<BodyDeadline>().copied();
         let bytes = read_body(req.into_body(), limit, deadline).await?;
         contract::json_object(&bytes, limit).map(Self)

@@ -27,13 +27,14 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use opentelemetry::Context;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::admission::Admission;
 use crate::auth::Authenticator;
-use crate::contract::{Code, Refusal, Tally};
+use crate::contract::{self, Code, Refusal, Tally};
 use crate::stats::Stats;
 use crate::telemetry;
 
@@ -194,12 +195,9 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             } else if let Err(refusal) = held {
                 (None, Some(refusal))
             } else {
-                match peek_trace_id(request, state.body_limit).await {
-                    Ok((request, trace_id)) => {
-                        if let Some(from_body) = trace_id
-                            .as_deref()
-                            .and_then(telemetry::parent_from_trace_id)
-                        {
+                match read_object(request, state.body_limit).await {
+                    Ok((request, from_body)) => {
+                        if let Some(from_body) = from_body {
                             parent = from_body;
                         }
                         (Some(request), None)
@@ -224,7 +222,7 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    if let Some((_, traceparent)) = telemetry::ids(&span) {
+    if let Some(traceparent) = telemetry::traceparent(&span) {
         if let Ok(value) = HeaderValue::from_str(&traceparent) {
             response.headers_mut().insert("traceparent", value);
         }
@@ -243,29 +241,26 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     response
 }
 
-/// Buffers a POST body (up to the body limit) to read its `trace_id` field, and hands the
-/// request on with the same bytes. Only called when no `traceparent` header was sent.
-async fn peek_trace_id(
+/// Reads a POST body (up to the body limit) for its `trace_id` field, and hands the request
+/// on with the same bytes and, when they are a JSON object, the object itself
+/// ([`extract::Parsed`]), so that the handler's [`extract::JsonObject`] does not parse the body
+/// again. Returns the parent the body's `trace_id` names, if it names a valid one. Only called
+/// when no `traceparent` header was sent.
+async fn read_object(
     request: Request,
     limit: usize,
-) -> Result<(Request, Option<String>), Refusal> {
-    let (parts, body) = request.into_parts();
+) -> Result<(Request, Option<Context>), Refusal> {
+    let (mut parts, body) = request.into_parts();
     let deadline = parts.extensions.get::<server::BodyDeadline>().copied();
     let bytes = extract::read_body(body, limit, deadline).await?;
-    let trace_id = mentions_trace_id(&bytes)
-        .then(|| serde_json::from_slice::<TraceIdOnly>(&bytes).ok())
-        .flatten()
-        .and_then(|peek| peek.trace_id);
-    Ok((Request::from_parts(parts, Body::from(bytes)), trace_id))
-}
-
-/// Cheap pre-check so bodies without the field are not parsed twice.
-fn mentions_trace_id(bytes: &[u8]) -> bool {
-    bytes.windows(10).any(|w| w == b"\"trace_id\"")
-}
-
-#[derive(serde::Deserialize)]
-struct TraceIdOnly {
-    #[serde(default)]
-    trace_id: Option<String>,
+    let mut parent = None;
+    // Not an object: the handler's extractor reads the bytes again and refuses them itself.
+    if let Ok(object) = contract::json_object(&bytes, limit) {
+        parent = object
+            .get("trace_id")
+            .and_then(serde_json::Value::as_str)
+            .and_then(telemetry::parent_from_trace_id);
+        parts.extensions.insert(extract::Parsed(object));
+    }
+    Ok((Request::from_parts(parts, Body::from(bytes)), parent))
 }

@@ -1,8 +1,14 @@
 //! Group commit: concurrent requests share atomic batches, yet each request still gets its own
-//! answer, its own sequence and its own dedupe.
+//! answer, its own sequence and its own dedupe; a request alone is written from its own task.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use async_nats::HeaderMap;
+use auto_com_center::bus::group::{GroupCommit, GroupSettings};
+use auto_com_center::bus::subjects::EVENTS_STREAM;
+use bytes::Bytes;
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -115,4 +121,53 @@ async fn repeats_inside_a_burst_are_duplicates_and_the_rest_are_stored() {
     assert_eq!(twice[0]["seq"], twice[1]["seq"]);
     let stream_len = count_stored(&app.js, "ACC_EVENTS").await;
     assert_eq!(stream_len, 1 + 100 + 1, "old once, 100 new, twice once");
+}
+
+/// A writer of ACC_EVENTS beside `app`'s (which provisioned the stream), for its counts.
+async fn events_writer(nats: &NatsServer) -> GroupCommit {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let settings = GroupSettings {
+        min_batch: 2,
+        ..GroupSettings::default()
+    };
+    GroupCommit::start(EVENTS_STREAM, js, client, Duration::from_secs(5), settings)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_alone_goes_out_from_its_own_task_and_a_burst_still_shares_batches() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, GROUPED).await;
+    let writer = events_writer(&nats).await;
+    let publish = |i: usize| {
+        let writer = writer.clone();
+        async move {
+            let subject = format!("acc.events.agent-{}", i % 8);
+            let payload = Bytes::from(format!(r#"{{"i":{i}}}"#));
+            writer
+                .publish(subject, &format!("direct-{i}"), payload, HeaderMap::new())
+                .await
+        }
+    };
+    // One at a time: nothing ever waits, so each is written directly, none queued.
+    let mut seqs = HashSet::new();
+    for i in 0..20 {
+        let ack = publish(i).await.expect("stored");
+        assert!(seqs.insert(ack.seq), "seq {} answered twice", ack.seq);
+    }
+    let counts = writer.counts();
+    assert_eq!(counts.direct_messages.load(Ordering::Relaxed), 20);
+    assert_eq!(counts.batches.load(Ordering::Relaxed), 0);
+    // A burst: the write slots fill, the rest queue and are grouped into atomic batches.
+    let acks = join_all((20..620).map(publish)).await;
+    for ack in acks {
+        let ack = ack.expect("stored");
+        assert!(seqs.insert(ack.seq), "seq {} answered twice", ack.seq);
+    }
+    assert!(
+        counts.batches.load(Ordering::Relaxed) > 0,
+        "a burst of 600 never batched"
+    );
+    assert!(counts.direct_messages.load(Ordering::Relaxed) < 620);
+    assert_eq!(count_stored(&app.js, "ACC_EVENTS").await, 620);
 }

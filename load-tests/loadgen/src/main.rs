@@ -135,12 +135,12 @@ impl Outcome {
         if new {
             writeln!(
                 steps,
-                "label,rate,offered,ok,errors,dropped,achieved,p50_ms,p90_ms,p99_ms,p999_ms,max_ms"
+                "label,rate,offered,ok,errors,dropped,achieved,p50_ms,p90_ms,p99_ms,p999_ms,max_ms,p95_ms"
             )?;
         }
         writeln!(
             steps,
-            "{label},{rate},{},{},{},{},{:.0},{:.3},{:.3},{:.3},{:.3},{:.3}",
+            "{label},{rate},{},{},{},{},{:.0},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3}",
             self.offered,
             self.ok,
             self.errors,
@@ -150,7 +150,8 @@ impl Outcome {
             self.ms(0.90),
             self.ms(0.99),
             self.ms(0.999),
-            self.latency.max() as f64 / 1000.0
+            self.latency.max() as f64 / 1000.0,
+            self.ms(0.95)
         )?;
         Ok(())
     }
@@ -158,7 +159,7 @@ impl Outcome {
     fn print(&self, label: &str, rate: u64) {
         println!(
             "{label} rate={rate} offered={} ok={} errors={} dropped={} achieved={:.0}/s \
-             p50={:.2}ms p90={:.2}ms p99={:.2}ms p99.9={:.2}ms max={:.2}ms",
+             p50={:.2}ms p90={:.2}ms p95={:.2}ms p99={:.2}ms p99.9={:.2}ms max={:.2}ms",
             self.offered,
             self.ok,
             self.errors,
@@ -166,6 +167,7 @@ impl Outcome {
             self.ok as f64 / self.elapsed.as_secs_f64(),
             self.ms(0.50),
             self.ms(0.90),
+            self.ms(0.95),
             self.ms(0.99),
             self.ms(0.999),
             self.latency.max() as f64 / 1000.0,
