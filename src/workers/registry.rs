@@ -22,6 +22,10 @@
 //! most one window of `last_seen` freshness, which the agent's next heartbeat restores; one that
 //! stops writes what it holds before it returns.
 //!
+//! A starting registry learns every stored record and its revision from one watch of the
+//! bucket, so the first heartbeat of each agent after a start is held with no read; the stale
+//! sweep takes the records the same way, one watch per sweep instead of a read per agent.
+//!
 //! [`RegistrySettings`] configures it: staleness, sweep interval, coalescing window,
 //! pre-registered agents.
 
@@ -36,7 +40,7 @@ use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKi
 use async_nats::jetstream::stream::Stream;
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -79,6 +83,7 @@ pub async fn run(
         stale_after: settings.stale_after,
         held: Arc::new(Held::new(settings.heartbeat_coalesce, settings.stale_after)),
     };
+    registry.learn_stored(LEARN_WITHIN).await;
     let sweeper = {
         let registry = registry.clone();
         let stop = stop.clone();
@@ -106,18 +111,23 @@ pub async fn run(
     Ok(())
 }
 
-/// The registry's durable consumer: registrations and heartbeats, explicit ack, bounded
-/// redelivery. Retry delays come from the worker's naks; a `backoff` list here would replace
-/// `ack_wait` with its first entry and redeliver messages still waiting in the pull buffer.
+/// How long a starting registry spends learning the stored records before it consumes; past
+/// it, the agents not learnt yet are read on their first heartbeat, as before.
+const LEARN_WITHIN: Duration = Duration::from_secs(10);
+
+/// The registry's durable consumer: the whole agents stream, explicit ack, bounded redelivery.
+/// It takes the status changes too (acknowledged untouched) rather than filtering on the two
+/// subjects it applies: a consumer with several filter subjects makes the server look for the
+/// next message per filter over every agent's subject, which cost more than the registry's own
+/// work per heartbeat (docs/BENCHMARKS.md, "Heartbeats per registry replica"). A durable left
+/// by an older version with filters is updated in place: the server keeps its position.
+/// Retry delays come from the worker's naks; a `backoff` list here would replace `ack_wait`
+/// with its first entry and redeliver messages still waiting in the pull buffer.
 pub async fn durable_consumer(stream: &Stream) -> anyhow::Result<PullConsumer> {
     stream
         .create_consumer(pull::Config {
             durable_name: Some(subjects::REGISTRY_CONSUMER.to_owned()),
             description: Some("applies registrations and heartbeats to the agents KV".into()),
-            filter_subjects: vec![
-                subjects::REGISTRATIONS.to_owned(),
-                subjects::HEARTBEATS.to_owned(),
-            ],
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(10),
@@ -217,6 +227,8 @@ impl Handler for Registry {
             }
             self.write_heartbeat(&heartbeat, &format!("status:{agent}:{seq}"))
                 .await
+        } else if subjects::matches(subjects::STATUS_CHANGES, subject) {
+            Ok(()) // the registry's own announcements: nothing to apply
         } else {
             Err(HandleError::permanent_by(
                 "registry does not handle this subject",
@@ -233,6 +245,83 @@ struct Loaded {
 }
 
 impl Registry {
+    /// Learns every stored record and its revision from one watch of the bucket (its latest
+    /// value per key), so that an agent's first heartbeat after a start is held against it with
+    /// no read. Records with a change still to announce are left to the first message about
+    /// the agent, which finishes it; unreadable ones are skipped and counted. Gives up quietly
+    /// after `within` (the rest are read on demand) or when the bucket cannot be watched.
+    async fn learn_stored(&self, within: Duration) {
+        if self.held.window.is_zero() {
+            return;
+        }
+        match tokio::time::timeout(within, self.stored_records()).await {
+            Ok(Ok(stored)) => {
+                let now = Instant::now();
+                let mut learnt = 0_usize;
+                for (record, revision) in stored {
+                    if record.pending.is_none() {
+                        self.held.known_at(&record, revision, false, now);
+                        learnt += 1;
+                    }
+                }
+                tracing::info!(records = learnt, "registry learnt the stored agent records");
+            }
+            Ok(Err(err)) => tracing::warn!(
+                error = %crate::telemetry::error_chain(&err),
+                "cannot learn the stored agent records; reading each on its first heartbeat"
+            ),
+            Err(_) => tracing::warn!(
+                within = ?within,
+                "learning the stored agent records took too long; reading the rest on demand"
+            ),
+        }
+    }
+
+    /// Every readable agent record in the bucket with its revision, from one watch of the
+    /// latest value per key (one request, not a read per key). Unreadable records are skipped
+    /// and counted; deleted keys are left out.
+    async fn stored_records(&self) -> Result<Vec<(AgentRecord, u64)>, HandleError> {
+        // `Store::status` answers from the info cached when the bucket was opened: ask afresh.
+        let stored = self
+            .bucket
+            .stream
+            .clone()
+            .info()
+            .await
+            .map_err(|e| HandleError::transient_by("reading the agents bucket's state", e))?
+            .state
+            .messages;
+        let mut records = Vec::new();
+        if stored == 0 {
+            return Ok(records); // a watch of an empty bucket would only wait
+        }
+        let mut watch = self
+            .bucket
+            .watch_with_history(">")
+            .await
+            .map_err(|e| HandleError::transient_by("watching the agents bucket", e))?;
+        while let Some(entry) = watch.next().await {
+            let entry =
+                entry.map_err(|e| HandleError::transient_by("reading the agents watch", e))?;
+            if entry.operation == Operation::Put {
+                match serde_json::from_slice::<AgentRecord>(&entry.value) {
+                    Ok(record) if record.agent_id.as_str() == entry.key => {
+                        records.push((record, entry.revision));
+                    }
+                    Ok(_) => UNREADABLE.skip(
+                        &entry.key,
+                        &std::io::Error::other("the record names another agent"),
+                    ),
+                    Err(err) => UNREADABLE.skip(&entry.key, &err),
+                }
+            }
+            if entry.delta == 0 {
+                break;
+            }
+        }
+        Ok(records)
+    }
+
     /// Applies `heartbeat` to the agent's record at once.
     async fn write_heartbeat(
         &self,
@@ -523,14 +612,11 @@ impl Registry {
     /// stops the sweep for the other agents.
     async fn sweep(&self, now: DateTime<Utc>) -> anyhow::Result<()> {
         let stale_after = chrono::Duration::from_std(self.stale_after)?;
-        let keys: Vec<String> = self.bucket.keys().await?.try_collect().await?;
-        for key in keys {
-            let Ok(agent) = AgentId::parse(&key) else {
-                continue;
-            };
-            match self.sweep_one(&agent, now, stale_after).await {
+        for (record, revision) in self.stored_records().await? {
+            let agent = record.agent_id.clone();
+            match self.sweep_one(record, revision, now, stale_after).await {
                 Ok(()) => {}
-                Err(err @ HandleError::Permanent { .. }) => UNREADABLE.skip(&key, &err),
+                Err(err @ HandleError::Permanent { .. }) => UNREADABLE.skip(agent.as_str(), &err),
                 Err(err) => tracing::warn!(
                     agent_id = %agent,
                     error = %crate::telemetry::error_chain(&err),
@@ -541,19 +627,28 @@ impl Registry {
         Ok(())
     }
 
-    /// Marks `agent` offline when its last heartbeat is older than `stale_after`.
+    /// Marks the agent of `record` (stored at `revision`) offline when its last heartbeat is
+    /// older than `stale_after`. A record with a change still to announce is read again and
+    /// finished first.
     async fn sweep_one(
         &self,
-        agent: &AgentId,
+        record: AgentRecord,
+        revision: u64,
         now: DateTime<Utc>,
         stale_after: chrono::Duration,
     ) -> Result<(), HandleError> {
-        let Some(Loaded {
-            record: Some(record),
-            revision,
-        }) = self.load_settled(agent).await?
-        else {
-            return Ok(());
+        let agent = &record.agent_id.clone();
+        let (record, revision) = if record.pending.is_some() {
+            let Some(Loaded {
+                record: Some(record),
+                revision,
+            }) = self.load_settled(agent).await?
+            else {
+                return Ok(());
+            };
+            (record, revision)
+        } else {
+            (record, Some(revision))
         };
         if record.status == AgentStatus::Offline || now - record.last_seen <= stale_after {
             return Ok(());

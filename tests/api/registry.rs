@@ -836,3 +836,151 @@ async fn two_registry_replicas_coalescing_the_same_agents_lose_no_heartbeat() {
         "nothing dead-lettered"
     );
 }
+
+/// The registry's durable consumer on the agents stream, as the server holds it.
+async fn registry_consumer(app: &TestApp) -> async_nats::jetstream::consumer::Info {
+    let mut consumer = app
+        .js
+        .get_stream(AGENTS_STREAM)
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("registry")
+        .await
+        .unwrap();
+    consumer.info().await.unwrap().clone()
+}
+
+#[tokio::test]
+async fn the_registry_consumer_takes_the_whole_agents_stream_and_settles_status_changes() {
+    let nats = NatsServer::start();
+    let ingress = TestApp::spawn_with(&nats, &["--roles=ingress"]).await;
+    // A durable left by an older version, filtered on the two subjects the registry applies.
+    ingress
+        .js
+        .get_stream(AGENTS_STREAM)
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("registry".into()),
+            filter_subjects: vec![
+                "acc.agents.registered.*".into(),
+                "acc.agents.heartbeat.*".into(),
+            ],
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    ingress.register("agent-1").await;
+
+    let registry = TestApp::spawn_with(&nats, &["--roles=registry"]).await;
+    wait_for_status(&ingress, "agent-1", "online", Duration::from_secs(5)).await;
+    let (status, body) = heartbeat(
+        &ingress,
+        "agent-1",
+        &json!({"agent_id": "agent-1", "status": "degraded"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_status(&ingress, "agent-1", "degraded", Duration::from_secs(5)).await;
+    // Registration, its status change, the heartbeat and its status change: all four settled.
+    let info = eventually(
+        Duration::from_secs(5),
+        "the registry consumer settled all four messages",
+        || async {
+            let info = registry_consumer(&ingress).await;
+            (info.ack_floor.stream_sequence >= 4
+                && info.num_pending == 0
+                && info.num_ack_pending == 0)
+                .then_some(info)
+        },
+    )
+    .await;
+    assert!(
+        info.config.filter_subjects.is_empty() && info.config.filter_subject.is_empty(),
+        "the old durable was updated in place to take the whole stream: {:?} {:?}",
+        info.config.filter_subject,
+        info.config.filter_subjects
+    );
+    let changes = transitions(&ingress, "agent-1").await;
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    let mut dead = ingress.js.get_stream("ACC_DEAD_LETTER").await.unwrap();
+    assert_eq!(
+        dead.info().await.unwrap().state.messages,
+        0,
+        "the status changes it took were acknowledged, not dead-lettered"
+    );
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_starting_registry_learns_the_stored_records_and_reads_none_per_heartbeat() {
+    const AGENTS: usize = 20;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--roles=ingress"]).await;
+    let agents: Vec<String> = (0..AGENTS).map(|i| format!("agent-{i:02}")).collect();
+    for agent in &agents {
+        app.register(agent).await;
+    }
+    let first = TestApp::spawn_with(&nats, &["--roles=registry"]).await;
+    for agent in &agents {
+        wait_for_status(&app, agent, "online", Duration::from_secs(5)).await;
+    }
+    first.stop().await;
+
+    // Every read of an agent record is a request to the server on one of these subjects.
+    let watcher = nats.client().await;
+    let mut reads = futures::stream::select_all([
+        watcher
+            .subscribe(format!("$JS.API.DIRECT.GET.KV_{AGENTS_BUCKET}.>"))
+            .await
+            .unwrap(),
+        watcher
+            .subscribe(format!("$JS.API.DIRECT.GET.KV_{AGENTS_BUCKET}"))
+            .await
+            .unwrap(),
+        watcher
+            .subscribe(format!("$JS.API.STREAM.MSG.GET.KV_{AGENTS_BUCKET}"))
+            .await
+            .unwrap(),
+    ]);
+    watcher.flush().await.unwrap();
+
+    let second = TestApp::spawn_with(&nats, &["--roles=registry"]).await;
+    let mut sent = HashMap::new();
+    for agent in &agents {
+        let (status, body) = heartbeat(&app, agent, &json!({"agent_id": agent}), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        sent.insert(
+            agent.clone(),
+            body["timestamp"].as_str().unwrap().to_owned(),
+        );
+    }
+    for agent in &agents {
+        eventually(
+            Duration::from_secs(5),
+            &format!("{agent}'s heartbeat written"),
+            || async {
+                (listed_last_seen(&app, agent).await.as_ref() == sent.get(agent)).then_some(())
+            },
+        )
+        .await;
+    }
+    watcher.flush().await.unwrap();
+    let mut seen = Vec::new();
+    while let Ok(Some(read)) = tokio::time::timeout(
+        Duration::from_millis(200),
+        futures::StreamExt::next(&mut reads),
+    )
+    .await
+    {
+        seen.push(read.subject.to_string());
+    }
+    assert!(
+        seen.is_empty(),
+        "{} reads of agent records for {AGENTS} first heartbeats: {seen:?}",
+        seen.len()
+    );
+    second.stop().await;
+}
