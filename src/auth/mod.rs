@@ -7,6 +7,8 @@
 //!   required, any `crit` header refused, `nbf` honoured, a small leeway, a bound on token length
 //!   and on token lifetime. Header fields other than `alg` (`kid`, `jku`, `x5u`, `jwk`, `x5c`) are
 //!   never acted on: the one key is the shared secret, so no file or network is read to verify.
+//!   A token that verified is remembered ([`verified`]) and its time claims re-checked on each
+//!   later use, so an agent's requests pay for the signature check once per token.
 //! - **Introspection** ([`introspection::Introspector`]): an opaque token is sent to the
 //!   authorization server (RFC 7662) and its answer cached ([`cache`]) under a hash of the token.
 //!
@@ -18,6 +20,7 @@
 
 pub mod cache;
 pub mod introspection;
+pub mod verified;
 
 use std::fmt;
 use std::sync::Arc;
@@ -299,6 +302,8 @@ pub struct Verifier {
     /// The scopes of a token without a `scope` claim: the agent defaults, or none when
     /// `REQUIRE_SCOPES`.
     default_scopes: Scopes,
+    /// Tokens that verified, shared by the clones of this verifier.
+    verified: Arc<verified::VerifiedTokens>,
 }
 
 impl Verifier {
@@ -321,6 +326,7 @@ impl Verifier {
             } else {
                 Scopes::agent_defaults()
             },
+            verified: Arc::new(verified::VerifiedTokens::new(verified::MAX_ENTRIES)),
         }
     }
 
@@ -330,11 +336,24 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        self.verify_at(token, now_secs())
+    }
+
+    /// [`Verifier::verify`] with the clock at `now` for a token verified before (the first
+    /// check of a token reads the clock itself).
+    fn verify_at(&self, token: &str, now: u64) -> Result<Caller, AuthError> {
         if token.len() > self.max_token_bytes {
             return Err(AuthError::Invalid(format!(
                 "token longer than {} bytes",
                 self.max_token_bytes
             )));
+        }
+        let key = verified::key(token);
+        if let Some(known) = self
+            .verified
+            .lookup(&key, |verified| self.check_time(verified, now))
+        {
+            return known;
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
@@ -350,7 +369,7 @@ impl Verifier {
             ));
         }
         let claims = data.claims;
-        self.check_lifetime(&claims, now_secs())?;
+        self.check_lifetime(claims.exp, claims.iat, now)?;
         let agent_id = AgentId::parse(&claims.agent_id)
             .map_err(|e| AuthError::Invalid(format!("agent_id claim {e}")))?;
         let scopes = if claims.scope.trim().is_empty() {
@@ -358,7 +377,36 @@ impl Verifier {
         } else {
             Scopes::parse(&claims.scope)
         };
-        Ok(Caller { agent_id, scopes })
+        let caller = Caller { agent_id, scopes };
+        let leeway = self.leeway_secs;
+        self.verified.store(
+            key,
+            verified::Verified {
+                caller: caller.clone(),
+                exp: claims.exp,
+                nbf: claims.nbf,
+                iat: claims.iat,
+            },
+            |entry| entry.exp.saturating_add(leeway) >= now,
+        );
+        Ok(caller)
+    }
+
+    /// The time checks of a token verified before, as its first check made them: `exp` and
+    /// `nbf` with the leeway, then the lifetime bound.
+    fn check_time(&self, verified: &verified::Verified, now: u64) -> Result<(), AuthError> {
+        if verified.exp.saturating_add(self.leeway_secs) < now {
+            return Err(AuthError::Expired);
+        }
+        if verified.nbf.is_some_and(|nbf| nbf > now + self.leeway_secs) {
+            return Err(AuthError::Invalid(describe(&ErrorKind::ImmatureSignature)));
+        }
+        self.check_lifetime(verified.exp, verified.iat, now)
+    }
+
+    /// Tokens remembered as verified (tests).
+    pub fn remembered(&self) -> usize {
+        self.verified.len()
     }
 }
 
@@ -479,19 +527,19 @@ impl Authenticator {
 
 impl Verifier {
     /// Refuses tokens minted to live longer than the configured maximum.
-    fn check_lifetime(&self, claims: &Claims, now: u64) -> Result<(), AuthError> {
+    fn check_lifetime(&self, exp: u64, iat: Option<u64>, now: u64) -> Result<(), AuthError> {
         let max = self.max_lifetime_secs;
-        if let Some(iat) = claims.iat {
+        if let Some(iat) = iat {
             if iat > now + self.leeway_secs {
                 return Err(AuthError::Invalid("iat is in the future".into()));
             }
-            if claims.exp.saturating_sub(iat) > max {
+            if exp.saturating_sub(iat) > max {
                 return Err(AuthError::Invalid(format!(
                     "token lifetime (exp - iat) exceeds the maximum of {max} s"
                 )));
             }
         }
-        if claims.exp.saturating_sub(now) > max + self.leeway_secs {
+        if exp.saturating_sub(now) > max + self.leeway_secs {
             return Err(AuthError::Invalid(format!(
                 "token expires more than {max} s from now"
             )));
@@ -542,4 +590,112 @@ pub(crate) fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier(leeway: u64) -> (Secret, Verifier) {
+        let secret = Secret::new("a-test-secret-of-at-least-thirty-two-bytes");
+        let settings = AuthSettings {
+            mode: AuthMode::Jwt,
+            secret: Some(secret.clone()),
+            introspection: None,
+            require_scopes: false,
+            leeway: Duration::from_secs(leeway),
+            max_token_bytes: 4096,
+            max_lifetime: Duration::from_secs(3600),
+        };
+        let verifier = Verifier::new(&secret, &settings);
+        (secret, verifier)
+    }
+
+    fn agent(name: &str) -> AgentId {
+        AgentId::parse(name).unwrap()
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_and_still_expires_on_time() {
+        let (secret, verifier) = verifier(5);
+        let token = mint(&secret, &agent("agent-1"), "", Duration::from_secs(60));
+        let first = verifier.verify(&token).unwrap();
+        assert_eq!(verifier.remembered(), 1);
+        let now = now_secs();
+        assert_eq!(verifier.verify_at(&token, now + 30).unwrap(), first);
+        assert_eq!(
+            verifier.verify_at(&token, now + 64).unwrap(),
+            first,
+            "within the leeway"
+        );
+        assert!(matches!(
+            verifier.verify_at(&token, now + 67),
+            Err(AuthError::Expired)
+        ));
+        assert_eq!(verifier.remembered(), 0, "an expired entry is dropped");
+    }
+
+    #[test]
+    fn a_token_differing_in_one_byte_from_a_remembered_one_is_checked_in_full() {
+        let (secret, verifier) = verifier(0);
+        let token = mint(&secret, &agent("agent-1"), "", Duration::from_secs(60));
+        verifier.verify(&token).unwrap();
+        let mut forged = token.clone().into_bytes();
+        let last = forged.len() - 2;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert!(matches!(
+            verifier.verify(&forged),
+            Err(AuthError::Invalid(_))
+        ));
+        let other_secret = Secret::new("another-secret-of-at-least-thirty-two-bytes");
+        let foreign = mint(
+            &other_secret,
+            &agent("agent-1"),
+            "",
+            Duration::from_secs(60),
+        );
+        assert!(matches!(
+            verifier.verify(&foreign),
+            Err(AuthError::Invalid(_))
+        ));
+        assert_eq!(
+            verifier.remembered(),
+            1,
+            "refused tokens are not remembered"
+        );
+    }
+
+    #[test]
+    fn the_remembered_tokens_are_bounded_and_a_token_past_the_bound_still_verifies() {
+        let tokens = verified::VerifiedTokens::new(2);
+        let entry = |exp| verified::Verified {
+            caller: Caller::new(agent("agent-1"), Scopes::agent_defaults()),
+            exp,
+            nbf: None,
+            iat: None,
+        };
+        tokens.store(verified::key("a"), entry(10), |e| e.exp >= 20);
+        tokens.store(verified::key("b"), entry(30), |e| e.exp >= 20);
+        tokens.store(verified::key("c"), entry(30), |e| e.exp >= 20);
+        assert_eq!(tokens.len(), 2, "the expired one made room");
+        tokens.store(verified::key("d"), entry(30), |e| e.exp >= 20);
+        assert_eq!(tokens.len(), 2, "full of live entries: not stored");
+        assert!(tokens.lookup(&verified::key("d"), |_| Ok(())).is_none());
+
+        // And a verifier whose cache is full still verifies every token in full.
+        let (secret, verifier) = verifier(0);
+        for i in 0..3 {
+            let token = mint(
+                &secret,
+                &agent(&format!("agent-{i}")),
+                "",
+                Duration::from_secs(60),
+            );
+            assert_eq!(
+                verifier.verify(&token).unwrap().agent_id,
+                agent(&format!("agent-{i}"))
+            );
+        }
+    }
 }
