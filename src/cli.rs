@@ -21,7 +21,7 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use crate::alerting::AlertingSettings;
 use crate::auth::introspection::{ClientSecret, IntrospectionSettings};
 use crate::auth::{AuthMode, AuthSettings, Secret, SecretError, cache::CacheLimits};
-use crate::bus::group::SERVER_MAX_BATCH;
+use crate::bus::batch::SERVER_MAX_BATCH;
 use crate::bus::{
     Durability, EmbeddedSettings, GroupCommitMode, GroupCommitSettings, NatsAuth, NatsTarget,
     StreamSettings,

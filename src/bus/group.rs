@@ -41,17 +41,12 @@ use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::batch::{self, BatchError};
 use super::{Ack, PublishFailure, classify};
 
-const BATCH_ID: &str = "Nats-Batch-Id";
-const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
-const BATCH_COMMIT: &str = "Nats-Batch-Commit";
-
-/// The server's limit on messages in one atomic batch (`jetstream.limits.batch.max_msgs`).
-pub const SERVER_MAX_BATCH: usize = 1000;
+pub use super::batch::SERVER_MAX_BATCH;
 
 /// How a stream's writes are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,8 +126,6 @@ impl GroupCommit {
             timeout,
             settings,
             counts: counts.clone(),
-            batch_prefix: batch_prefix(),
-            next_batch: AtomicU64::new(0),
         };
         let writer = Arc::new(writer);
         let slots = Arc::new(Semaphore::new(settings.in_flight.max(1)));
@@ -190,11 +183,6 @@ impl GroupCommit {
     }
 }
 
-/// A process-unique prefix for batch ids: batches of two bridge processes never share an id.
-fn batch_prefix() -> String {
-    format!("acc-{:016x}", rand::random::<u64>())
-}
-
 struct Writer {
     stream: &'static str,
     js: jetstream::Context,
@@ -202,8 +190,6 @@ struct Writer {
     timeout: Duration,
     settings: GroupSettings,
     counts: Arc<GroupCounts>,
-    batch_prefix: String,
-    next_batch: AtomicU64,
 }
 
 impl Writer {
@@ -295,96 +281,55 @@ impl Writer {
     /// One atomic batch. On success every request has its answer; when the server refuses the
     /// batch, its messages come back to be sent one by one.
     async fn atomic(&self, batch: Vec<Pending>) -> Result<(), Vec<Pending>> {
-        let n = self.next_batch.fetch_add(1, Ordering::Relaxed) + 1;
-        let batch_id = format!("{}-{n}", self.batch_prefix);
         let started = std::time::Instant::now();
-        let last = batch.len();
-        let mut commit = None;
-        for (i, p) in batch.iter().enumerate() {
-            let mut headers = p.headers.clone();
-            headers.insert("Nats-Msg-Id", p.msg_id.as_str());
-            headers.insert(BATCH_ID, batch_id.as_str());
-            headers.insert(BATCH_SEQUENCE, (i + 1).to_string().as_str());
-            if i + 1 == last {
-                headers.insert(BATCH_COMMIT, "1");
-                commit = Some(self.client.request_with_headers(
-                    p.subject.clone(),
+        let messages: Vec<_> = batch
+            .iter()
+            .map(|p| {
+                let mut headers = p.headers.clone();
+                headers.insert("Nats-Msg-Id", p.msg_id.as_str());
+                batch::Message {
+                    subject: p.subject.clone(),
                     headers,
-                    p.payload.clone(),
-                ));
-            } else if let Err(err) = self
-                .client
-                .publish_with_headers(p.subject.clone(), headers, p.payload.clone())
-                .await
-            {
-                // Nothing is stored without the commit; the server drops the partial batch.
-                return Err(fail_all(
-                    batch,
-                    PublishFailure::unavailable_by("batch not sent", err),
-                ));
+                    payload: p.payload.clone(),
+                }
+            })
+            .collect();
+        let committed = match batch::commit(&self.client, messages, self.timeout).await {
+            Ok(committed) => committed,
+            Err(BatchError::NotStored { code, description }) => {
+                tracing::debug!(
+                    stream = self.stream,
+                    code,
+                    %description,
+                    messages = batch.len(),
+                    "atomic batch refused, sending its messages one by one"
+                );
+                self.counts.refused_batches.fetch_add(1, Ordering::Relaxed);
+                return Err(batch);
             }
-        }
-        let commit = commit.expect("a batch has a last message");
-        let reply = match tokio::time::timeout(self.timeout, commit).await {
-            Ok(Ok(reply)) => reply,
             // Unknown outcome: the batch may or may not be stored. Each request gets a 503 and
             // its client's retry, with the same dedupe id, finds out.
-            Ok(Err(err)) => {
-                let failure = PublishFailure::unavailable_by("batch commit failed", err);
-                return Err(fail_all(batch, failure));
-            }
-            Err(_) => {
-                let failure = PublishFailure::unavailable("no acknowledgement in time");
-                return Err(fail_all(batch, failure));
+            Err(err @ BatchError::Unknown { .. }) => {
+                return Err(fail_all(
+                    batch,
+                    PublishFailure::unavailable_by("atomic batch not acknowledged", err),
+                ));
             }
         };
-        let ack = match serde_json::from_slice::<BatchAck>(&reply.payload) {
-            Ok(ack) => ack,
-            Err(err) => {
-                let failure = PublishFailure::unavailable_by("unreadable batch ack", err);
-                return Err(fail_all(batch, failure));
-            }
-        };
-        if let Some(error) = ack.error {
-            tracing::debug!(
-                stream = self.stream,
-                code = error.err_code,
-                description = %error.description,
-                messages = last,
-                "atomic batch refused, sending its messages one by one"
-            );
-            self.counts.refused_batches.fetch_add(1, Ordering::Relaxed);
-            return Err(batch);
-        }
-        if ack.count != last as u64 || ack.seq < ack.count {
-            // Stored, but we cannot tell where: answer "unknown" and let retries find out.
-            tracing::error!(
-                stream = self.stream,
-                sent = last,
-                count = ack.count,
-                "atomic batch ack does not match the batch"
-            );
-            fail_all(
-                batch,
-                PublishFailure::unavailable("batch acknowledgement does not match the batch"),
-            );
-            return Ok(());
-        }
         tracing::trace!(
             stream = self.stream,
-            messages = last,
+            messages = batch.len(),
             took_us = started.elapsed().as_micros() as u64,
             "atomic batch committed"
         );
         self.counts.batches.fetch_add(1, Ordering::Relaxed);
         self.counts
             .batched_messages
-            .fetch_add(ack.count, Ordering::Relaxed);
-        let first = ack.seq - ack.count + 1;
+            .fetch_add(committed.count, Ordering::Relaxed);
         for (i, p) in batch.into_iter().enumerate() {
             let _ = p.answer.send(Ok(Ack {
-                stream: ack.stream.clone(),
-                seq: first + i as u64,
+                stream: committed.stream.clone(),
+                seq: committed.seq(i),
                 duplicate: false,
             }));
         }
@@ -412,27 +357,6 @@ fn split_repeats(group: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
         }
     }
     (first, repeats)
-}
-
-/// The server's answer to a batch commit: a pub ack with `batch` and `count`, or an error.
-#[derive(Debug, Deserialize)]
-struct BatchAck {
-    #[serde(default)]
-    error: Option<BatchAckError>,
-    #[serde(default)]
-    stream: String,
-    #[serde(default)]
-    seq: u64,
-    #[serde(default)]
-    count: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct BatchAckError {
-    #[serde(default)]
-    err_code: u64,
-    #[serde(default)]
-    description: String,
 }
 
 #[cfg(test)]
@@ -480,18 +404,5 @@ mod tests {
         assert_eq!(stream_of("acc.events.a.b"), None);
         assert_eq!(stream_of("acc.events"), None);
         assert_eq!(stream_of("other.events.a"), None);
-    }
-
-    #[test]
-    fn batch_acks_and_refusals_parse() {
-        let ok: BatchAck =
-            serde_json::from_str(r#"{"stream":"S","seq":40,"batch":"x","count":8}"#).unwrap();
-        assert!(ok.error.is_none());
-        assert_eq!((ok.stream.as_str(), ok.seq, ok.count), ("S", 40, 8));
-        let refused: BatchAck = serde_json::from_str(
-            r#"{"error":{"code":400,"err_code":10201,"description":"atomic publish batch contains duplicate message id"},"stream":"S","seq":0}"#,
-        )
-        .unwrap();
-        assert_eq!(refused.error.unwrap().err_code, 10201);
     }
 }

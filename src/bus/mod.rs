@@ -2,6 +2,7 @@
 //! the connection, and publish-and-ack with dedupe ids and a bounded wait; and the settings of
 //! all of these ([`NatsTarget`], [`StreamSettings`], [`GroupCommitSettings`]).
 
+pub mod batch;
 pub mod embedded;
 pub mod group;
 pub mod provision;

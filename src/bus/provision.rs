@@ -196,20 +196,23 @@ pub async fn provision(js: &Context, settings: &StreamSettings) -> anyhow::Resul
         .await
         .with_context(|| format!("creating or updating KV bucket {name}"))?;
     }
-    // The registry writes many agents' records in one atomic batch. A bucket's config has no
-    // field for it, and updating the bucket clears it: set it on the bucket's stream after.
-    let name = format!("KV_{AGENTS_BUCKET}");
-    retry(|| async {
-        let mut stream = js.get_stream(&name).await?;
-        let mut config = stream.info().await?.config.clone();
-        if !config.allow_atomic_publish {
-            config.allow_atomic_publish = true;
-            js.update_stream(config).await?;
-        }
-        Ok(())
-    })
-    .await
-    .with_context(|| format!("allowing atomic batches on {name}"))?;
+    // The registry writes many agents' records in one atomic batch, the dispatcher a turn's
+    // task records. A bucket's config has no field for it, and updating the bucket clears it:
+    // set it on the bucket's stream after.
+    for bucket in [AGENTS_BUCKET, TASKS_BUCKET] {
+        let name = format!("KV_{bucket}");
+        retry(|| async {
+            let mut stream = js.get_stream(&name).await?;
+            let mut config = stream.info().await?.config.clone();
+            if !config.allow_atomic_publish {
+                config.allow_atomic_publish = true;
+                js.update_stream(config).await?;
+            }
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("allowing atomic batches on {name}"))?;
+    }
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 
 use super::process::ProcessFigures;
 use super::snapshot::FleetSnapshot;
-use super::tasks::{LATENCY_BOUNDS, OUTCOMES, TaskFigures};
+use super::tasks::{BATCH_OUTCOMES, LATENCY_BOUNDS, OUTCOMES, TaskFigures};
 use crate::contract::{Code, Tally};
 use crate::stats::{BUCKETS_MICROS, CLASSES, Endpoint, Stats};
 
@@ -51,6 +51,8 @@ pub const FAMILIES: &[&str] = &[
     "acc_tasks_dead_lettered",
     "acc_task_attempts_total",
     "acc_task_leases_expired_total",
+    "acc_task_record_batches_total",
+    "acc_task_batched_records_total",
     "acc_task_dispatch_latency_seconds",
     "acc_tasks_dead_lettered_total",
     "acc_tasks_unserved",
@@ -470,6 +472,29 @@ fn render_tasks(out: &mut String, tasks: &TaskFigures) {
         out,
         "acc_task_leases_expired_total {}",
         tasks.leases_expired
+    );
+    header(
+        out,
+        "acc_task_record_batches_total",
+        "counter",
+        "Atomic batches of task records the dispatcher sent while this replica dispatched, by outcome.",
+    );
+    for (outcome, count) in BATCH_OUTCOMES.iter().zip(tasks.record_batches) {
+        let _ = writeln!(
+            out,
+            "acc_task_record_batches_total{{outcome=\"{outcome}\"}} {count}"
+        );
+    }
+    header(
+        out,
+        "acc_task_batched_records_total",
+        "counter",
+        "Task records stored through committed atomic batches while this replica dispatched.",
+    );
+    let _ = writeln!(
+        out,
+        "acc_task_batched_records_total {}",
+        tasks.batched_records
     );
     render_task_extras(out, tasks);
 }

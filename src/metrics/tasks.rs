@@ -12,6 +12,18 @@ use serde::{Deserialize, Serialize};
 /// How attempts ended, the label values of `acc_task_attempts_total`.
 pub const OUTCOMES: [&str; 4] = ["succeeded", "failed", "expired", "cancelled"];
 
+/// How the dispatcher's atomic batches of task records ended, the label values of
+/// `acc_task_record_batches_total`.
+pub const BATCH_OUTCOMES: [&str; 3] = ["committed", "refused", "unknown"];
+
+/// How one atomic batch of task records ended; its index in [`BATCH_OUTCOMES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    Committed = 0,
+    Refused = 1,
+    Unknown = 2,
+}
+
 /// What the dispatcher reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskFigures {
@@ -23,6 +35,11 @@ pub struct TaskFigures {
     pub attempts: [u64; 4],
     /// Leases that ran out since this replica started acting.
     pub leases_expired: u64,
+    /// Atomic batches of task records sent since this replica started acting, by how they
+    /// ended (indexed as [`BATCH_OUTCOMES`]). A refused one was written record by record.
+    pub record_batches: [u64; 3],
+    /// Task records stored through committed batches since this replica started acting.
+    pub batched_records: u64,
     /// Submit → first dispatch, of tasks dispatched since this replica started acting.
     pub dispatch_latency: Histogram,
     /// Tasks that entered the dead-letter queue since this replica started acting.
@@ -44,6 +61,12 @@ impl TaskFigures {
         self.dead_lettered_total += 1;
         self.recent_dead_letters.push_back(Instant::now());
         self.forget_old();
+    }
+
+    /// One more batch of task records ended `outcome`, storing `stored` records.
+    pub fn batch_ended(&mut self, outcome: BatchOutcome, stored: usize) {
+        self.record_batches[outcome as usize] += 1;
+        self.batched_records += stored as u64;
     }
 
     /// Dead-letterings within [`RECENT_WINDOW`].

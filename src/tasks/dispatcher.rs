@@ -16,6 +16,10 @@
 //! revision it read, and only then applied in memory and answered: what an agent is told is
 //! stored. Changes are planned and written in turns ([`Turn`]); the next turn is planned and
 //! sent while earlier ones are still being stored, a task having at most one write in flight.
+//! A turn of 16 writes or more is stored as one atomic batch per 1,000 records
+//! ([`crate::bus::batch`]: one server write and one fsync for all of them, each record still
+//! compare-and-set on its revision); a batch the server refuses (one stale revision refuses it
+//! all) is written record by record, so each change gets its own answer.
 //! A submission taken while a claim waits is created `dispatched` with its first attempt, in
 //! one write instead of two. What is in memory (the records of unfinished tasks, the [`TaskQueue`], live attempts
 //! per agent, the timers) is rebuilt from the bucket whenever a replica takes the lease, so a
@@ -47,12 +51,15 @@ use super::push::{PushOutcome, PushSettings, Pusher};
 use super::queue::{TaskQueue, Waiting};
 use super::record::{Outcome, Submission, TaskRecord, TaskStatus};
 use super::wire::{Answer, CallbackRequest, CancelRequest, ClaimRequest, ReplayRequest, Report};
+use crate::bus::batch::{self, BatchError, Record, SERVER_MAX_BATCH};
 use crate::bus::{Publisher, subjects};
 use crate::contract::{Code, Refusal};
 use crate::directory::Directory;
 use crate::domain::{AgentId, AgentRecord, AgentStatus, TaskId};
 use crate::lease::Lease;
-use crate::metrics::tasks::{OUTCOMES, SNAPSHOT_KEY, SNAPSHOT_REFRESH, TaskGauges, TaskSnapshot};
+use crate::metrics::tasks::{
+    BatchOutcome, OUTCOMES, SNAPSHOT_KEY, SNAPSHOT_REFRESH, TaskGauges, TaskSnapshot,
+};
 
 /// How often leases, backoffs and waiting claims are looked at.
 const TICK: Duration = Duration::from_millis(20);
@@ -913,6 +920,9 @@ impl Dispatcher {
 
 /// The most messages one turn takes in before their writes go out together.
 const TURN_MAX: usize = 512;
+/// The fewest writes in a turn that go out as an atomic batch; fewer go record by record (at low
+/// load a turn holds a write or two, and a single write needs no batch headers or commit).
+const BATCH_MIN: usize = 16;
 /// The most turns whose writes are in flight at once. While they are, the loop plans and sends
 /// the next turn; past this many it lets messages gather into larger turns instead.
 const FLIGHTS_MAX: usize = 4;
@@ -1009,6 +1019,78 @@ enum Written {
     TimedOut,
 }
 
+/// Stores the records of a turn, away from the loop: a turn of [`BATCH_MIN`] or more writes as
+/// atomic batches (one server write, and one fsync, per up to [`SERVER_MAX_BATCH`] records),
+/// a smaller one record by record, all sent at once.
+struct RecordWriter {
+    client: Client,
+    kv: Store,
+    limit: Duration,
+    figures: Arc<TaskGauges>,
+}
+
+impl RecordWriter {
+    /// Each record's outcome, in order. A batch the server refused (one stale revision refuses
+    /// it all, and nothing of it is stored) is written again record by record, so each record
+    /// gets its own answer; a batch with no answer in time is "timed out" for all its records,
+    /// as a single write with none would be.
+    async fn store(&self, records: &[Record]) -> Vec<Written> {
+        if records.len() < BATCH_MIN {
+            return self.one_by_one(records).await;
+        }
+        let chunks = records.chunks(SERVER_MAX_BATCH).map(|chunk| async move {
+            match batch::write_records(&self.client, &self.kv, chunk, self.limit).await {
+                Ok(revisions) => {
+                    self.count(BatchOutcome::Committed, chunk.len());
+                    revisions.into_iter().map(Written::Stored).collect()
+                }
+                Err(err @ BatchError::NotStored { .. }) => {
+                    tracing::debug!(records = chunk.len(), error = %err, "batch of task records refused; writing them one by one");
+                    self.count(BatchOutcome::Refused, 0);
+                    self.one_by_one(chunk).await
+                }
+                Err(err @ BatchError::Unknown { .. }) => {
+                    tracing::warn!(records = chunk.len(), error = %crate::telemetry::error_chain(&err), "batch of task records not acknowledged");
+                    self.count(BatchOutcome::Unknown, 0);
+                    chunk.iter().map(|_| Written::TimedOut).collect::<Vec<_>>()
+                }
+            }
+        });
+        futures::future::join_all(chunks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Each record on its own (create, or compare-and-set), all sent before any is awaited.
+    async fn one_by_one(&self, records: &[Record]) -> Vec<Written> {
+        let (kv, limit) = (&self.kv, self.limit);
+        futures::future::join_all(records.iter().map(|record| async move {
+            let (key, value) = (&record.key, record.value.clone());
+            let written = match record.revision {
+                None => tokio::time::timeout(limit, kv.create(key, value))
+                    .await
+                    .map(|r| r.map_err(|err| err.to_string())),
+                Some(revision) => tokio::time::timeout(limit, kv.update(key, value, revision))
+                    .await
+                    .map(|r| r.map_err(|err| err.to_string())),
+            };
+            match written {
+                Ok(Ok(revision)) => Written::Stored(revision),
+                Ok(Err(err)) => Written::Refused(err),
+                Err(_) => Written::TimedOut,
+            }
+        }))
+        .await
+    }
+
+    fn count(&self, outcome: BatchOutcome, stored: usize) {
+        self.figures
+            .update(|figures| figures.batch_ended(outcome, stored));
+    }
+}
+
 /// Who a claim planned in a turn is for.
 enum ClaimFor {
     /// A claim request, or a waiting one (`deadline` set), answered on `reply`.
@@ -1085,40 +1167,22 @@ impl Dispatcher {
     /// Sends the turn's writes, all at once; they come back through [`Dispatcher::flights`].
     fn launch(&mut self, turn: Turn) {
         let Turn { writes, claims, .. } = turn;
-        let encoded: Vec<(String, Bytes, Option<u64>)> = writes
+        let records: Vec<Record> = writes
             .iter()
-            .map(|w| {
-                (
-                    w.next.task_id.as_str().to_owned(),
-                    encode(&w.next),
-                    w.revision,
-                )
+            .map(|w| Record {
+                key: w.next.task_id.as_str().to_owned(),
+                value: encode(&w.next),
+                revision: w.revision,
             })
             .collect();
-        let (kv, limit) = (self.kv.clone(), self.write_timeout);
+        let writer = RecordWriter {
+            client: self.client.clone(),
+            kv: self.kv.clone(),
+            limit: self.write_timeout,
+            figures: self.figures.clone(),
+        };
         self.flights_mut().push(Box::pin(async move {
-            let results =
-                futures::future::join_all(encoded.into_iter().map(|(key, value, revision)| {
-                    let kv = &kv;
-                    async move {
-                        let written = match revision {
-                            None => tokio::time::timeout(limit, kv.create(&key, value))
-                                .await
-                                .map(|r| r.map_err(|err| err.to_string())),
-                            Some(revision) => {
-                                tokio::time::timeout(limit, kv.update(&key, value, revision))
-                                    .await
-                                    .map(|r| r.map_err(|err| err.to_string()))
-                            }
-                        };
-                        match written {
-                            Ok(Ok(revision)) => Written::Stored(revision),
-                            Ok(Err(err)) => Written::Refused(err),
-                            Err(_) => Written::TimedOut,
-                        }
-                    }
-                }))
-                .await;
+            let results = writer.store(&records).await;
             Flight {
                 writes,
                 claims,

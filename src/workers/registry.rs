@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::held::{Due, Held};
 use super::{HandleError, Handler, MAX_DELIVER, consume};
-use crate::bus::group::SERVER_MAX_BATCH;
+use crate::bus::batch::{Record, SERVER_MAX_BATCH, write_records};
 use crate::bus::unreadable::Unreadable;
 use crate::bus::{Publisher, subjects};
 use crate::domain::{
@@ -396,56 +396,21 @@ impl Registry {
     /// Stores the records of `batch` as one atomic batch: all, each at the revision after the
     /// one it was computed from, or none.
     async fn write_batch(&self, batch: &[(Due, AgentRecord)]) -> Result<(), HandleError> {
+        let records: Vec<Record> = batch
+            .iter()
+            .map(|(due, next)| Record {
+                key: next.agent_id.as_str().to_owned(),
+                value: Bytes::from(serde_json::to_vec(next).expect("records serialize")),
+                revision: Some(due.revision),
+            })
+            .collect();
         let client = self.publisher.client();
-        let id = format!("registry-{:016x}", rand::random::<u64>());
-        let prefix = self
-            .bucket
-            .put_prefix
-            .as_ref()
-            .unwrap_or(&self.bucket.prefix);
-        let mut commit = None;
-        for (i, (due, next)) in batch.iter().enumerate() {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(BATCH_ID, id.as_str());
-            headers.insert(BATCH_SEQUENCE, (i + 1).to_string().as_str());
-            headers.insert(EXPECTED_REVISION, due.revision.to_string().as_str());
-            let subject = format!("{prefix}{}", next.agent_id);
-            let value = Bytes::from(serde_json::to_vec(next).expect("records serialize"));
-            if i + 1 == batch.len() {
-                headers.insert(BATCH_COMMIT, "1");
-                commit = Some(client.request_with_headers(subject, headers, value));
-            } else {
-                client
-                    .publish_with_headers(subject, headers, value)
-                    .await
-                    .map_err(|e| HandleError::transient_by("sending a batch of records", e))?;
-            }
-        }
-        let Some(commit) = commit else {
-            return Ok(());
-        };
-        let reply = tokio::time::timeout(self.publisher.timeout(), commit)
+        let revisions = write_records(client, &self.bucket, &records, self.publisher.timeout())
             .await
-            .map_err(|_| HandleError::transient("no answer to a batch of records in time"))?
-            .map_err(|e| HandleError::transient_by("committing a batch of records", e))?;
-        let ack: BatchAck = serde_json::from_slice(&reply.payload)
-            .map_err(|e| HandleError::transient_by("unreadable batch answer", e))?;
-        if let Some(error) = ack.error {
-            return Err(HandleError::transient(format!(
-                "batch of records refused: {}",
-                error.description
-            )));
-        }
-        let n = batch.len() as u64;
-        if ack.count != n || ack.seq < n {
-            return Err(HandleError::transient(
-                "batch answer does not match the batch",
-            ));
-        }
+            .map_err(|e| HandleError::transient_by("writing a batch of records", e))?;
         let now = Instant::now();
-        for (i, (_, next)) in batch.iter().enumerate() {
-            self.held
-                .known_at(next, ack.seq - n + 1 + i as u64, true, now);
+        for ((_, next), revision) in batch.iter().zip(revisions) {
+            self.held.known_at(next, revision, true, now);
         }
         Ok(())
     }
@@ -688,29 +653,6 @@ fn held_id(heartbeat: &Heartbeat) -> String {
 
 /// Coalesced heartbeats the flusher writes at once when it writes them one by one.
 const FLUSH_CONCURRENCY: usize = 32;
-
-const BATCH_ID: &str = "Nats-Batch-Id";
-const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
-const BATCH_COMMIT: &str = "Nats-Batch-Commit";
-/// A KV compare-and-set is a publish expecting the key's last revision.
-const EXPECTED_REVISION: &str = "Nats-Expected-Last-Subject-Sequence";
-
-/// The server's answer to a batch commit: a pub ack with `count`, or an error.
-#[derive(Debug, serde::Deserialize)]
-struct BatchAck {
-    #[serde(default)]
-    error: Option<BatchAckError>,
-    #[serde(default)]
-    seq: u64,
-    #[serde(default)]
-    count: u64,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct BatchAckError {
-    #[serde(default)]
-    description: String,
-}
 
 /// Agent records the registry could not read, over every sweep.
 static UNREADABLE: Unreadable = Unreadable::new("agent record");

@@ -1109,3 +1109,111 @@ async fn a_task_submitted_while_a_claim_waits_is_stored_dispatched_in_one_write(
     assert_eq!(view["attempts"][0]["agent_id"], "waiter");
     assert_eq!(view["attempts"][0]["outcome"], "succeeded");
 }
+
+/// Submits `ids` one at a time and waits until each record is stored `queued` (and the
+/// dispatcher has taken it in), so that one claim can then lease them all in one turn.
+async fn queue_tasks(app: &TestApp, ids: &[String], capability: &str) {
+    for id in ids {
+        submit_ok(app, json!({"task_id": id, "capability": capability})).await;
+    }
+    for id in ids {
+        eventually(Duration::from_secs(10), "the task queued", || async {
+            (task(app, id).await["status"] == "queued").then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// The value of one series of `/metrics` (`name{labels}`), if it is there.
+async fn metric(app: &TestApp, series: &str) -> Option<f64> {
+    let text = app.metrics_text().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn a_claim_of_many_tasks_is_stored_as_one_atomic_batch() {
+    const TASKS: usize = 40;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "bulk", &["bulk"], TASKS as u32).await;
+    let ids: Vec<String> = (0..TASKS).map(|i| format!("bulk-{i}")).collect();
+    queue_tasks(&app, &ids, "bulk").await;
+
+    let tasks = claim(&app, "bulk", json!({"max": TASKS})).await;
+    assert_eq!(tasks.len(), TASKS, "{tasks:?}");
+
+    // Every leased record was stored by one commit: one batch id, consecutive revisions.
+    let bucket = app.js.get_key_value("acc_tasks").await.unwrap();
+    let stream = app.js.get_stream("KV_acc_tasks").await.unwrap();
+    let mut revisions = Vec::new();
+    let mut batches = std::collections::BTreeSet::new();
+    for t in &tasks {
+        let id = t["task_id"].as_str().unwrap();
+        let entry = bucket.entry(id).await.unwrap().unwrap();
+        let record: Value = serde_json::from_slice(&entry.value).unwrap();
+        assert_eq!(record["status"], "dispatched", "{record}");
+        let message = stream.get_raw_message(entry.revision).await.unwrap();
+        let batch = message.headers.get("Nats-Batch-Id").map(|v| v.to_string());
+        batches.insert(batch);
+        revisions.push(entry.revision);
+    }
+    assert_eq!(batches.len(), 1, "the claim's records came in {batches:?}");
+    assert!(
+        batches.first().unwrap().is_some(),
+        "the claim's records were not written as an atomic batch"
+    );
+    revisions.sort_unstable();
+    assert_eq!(
+        revisions.last().unwrap() - revisions[0] + 1,
+        TASKS as u64,
+        "{revisions:?}"
+    );
+    let committed = r#"acc_task_record_batches_total{outcome="committed"}"#;
+    assert_eq!(metric(&app, committed).await, Some(1.0));
+    assert_eq!(
+        metric(&app, "acc_task_batched_records_total").await,
+        Some(TASKS as f64)
+    );
+}
+
+#[tokio::test]
+async fn a_batch_refused_for_one_stale_record_is_written_one_by_one_and_each_claim_told_what_was_stored()
+ {
+    const TASKS: usize = 20;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    register_worker(&app, "picky", &["stale"], TASKS as u32).await;
+    let ids: Vec<String> = (0..TASKS).map(|i| format!("stale-{i}")).collect();
+    queue_tasks(&app, &ids, "stale").await;
+    // Another writer rewrites one record behind the dispatcher's back: the revision the
+    // dispatcher holds for it is stale, so a batch holding it is refused as a whole.
+    let bucket = app.js.get_key_value("acc_tasks").await.unwrap();
+    let entry = bucket.entry("stale-7").await.unwrap().unwrap();
+    bucket
+        .update("stale-7", entry.value.clone(), entry.revision)
+        .await
+        .unwrap();
+
+    let tasks = claim(&app, "picky", json!({"max": TASKS})).await;
+    let leased: Vec<&str> = tasks
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(leased.len(), TASKS - 1, "{leased:?}");
+    assert!(!leased.contains(&"stale-7"), "{leased:?}");
+    // What the agent was told is what is stored: each of those is dispatched to it.
+    for id in &leased {
+        let view = task(&app, id).await;
+        assert_eq!(view["status"], "dispatched", "{view}");
+        assert_eq!(view["attempts"][0]["agent_id"], "picky", "{view}");
+    }
+    let refused = r#"acc_task_record_batches_total{outcome="refused"}"#;
+    assert_eq!(metric(&app, refused).await, Some(1.0));
+    // The record that lost was read afresh and is leased by the next claim.
+    assert_eq!(task(&app, "stale-7").await["status"], "queued");
+    let next = claim(&app, "picky", json!({"max": TASKS, "wait": "2s"})).await;
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!(next[0]["task_id"], "stale-7");
+}
