@@ -160,9 +160,10 @@ impl Turn {
     /// Waits until the message before this one is done (sent or refused, which it is only once
     /// the one before it is done, and so on).
     async fn wait(&mut self) {
-        if let Some(before) = self.before.take() {
+        if let Some(before) = self.before.as_mut() {
             // Fired or dropped: either way the message before is done.
             let _ = before.await;
+            self.before = None;
         }
     }
 
@@ -354,6 +355,44 @@ fn jetstream_error(refusal: &Refusal) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_message_waits_only_for_the_one_before_it_in_its_own_lane() {
+        let mut lanes = Lanes::default();
+        let first = lanes.turn(Lane::Agent("agent-a"));
+        let mut second = lanes.turn(Lane::Agent("agent-a"));
+        let mut other = lanes.turn(Lane::Agent("agent-b"));
+        let mut token = lanes.turn(Lane::Token(b"Bearer opaque"));
+        let soon = std::time::Duration::from_millis(20);
+        assert!(tokio::time::timeout(soon, other.wait()).await.is_ok());
+        assert!(tokio::time::timeout(soon, token.wait()).await.is_ok());
+        assert!(tokio::time::timeout(soon, second.wait()).await.is_err());
+        // A wait given up on keeps the place: waiting again still waits for the first.
+        assert!(tokio::time::timeout(soon, second.wait()).await.is_err());
+        first.pass();
+        assert!(tokio::time::timeout(soon, second.wait()).await.is_ok());
+    }
+
+    #[test]
+    fn lanes_whose_messages_are_done_are_forgotten() {
+        let mut lanes = Lanes::default();
+        for i in 0..5 * MAX_PENDING {
+            lanes.turn(Lane::Agent(&format!("agent-{i}"))).pass();
+            assert!(lanes.last.len() <= 2 * MAX_PENDING, "{}", lanes.last.len());
+        }
+        // A lane whose message is still in hand is kept.
+        let held = lanes.turn(Lane::Agent("held"));
+        for i in 0..3 * MAX_PENDING {
+            lanes.turn(Lane::Agent(&format!("later-{i}"))).pass();
+        }
+        let mut next = lanes.turn(Lane::Agent("held"));
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut waiting = std::pin::pin!(next.wait());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        held.pass();
+        assert!(waiting.as_mut().poll(&mut cx).is_ready());
+    }
 
     #[test]
     fn the_intake_answers_only_mapped_replies_and_inboxes() {
