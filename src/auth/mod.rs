@@ -458,6 +458,14 @@ pub struct Authenticator {
     max_token_bytes: usize,
 }
 
+/// How [`Authenticator::check`] settles a token.
+enum Check<'a> {
+    /// Verified (or refused) without waiting.
+    Done(Result<Caller, AuthError>),
+    /// To be asked of the authorization server.
+    Introspect(&'a introspection::Introspector),
+}
+
 impl Authenticator {
     /// Builds the verifiers the mode needs. The settings were checked by the CLI: a mode that
     /// verifies JWTs has a secret, one that introspects has its server.
@@ -491,11 +499,30 @@ impl Authenticator {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        match self.check(token) {
+            Check::Done(verdict) => verdict,
+            Check::Introspect(introspector) => introspector.verify(token).await,
+        }
+    }
+
+    /// [`Self::verify_header`] when it needs no waiting: the verdict on a missing or malformed
+    /// header and on a token verified locally (a JWT); `None` for a token to be introspected.
+    /// The NATS door's intake uses it to know a message's agent the moment it arrives.
+    pub fn verify_header_now(&self, header: Option<&[u8]>) -> Option<Result<Caller, AuthError>> {
+        match bearer(header, self.max_token_bytes).map(|token| self.check(token)) {
+            Ok(Check::Done(verdict)) => Some(verdict),
+            Ok(Check::Introspect(_)) => None,
+            Err(err) => Some(Err(err)),
+        }
+    }
+
+    /// How `token` is checked: decided here and now, or by the authorization server.
+    fn check(&self, token: &str) -> Check<'_> {
         if token.len() > self.max_token_bytes {
-            return Err(AuthError::Invalid(format!(
+            return Check::Done(Err(AuthError::Invalid(format!(
                 "token longer than {} bytes",
                 self.max_token_bytes
-            )));
+            ))));
         }
         let local = match self.mode {
             AuthMode::Jwt => true,
@@ -503,12 +530,12 @@ impl Authenticator {
             AuthMode::Both => is_jwt_shaped(token),
         };
         match (local, &self.jwt, &self.introspector) {
-            (true, Some(jwt), _) => jwt.verify(token),
-            (false, _, Some(introspector)) => introspector.verify(token).await,
-            _ => Err(AuthError::Invalid(match self.mode {
+            (true, Some(jwt), _) => Check::Done(jwt.verify(token)),
+            (false, _, Some(introspector)) => Check::Introspect(introspector),
+            _ => Check::Done(Err(AuthError::Invalid(match self.mode {
                 AuthMode::Introspection => "only introspected (opaque) tokens are accepted".into(),
                 _ => "this token kind is not accepted".into(),
-            })),
+            }))),
         }
     }
 

@@ -220,46 +220,53 @@ impl Publisher {
         payload: Bytes,
         headers: Option<HeaderMap>,
     ) -> Result<Ack, PublishFailure> {
-        // One catalog look-up per publish gives both the span name and the stream.
-        let spec = subjects::CATALOG
-            .iter()
-            .position(|spec| subjects::matches(spec.subject, &subject));
-        let name = match spec {
-            Some(i) => Cow::Borrowed(send_names()[i].as_str()),
-            // Not in the catalog: rare, so the name may cost an allocation.
-            None => Cow::Owned(format!("send {subject}")),
-        };
-        let stream = spec.map(|i| subjects::CATALOG[i].stream);
-        let span = tracing::info_span!(
-            "nats.publish",
-            otel.name = &*name,
-            otel.kind = "producer",
-            otel.status_code = tracing::field::Empty,
-            messaging.system = "nats",
-            messaging.operation.type = "send",
-            messaging.destination.name = %subject,
-            messaging.message.id = msg_id,
-            messaging.nats.stream_sequence = tracing::field::Empty,
-            messaging.nats.duplicate = tracing::field::Empty,
-        );
-        let mut headers = headers.unwrap_or_default();
-        crate::telemetry::inject(&span, &mut headers);
+        let (span, stream, headers) = producer_span(&subject, msg_id, headers);
         // Not entered while the write is awaited: nothing in it logs, the message carries the
         // span's context already (above), and entering and leaving a span on every poll is
         // paid per request.
         let result = self.send(stream, subject, msg_id, payload, headers).await;
-        match &result {
-            Ok(ack) => {
-                span.record("messaging.nats.stream_sequence", ack.seq);
-                if ack.duplicate {
-                    span.record("messaging.nats.duplicate", true);
-                }
-            }
-            Err(_) => {
+        record_ack(&span, &result);
+        result
+    }
+
+    /// [`Self::publish`] in two halves: sends the message now and returns its acknowledgement
+    /// to await later. Messages sent one after another this way (the previous call returned
+    /// before the next began) are stored in that order, however their acknowledgements are
+    /// awaited: they travel on one connection, which the server reads in order. Always an
+    /// ordinary publish, never through group commit, whose writes of one stream run side by side.
+    /// One [`Self::timeout`] covers both halves.
+    pub async fn send_in_order(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Bytes,
+        headers: Option<HeaderMap>,
+    ) -> Result<Unacked, PublishFailure> {
+        let (span, _, headers) = producer_span(&subject, msg_id, headers);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let sent = if self.client.connection_state() == State::Connected {
+            let message = PublishMessage::build()
+                .payload(payload)
+                .headers(headers)
+                .message_id(msg_id);
+            tokio::time::timeout_at(deadline, self.js.send_publish(subject, message))
+                .await
+                .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))
+                .and_then(|sent| sent.map_err(classify))
+        } else {
+            Err(PublishFailure::unavailable("not connected"))
+        };
+        match sent {
+            Ok(ack) => Ok(Unacked {
+                ack,
+                span,
+                deadline,
+            }),
+            Err(failure) => {
                 span.record("otel.status_code", "ERROR");
+                Err(failure)
             }
         }
-        result
     }
 
     async fn send(
@@ -298,6 +305,80 @@ impl Publisher {
             seq: ack.sequence,
             duplicate: ack.duplicate,
         })
+    }
+}
+
+/// A message [`Publisher::send_in_order`] sent, whose acknowledgement is still to come.
+pub struct Unacked {
+    ack: jetstream::context::PublishAckFuture,
+    span: tracing::Span,
+    deadline: tokio::time::Instant,
+}
+
+impl Unacked {
+    /// Where JetStream stored the message, or why it did not; never past the publish timeout
+    /// counted from the send.
+    pub async fn acked(self) -> Result<Ack, PublishFailure> {
+        let result = tokio::time::timeout_at(self.deadline, self.ack.into_future())
+            .await
+            .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))
+            .and_then(|acked| acked.map_err(classify))
+            .map(|ack| Ack {
+                stream: ack.stream,
+                seq: ack.sequence,
+                duplicate: ack.duplicate,
+            });
+        record_ack(&self.span, &result);
+        result
+    }
+}
+
+/// The producer span of a publish on `subject` (named once per catalog entry), the stream the
+/// catalog gives it, and `headers` with the span's trace context in them.
+fn producer_span(
+    subject: &str,
+    msg_id: &str,
+    headers: Option<HeaderMap>,
+) -> (tracing::Span, Option<&'static str>, HeaderMap) {
+    // One catalog look-up per publish gives both the span name and the stream.
+    let spec = subjects::CATALOG
+        .iter()
+        .position(|spec| subjects::matches(spec.subject, subject));
+    let name = match spec {
+        Some(i) => Cow::Borrowed(send_names()[i].as_str()),
+        // Not in the catalog: rare, so the name may cost an allocation.
+        None => Cow::Owned(format!("send {subject}")),
+    };
+    let stream = spec.map(|i| subjects::CATALOG[i].stream);
+    let span = tracing::info_span!(
+        "nats.publish",
+        otel.name = &*name,
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.destination.name = %subject,
+        messaging.message.id = msg_id,
+        messaging.nats.stream_sequence = tracing::field::Empty,
+        messaging.nats.duplicate = tracing::field::Empty,
+    );
+    let mut headers = headers.unwrap_or_default();
+    crate::telemetry::inject(&span, &mut headers);
+    (span, stream, headers)
+}
+
+/// Records on a producer span where its message landed, or that it failed.
+fn record_ack(span: &tracing::Span, result: &Result<Ack, PublishFailure>) {
+    match result {
+        Ok(ack) => {
+            span.record("messaging.nats.stream_sequence", ack.seq);
+            if ack.duplicate {
+                span.record("messaging.nats.duplicate", true);
+            }
+        }
+        Err(_) => {
+            span.record("otel.status_code", "ERROR");
+        }
     }
 }
 

@@ -997,3 +997,181 @@ async fn valid_messages_on_the_nats_door_count_against_the_agents_rate() {
         .await;
     assert_eq!(status, 200, "{answer}");
 }
+
+/// Issue 13, residual of row 13: the intake stored each message from a task of its own, so
+/// publishes an agent sent without waiting for each PubAck could be stored in another order.
+/// Two agents now pipeline 500 events each at the same moment: every agent's PubAcks rise in
+/// the order it sent, and so do its events as the door admitted them into `ACC_EVENTS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_pipelined_publishes_are_stored_in_the_order_it_sent_them() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(
+        &nats,
+        &["--rate-limit-per-agent=100000", "--rate-limit-burst=100000"],
+    )
+    .await;
+    let sent = 500;
+    let mut senders = Vec::new();
+    for name in ["agent-a", "agent-b"] {
+        let agent = NatsAgent::connect(&nats.url(), name).await;
+        // Once this is answered, the intake is subscribed.
+        let (status, answer) = agent
+            .call("acc.in.event", &event(name, &format!("{name}-first")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        senders.push(tokio::spawn(async move {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "Authorization",
+                format!("Bearer {}", token(&agent.agent)).as_str(),
+            );
+            let mut acks = Vec::with_capacity(sent);
+            for i in 0..sent {
+                let body = serde_json::to_vec(&event(&agent.agent, &format!("{name}-{i}")));
+                let ack = agent
+                    .js
+                    .publish_with_headers("acc.in.event", headers.clone(), body.unwrap().into())
+                    .await
+                    .expect("sent");
+                acks.push(ack);
+            }
+            let mut sequences = Vec::with_capacity(sent);
+            for ack in acks {
+                sequences.push(ack.await.expect("stored").sequence);
+            }
+            (name, sequences)
+        }));
+    }
+    for sender in senders {
+        let (name, sequences) = sender.await.unwrap();
+        let out_of_order = sequences.windows(2).filter(|w| w[0] >= w[1]).count();
+        println!("{name}: {out_of_order} of {sent} PubAcks below the one before");
+        assert_eq!(
+            out_of_order, 0,
+            "{name}'s ACC_INBOUND sequences: {sequences:?}"
+        );
+    }
+
+    let events = eventually(Duration::from_secs(30), "every event admitted", || async {
+        let events = stored_event_ids(&app.js).await;
+        (events.len() == 2 * (sent + 1)).then_some(events)
+    })
+    .await;
+    for name in ["agent-a", "agent-b"] {
+        let admitted: Vec<&str> = events
+            .iter()
+            .filter(|(source, id)| source == name && !id.ends_with("-first"))
+            .map(|(_, id)| id.as_str())
+            .collect();
+        let expected: Vec<String> = (0..sent).map(|i| format!("{name}-{i}")).collect();
+        assert_eq!(admitted, expected, "{name}'s events in ACC_EVENTS");
+    }
+    app.stop().await;
+}
+
+/// `(source, event_id)` of every event in `ACC_EVENTS`, in stream order.
+async fn stored_event_ids(js: &async_nats::jetstream::Context) -> Vec<(String, String)> {
+    let stream = js.get_stream("ACC_EVENTS").await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let message = stream.get_raw_message(seq).await.unwrap();
+        let event: Value = serde_json::from_slice(&message.payload).unwrap();
+        let field = |name: &str| event[name].as_str().unwrap_or_default().to_owned();
+        out.push((field("source"), field("event_id")));
+    }
+    out
+}
+
+/// The same with an opaque token whose introspection takes 300 ms: every message carrying it
+/// waits for that one answer, then they are stored in the order the agent sent them (on the
+/// code before, they all woke at once and were stored in any order). Meanwhile another agent's
+/// JWT message is answered: a slow token holds up only the messages that carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_for_a_slow_introspection_are_stored_in_the_order_sent() {
+    let introspection = slow_introspection_server("agent-o", Duration::from_millis(300)).await;
+    let nats = NatsServer::start();
+    let url = format!("--introspection-url=http://{introspection}/introspect");
+    let app = TestApp::spawn_with(
+        &nats,
+        &[
+            "--auth-mode=both",
+            &url,
+            "--introspection-client-id=auto-com-center",
+            "--introspection-client-secret=not-a-secret",
+            "--introspection-timeout=5s",
+            "--rate-limit-per-agent=100000",
+            "--rate-limit-burst=100000",
+        ],
+    )
+    .await;
+    let opaque = NatsAgent::connect(&nats.url(), "agent-o").await;
+    let other = NatsAgent::connect(&nats.url(), "agent-b").await;
+    // The intake is subscribed once a JWT message is answered.
+    let (status, answer) = other
+        .call("acc.in.event", &event("agent-b", "b-first"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    let sent = 300;
+    let mut headers = HeaderMap::new();
+    headers.insert("Authorization", "Bearer opaque-token-of-agent-o");
+    let started = std::time::Instant::now();
+    let mut acks = Vec::with_capacity(sent);
+    for i in 0..sent {
+        let body = serde_json::to_vec(&event("agent-o", &format!("o-{i}"))).unwrap();
+        let ack = opaque
+            .js
+            .publish_with_headers("acc.in.event", headers.clone(), body.into())
+            .await
+            .expect("sent");
+        acks.push(ack);
+    }
+    let (status, answer) = other
+        .call("acc.in.event", &event("agent-b", "b-meanwhile"))
+        .await;
+    let other_waited = started.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    let mut sequences = Vec::with_capacity(sent);
+    for ack in acks {
+        sequences.push(ack.await.expect("stored").sequence);
+    }
+    let waited = started.elapsed();
+    let out_of_order = sequences.windows(2).filter(|w| w[0] >= w[1]).count();
+    println!(
+        "opaque token: {out_of_order} of {sent} PubAcks below the one before, all stored after \
+         {waited:?}; the JWT agent answered after {other_waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the introspection was slow"
+    );
+    assert!(
+        other_waited < Duration::from_millis(300),
+        "the other agent waited for agent-o's token: {other_waited:?}"
+    );
+    assert_eq!(
+        out_of_order, 0,
+        "agent-o's ACC_INBOUND sequences: {sequences:?}"
+    );
+    app.stop().await;
+}
+
+/// An RFC 7662 endpoint that answers every token as `agent`'s (scope `orchestrator.events`)
+/// after `delay`. Returns its address.
+async fn slow_introspection_server(agent: &'static str, delay: Duration) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = move || async move {
+        tokio::time::sleep(delay).await;
+        axum::Json(json!({
+            "active": true,
+            "agent_id": agent,
+            "scope": "orchestrator.events",
+            "exp": now() + 600,
+        }))
+    };
+    let router = axum::Router::new().route("/introspect", axum::routing::post(answer));
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}

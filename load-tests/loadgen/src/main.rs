@@ -3,29 +3,39 @@
 //! stalled server shows up as latency instead of silently lowering the offered load
 //! (no coordinated omission).
 //!
-//! Two targets, measured the same way:
+//! Three targets, measured the same way:
 //! - `http` (default): `POST /orchestrator/events` on the bridge, with a bearer token;
 //! - `bus`: publish-and-await-ack straight to a JetStream stream (no HTTP, no bridge), so a
-//!   report can show the bridge beside the broker's own ceiling on the same machine.
+//!   report can show the bridge beside the broker's own ceiling on the same machine;
+//! - `door`: the bridge's NATS door: each of `--agents` agents has a NATS connection of its own
+//!   and publishes events on `acc.in.event` with its token in `Authorization`, as a JetStream
+//!   publish; the latency is until the intake's PubAck (stored in `ACC_INBOUND`), or with
+//!   `--door-answer` until the door's answer on the agent's reply subject (admitted and stored
+//!   in `ACC_EVENTS`, status 200).
 //!
 //! ```sh
 //! loadgen --url http://127.0.0.1:8080 --token "$TOKEN" --agent bench --rate 5000 --duration 20s
 //! SHARED_SECRET=... loadgen --agents 64 --rate 5000   # the rate spread over bench-0 … bench-63
 //! loadgen ... --step 1000:12000:1000     # highest rate with 0 errors and p99 < 50 ms
 //! loadgen --target bus --nats-url 127.0.0.1:4222 --step 1000:20000:1000
+//! SHARED_SECRET=... loadgen --target door --nats-url 127.0.0.1:4222 --agents 64 \
+//!     --nats-passwords "$DATA_DIR/nats-agents" [--door-answer] --step 1000:12000:1000
 //! loadgen ... --hdr-dir out/             # per rate: out/<label>-<rate>.hgrm, and out/steps.csv
 //! ```
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use clap::{Parser, ValueEnum};
+use futures::StreamExt as _;
 use hdrhistogram::Histogram;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, oneshot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
@@ -33,6 +43,8 @@ enum Target {
     Http,
     /// Publish-and-ack straight to JetStream.
     Bus,
+    /// Events published on the bridge's NATS door (`acc.in.event`).
+    Door,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -50,6 +62,14 @@ struct Args {
     /// there if missing.
     #[arg(long, default_value = "127.0.0.1:4222")]
     nats_url: String,
+    /// Door target: the directory of the agents' NATS passwords (`<agent>.password`, as the
+    /// embedded server writes them into `DATA_DIR/nats-agents`); each agent logs in as the user
+    /// named by its id. Without it, agents connect without credentials.
+    #[arg(long)]
+    nats_passwords: Option<PathBuf>,
+    /// Door target: measure until the door's answer (admitted, 200) instead of the PubAck.
+    #[arg(long)]
+    door_answer: bool,
     /// Payload bytes per message for the bus target (about an event's size on the bus).
     #[arg(long, default_value_t = 400)]
     payload_bytes: usize,
@@ -189,6 +209,116 @@ enum Sender {
         js: Box<jetstream::Context>,
         payload: bytes::Bytes,
     },
+    Door {
+        /// One per agent; request `i` goes out as agent `i % len`.
+        agents: Arc<[DoorAgent]>,
+        /// Wait for the door's answer, not only the PubAck.
+        answer: bool,
+    },
+}
+
+/// One agent on the NATS door: its connection, `Authorization` value, and the answers it awaits.
+struct DoorAgent {
+    name: String,
+    js: jetstream::Context,
+    authorization: String,
+    /// Where each awaited answer goes, by the request number in its reply subject.
+    waiting: Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<bool>>>>,
+}
+
+impl DoorAgent {
+    /// Connects as `name` (with its NATS password from `passwords`, if given) and routes the
+    /// door's answers on `acc.reply.<name>.bench.<i>` to whoever awaits request `i`.
+    async fn connect(
+        args: &Args,
+        name: String,
+        passwords: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("loadgen {name}"))
+            .custom_inbox_prefix(format!("acc.reply.{name}"));
+        if let Some(dir) = passwords {
+            let password = std::fs::read_to_string(dir.join(format!("{name}.password")))
+                .with_context(|| format!("reading the NATS password of {name}"))?;
+            options = options.user_and_password(name.clone(), password.trim().to_owned());
+        }
+        let client = options.connect(&args.nats_url).await?;
+        let waiting: Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<bool>>>> =
+            Default::default();
+        let prefix = format!("acc.reply.{name}.bench.");
+        let mut answers = client.subscribe(format!("{prefix}*")).await?;
+        let routes = waiting.clone();
+        tokio::spawn(async move {
+            while let Some(answer) = answers.next().await {
+                let Some(i) = answer
+                    .subject
+                    .strip_prefix(prefix.as_str())
+                    .and_then(|i| i.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let ok = answer
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Acc-Status"))
+                    .is_some_and(|status| status.as_str() == "200");
+                if let Some(waiter) = routes.lock().expect("not poisoned").remove(&i) {
+                    let _ = waiter.send(ok);
+                }
+            }
+        });
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .max_ack_inflight(65_536)
+            .build(client);
+        let token = mint(&args.secret, &name);
+        Ok(Self {
+            name,
+            js,
+            authorization: format!("Bearer {token}"),
+            waiting,
+        })
+    }
+
+    /// Publishes event `i` with dedupe id `id`; true once it is acknowledged (and answered 200,
+    /// when `answer`).
+    async fn send(&self, id: String, i: u64, answer: bool) -> bool {
+        let body = serde_json::json!({
+            "event_id": id,
+            "type": "bench.event",
+            "source": self.name,
+            "data": {"i": i},
+            "time": "2026-11-28T00:00:00Z",
+        })
+        .to_string();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Authorization", self.authorization.as_str());
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let answered = answer.then(|| {
+            let reply = format!("acc.reply.{}.bench.{i}", self.name);
+            headers.insert("Acc-Reply-To", reply.as_str());
+            let (tx, rx) = oneshot::channel();
+            self.waiting.lock().expect("not poisoned").insert(i, tx);
+            rx
+        });
+        let message = PublishMessage::build()
+            .payload(body.into())
+            .headers(headers);
+        let acked = match self.js.send_publish("acc.in.event", message).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        match answered {
+            None => acked,
+            Some(_) if !acked => {
+                self.waiting.lock().expect("not poisoned").remove(&i);
+                false
+            }
+            Some(rx) => tokio::time::timeout(Duration::from_secs(30), rx)
+                .await
+                .is_ok_and(|ok| ok.unwrap_or(false)),
+        }
+    }
 }
 
 impl Sender {
@@ -244,6 +374,23 @@ impl Sender {
                     payload: bytes::Bytes::from(vec![b'x'; args.payload_bytes]),
                 }
             }
+            Target::Door => {
+                anyhow::ensure!(
+                    args.agents > 0 && !args.secret.is_empty(),
+                    "the door target needs --agents and --secret (or SHARED_SECRET)"
+                );
+                let mut agents = Vec::with_capacity(args.agents);
+                for k in 0..args.agents {
+                    let name = format!("{}-{k}", args.agent);
+                    agents.push(
+                        DoorAgent::connect(args, name, args.nats_passwords.as_deref()).await?,
+                    );
+                }
+                Sender::Door {
+                    agents: agents.into(),
+                    answer: args.door_answer,
+                }
+            }
         })
     }
 
@@ -286,6 +433,10 @@ impl Sender {
                     Ok(ack) => ack.await.is_ok(),
                     Err(_) => false,
                 }
+            }
+            Sender::Door { agents, answer } => {
+                let agent = &agents[(i % agents.len() as u64) as usize];
+                agent.send(id, i, *answer).await
             }
         }
     }
