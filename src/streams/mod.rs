@@ -23,7 +23,7 @@ mod slots;
 mod subscription;
 
 pub use filter::{Filter, MAX_PATTERNS, TypePattern};
-pub use hub::{Batch, Hub, MAX_BATCH, StreamedEvent};
+pub use hub::{Batch, Hub, HubUnavailable, IDLE_AFTER, MAX_BATCH, Run, StreamedEvent};
 pub use key::KeyWatch;
 pub use slots::{Slot, Slots, SlotsFull};
 pub use subscription::{Start, Subscription};
