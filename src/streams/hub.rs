@@ -304,13 +304,16 @@ impl Hub {
     async fn follow_while_wanted(&self, stop: &CancellationToken) {
         // Where to resume after an interruption while subscribers stay; `None` while idle.
         let mut next: Option<u64> = None;
+        // Whether to wait for a subscriber first (not when retrying for one that waits).
+        let mut wait = true;
         loop {
-            if !*self.inner.following.borrow() {
+            if wait && !*self.inner.following.borrow() {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = self.inner.wanted.notified() => {}
                 }
             }
+            wait = true;
             let followed = tokio::select! {
                 () = stop.cancelled() => return,
                 followed = self.follow(&mut next) => followed,
@@ -324,10 +327,14 @@ impl Hub {
                 Err(err) => tracing::warn!(error = %err, "event hub interrupted; following again"),
             }
             if self.went_idle(None) {
-                // Nobody to resume for: the next subscriber starts the hub afresh.
+                // Nobody holds a receiver: the next follow starts afresh, now if somebody waits
+                // in `subscribe` (each holds a receiver of `following`), else for the next one.
                 next = None;
-                continue;
+                if self.inner.following.receiver_count() == 0 {
+                    continue;
+                }
             }
+            wait = false;
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_millis(250)) => {}
