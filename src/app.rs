@@ -315,6 +315,7 @@ impl Application {
                     subject,
                     settings.live.buffer,
                     settings.live.batch_window,
+                    settings.live.keepalive,
                 );
                 tasks.spawn(hub.clone().run(stop.clone()).map(Ok));
                 followed.push(hub);
@@ -332,6 +333,8 @@ impl Application {
                 settings.live.buffer.min(256),
                 // A task's few changes go out at once.
                 std::time::Duration::ZERO,
+                // Its streams keep themselves alive (`KeepAlive`); the ticks are ignored.
+                settings.live.keepalive,
             );
             tasks.spawn(task_hub.clone().run(stop.clone()).map(Ok));
             let alerting = js

@@ -136,7 +136,7 @@ async fn serve(
     let (start, filter) = parse_request(headers, query.unwrap_or(""))?;
     let live = &state.live;
     let slot = take_slot(live, caller)?;
-    let subscription = Subscription::open(hub, start, filter, slot, live.settings.keepalive)
+    let subscription = Subscription::open(hub, start, filter, slot)
         .await
         .map_err(|err| Refusal::bus_unavailable(err.to_string()))?;
     Ok(sse_response(subscription))

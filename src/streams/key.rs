@@ -42,7 +42,7 @@ impl KeyWatch {
         slot: Slot,
         stop: CancellationToken,
     ) -> Result<Self, async_nats::Error> {
-        let live = hub.subscribe().await.ok_or("the event hub has stopped")?;
+        let live = hub.subscribe().await?;
         let current = last_value(hub, &subject).await?;
         let covered = current.as_ref().map_or(after, |c| c.seq.max(after));
         let (sender, changes) = mpsc::channel(QUEUE);

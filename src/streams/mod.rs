@@ -1,10 +1,12 @@
 //! Live subscriptions to stored events: one bus subscription per replica, fanned out to many
 //! HTTP subscribers, each able to resume exactly where it left off.
 //!
-//! - [`Hub`]: one ordered JetStream consumer on `ACC_EVENTS` per replica, broadcasting every new
-//!   event with its stream sequence and its SSE frame (rendered once) into a bounded ring. A subscriber that falls more than the
-//!   ring's length behind is cut off (it resumes by its last id); it never slows the bus or the
-//!   other subscribers, and memory stays bounded by the ring.
+//! - [`Hub`]: one ordered JetStream consumer on `ACC_EVENTS` per replica while anybody is
+//!   subscribed (none when idle), broadcasting every new event with its stream sequence and its
+//!   SSE frame (rendered once) into a bounded ring, and a keep-alive tick for all of its streams.
+//!   A subscriber that falls more than the ring's length behind is cut off (it resumes by its
+//!   last id); it never slows the bus or the other subscribers, and memory stays bounded by the
+//!   ring.
 //! - [`Subscription`]: what one subscriber gets, as its response body — an optional `reset` (its
 //!   resume point is older than the stream still holds), the stored gap replayed from the
 //!   stream, then the live events, with no duplicate and no loss at the hand-over; polled by
@@ -23,7 +25,7 @@ mod slots;
 mod subscription;
 
 pub use filter::{Filter, MAX_PATTERNS, TypePattern};
-pub use hub::{Batch, Hub, MAX_BATCH, StreamedEvent};
+pub use hub::{Batch, Hub, HubUnavailable, IDLE_AFTER, MAX_BATCH, Run, StreamedEvent};
 pub use key::KeyWatch;
 pub use slots::{Slot, Slots, SlotsFull};
 pub use subscription::{Start, Subscription};

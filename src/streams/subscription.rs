@@ -11,8 +11,11 @@
 //! connection's task when the hub's broadcast wakes it: it takes every frame already waiting in
 //! the ring and hands the connection one chunk — the shared frame itself when one is waiting,
 //! or the waiting frames copied into one buffer, so a subscriber that fell a little behind
-//! catches up in one write. No relay task, no queue, no JSON work per subscriber; the
-//! keep-alive timer is re-armed once per interval, not at every event.
+//! catches up in one write. No relay task, no queue, no JSON work per subscriber. The filter
+//! decides once per run of one `type` and `source` in a batch ([`super::Run`]), not once per
+//! event. No timer per subscriber either: the keep-alive comment is sent at the hub's tick
+//! (a batch without events, one timer per hub) when nothing was written since the tick
+//! before.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -26,10 +29,9 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
-use tokio::time::{Instant, Sleep};
 use tokio_util::sync::ReusableBoxFuture;
 
-use super::{Batch, Filter, Hub, Slot, StreamedEvent};
+use super::{Batch, Filter, Hub, MAX_BATCH, Slot, StreamedEvent};
 
 /// Where a subscriber starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +50,7 @@ pub enum Start {
 const REPLAY_BATCH: usize = 1_000;
 /// Frames coalesced into one chunk stop growing past this many bytes.
 const MAX_CHUNK: usize = 256 * 1024;
-/// The comment sent on a stream idle for a keep-alive interval.
+/// The comment sent at a keep-alive tick on a stream that wrote nothing since the tick before.
 const KEEPALIVE: &[u8] = b":\n\n";
 /// The last frame of a subscriber that fell more than the hub's ring behind.
 const OVERFLOW: &[u8] =
@@ -68,22 +70,22 @@ pub struct Subscription {
     filter: Filter,
     /// The last sequence covered: live events at or below it are not sent again.
     sent: u64,
-    keepalive: Keepalive,
+    /// Whether a frame was written since the last keep-alive tick.
+    wrote: bool,
     ended: bool,
     _slot: Slot,
 }
 
 impl Subscription {
-    /// Opens one subscriber's stream from `start`, with a keep-alive comment after each
-    /// `keepalive` without a frame.
+    /// Opens one subscriber's stream from `start`; keep-alive comments come with the hub's
+    /// ticks.
     pub async fn open(
         hub: &Hub,
         start: Start,
         filter: Filter,
         slot: Slot,
-        keepalive: Duration,
     ) -> Result<Self, async_nats::Error> {
-        let live = hub.subscribe().await.ok_or("the event hub has stopped")?;
+        let live = hub.subscribe().await?;
         let state = hub.events().get_info().await?.state;
         let (first, last) = (state.first_sequence, state.last_sequence);
         let mut sent = last;
@@ -131,7 +133,7 @@ impl Subscription {
             replay,
             filter,
             sent,
-            keepalive: Keepalive::new(keepalive),
+            wrote: false,
             ended: false,
             _slot: slot,
         })
@@ -168,32 +170,48 @@ impl Subscription {
     }
 
     /// What of `batch` this subscriber is sent, into `chunk`: the batch's joined frames as
-    /// they are when it takes every event, else frame by frame.
+    /// they are when it takes every event, else the runs it takes, each one slice of them; a
+    /// comment at a keep-alive tick when nothing was written since the tick before.
     fn take_batch(&mut self, batch: &Batch, chunk: &mut Chunk) {
-        let all = batch.events.first().is_some_and(|e| e.seq > self.sent)
-            && batch
-                .events
-                .iter()
-                .all(|e| self.filter.accepts(&e.kind, &e.source));
-        if all {
-            chunk.push(&batch.frames);
-            self.sent = batch.events.last().map_or(self.sent, |e| e.seq);
+        if batch.is_tick() {
+            if !std::mem::take(&mut self.wrote) && chunk.len() == 0 {
+                chunk.push(&Bytes::from_static(KEEPALIVE));
+            }
             return;
         }
-        for event in &batch.events {
-            if event.seq > self.sent {
-                self.sent = event.seq;
-                if self.filter.accepts(&event.kind, &event.source) {
-                    chunk.push(&event.frame);
+        let (Some(first), Some(last)) = (batch.events.first(), batch.events.last()) else {
+            return;
+        };
+        if first.seq <= self.sent {
+            // Only at the hand-over from the replay: part of the batch is already sent.
+            for event in &batch.events {
+                if event.seq > self.sent {
+                    self.sent = event.seq;
+                    if self.filter.accepts(&event.kind, &event.source) {
+                        self.wrote = true;
+                        chunk.push(&event.frame);
+                    }
                 }
             }
+            return;
         }
-    }
-
-    fn keepalive(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Infallible>>> {
-        match self.keepalive.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE)))),
-            Poll::Pending => Poll::Pending,
+        self.sent = last.seq;
+        // A batch holds at most MAX_BATCH events, so at most as many runs.
+        let runs = &batch.runs[..batch.runs.len().min(MAX_BATCH)];
+        let mut taken = [false; MAX_BATCH];
+        for (run, taken) in runs.iter().zip(&mut taken) {
+            let event = &batch.events[run.events.start];
+            *taken = self.filter.accepts(&event.kind, &event.source);
+        }
+        let taken = &taken[..runs.len()];
+        if taken.iter().all(|t| *t) {
+            self.wrote = true;
+            chunk.push(&batch.frames);
+            return;
+        }
+        for (run, _) in runs.iter().zip(taken).filter(|(_, t)| **t) {
+            self.wrote = true;
+            chunk.push(&batch.frames.slice(run.bytes.clone()));
         }
     }
 }
@@ -209,7 +227,7 @@ impl futures::Stream for Subscription {
         if let Some(replay) = &mut this.replay {
             match replay.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    this.keepalive.wrote();
+                    this.wrote = true;
                     return Poll::Ready(Some(Ok(chunk)));
                 }
                 // The gap is sent: live events take over.
@@ -218,7 +236,7 @@ impl futures::Stream for Subscription {
                     this.ended = true;
                     return Poll::Ready(None);
                 }
-                Poll::Pending => return this.keepalive(cx),
+                Poll::Pending => return Poll::Pending,
             }
         }
         // Until a frame passes the filter, or the receiver waits (and so will wake this body).
@@ -230,11 +248,10 @@ impl futures::Stream for Subscription {
             }
             this.live.set(recv(live));
             if let Some(chunk) = chunk {
-                this.keepalive.wrote();
                 return Poll::Ready(Some(Ok(chunk)));
             }
         }
-        this.keepalive(cx)
+        Poll::Pending
     }
 }
 
@@ -274,39 +291,6 @@ impl Chunk {
             None if self.joined.is_empty() => None,
             None => Some(self.joined.freeze()),
         }
-    }
-}
-
-/// A comment after each interval in which nothing was written. The timer is re-armed when it
-/// fires, never per frame.
-struct Keepalive {
-    every: Duration,
-    timer: Pin<Box<Sleep>>,
-    wrote: bool,
-}
-
-impl Keepalive {
-    fn new(every: Duration) -> Self {
-        Self {
-            every,
-            timer: Box::pin(tokio::time::sleep(every)),
-            wrote: false,
-        }
-    }
-
-    fn wrote(&mut self) {
-        self.wrote = true;
-    }
-
-    /// Ready when a comment is due.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        while self.timer.as_mut().poll(cx).is_ready() {
-            self.timer.as_mut().reset(Instant::now() + self.every);
-            if !std::mem::take(&mut self.wrote) {
-                return Poll::Ready(());
-            }
-        }
-        Poll::Pending
     }
 }
 

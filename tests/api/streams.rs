@@ -553,6 +553,78 @@ async fn a_stream_survives_a_bus_restart_without_a_gap() {
     assert_eq!(got, want, "every event once, in order, across the restart");
 }
 
+#[tokio::test]
+async fn an_idle_hub_drops_its_consumer_and_the_next_subscriber_still_resumes_by_id() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let reader = reader_token("watcher");
+    // Whatever else consumes the events stream; the hub adds one consumer only while anybody
+    // is subscribed.
+    let idle = consumers(&app, "ACC_EVENTS").await;
+    let mut first = SseReader::open(&app, "", &reader, None).await;
+    assert_eq!(
+        consumers(&app, "ACC_EVENTS").await,
+        idle + 1,
+        "the hub's consumer"
+    );
+    let seen = emit(&app, "emitter", 1, 3, "test.event").await;
+    assert_eq!(ids(&first.take(3).await), seen);
+    drop(first);
+
+    let idle_after = auto_com_center::streams::IDLE_AFTER;
+    eventually(
+        idle_after + Duration::from_secs(10),
+        "the idle hub deleting its consumer",
+        || async { (consumers(&app, "ACC_EVENTS").await == idle).then_some(()) },
+    )
+    .await;
+    // Stored while nobody is subscribed.
+    let missed = emit(&app, "emitter", 4, 3, "test.event").await;
+    let mut resumed = SseReader::open(&app, "", &reader, Some(&seen[2].to_string())).await;
+    assert_eq!(ids(&resumed.take(3).await), missed, "exactly the gap");
+    let live = emit(&app, "emitter", 7, 2, "test.event").await;
+    assert_eq!(
+        ids(&resumed.take(2).await),
+        live,
+        "then live events, through the hub's new consumer, no duplicate"
+    );
+    assert!(resumed.next(Duration::from_millis(300)).await.is_none());
+    let mut fresh = SseReader::open(&app, "", &reader, None).await;
+    let newest = emit(&app, "emitter", 9, 1, "test.event").await;
+    assert_eq!(ids(&fresh.take(1).await), newest);
+    assert_eq!(ids(&resumed.take(1).await), newest);
+}
+
+#[tokio::test]
+async fn an_idle_stream_gets_a_keepalive_comment_at_each_interval() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--sse-keepalive=200ms"]).await;
+    let reader = reader_token("watcher");
+    // A stream of another hub, idle from the start; one whose filter takes none of the events
+    // that flow.
+    let idle =
+        SseReader::request_path(&app, "/orchestrator/alerts/stream", &admin_token(), None).await;
+    let filtered = SseReader::request(&app, "?type=nothing.of.this", &reader, None).await;
+    let emitting = emit(&app, "emitter", 1, 10, "test.event");
+    let count = |response: reqwest::Response| async move {
+        let mut body = Box::pin(response.bytes_stream());
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1_100);
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(!text.contains("data:"), "no event: {text}");
+        text.matches(":\n\n").count()
+    };
+    let (idle, filtered, _) = tokio::join!(count(idle), count(filtered), emitting);
+    for (what, comments) in [("idle", idle), ("filtered", filtered)] {
+        assert!(
+            (3..=7).contains(&comments),
+            "{what}: {comments} comments in 1.1 s at 200 ms"
+        );
+    }
+}
+
 /// A task's stream path.
 fn task_stream(task_id: &str) -> String {
     format!("/orchestrator/tasks/{task_id}/stream")
@@ -616,8 +688,9 @@ async fn a_task_stream_sends_queued_dispatched_running_succeeded_and_then_ends()
     let app = TestApp::spawn(&nats).await;
     crate::tasks::register_worker(&app, "worker-1", &["summarize"], 1).await;
     submit_task(&app, "t-live", "summarize").await;
-    let before = consumers(&app, "KV_acc_tasks").await;
+    // The first watcher has the replica's hub follow the bucket.
     let mut stream = SseReader::open_path(&app, &task_stream("t-live"), &submitter(), None).await;
+    let before = consumers(&app, "KV_acc_tasks").await;
     // More watchers of the same and of another task: still no consumer of their own.
     let _admin = SseReader::open_path(&app, &task_stream("t-live"), &admin_token(), None).await;
     let _second = SseReader::open_path(&app, &task_stream("t-live"), &submitter(), None).await;

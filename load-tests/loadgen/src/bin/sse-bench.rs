@@ -10,7 +10,9 @@
 //!    stalled publisher or bridge shows up as latency.
 //! 3. Each subscriber takes the latency of every event it reads (now − `bench_t`, same clock:
 //!    everything runs on one machine) and checks that its ids only grow; at the end each must
-//!    have every event exactly once.
+//!    have every event exactly once. Once every event is acknowledged an end marker (an event
+//!    of the same type without `bench_t`) is published: a subscriber stops when it reads it,
+//!    so a reader waits on its socket alone, with no second wake-up source polled per event.
 //! 4. The gap: the subscribers are closed, `--gap` events are published as fast as
 //!    `--gap-concurrency` requests allow, and one subscriber resumes with `Last-Event-ID` set to
 //!    the last id before them; the time from its request to its last gap event is the replay.
@@ -42,7 +44,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -235,7 +237,7 @@ impl SseStream {
     fn frame_end(&mut self) -> Option<usize> {
         let from = self.scanned.max(self.start);
         let unread = &self.buffer[from..];
-        match unread.windows(2).position(|w| w == b"\n\n") {
+        match find(unread, b"\n\n") {
             Some(at) => Some(from + at),
             None => {
                 // The last byte may be the first half of the blank line.
@@ -291,8 +293,19 @@ impl Chunked {
     }
 }
 
+/// Where `needle` first occurs in `haystack`: a scan for its first byte, then a comparison
+/// where it matches (comparing a window at every position costs a `memcmp` call per byte).
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    let (first, rest) = needle.split_first()?;
+    let mut from = 0;
+    while let Some(at) = haystack.get(from..)?.iter().position(|b| b == first) {
+        let at = from + at;
+        if haystack[at + 1..].starts_with(rest) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 /// An event block's id and `bench_t`; `None` for a comment-only block.
@@ -309,7 +322,7 @@ fn parse(block: &[u8], received_at: u64) -> Option<Frame> {
             any = true;
         } else if let Some(data) = line.strip_prefix(b"data:") {
             any = true;
-            let key = b"\"bench_t\":";
+            let key = b"bench_t\":";
             if let Some(at) = find(data, key) {
                 frame.sent_at = digits(data[at + key.len()..].trim_ascii_start());
             }
@@ -320,40 +333,32 @@ fn parse(block: &[u8], received_at: u64) -> Option<Frame> {
     any.then_some(frame)
 }
 
+/// The decimal number `raw` starts with.
 fn digits(raw: &[u8]) -> Option<u64> {
-    let end = raw
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(raw.len());
-    std::str::from_utf8(&raw[..end]).ok()?.parse().ok()
+    let mut value: u64 = 0;
+    let mut any = false;
+    for b in raw.iter().take_while(|b| b.is_ascii_digit()) {
+        value = value.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        any = true;
+    }
+    any.then_some(value)
 }
 
-/// Reads one subscriber's stream until it has `want` events (known once publishing ends) or
-/// the stream ends.
-async fn subscribe(mut stream: SseStream, mut want: watch::Receiver<Option<u64>>) -> Seen {
+/// Reads one subscriber's stream until the end marker (an event with an id and no `bench_t`)
+/// or the stream ends.
+async fn subscribe(mut stream: SseStream) -> Seen {
     let mut seen = Seen {
         latency: Vec::with_capacity(4096),
         events: 0,
         out_of_order: 0,
     };
     let mut last_id = 0;
-    loop {
-        if want.borrow().is_some_and(|want| seen.events >= want) {
-            return seen;
-        }
-        let frame = tokio::select! {
-            frame = stream.next() => frame,
-            changed = want.changed() => {
-                if changed.is_err() {
-                    return seen;
-                }
-                continue;
-            }
-        };
-        let Ok(Some(frame)) = frame else {
-            return seen;
-        };
+    while let Ok(Some(frame)) = stream.next().await {
         let Some(sent_at) = frame.sent_at else {
+            if frame.id.is_some() {
+                // The end marker: every event was published before it.
+                return seen;
+            }
             continue;
         };
         let micros = frame.received_at.saturating_sub(sent_at);
@@ -364,15 +369,26 @@ async fn subscribe(mut stream: SseStream, mut want: watch::Receiver<Option<u64>>
             _ => seen.out_of_order += 1,
         }
     }
+    seen
 }
 
 /// Publishes one event due at `due` (µs since the epoch); its stream sequence on success.
 async fn publish(client: &reqwest::Client, args: &Args, id: &str, due: u64) -> Option<u64> {
+    publish_data(client, args, id, serde_json::json!({ "bench_t": due })).await
+}
+
+/// Publishes one event of the benchmark's type with `data`; its stream sequence on success.
+async fn publish_data(
+    client: &reqwest::Client,
+    args: &Args,
+    id: &str,
+    data: serde_json::Value,
+) -> Option<u64> {
     let body = serde_json::json!({
         "event_id": id,
         "type": EVENT_TYPE,
         "source": args.agent,
-        "data": { "bench_t": due },
+        "data": data,
         "time": "2026-12-01T00:00:00Z",
     });
     let response = client
@@ -433,10 +449,9 @@ async fn main() -> anyhow::Result<()> {
             SseStream::open(&args, None).await
         });
     }
-    let (want_tx, want_rx) = watch::channel(None);
     let mut readers = tokio::task::JoinSet::new();
     while let Some(stream) = opening.join_next().await {
-        readers.spawn(subscribe(stream??, want_rx.clone()));
+        readers.spawn(subscribe(stream??));
     }
     let open_took = opened.elapsed();
     let rss_connected = rss("VmRSS:");
@@ -487,7 +502,23 @@ async fn main() -> anyhow::Result<()> {
     }
     while publishing.join_next().await.is_some() {}
     let published = total - failed.load(Ordering::Relaxed);
-    want_tx.send_replace(Some(published));
+    // The end marker, stored after every acknowledged event.
+    let mut end_seq = None;
+    for attempt in 0..5 {
+        let id = format!("{}-end-{attempt}", args.label);
+        end_seq = publish_data(
+            &client,
+            &args,
+            &id,
+            serde_json::json!({ "bench_end": true }),
+        )
+        .await;
+        if end_seq.is_some() {
+            break;
+        }
+    }
+    let end_seq = end_seq.context("the end marker could not be published")?;
+    last_seq.fetch_max(end_seq, Ordering::Relaxed);
 
     // 3. Every subscriber has every event, or gives up after a bound.
     let mut latency = histogram();
@@ -688,6 +719,25 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_gives_its_id_and_bench_t_and_the_end_marker_has_none() {
+        let frame = parse(
+            b"id: 42\ndata: {\"type\":\"bench.sse\",\"source\":\"bench\",\"data\":{\"bench_t\":1234567}}",
+            9,
+        )
+        .unwrap();
+        assert_eq!(
+            (frame.id, frame.sent_at, frame.received_at),
+            (Some(42), Some(1234567), 9)
+        );
+        let end = parse(b"id: 43\ndata: {\"data\":{\"bench_end\":true}}", 9).unwrap();
+        assert_eq!((end.id, end.sent_at), (Some(43), None));
+        assert!(parse(b":", 9).is_none(), "a comment is no frame");
+        assert_eq!(find(b"abcabd", b"abd"), Some(3));
+        assert_eq!(find(b"ab", b"abc"), None);
+        assert_eq!(digits(b"18446744073709551616"), None, "overflow");
+    }
 
     #[test]
     fn a_chunked_body_decodes_the_same_however_the_reads_cut_it() {
