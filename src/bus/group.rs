@@ -263,15 +263,7 @@ impl Writer {
         }
         for (answer, sent) in waiting {
             let result = match sent {
-                Ok(ack) => tokio::time::timeout_at(deadline, ack)
-                    .await
-                    .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))
-                    .and_then(|acked| acked.map_err(classify))
-                    .map(|ack| Ack {
-                        stream: ack.stream,
-                        seq: ack.sequence,
-                        duplicate: ack.duplicate,
-                    }),
+                Ok(ack) => super::ack_by(ack, deadline).await,
                 Err(failure) => Err(failure),
             };
             let _ = answer.send(result);

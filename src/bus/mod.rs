@@ -319,15 +319,7 @@ impl Unacked {
     /// Where JetStream stored the message, or why it did not; never past the publish timeout
     /// counted from the send.
     pub async fn acked(self) -> Result<Ack, PublishFailure> {
-        let result = tokio::time::timeout_at(self.deadline, self.ack.into_future())
-            .await
-            .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))
-            .and_then(|acked| acked.map_err(classify))
-            .map(|ack| Ack {
-                stream: ack.stream,
-                seq: ack.sequence,
-                duplicate: ack.duplicate,
-            });
+        let result = ack_by(self.ack, self.deadline).await;
         record_ack(&self.span, &result);
         result
     }
@@ -396,6 +388,22 @@ fn send_names() -> &'static [String] {
 
 /// Maps an async-nats publish error to what it means for the caller, by kind and server error
 /// code, never by message text.
+/// The acknowledgement of a sent publish, awaited until `deadline`.
+async fn ack_by(
+    ack: jetstream::context::PublishAckFuture,
+    deadline: tokio::time::Instant,
+) -> Result<Ack, PublishFailure> {
+    tokio::time::timeout_at(deadline, ack.into_future())
+        .await
+        .map_err(|_| PublishFailure::unavailable("no acknowledgement in time"))
+        .and_then(|acked| acked.map_err(classify))
+        .map(|ack| Ack {
+            stream: ack.stream,
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+}
+
 fn classify(err: jetstream::context::PublishError) -> PublishFailure {
     let unavailable = match err.kind() {
         PublishErrorKind::TimedOut => Some("timed out"),

@@ -334,12 +334,7 @@ async fn the_registry_worker_restarted_mid_stream_loses_and_duplicates_nothing()
         assert_eq!(&record["status_at"], received_at, "{record}");
     }
 
-    let mut dead = ingress.js.get_stream("ACC_DEAD_LETTER").await.unwrap();
-    assert_eq!(
-        dead.info().await.unwrap().state.messages,
-        0,
-        "nothing was dead-lettered"
-    );
+    nothing_dead_lettered(&ingress, "the restart").await;
     second.stop().await;
 }
 
@@ -837,6 +832,17 @@ async fn two_registry_replicas_coalescing_the_same_agents_lose_no_heartbeat() {
     );
 }
 
+/// Asserts that the dead-letter stream holds nothing, `after` naming what might have put a
+/// message there.
+async fn nothing_dead_lettered(app: &TestApp, after: &str) {
+    let mut dead = app.js.get_stream("ACC_DEAD_LETTER").await.unwrap();
+    assert_eq!(
+        dead.info().await.unwrap().state.messages,
+        0,
+        "nothing was dead-lettered after {after}"
+    );
+}
+
 /// The registry's durable consumer on the agents stream, as the server holds it.
 async fn registry_consumer(app: &TestApp) -> async_nats::jetstream::consumer::Info {
     let mut consumer = app
@@ -905,12 +911,7 @@ async fn the_registry_consumer_takes_the_whole_agents_stream_and_settles_status_
     );
     let changes = transitions(&ingress, "agent-1").await;
     assert_eq!(changes.len(), 2, "{changes:?}");
-    let mut dead = ingress.js.get_stream("ACC_DEAD_LETTER").await.unwrap();
-    assert_eq!(
-        dead.info().await.unwrap().state.messages,
-        0,
-        "the status changes it took were acknowledged, not dead-lettered"
-    );
+    nothing_dead_lettered(&ingress, "the status changes it took were acknowledged").await;
     registry.stop().await;
 }
 
