@@ -21,16 +21,25 @@
 //! Removal (a cancel) leaves a tombstone, skipped when it reaches a head and swept when they
 //! outnumber the live entries, so that too is O(1) amortized.
 //!
+//! The memory a claim touches does not grow with the backlog either, so that 100,000 queued
+//! tasks cost a claim about what 1,000 do (docs/BENCHMARKS.md, "Scheduling"): the tasks sit in
+//! numbered slots; a line entry is a small copy of the order key with the slot's number, and
+//! whether it is live is one look at a dense array of tokens, not at the task; the index by id
+//! holds slot numbers, with each task's hash kept beside it, so taking a task out of it compares
+//! numbers, not ids; capability and tenant are shared with their lines, not copied per task.
+//!
 //! The order is a function of the stored fields only (`priority`, `tenant`, `queued_at`,
 //! `seq`) and of the clock: a successor that pushes the same records, in any order, serves them
 //! in the same order (insertion keeps each line sorted; the ring is rebuilt oldest tenant head
 //! first, which is where the predecessor's rotation may differ by at most one turn).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use hashbrown::HashTable;
 
 use crate::domain::TaskId;
 
@@ -114,12 +123,75 @@ pub struct Waiting {
 /// Place in a line: `queued_at` in milliseconds, then `seq`.
 type Key = (i64, u64);
 
-/// One entry of a line; live while the index holds the same token for its task.
-#[derive(Debug)]
+/// One entry of a line: live while its slot holds the same token.
+#[derive(Debug, Clone, Copy)]
 struct Entry {
     key: Key,
     token: u64,
+    slot: u32,
+}
+
+/// A queued task as the queue keeps it.
+#[derive(Debug)]
+struct Queued {
+    /// Of `task_id`, for the index (kept so that leaving the index needs no look at the id).
+    hash: u64,
     task_id: TaskId,
+    /// Shared with the capability's lines.
+    capability: Arc<str>,
+    /// Shared with the tenant's line.
+    tenant: Arc<str>,
+    priority: u8,
+    queued_at: DateTime<Utc>,
+    seq: u64,
+}
+
+/// The queued tasks in numbered slots, with each slot's token apart from the tasks: an entry is
+/// live while its slot holds its token, and a slot that empties gets token 0, which no entry
+/// has (tokens count from 1 and are never reused).
+#[derive(Debug, Default)]
+struct Slots {
+    tokens: Vec<u64>,
+    tasks: Vec<Option<Queued>>,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    fn is_live(&self, entry: &Entry) -> bool {
+        self.tokens[entry.slot as usize] == entry.token
+    }
+
+    fn task(&self, slot: u32) -> &Queued {
+        self.tasks[slot as usize]
+            .as_ref()
+            .expect("an indexed slot holds a task")
+    }
+
+    /// Puts a task in a free slot; its number.
+    fn put(&mut self, task: Queued, token: u64) -> u32 {
+        match self.free.pop() {
+            Some(slot) => {
+                self.tokens[slot as usize] = token;
+                self.tasks[slot as usize] = Some(task);
+                slot
+            }
+            None => {
+                let slot = u32::try_from(self.tasks.len()).expect("fewer than 2^32 queued tasks");
+                self.tokens.push(token);
+                self.tasks.push(Some(task));
+                slot
+            }
+        }
+    }
+
+    /// Empties a slot: its entries become tombstones.
+    fn take(&mut self, slot: u32) -> Queued {
+        self.tokens[slot as usize] = 0;
+        self.free.push(slot);
+        self.tasks[slot as usize]
+            .take()
+            .expect("a live slot holds a task")
+    }
 }
 
 /// Entries sorted by key, with tombstones of removed tasks among them.
@@ -142,62 +214,51 @@ impl Line {
     }
 
     /// The first live entry, dropping tombstones in front of it.
-    fn head(&mut self, index: &HashMap<TaskId, Slot>) -> Option<&Entry> {
+    fn head(&mut self, slots: &Slots) -> Option<Entry> {
         while let Some(front) = self.entries.front() {
-            if is_live(index, front) {
-                break;
+            if slots.is_live(front) {
+                return Some(*front);
             }
             self.entries.pop_front();
         }
-        self.entries.front()
+        None
     }
 
-    /// One entry became a tombstone (its task left the index).
-    fn kill(&mut self, index: &HashMap<TaskId, Slot>) {
+    /// One entry became a tombstone (its slot was emptied).
+    fn kill(&mut self, slots: &Slots) {
         self.live -= 1;
         let dead = self.entries.len() - self.live;
         if dead > SWEEP_AFTER && dead > self.live {
-            self.entries.retain(|e| is_live(index, e));
+            self.entries.retain(|e| slots.is_live(e));
         }
     }
-}
-
-fn is_live(index: &HashMap<TaskId, Slot>, entry: &Entry) -> bool {
-    index
-        .get(&entry.task_id)
-        .is_some_and(|slot| slot.token == entry.token)
 }
 
 /// One priority level of one capability.
 #[derive(Debug, Default)]
 struct Level {
-    /// Every task of the level: its head is the oldest, which ages the level.
+    /// Every task of the level: its head is the oldest, which ages the level; `all.live` is the
+    /// level's depth.
     all: Line,
     /// One line per tenant; a tenant is in `ring` exactly when it has a line here.
-    tenants: HashMap<String, Line>,
+    tenants: HashMap<Arc<str>, Line>,
     /// Round-robin order of the tenants; the front one's turn is running.
-    ring: VecDeque<String>,
+    ring: VecDeque<Arc<str>>,
     /// Claims the front tenant has had in its turn.
     served: u32,
-}
-
-/// Where a queued task is.
-#[derive(Debug)]
-struct Slot {
-    token: u64,
-    waiting: Waiting,
 }
 
 #[derive(Debug, Default)]
 pub struct TaskQueue {
     settings: QueueSettings,
-    lines: HashMap<String, [Level; LEVELS]>,
-    index: HashMap<TaskId, Slot>,
+    lines: HashMap<Arc<str>, [Level; LEVELS]>,
+    slots: Slots,
+    /// Slot numbers by task id, hashed with `hasher`.
+    index: HashTable<u32>,
+    hasher: RandomState,
     tokens: u64,
     /// Queued tasks per tenant (what `TASK_MAX_QUEUED_PER_TENANT` caps).
     per_tenant: HashMap<String, usize>,
-    /// Queued tasks per capability and priority, for `/metrics`.
-    depth: BTreeMap<(String, u8), usize>,
 }
 
 impl TaskQueue {
@@ -210,57 +271,92 @@ impl TaskQueue {
 
     /// Adds a task in its place; a task already queued keeps its place.
     pub fn push(&mut self, task: Waiting) {
-        if self.index.contains_key(&task.task_id) {
+        let hash = self.hasher.hash_one(&task.task_id);
+        let slots = &self.slots;
+        if self
+            .index
+            .find(hash, |&slot| slots.task(slot).task_id == task.task_id)
+            .is_some()
+        {
             return;
         }
         self.tokens += 1;
         let token = self.tokens;
         let key = (task.queued_at.timestamp_millis(), task.seq);
-        let level =
-            &mut self.lines.entry(task.capability.clone()).or_default()[level_of(task.priority)];
-        let entry = |task_id: &TaskId| Entry {
-            key,
-            token,
-            task_id: task_id.clone(),
-        };
-        level.all.insert(entry(&task.task_id));
-        match level.tenants.get_mut(&task.tenant) {
-            Some(line) => line.insert(entry(&task.task_id)),
+        let capability = match self.lines.get_key_value(task.capability.as_str()) {
+            Some((shared, _)) => Arc::clone(shared),
             None => {
-                let mut line = Line::default();
-                line.insert(entry(&task.task_id));
-                level.tenants.insert(task.tenant.clone(), line);
-                level.ring.push_back(task.tenant.clone());
+                let shared: Arc<str> = Arc::from(task.capability.as_str());
+                self.lines.insert(Arc::clone(&shared), Default::default());
+                shared
+            }
+        };
+        let level = &mut self
+            .lines
+            .get_mut(&capability)
+            .expect("the capability's lines exist")[level_of(task.priority)];
+        let tenant = match level.tenants.get_key_value(task.tenant.as_str()) {
+            Some((shared, _)) => Arc::clone(shared),
+            None => {
+                let shared: Arc<str> = Arc::from(task.tenant.as_str());
+                level.tenants.insert(Arc::clone(&shared), Line::default());
+                level.ring.push_back(Arc::clone(&shared));
+                shared
+            }
+        };
+        match self.per_tenant.get_mut(task.tenant.as_str()) {
+            Some(count) => *count += 1,
+            None => {
+                self.per_tenant.insert(task.tenant, 1);
             }
         }
-        *self.per_tenant.entry(task.tenant.clone()).or_default() += 1;
-        *self
-            .depth
-            .entry((task.capability.clone(), task.priority))
-            .or_default() += 1;
-        self.index.insert(
-            task.task_id.clone(),
-            Slot {
-                token,
-                waiting: task,
+        let slot = self.slots.put(
+            Queued {
+                hash,
+                task_id: task.task_id,
+                capability,
+                tenant: Arc::clone(&tenant),
+                priority: task.priority,
+                queued_at: task.queued_at,
+                seq: task.seq,
             },
+            token,
         );
+        let entry = Entry { key, token, slot };
+        level.all.insert(entry);
+        level
+            .tenants
+            .get_mut(&tenant)
+            .expect("the tenant's line exists")
+            .insert(entry);
+        let slots = &self.slots;
+        self.index
+            .insert_unique(hash, slot, |&slot| slots.task(slot).hash);
     }
 
     /// Takes a task out of the queue (cancelled, or taken by another path); true if it was in.
     pub fn remove(&mut self, task_id: &TaskId) -> bool {
-        let Some(slot) = self.index.remove(task_id) else {
+        let hash = self.hasher.hash_one(task_id);
+        let slots = &self.slots;
+        let Ok(found) = self
+            .index
+            .find_entry(hash, |&slot| slots.task(slot).task_id == *task_id)
+        else {
             return false;
         };
-        let waiting = &slot.waiting;
-        if let Some(levels) = self.lines.get_mut(&waiting.capability) {
-            let level = &mut levels[level_of(waiting.priority)];
-            level.all.kill(&self.index);
-            if let Some(line) = level.tenants.get_mut(&waiting.tenant) {
-                line.kill(&self.index);
+        let (slot, _) = found.remove();
+        let task = self.slots.take(slot);
+        if let Some(levels) = self.lines.get_mut(&task.capability) {
+            let level = &mut levels[level_of(task.priority)];
+            level.all.kill(&self.slots);
+            if let Some(line) = level.tenants.get_mut(&task.tenant) {
+                line.kill(&self.slots);
+            }
+            if levels.iter().all(|l| l.all.live == 0) {
+                self.lines.remove(&task.capability);
             }
         }
-        self.forget(&slot.waiting);
+        self.forget(&task.tenant);
         true
     }
 
@@ -290,11 +386,11 @@ impl TaskQueue {
             if capabilities[..c].contains(capability) {
                 continue;
             }
-            let Some(levels) = self.lines.get_mut(capability) else {
+            let Some(levels) = self.lines.get_mut(capability.as_str()) else {
                 continue;
             };
             for (l, level) in levels.iter_mut().enumerate() {
-                let Some(head) = level.all.head(&self.index) else {
+                let Some(head) = level.all.head(&self.slots) else {
                     continue;
                 };
                 let waited = (now_ms - head.key.0).max(0);
@@ -303,11 +399,9 @@ impl TaskQueue {
             }
         }
         candidates.sort_unstable();
-        let taken = candidates
+        candidates
             .into_iter()
-            .find_map(|(_, _, c, l)| self.take(&capabilities[c], l, &mut accept))?;
-        self.forget(&taken);
-        Some(taken)
+            .find_map(|(_, _, c, l)| self.take(&capabilities[c], l, &mut accept))
     }
 
     /// The round-robin pick of one level: the first tenant from the ring's front whose line
@@ -320,17 +414,15 @@ impl TaskQueue {
     ) -> Option<Waiting> {
         let levels = self.lines.get_mut(capability)?;
         let lvl = &mut levels[level];
-        let index = &self.index;
+        let slots = &self.slots;
         let mut chosen = None;
         let mut turn = 0;
         while turn < lvl.ring.len() {
-            let tenant = &lvl.ring[turn];
             let line = lvl
                 .tenants
-                .get_mut(tenant)
+                .get_mut(&lvl.ring[turn])
                 .expect("a tenant in the ring has a line");
-            if line.head(index).is_none() {
-                // Emptied by removals: out of the ring until it queues again.
+            if line.head(slots).is_none() {
                 lvl.tenants.remove(&lvl.ring[turn]);
                 lvl.ring.remove(turn);
                 if turn == 0 {
@@ -342,7 +434,7 @@ impl TaskQueue {
                 .entries
                 .iter()
                 .take(LOOK_PAST_REFUSED)
-                .position(|e| is_live(index, e) && accept(&e.task_id));
+                .position(|e| slots.is_live(e) && accept(&slots.task(e.slot).task_id));
             if let Some(position) = found {
                 chosen = Some((turn, position));
                 break;
@@ -350,14 +442,10 @@ impl TaskQueue {
             turn += 1;
         }
         let (turn, position) = chosen?;
-        let tenant = lvl.ring[turn].clone();
+        let tenant = Arc::clone(&lvl.ring[turn]);
         let line = lvl.tenants.get_mut(&tenant).expect("chosen from a line");
         let entry = line.entries.remove(position).expect("chosen entry");
         line.live -= 1;
-        let slot = self
-            .index
-            .remove(&entry.task_id)
-            .expect("a live entry is indexed");
         let emptied = line.live == 0;
         if emptied {
             lvl.tenants.remove(&tenant);
@@ -372,26 +460,31 @@ impl TaskQueue {
                 lvl.ring.rotate_left(1);
             }
         }
-        lvl.all.kill(&self.index);
+        let task = self.slots.take(entry.slot);
+        self.index
+            .find_entry(task.hash, |&slot| slot == entry.slot)
+            .expect("a live slot is indexed")
+            .remove();
+        lvl.all.kill(&self.slots);
         if levels.iter().all(|l| l.all.live == 0) {
             self.lines.remove(capability);
         }
-        Some(slot.waiting)
+        self.forget(&tenant);
+        Some(Waiting {
+            task_id: task.task_id,
+            capability: capability.to_owned(),
+            priority: task.priority,
+            tenant: tenant.as_ref().to_owned(),
+            queued_at: task.queued_at,
+            seq: task.seq,
+        })
     }
 
-    /// Drops a task that left the queue from the counts.
-    fn forget(&mut self, waiting: &Waiting) {
-        if let Some(n) = self.per_tenant.get_mut(&waiting.tenant) {
+    fn forget(&mut self, tenant: &str) {
+        if let Some(n) = self.per_tenant.get_mut(tenant) {
             *n -= 1;
             if *n == 0 {
-                self.per_tenant.remove(&waiting.tenant);
-            }
-        }
-        let key = (waiting.capability.clone(), waiting.priority);
-        if let Some(n) = self.depth.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.depth.remove(&key);
+                self.per_tenant.remove(tenant);
             }
         }
     }
@@ -404,12 +497,22 @@ impl TaskQueue {
         self.index.is_empty()
     }
 
-    /// Queued tasks by capability and priority, for `/metrics`.
+    /// Queued tasks per capability and priority, for `/metrics`.
     pub fn depth(&self) -> BTreeMap<(String, u8), usize> {
-        self.depth.clone()
+        let mut depth = BTreeMap::new();
+        for (capability, levels) in &self.lines {
+            for (l, level) in levels.iter().enumerate() {
+                if level.all.live > 0 {
+                    depth.insert(
+                        (capability.as_ref().to_owned(), l as u8 + 1),
+                        level.all.live,
+                    );
+                }
+            }
+        }
+        depth
     }
 
-    /// Queued tasks per tenant (tenants with none are absent).
     pub fn per_tenant(&self) -> &HashMap<String, usize> {
         &self.per_tenant
     }
@@ -621,6 +724,18 @@ mod tests {
         assert!(level.all.entries.len() <= 2 * SWEEP_AFTER + 2);
         assert_eq!(drain(&mut queue, &caps(&["x"]), at(2000)), ["t999"]);
         assert!(queue.lines.is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_tasks_slot_reused_by_a_later_task_does_not_bring_it_back() {
+        let mut queue = TaskQueue::new(QueueSettings::default());
+        queue.push(task("old", "x", 3, "a", 1));
+        queue.push(task("mid", "x", 3, "a", 2));
+        assert!(queue.remove(&TaskId::parse("old").unwrap()));
+        // "new" takes the emptied slot; the old entry, ahead of "mid", stays a tombstone.
+        queue.push(task("new", "x", 3, "a", 3));
+        assert_eq!(drain(&mut queue, &caps(&["x"]), at(3)), ["mid", "new"]);
+        assert!(queue.is_empty() && queue.per_tenant().is_empty());
     }
 
     #[test]
