@@ -17,7 +17,7 @@ use std::fmt;
 use std::io::{self, IsTerminal as _};
 use std::time::Duration;
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
@@ -419,10 +419,46 @@ pub fn extract(headers: &impl HeaderSource) -> Context {
     TraceContextPropagator::new().extract(&ExtractFrom(headers))
 }
 
-/// Writes the current span's W3C trace context into NATS headers.
+/// Writes `span`'s W3C trace context into NATS headers: `traceparent`, and `tracestate` when
+/// the trace carries vendor state (an empty one is left out, as W3C Trace Context allows).
+///
+/// Written here rather than by [`TraceContextPropagator`], which formats through `format!` and
+/// sets an empty `tracestate` on every message; the `traceparent` is the same.
 pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
     let context = span.context();
-    TraceContextPropagator::new().inject_context(&context, &mut InjectInto(headers));
+    let span_ref = context.span();
+    let span_context = span_ref.span_context();
+    if !span_context.is_valid() {
+        return;
+    }
+    let flags = (span_context.trace_flags() & TraceFlags::SAMPLED).to_u8();
+    headers.insert("traceparent", w3c_traceparent(span_context, flags).as_str());
+    let state = span_context.trace_state().header();
+    if !state.is_empty() {
+        headers.insert("tracestate", state.as_str());
+    }
+}
+
+/// `00-<trace id>-<span id>-<flags>` in lowercase hex, the W3C `traceparent` of `span_context`.
+fn w3c_traceparent(span_context: &SpanContext, flags: u8) -> String {
+    let mut traceparent = String::with_capacity(55);
+    traceparent.push_str("00-");
+    push_hex(&mut traceparent, &span_context.trace_id().to_bytes());
+    traceparent.push('-');
+    push_hex(&mut traceparent, &span_context.span_id().to_bytes());
+    traceparent.push('-');
+    push_hex(&mut traceparent, &[flags]);
+    traceparent
+}
+
+/// Appends `bytes` as lowercase hex, two digits each: what `{:032x}` writes for a trace id,
+/// without the formatting machinery, on every request.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for &byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
 }
 
 /// True when `context` carries a valid remote parent (a `traceparent` was sent).
@@ -483,14 +519,9 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     let context = span.context();
     let span_ref = context.span();
     let span_context = span_ref.span_context();
-    span_context.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            span_context.trace_id(),
-            span_context.span_id(),
-            span_context.trace_flags().to_u8()
-        )
-    })
+    span_context
+        .is_valid()
+        .then(|| w3c_traceparent(span_context, span_context.trace_flags().to_u8()))
 }
 
 /// The trace id of the current span, for response bodies. Only the trace id is formatted:
@@ -499,9 +530,11 @@ pub fn current_trace_id() -> Option<String> {
     let context = tracing::Span::current().context();
     let span_ref = context.span();
     let span_context = span_ref.span_context();
-    span_context
-        .is_valid()
-        .then(|| span_context.trace_id().to_string())
+    span_context.is_valid().then(|| {
+        let mut trace_id = String::with_capacity(32);
+        push_hex(&mut trace_id, &span_context.trace_id().to_bytes());
+        trace_id
+    })
 }
 
 /// An internal cause kept for the log. Shared, so that one failure (a refused batch, say) can be
@@ -588,14 +621,6 @@ impl<H: HeaderSource> Extractor for ExtractFrom<'_, H> {
     }
 }
 
-struct InjectInto<'a>(&'a mut async_nats::HeaderMap);
-
-impl Injector for InjectInto<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value.as_str());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -666,6 +691,49 @@ mod tests {
         );
         assert!(!colour_logs(true, Some("1".into())));
         assert!(!colour_logs(false, None));
+    }
+
+    /// What the OpenTelemetry propagator writes for `span_context`, header by header.
+    fn propagated(span_context: SpanContext) -> BTreeMap<String, String> {
+        struct Into<'a>(&'a mut BTreeMap<String, String>);
+        impl opentelemetry::propagation::Injector for Into<'_> {
+            fn set(&mut self, key: &str, value: String) {
+                self.0.insert(key.to_owned(), value);
+            }
+        }
+        let mut headers = BTreeMap::new();
+        let context = Context::new().with_remote_span_context(span_context);
+        TraceContextPropagator::new().inject_context(&context, &mut Into(&mut headers));
+        headers
+    }
+
+    #[test]
+    fn the_traceparent_is_written_as_the_propagator_writes_it() {
+        for (trace_id, span_id, flags) in [
+            (1u128, 1u64, TraceFlags::SAMPLED),
+            (
+                0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+                0x00f0_67aa_0ba9_02b7,
+                TraceFlags::default(),
+            ),
+            (u128::MAX, u64::MAX, TraceFlags::new(0xff)),
+        ] {
+            let span_context = SpanContext::new(
+                TraceId::from(trace_id),
+                SpanId::from(span_id),
+                flags,
+                true,
+                TraceState::default(),
+            );
+            let sampled = (flags & TraceFlags::SAMPLED).to_u8();
+            assert_eq!(
+                Some(&w3c_traceparent(&span_context, sampled)),
+                propagated(span_context.clone()).get("traceparent")
+            );
+            let mut trace_hex = String::new();
+            push_hex(&mut trace_hex, &TraceId::from(trace_id).to_bytes());
+            assert_eq!(trace_hex, TraceId::from(trace_id).to_string());
+        }
     }
 
     #[test]

@@ -372,12 +372,15 @@ pub fn stream_of(subject: &str) -> Option<&'static str> {
 /// True when concrete `subject` falls under `pattern` (one of the patterns above), by NATS
 /// wildcard rules: `*` is one token, a final `>` one or more. Lets a consumer of several
 /// patterns tell its messages apart without spelling any subject itself.
+///
+/// Every publish asks it of the catalog's patterns in turn, so it compares bytes: a `.` is one
+/// byte in UTF-8, and splitting bytes skips the character searcher a `str` split runs per token.
 pub fn matches(pattern: &str, subject: &str) -> bool {
-    let mut tokens = subject.split('.');
-    for want in pattern.split('.') {
+    let mut tokens = subject.as_bytes().split(|&b| b == b'.');
+    for want in pattern.as_bytes().split(|&b| b == b'.') {
         match (want, tokens.next()) {
-            (">", Some(_)) => return true,
-            ("*", Some(_)) => {}
+            (b">", Some(_)) => return true,
+            (b"*", Some(_)) => {}
             (want, Some(got)) if want == got => {}
             _ => return false,
         }

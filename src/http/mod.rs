@@ -28,6 +28,7 @@ use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use opentelemetry::Context;
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -100,19 +101,24 @@ pub fn router(state: AppState) -> Router {
         .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Inside `observe`: a record carries the request's trace id.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            audit::record_refusals,
-        ))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        // Outside `observe`: a shed request costs no span and no body read.
-        .layer(middleware::from_fn_with_state(state.clone(), limits::shed))
-        .layer(CatchPanicLayer::custom(
-            |_panic: Box<dyn std::any::Any + Send>| {
-                Refusal::internal("handler panicked").into_response()
-            },
-        ))
+        // One layer of four, outermost first: the router boxes each route once for the whole
+        // stack, where a layer each boxed it (and cloned the box on every request) four times.
+        .layer(
+            ServiceBuilder::new()
+                .layer(CatchPanicLayer::custom(
+                    |_panic: Box<dyn std::any::Any + Send>| {
+                        Refusal::internal("handler panicked").into_response()
+                    },
+                ))
+                // Outside `observe`: a shed request costs no span and no body read.
+                .layer(middleware::from_fn_with_state(state.clone(), limits::shed))
+                .layer(middleware::from_fn_with_state(state.clone(), observe))
+                // Inside `observe`: a record carries the request's trace id.
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    audit::record_refusals,
+                )),
+        )
         .with_state(state)
 }
 
