@@ -7,13 +7,20 @@
 //! - `fairness`: tenant B submits at `--b-rate`, first alone, then while tenant A submits at
 //!   `--a-factor` times that rate, with `--workers` agents claiming and completing tasks: B's
 //!   latency from each submission's scheduled send time (open loop) to the claim that returns it.
+//! - `claims`: the cost of a claim with `--queued` tasks left queued (10 tenants, priorities
+//!   1–5): one agent claims and completes `--claims` tasks one after another; the claim
+//!   request's latency and the CPU the bridge (from its `/metrics`) and, given `--nats-pid`, its
+//!   nats-server spent per claimed and completed task.
 //!
-//! Prints CSV lines `scenario,phase,count,p50_ms,p99_ms,max_ms` (and a note or two on stderr).
+//! `probe` and `fairness` print CSV lines `scenario,phase,count,p50_ms,p99_ms,max_ms`, `claims`
+//! prints `queued,claims,claim_p50_ms,claim_p99_ms,claim_max_ms,bridge_cpu_ms,nats_cpu_ms` (CPU
+//! per claimed task); a note or two go to stderr.
 //! Tokens are minted from `SHARED_SECRET`.
 //!
 //! ```sh
 //! cargo run --release --example sched_bench -- --url http://127.0.0.1:8080 probe
 //! cargo run --release --example sched_bench -- --url http://127.0.0.1:8080 fairness
+//! cargo run --release --example sched_bench -- --url http://127.0.0.1:8080 claims --queued 100000
 //! ```
 
 use std::collections::HashMap;
@@ -61,6 +68,23 @@ enum Scenario {
         /// Claiming agents, each with 16 slots.
         #[arg(long, default_value_t = 4)]
         workers: usize,
+    },
+    Claims {
+        /// Tasks still queued when the last measured claim is made.
+        #[arg(long, default_value_t = 1_000)]
+        queued: usize,
+        /// Measured claims, each followed by the task's completion.
+        #[arg(long, default_value_t = 2_000)]
+        claims: usize,
+        /// Claims made before the measured ones, to warm the bridge's paths.
+        #[arg(long, default_value_t = 200)]
+        warmup: usize,
+        /// Submissions in flight while the tasks are loaded.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// The bridge's nats-server, to report its CPU too (read from `/proc`).
+        #[arg(long, env = "NATS_PID")]
+        nats_pid: Option<u32>,
     },
 }
 
@@ -150,8 +174,8 @@ impl Client {
         Ok(())
     }
 
-    /// The `acc_tasks_queued` figure of capability `bench` and `priority` on `/metrics`.
-    async fn queued(&self, priority: u8) -> anyhow::Result<u64> {
+    /// The figure of the line that starts with `series` on `/metrics` (0 when there is none).
+    async fn metric(&self, series: &str) -> anyhow::Result<f64> {
         let text = self
             .http
             .get(format!("{}/metrics", self.url))
@@ -159,24 +183,75 @@ impl Client {
             .await?
             .text()
             .await?;
-        let prefix = format!("acc_tasks_queued{{capability=\"bench\",priority=\"{priority}\"}} ");
+        let prefix = format!("{series} ");
         Ok(text
             .lines()
             .find_map(|line| line.strip_prefix(&prefix))
             .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0))
+            .unwrap_or(0.0))
     }
+
+    /// The `acc_tasks_queued` figure of capability `bench` and `priority` on `/metrics`.
+    async fn queued(&self, priority: u8) -> anyhow::Result<u64> {
+        let series = format!("acc_tasks_queued{{capability=\"bench\",priority=\"{priority}\"}}");
+        Ok(self.metric(&series).await? as u64)
+    }
+
+    /// Tasks of capability `bench` queued at any priority.
+    async fn queued_all(&self) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for priority in 1..=5 {
+            total += self.queued(priority).await?;
+        }
+        Ok(total)
+    }
+
+    /// Submits `count` tasks of capability `bench`, `concurrency` at a time, each made by `task`
+    /// from its number.
+    async fn load(
+        self: &Arc<Self>,
+        count: usize,
+        concurrency: usize,
+        task: fn(usize) -> Value,
+    ) -> anyhow::Result<()> {
+        let submitter = self.token("sched-submitter", "orchestrator.submit");
+        let began = Instant::now();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut loaders = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let (client, submitter, next) = (self.clone(), submitter.clone(), next.clone());
+            loaders.spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= count {
+                        return anyhow::Ok(());
+                    }
+                    client.submit(&submitter, task(n)).await?;
+                }
+            });
+        }
+        while let Some(done) = loaders.join_next().await {
+            done??;
+        }
+        eprintln!(
+            "{count} tasks submitted in {:.1}s",
+            began.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+}
+
+/// The `q` quantile of `sorted` (nearest rank), NaN when it is empty.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 fn print(scenario: &str, phase: &str, mut ms: Vec<f64>) {
     ms.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        if ms.is_empty() {
-            f64::NAN
-        } else {
-            ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1]
-        }
-    };
+    let at = |q| quantile(&ms, q);
     println!(
         "{scenario},{phase},{},{:.2},{:.2},{:.2}",
         ms.len(),
@@ -198,30 +273,12 @@ async fn probe(
 ) -> anyhow::Result<()> {
     let submitter = client.token("sched-submitter", "orchestrator.submit");
     let worker = client.worker("sched-prober", 1024).await?;
-    let began = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut loaders = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (client, submitter, next) = (client.clone(), submitter.clone(), next.clone());
-        loaders.spawn(async move {
-            loop {
-                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if n >= backlog {
-                    return anyhow::Ok(());
-                }
-                let body = json!({"capability": "bench", "priority": 5, "tenant": "backlog",
-                                  "timeout": "24h", "task_id": format!("backlog-{n}")});
-                client.submit(&submitter, body).await?;
-            }
-        });
-    }
-    while let Some(done) = loaders.join_next().await {
-        done??;
-    }
-    eprintln!(
-        "backlog of {backlog} submitted in {:.1}s",
-        began.elapsed().as_secs_f64()
-    );
+    client
+        .load(backlog, concurrency, |n| {
+            json!({"capability": "bench", "priority": 5, "tenant": "backlog",
+                   "timeout": "24h", "task_id": format!("backlog-{n}")})
+        })
+        .await?;
     while client.queued(5).await? < backlog as u64 {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -357,6 +414,81 @@ async fn fairness(
     Ok(())
 }
 
+async fn claims(
+    client: Arc<Client>,
+    queued: usize,
+    claims: usize,
+    warmup: usize,
+    concurrency: usize,
+    nats_pid: Option<u32>,
+) -> anyhow::Result<()> {
+    let worker = client.worker("sched-claimer", 4).await?;
+    let total = queued + warmup + claims;
+    // Ten tenants, priorities 1 to 5, so a claim has levels and tenants to choose between.
+    client
+        .load(total, concurrency, |n| {
+            json!({"capability": "bench", "priority": 1 + (n / 10) % 5,
+                   "tenant": format!("tenant-{}", n % 10),
+                   "timeout": "24h", "task_id": format!("load-{n}")})
+        })
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let seen = client.queued_all().await?;
+        if seen >= total as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{seen} of {total} tasks queued after 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let cycle = |worker: &str| {
+        let (client, worker) = (client.clone(), worker.to_owned());
+        async move {
+            let asked = Instant::now();
+            let tasks = client.claim(&worker, 1, "0s").await?;
+            let took = asked.elapsed();
+            let Some(id) = tasks.first().and_then(|t| t["task_id"].as_str()) else {
+                bail!("a claim with tasks queued returned none");
+            };
+            client.succeed(&worker, id).await?;
+            anyhow::Ok(took)
+        }
+    };
+    for _ in 0..warmup {
+        cycle(&worker).await?;
+    }
+    let bridge_cpu = client.metric("process_cpu_seconds_total").await?;
+    let nats_cpu = nats_pid.and_then(auto_com_center::metrics::process::read_pid);
+    let mut latencies = Vec::with_capacity(claims);
+    for _ in 0..claims {
+        latencies.push(millis(cycle(&worker).await?));
+    }
+    let per_claim = |seconds: f64| format!("{:.4}", seconds * 1000.0 / claims as f64);
+    let bridge_cpu = per_claim(client.metric("process_cpu_seconds_total").await? - bridge_cpu);
+    let nats_cpu = match (
+        nats_cpu,
+        nats_pid.and_then(auto_com_center::metrics::process::read_pid),
+    ) {
+        (Some(before), Some(after)) => per_claim(after.cpu_seconds - before.cpu_seconds),
+        _ => String::new(),
+    };
+    let left = client.queued_all().await?;
+    eprintln!(
+        "claims at {queued} queued: {claims} measured after {warmup} warm-up; the queued gauge now reads {left}"
+    );
+    latencies.sort_by(f64::total_cmp);
+    let at = |q| quantile(&latencies, q);
+    println!(
+        "{queued},{claims},{:.3},{:.3},{:.3},{bridge_cpu},{nats_cpu}",
+        at(0.50),
+        at(0.99),
+        at(1.0)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -365,7 +497,11 @@ async fn main() -> anyhow::Result<()> {
         url: args.url.trim_end_matches('/').to_owned(),
         secret: Secret::new(args.secret),
     });
-    println!("scenario,phase,count,p50_ms,p99_ms,max_ms");
+    if matches!(args.scenario, Scenario::Claims { .. }) {
+        println!("queued,claims,claim_p50_ms,claim_p99_ms,claim_max_ms,bridge_cpu_ms,nats_cpu_ms");
+    } else {
+        println!("scenario,phase,count,p50_ms,p99_ms,max_ms");
+    }
     match args.scenario {
         Scenario::Probe {
             backlog,
@@ -378,5 +514,12 @@ async fn main() -> anyhow::Result<()> {
             duration,
             workers,
         } => fairness(client, b_rate, a_factor, duration.into(), workers).await,
+        Scenario::Claims {
+            queued,
+            claims: count,
+            warmup,
+            concurrency,
+            nats_pid,
+        } => claims(client, queued, count, warmup, concurrency, nats_pid).await,
     }
 }

@@ -13,9 +13,19 @@ pub struct ProcessFigures {
     pub start_time_seconds: f64,
 }
 
-/// Reads the figures; `None` where `/proc` is not available.
+/// Reads the figures of this process; `None` where `/proc` is not available.
 pub fn read() -> Option<ProcessFigures> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    read_at("/proc/self")
+}
+
+/// Reads the figures of process `pid` (the benchmarks read a bridge's or its nats-server's);
+/// `None` where `/proc` is not available or there is no such process.
+pub fn read_pid(pid: u32) -> Option<ProcessFigures> {
+    read_at(&format!("/proc/{pid}"))
+}
+
+fn read_at(dir: &str) -> Option<ProcessFigures> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     // The command name (field 2) may hold spaces; the fields we want follow its closing paren.
     let after = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -30,10 +40,10 @@ pub fn read() -> Option<ProcessFigures> {
             .find_map(|l| l.strip_prefix("btime "))
             .and_then(|v| v.trim().parse::<u64>().ok())
     })?;
-    let open_fds = std::fs::read_dir("/proc/self/fd")
+    let open_fds = std::fs::read_dir(format!("{dir}/fd"))
         .map(|dir| dir.count() as u64)
         .unwrap_or(0);
-    let max_fds = std::fs::read_to_string("/proc/self/limits")
+    let max_fds = std::fs::read_to_string(format!("{dir}/limits"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -65,5 +75,16 @@ mod tests {
         assert!(
             figures.start_time_seconds <= now + 1.0 && figures.start_time_seconds > now - 86_400.0
         );
+    }
+
+    #[test]
+    fn a_pid_reads_as_that_process() {
+        let own = super::read_pid(std::process::id()).expect("this process by its pid");
+        assert!(own.resident_memory_bytes > 0);
+        assert_eq!(
+            own.start_time_seconds,
+            super::read().expect("this process").start_time_seconds
+        );
+        assert_eq!(super::read_pid(u32::MAX), None, "no such process");
     }
 }
