@@ -79,7 +79,9 @@ fn reconnect_delay(attempt: usize) -> Duration {
 /// Waits until the client is connected, logging while it waits.
 pub async fn wait_connected(client: &Client) {
     let mut waited = 0u32;
-    while client.connection_state() != State::Connected {
+    // The state can read Connected a moment before the server's INFO is stored: wait for both,
+    // or a caller reading `server_info()` gets the default, a max_payload of 0.
+    while client.connection_state() != State::Connected || client.try_server_info().is_none() {
         if waited % 50 == 49 {
             tracing::warn!("still waiting for NATS");
         }
