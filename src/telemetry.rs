@@ -325,6 +325,11 @@ where
         .with_threads(false)
         // Busy/idle time costs two clock reads per enter and exit of every span; not needed.
         .with_tracked_inactivity(false)
+        // Nothing here reads OpenTelemetry's own current context (`Context::current`): trace
+        // context is taken from the tracing span (`span.context()`), and a span's parent is the
+        // current tracing span. Attaching the context on every enter and detaching it on every
+        // exit (several times per request, once per poll) bought nothing.
+        .with_context_activation(false)
         .with_target(false)
         .with_filter(Targets::new().with_target("auto_com_center", Level::INFO));
     let fmt_layer = match format {

@@ -349,7 +349,7 @@ fn producer_span(
         otel.status_code = tracing::field::Empty,
         messaging.system = "nats",
         messaging.operation.type = "send",
-        messaging.destination.name = %subject,
+        messaging.destination.name = subject,
         messaging.message.id = msg_id,
         messaging.nats.stream_sequence = tracing::field::Empty,
         messaging.nats.duplicate = tracing::field::Empty,

@@ -149,7 +149,7 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             otel.status_code = tracing::field::Empty,
             http.request.method = method.as_str(),
             http.route = route.unwrap_or(""),
-            url.path = %request.uri().path(),
+            url.path = request.uri().path(),
             url.scheme = "http",
             http.response.status_code = tracing::field::Empty,
             acc.trace_id = tracing::field::Empty,
