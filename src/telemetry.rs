@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, IsTerminal as _};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
@@ -347,10 +348,25 @@ where
         .with(fmt_layer.with_filter(filter))
         .try_init()
         .is_ok();
+    if installed {
+        EXPORTING.store(exporting, Ordering::Relaxed);
+    }
     Ok(installed.then_some(Telemetry {
         provider,
         exporting,
     }))
+}
+
+/// Whether the installed subscriber exports spans (an OTLP endpoint is configured).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans leave this process. When they do not, a span is there only for its trace id
+/// (answers, `traceparent` headers, NATS headers, log lines), and the hot path's spans leave
+/// out their OpenTelemetry attributes and names: each would be built (an allocation or two)
+/// and dropped unread, on every request. JSON log lines carry a span's name and ids only, so
+/// they read the same either way; text log lines show fewer span fields.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
 }
 
 /// Log lines as JSON objects: time, level, target, the event's fields, the current span's name,

@@ -336,24 +336,29 @@ fn producer_span(
     let spec = subjects::CATALOG
         .iter()
         .position(|spec| subjects::matches(spec.subject, subject));
-    let name = match spec {
-        Some(i) => Cow::Borrowed(send_names()[i].as_str()),
-        // Not in the catalog: rare, so the name may cost an allocation.
-        None => Cow::Owned(format!("send {subject}")),
-    };
     let stream = spec.map(|i| subjects::CATALOG[i].stream);
-    let span = tracing::info_span!(
-        "nats.publish",
-        otel.name = &*name,
-        otel.kind = "producer",
-        otel.status_code = tracing::field::Empty,
-        messaging.system = "nats",
-        messaging.operation.type = "send",
-        messaging.destination.name = subject,
-        messaging.message.id = msg_id,
-        messaging.nats.stream_sequence = tracing::field::Empty,
-        messaging.nats.duplicate = tracing::field::Empty,
-    );
+    // Not exported: only the span's trace context is used (see `telemetry::exporting`).
+    let span = if !crate::telemetry::exporting() {
+        tracing::info_span!("nats.publish")
+    } else {
+        let name = match spec {
+            Some(i) => Cow::Borrowed(send_names()[i].as_str()),
+            // Not in the catalog: rare, so the name may cost an allocation.
+            None => Cow::Owned(format!("send {subject}")),
+        };
+        tracing::info_span!(
+            "nats.publish",
+            otel.name = &*name,
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.destination.name = subject,
+            messaging.message.id = msg_id,
+            messaging.nats.stream_sequence = tracing::field::Empty,
+            messaging.nats.duplicate = tracing::field::Empty,
+        )
+    };
     let mut headers = headers.unwrap_or_default();
     crate::telemetry::inject(&span, &mut headers);
     (span, stream, headers)
