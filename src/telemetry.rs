@@ -448,7 +448,31 @@ pub fn extract(headers: &impl HeaderSource) -> Context {
 pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
     let context = span.context();
     let span_ref = context.span();
-    let span_context = span_ref.span_context();
+    write_trace_context(span_ref.span_context(), headers);
+}
+
+/// [`inject`] for a child of `parent` that is not made as a span: its trace id, flags and
+/// state, under a fresh span id. For a message published while nothing is exported (see
+/// [`exporting`]): a producer span would be built only for these headers, and a consumer
+/// continues the same trace from either.
+pub fn inject_child(parent: &tracing::Span, headers: &mut async_nats::HeaderMap) {
+    let context = parent.context();
+    let span_ref = context.span();
+    let parent = span_ref.span_context();
+    if !parent.is_valid() {
+        return;
+    }
+    let child = SpanContext::new(
+        parent.trace_id(),
+        SpanId::from(rand::random::<u64>().max(1)),
+        parent.trace_flags(),
+        false,
+        parent.trace_state().clone(),
+    );
+    write_trace_context(&child, headers);
+}
+
+fn write_trace_context(span_context: &SpanContext, headers: &mut async_nats::HeaderMap) {
     if !span_context.is_valid() {
         return;
     }
@@ -755,6 +779,38 @@ mod tests {
             push_hex(&mut trace_hex, &TraceId::from(trace_id).to_bytes());
             assert_eq!(trace_hex, TraceId::from(trace_id).to_string());
         }
+    }
+
+    #[test]
+    fn a_child_written_without_a_span_carries_what_a_producer_span_would() {
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::AlwaysOff)
+            .build();
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("test"))
+            .with_context_activation(false);
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let server = tracing::info_span!("server");
+            let _ = server
+                .set_parent(parent_from_trace_id("4bf92f3577b34da6a3ce929d0e0e4736").unwrap());
+            let _entered = server.enter();
+            let (mut made, mut written) =
+                (async_nats::HeaderMap::new(), async_nats::HeaderMap::new());
+            inject(&tracing::info_span!("producer"), &mut made);
+            inject_child(&tracing::Span::current(), &mut written);
+            let made = made.get("traceparent").unwrap().as_str().to_owned();
+            let written = written.get("traceparent").unwrap().as_str().to_owned();
+            let server_id = traceparent(&server).unwrap()[36..52].to_owned();
+            // `00-<trace id>-` and `-<flags>` as the producer span's; a span id of its own.
+            assert_eq!(written[..36], made[..36]);
+            assert!(written.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+            assert_eq!(written[52..], made[52..]);
+            assert_ne!(written[36..52], server_id);
+        });
+        let mut outside = async_nats::HeaderMap::new();
+        inject_child(&tracing::Span::none(), &mut outside);
+        assert!(outside.get("traceparent").is_none());
     }
 
     #[test]

@@ -325,8 +325,8 @@ impl Unacked {
     }
 }
 
-/// The producer span of a publish on `subject` (named once per catalog entry), the stream the
-/// catalog gives it, and `headers` with the span's trace context in them.
+/// The producer span of a publish on `subject` (named once per catalog entry; none when nothing
+/// is exported), the stream the catalog gives it, and `headers` with the trace context in them.
 fn producer_span(
     subject: &str,
     msg_id: &str,
@@ -337,10 +337,14 @@ fn producer_span(
         .iter()
         .position(|spec| subjects::matches(spec.subject, subject));
     let stream = spec.map(|i| subjects::CATALOG[i].stream);
-    // Not exported: only the span's trace context is used (see `telemetry::exporting`).
-    let span = if !crate::telemetry::exporting() {
-        tracing::info_span!("nats.publish")
-    } else {
+    let mut headers = headers.unwrap_or_default();
+    // Not exported (see `telemetry::exporting`): no producer span is made, only the headers
+    // one would give the message; the consumer continues the same trace.
+    if !crate::telemetry::exporting() {
+        crate::telemetry::inject_child(&tracing::Span::current(), &mut headers);
+        return (tracing::Span::none(), stream, headers);
+    }
+    let span = {
         let name = match spec {
             Some(i) => Cow::Borrowed(send_names()[i].as_str()),
             // Not in the catalog: rare, so the name may cost an allocation.
@@ -359,7 +363,6 @@ fn producer_span(
             messaging.nats.duplicate = tracing::field::Empty,
         )
     };
-    let mut headers = headers.unwrap_or_default();
     crate::telemetry::inject(&span, &mut headers);
     (span, stream, headers)
 }
