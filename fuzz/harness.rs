@@ -150,11 +150,14 @@ pub fn run(data: &[u8]) {
         _ => Call::Event,
     };
     let key = (selector & 0x40 != 0).then_some(&*head);
-    let outcome = world
-        .runtime
-        .block_on(world.admission.admit(call, &world.caller, &body, key));
+    let outcome = world.runtime.block_on(world.admission.admit(
+        call,
+        &world.caller,
+        body.clone(),
+        key,
+    ));
     match outcome {
-        Ok(answer) => panic!("admitted without a bus: {answer}"),
+        Ok(answer) => panic!("admitted without a bus: {answer:?}"),
         Err(err) => {
             let status = err.status();
             assert!(

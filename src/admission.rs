@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound as _, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 
 use crate::auth::Caller;
@@ -22,9 +22,10 @@ use crate::contract::{Code, Refusal};
 use crate::directory::Directory;
 use crate::domain::{
     AgentId, AgentProfile, Event, FieldError, Heartbeat, Registration, RegistrationOrigin,
-    ReportedStatus, TaskId, TaskResult, optional_string, required_string,
+    ReportedStatus, TaskId, TaskResult, optional_string, required_str, required_string, rfc3339,
+    take_string,
 };
-use crate::telemetry::with_trace_id;
+use crate::telemetry::current_trace_id;
 
 pub use crate::quota::StoreQuota;
 
@@ -34,6 +35,53 @@ pub struct Receipt<T> {
     pub id: T,
     pub received_at: DateTime<Utc>,
     pub ack: Ack,
+}
+
+/// The success body of an admitted call, the same from every door: `success`, what was
+/// stored (`agent_id`, `task_id` or `event_id`; a heartbeat's `timestamp`), where (`stream`,
+/// `seq`, `duplicate`), a `message`, and the request's `trace_id`.
+///
+/// A struct rather than a JSON map built per request (a map, its keys and values allocated,
+/// then walked to write the answer): the fields are in alphabetical order, the order in which
+/// serde_json writes a map's keys, so the answer's bytes are those of the map it replaced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    pub duplicate: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    pub message: &'static str,
+    pub seq: u64,
+    pub stream: String,
+    pub success: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339::serialize_option"
+    )]
+    pub timestamp: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+impl Answer {
+    /// A success answer saying `message` about the stored `ack`, with the current trace id.
+    fn new(message: &'static str, ack: Ack) -> Self {
+        Self {
+            agent_id: None,
+            duplicate: ack.duplicate,
+            event_id: None,
+            message,
+            seq: ack.seq,
+            stream: ack.stream,
+            success: true,
+            task_id: None,
+            timestamp: None,
+            trace_id: current_trace_id(),
+        }
+    }
 }
 
 /// Longest event `type`, in bytes.
@@ -108,66 +156,51 @@ impl Admission {
     }
 
     /// Admits one call and returns the success body every door answers with: the plan's body
-    /// plus where the message was stored.
+    /// plus where the message was stored. Takes the body, so that an event moves its fields
+    /// into the stored message instead of copying them.
     pub async fn admit(
         &self,
         call: Call<'_>,
         caller: &Caller,
-        body: &Map<String, Value>,
+        body: Map<String, Value>,
         idempotency_key: Option<&str>,
-    ) -> Result<Value, Refusal> {
+    ) -> Result<Answer, Refusal> {
         let answer = match call {
             Call::Register => {
-                let receipt = self.register(caller, body, idempotency_key).await?;
+                let receipt = self.register(caller, &body, idempotency_key).await?;
                 tracing::info!(agent_id = %receipt.id, seq = receipt.ack.seq, duplicate = receipt.ack.duplicate, "agent registered");
-                json!({
-                    "success": true,
-                    "agent_id": receipt.id,
-                    "message": "Agent registered successfully",
-                    "stream": receipt.ack.stream,
-                    "seq": receipt.ack.seq,
-                    "duplicate": receipt.ack.duplicate,
-                })
+                Answer {
+                    agent_id: Some(receipt.id),
+                    ..Answer::new("Agent registered successfully", receipt.ack)
+                }
             }
             Call::Heartbeat => {
-                let receipt = self.heartbeat(caller, body, idempotency_key).await?;
-                json!({
-                    "success": true,
-                    "message": "Heartbeat received",
-                    "timestamp": receipt.received_at,
-                    "agent_id": receipt.id,
-                    "stream": receipt.ack.stream,
-                    "seq": receipt.ack.seq,
-                    "duplicate": receipt.ack.duplicate,
-                })
+                let receipt = self.heartbeat(caller, &body, idempotency_key).await?;
+                Answer {
+                    agent_id: Some(receipt.id),
+                    timestamp: Some(receipt.received_at),
+                    ..Answer::new("Heartbeat received", receipt.ack)
+                }
             }
             Call::TaskResult { task_id } => {
                 let receipt = self
-                    .task_result(caller, task_id, body, idempotency_key)
+                    .task_result(caller, task_id, &body, idempotency_key)
                     .await?;
                 tracing::info!(task_id = %receipt.id, agent_id = %caller.agent_id, seq = receipt.ack.seq, "task result stored");
-                json!({
-                    "success": true,
-                    "task_id": receipt.id,
-                    "message": "Result received",
-                    "stream": receipt.ack.stream,
-                    "seq": receipt.ack.seq,
-                    "duplicate": receipt.ack.duplicate,
-                })
+                Answer {
+                    task_id: Some(receipt.id),
+                    ..Answer::new("Result received", receipt.ack)
+                }
             }
             Call::Event => {
                 let receipt = self.event(caller, body).await?;
-                json!({
-                    "success": true,
-                    "event_id": receipt.id,
-                    "message": "Event received",
-                    "stream": receipt.ack.stream,
-                    "seq": receipt.ack.seq,
-                    "duplicate": receipt.ack.duplicate,
-                })
+                Answer {
+                    event_id: Some(receipt.id),
+                    ..Answer::new("Event received", receipt.ack)
+                }
             }
         };
-        Ok(with_trace_id(answer))
+        Ok(answer)
     }
 
     /// `register`: `{agent_id, name, base_url, capabilities[]}`.
@@ -344,30 +377,32 @@ impl Admission {
     pub async fn event(
         &self,
         caller: &Caller,
-        body: &Map<String, Value>,
+        mut body: Map<String, Value>,
     ) -> Result<Receipt<String>, Refusal> {
-        let event_id = required_string(body, "event_id", MAX_KEY_LEN)?;
+        // The body is the event's own: its strings and `data` are moved into the event, not
+        // copied.
+        let event_id = take_string(&mut body, "event_id", MAX_KEY_LEN)?;
         if !is_visible_ascii(&event_id) {
             return Err(FieldError::new("event_id", "must be visible ASCII without spaces").into());
         }
-        let kind = required_string(body, "type", MAX_TYPE_LEN)?;
-        let source = required_string(body, "source", MAX_KEY_LEN)?;
-        let source = AgentId::parse(&source).map_err(|reason| FieldError::new("source", reason))?;
-        let data = match body.get("data") {
-            Some(data) => data.clone(),
-            None => return Err(FieldError::new("data", "is required").into()),
+        let kind = take_string(&mut body, "type", MAX_TYPE_LEN)?;
+        let source = take_string(&mut body, "source", MAX_KEY_LEN)?;
+        let source =
+            AgentId::parse_owned(source).map_err(|reason| FieldError::new("source", reason))?;
+        let Some(data) = body.get_mut("data").map(Value::take) else {
+            return Err(FieldError::new("data", "is required").into());
         };
-        let time = required_string(body, "time", 64)?;
-        let time = DateTime::parse_from_rfc3339(&time)
+        let time = required_str(&body, "time", 64)?;
+        let time = DateTime::parse_from_rfc3339(time)
             .map_err(|_| FieldError::new("time", "must be an RFC 3339 timestamp"))?
             .with_timezone(&Utc);
-        let trace_id = optional_string(body, "trace_id", MAX_TRACE_ID_LEN)?;
+        let trace_id = optional_string(&body, "trace_id", MAX_TRACE_ID_LEN)?;
         record_trace_id(trace_id.as_deref());
         bind(caller, &source)?;
         let now = now();
-        let msg_id = format!("event:{}:{event_id}", caller.agent_id);
+        let msg_id = ["event:", caller.agent_id.as_str(), ":", &event_id].concat();
         let event = Event {
-            event_id: event_id.clone(),
+            event_id,
             kind,
             source,
             data,
@@ -385,7 +420,7 @@ impl Admission {
             )
             .await?;
         Ok(Receipt {
-            id: event_id,
+            id: event.event_id,
             received_at: now,
             ack,
         })
@@ -543,4 +578,67 @@ pub fn digest<T: Serialize>(content: &T) -> String {
     let bytes = serde_json::to_vec(content).expect("serializable");
     let hash = Sha256::digest(&bytes);
     hex::encode(&hash[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ack() -> Ack {
+        Ack {
+            stream: subjects::EVENTS_STREAM.to_owned(),
+            seq: 42,
+            duplicate: true,
+        }
+    }
+
+    /// Byte for byte: clients (and the tests) compare answers.
+    #[test]
+    fn answers_are_written_as_the_json_maps_they_replaced() {
+        let at = DateTime::parse_from_rfc3339("2026-12-03T08:53:46.120Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let agent = AgentId::parse("agent-1").unwrap();
+        let cases = [
+            (
+                Answer {
+                    event_id: Some("e-1".into()),
+                    ..Answer::new("Event received", ack())
+                },
+                json!({"success": true, "event_id": "e-1", "message": "Event received"}),
+            ),
+            (
+                Answer {
+                    agent_id: Some(agent.clone()),
+                    timestamp: Some(at),
+                    ..Answer::new("Heartbeat received", ack())
+                },
+                json!({"success": true, "message": "Heartbeat received", "timestamp": at,
+                       "agent_id": agent}),
+            ),
+            (
+                Answer {
+                    task_id: Some(TaskId::parse("t-1").unwrap()),
+                    ..Answer::new("Result received", ack())
+                },
+                json!({"success": true, "task_id": "t-1", "message": "Result received"}),
+            ),
+        ];
+        for (mut answer, mut expected) in cases {
+            for trace_id in [None, Some("4bf92f3577b34da6a3ce929d0e0e4736")] {
+                answer.trace_id = trace_id.map(str::to_owned);
+                expected["stream"] = subjects::EVENTS_STREAM.into();
+                expected["seq"] = 42.into();
+                expected["duplicate"] = true.into();
+                if let Some(trace_id) = trace_id {
+                    expected["trace_id"] = trace_id.into();
+                }
+                assert_eq!(
+                    serde_json::to_string(&answer).unwrap(),
+                    serde_json::to_string(&expected).unwrap()
+                );
+            }
+        }
+    }
 }

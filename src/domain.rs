@@ -7,6 +7,8 @@
 //!
 //! Durations have one syntax everywhere ([`parse_duration`]): settings, alert rules, silences.
 
+pub mod rfc3339;
+
 use std::fmt;
 use std::time::Duration;
 
@@ -67,6 +69,11 @@ macro_rules! token_type {
         impl $name {
             pub fn parse(raw: &str) -> Result<Self, String> {
                 parse_token(raw).map(|()| Self(raw.to_owned()))
+            }
+
+            /// [`Self::parse`], keeping `raw` instead of copying it.
+            pub fn parse_owned(raw: String) -> Result<Self, String> {
+                parse_token(&raw).map(|()| Self(raw))
             }
 
             pub fn as_str(&self) -> &str {
@@ -315,6 +322,7 @@ pub struct Registration {
     pub profile: AgentProfile,
     pub origin: RegistrationOrigin,
     /// Stamped by the server that accepted it.
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub received_at: DateTime<Utc>,
 }
 
@@ -325,6 +333,7 @@ pub struct Heartbeat {
     pub status: ReportedStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub received_at: DateTime<Utc>,
 }
 
@@ -341,6 +350,7 @@ pub struct TaskResult {
     pub trace_id: Option<String>,
     /// The authenticated agent that reported it.
     pub reported_by: AgentId,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub received_at: DateTime<Utc>,
 }
 
@@ -352,11 +362,13 @@ pub struct Event {
     pub kind: String,
     pub source: AgentId,
     pub data: Value,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub time: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     /// The authenticated agent that emitted it.
     pub emitted_by: AgentId,
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub received_at: DateTime<Utc>,
 }
 
@@ -429,6 +441,15 @@ pub fn required_string(
     field: &str,
     max_len: usize,
 ) -> Result<String, FieldError> {
+    required_str(body, field, max_len).map(str::to_owned)
+}
+
+/// [`required_string`], borrowed from `body`, for a string only read.
+pub fn required_str<'a>(
+    body: &'a Map<String, Value>,
+    field: &str,
+    max_len: usize,
+) -> Result<&'a str, FieldError> {
     match body.get(field) {
         Some(Value::String(s)) if s.trim().is_empty() => {
             Err(FieldError::new(field, "must not be empty"))
@@ -437,9 +458,23 @@ pub fn required_string(
             field,
             format!("must be at most {max_len} bytes"),
         )),
-        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::String(s)) => Ok(s),
         Some(Value::Null) | None => Err(FieldError::new(field, "is required")),
         Some(_) => Err(FieldError::new(field, "must be a string")),
+    }
+}
+
+/// [`required_string`], moved out of `body` rather than copied (an empty string is left in
+/// its place: cheaper than taking the entry out of the map).
+pub fn take_string(
+    body: &mut Map<String, Value>,
+    field: &str,
+    max_len: usize,
+) -> Result<String, FieldError> {
+    required_str(body, field, max_len)?;
+    match body.get_mut(field) {
+        Some(Value::String(s)) => Ok(std::mem::take(s)),
+        _ => unreachable!("{field} was found a string just above"),
     }
 }
 

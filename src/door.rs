@@ -312,10 +312,10 @@ impl Door {
             }
             (_, None) => None,
         };
-        self.admission
-            .admit(call, caller, &body, key)
-            .await
-            .map(Some)
+        let answer = self.admission.admit(call, caller, body, key).await?;
+        Ok(Some(
+            serde_json::to_value(answer).expect("answers serialize"),
+        ))
     }
 
     /// The task calls: a submission, a claim, or a result for a task the orchestrator queued.

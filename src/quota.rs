@@ -17,10 +17,11 @@
 //! draws are made one at a time, so a burst of concurrent requests makes one draw, not many.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 use std::time::Duration;
 
+// aHash with keys drawn per process, as in `contract::bucket`.
+use ahash::RandomState;
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -60,7 +61,7 @@ pub struct StoreQuota {
     period: Duration,
     /// Bound on each read and write of the pool.
     timeout: Duration,
-    reserves: Mutex<HashMap<String, Reserve>>,
+    reserves: Mutex<HashMap<String, Reserve, RandomState>>,
     /// One draw at a time per shard of agents.
     draws: Box<[tokio::sync::Mutex<()>]>,
     hasher: RandomState,
@@ -81,7 +82,7 @@ impl StoreQuota {
             messages: messages.max(1) as f64,
             period: period.max(Duration::from_secs(1)),
             timeout,
-            reserves: Mutex::new(HashMap::new()),
+            reserves: Mutex::default(),
             draws: (0..SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
             hasher: RandomState::new(),
         }

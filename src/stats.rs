@@ -163,7 +163,10 @@ impl Slice {
 
     fn reset(&mut self, started: Instant) {
         self.started = started;
-        self.latency.reset();
+        // Resetting zeroes every bucket; most slices of most endpoints recorded nothing.
+        if !self.latency.is_empty() {
+            self.latency.reset();
+        }
         self.requests = 0;
         self.client_errors = 0;
         self.server_errors = 0;
@@ -326,8 +329,9 @@ impl Stats {
         self.window_histogram(endpoint).0
     }
 
-    /// The window's figures and its merged latency histogram (µs), for snapshots.
-    pub fn window_histogram(&self, endpoint: Endpoint) -> (WindowFigures, Histogram<u64>) {
+    /// The window's figures and its merged latency histogram (µs), for snapshots; `None` for
+    /// a window without a recorded latency (cloning an empty histogram copies every bucket).
+    pub fn window_histogram(&self, endpoint: Endpoint) -> (WindowFigures, Option<Histogram<u64>>) {
         let now = Instant::now();
         // Under the lock: one clone of the running sum (no merging), then figures outside it.
         let (merged, requests, client_errors, server_errors) = {
@@ -335,18 +339,16 @@ impl Stats {
             window.rotate(now);
             let running = &window.running;
             (
-                running.latency.clone(),
+                (!running.latency.is_empty()).then(|| running.latency.clone()),
                 running.requests,
                 running.client_errors,
                 running.server_errors,
             )
         };
         let ms = |q: f64| {
-            if merged.is_empty() {
-                0.0
-            } else {
-                merged.value_at_quantile(q) as f64 / 1000.0
-            }
+            merged
+                .as_ref()
+                .map_or(0.0, |merged| merged.value_at_quantile(q) as f64 / 1000.0)
         };
         let figures = WindowFigures {
             requests,

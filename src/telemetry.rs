@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, IsTerminal as _};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
@@ -325,6 +326,11 @@ where
         .with_threads(false)
         // Busy/idle time costs two clock reads per enter and exit of every span; not needed.
         .with_tracked_inactivity(false)
+        // Nothing here reads OpenTelemetry's own current context (`Context::current`): trace
+        // context is taken from the tracing span (`span.context()`), and a span's parent is the
+        // current tracing span. Attaching the context on every enter and detaching it on every
+        // exit (several times per request, once per poll) bought nothing.
+        .with_context_activation(false)
         .with_target(false)
         .with_filter(Targets::new().with_target("auto_com_center", Level::INFO));
     let fmt_layer = match format {
@@ -342,10 +348,25 @@ where
         .with(fmt_layer.with_filter(filter))
         .try_init()
         .is_ok();
+    if installed {
+        EXPORTING.store(exporting, Ordering::Relaxed);
+    }
     Ok(installed.then_some(Telemetry {
         provider,
         exporting,
     }))
+}
+
+/// Whether the installed subscriber exports spans (an OTLP endpoint is configured).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans leave this process. When they do not, a span is there only for its trace id
+/// (answers, `traceparent` headers, NATS headers, log lines), and the hot path's spans leave
+/// out their OpenTelemetry attributes and names: each would be built (an allocation or two)
+/// and dropped unread, on every request. JSON log lines carry a span's name and ids only, so
+/// they read the same either way; text log lines show fewer span fields.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
 }
 
 /// Log lines as JSON objects: time, level, target, the event's fields, the current span's name,
@@ -427,7 +448,31 @@ pub fn extract(headers: &impl HeaderSource) -> Context {
 pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
     let context = span.context();
     let span_ref = context.span();
-    let span_context = span_ref.span_context();
+    write_trace_context(span_ref.span_context(), headers);
+}
+
+/// [`inject`] for a child of `parent` that is not made as a span: its trace id, flags and
+/// state, under a fresh span id. For a message published while nothing is exported (see
+/// [`exporting`]): a producer span would be built only for these headers, and a consumer
+/// continues the same trace from either.
+pub fn inject_child(parent: &tracing::Span, headers: &mut async_nats::HeaderMap) {
+    let context = parent.context();
+    let span_ref = context.span();
+    let parent = span_ref.span_context();
+    if !parent.is_valid() {
+        return;
+    }
+    let child = SpanContext::new(
+        parent.trace_id(),
+        SpanId::from(rand::random::<u64>().max(1)),
+        parent.trace_flags(),
+        false,
+        parent.trace_state().clone(),
+    );
+    write_trace_context(&child, headers);
+}
+
+fn write_trace_context(span_context: &SpanContext, headers: &mut async_nats::HeaderMap) {
     if !span_context.is_valid() {
         return;
     }
@@ -734,6 +779,38 @@ mod tests {
             push_hex(&mut trace_hex, &TraceId::from(trace_id).to_bytes());
             assert_eq!(trace_hex, TraceId::from(trace_id).to_string());
         }
+    }
+
+    #[test]
+    fn a_child_written_without_a_span_carries_what_a_producer_span_would() {
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::AlwaysOff)
+            .build();
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("test"))
+            .with_context_activation(false);
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let server = tracing::info_span!("server");
+            let _ = server
+                .set_parent(parent_from_trace_id("4bf92f3577b34da6a3ce929d0e0e4736").unwrap());
+            let _entered = server.enter();
+            let (mut made, mut written) =
+                (async_nats::HeaderMap::new(), async_nats::HeaderMap::new());
+            inject(&tracing::info_span!("producer"), &mut made);
+            inject_child(&tracing::Span::current(), &mut written);
+            let made = made.get("traceparent").unwrap().as_str().to_owned();
+            let written = written.get("traceparent").unwrap().as_str().to_owned();
+            let server_id = traceparent(&server).unwrap()[36..52].to_owned();
+            // `00-<trace id>-` and `-<flags>` as the producer span's; a span id of its own.
+            assert_eq!(written[..36], made[..36]);
+            assert!(written.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+            assert_eq!(written[52..], made[52..]);
+            assert_ne!(written[36..52], server_id);
+        });
+        let mut outside = async_nats::HeaderMap::new();
+        inject_child(&tracing::Span::none(), &mut outside);
+        assert!(outside.get("traceparent").is_none());
     }
 
     #[test]

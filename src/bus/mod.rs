@@ -327,8 +327,8 @@ impl Unacked {
     }
 }
 
-/// The producer span of a publish on `subject` (named once per catalog entry), the stream the
-/// catalog gives it, and `headers` with the span's trace context in them.
+/// The producer span of a publish on `subject` (named once per catalog entry; none when nothing
+/// is exported), the stream the catalog gives it, and `headers` with the trace context in them.
 fn producer_span(
     subject: &str,
     msg_id: &str,
@@ -338,25 +338,33 @@ fn producer_span(
     let spec = subjects::CATALOG
         .iter()
         .position(|spec| subjects::matches(spec.subject, subject));
-    let name = match spec {
-        Some(i) => Cow::Borrowed(send_names()[i].as_str()),
-        // Not in the catalog: rare, so the name may cost an allocation.
-        None => Cow::Owned(format!("send {subject}")),
-    };
     let stream = spec.map(|i| subjects::CATALOG[i].stream);
-    let span = tracing::info_span!(
-        "nats.publish",
-        otel.name = &*name,
-        otel.kind = "producer",
-        otel.status_code = tracing::field::Empty,
-        messaging.system = "nats",
-        messaging.operation.type = "send",
-        messaging.destination.name = %subject,
-        messaging.message.id = msg_id,
-        messaging.nats.stream_sequence = tracing::field::Empty,
-        messaging.nats.duplicate = tracing::field::Empty,
-    );
     let mut headers = headers.unwrap_or_default();
+    // Not exported (see `telemetry::exporting`): no producer span is made, only the headers
+    // one would give the message; the consumer continues the same trace.
+    if !crate::telemetry::exporting() {
+        crate::telemetry::inject_child(&tracing::Span::current(), &mut headers);
+        return (tracing::Span::none(), stream, headers);
+    }
+    let span = {
+        let name = match spec {
+            Some(i) => Cow::Borrowed(send_names()[i].as_str()),
+            // Not in the catalog: rare, so the name may cost an allocation.
+            None => Cow::Owned(format!("send {subject}")),
+        };
+        tracing::info_span!(
+            "nats.publish",
+            otel.name = &*name,
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.destination.name = subject,
+            messaging.message.id = msg_id,
+            messaging.nats.stream_sequence = tracing::field::Empty,
+            messaging.nats.duplicate = tracing::field::Empty,
+        )
+    };
     crate::telemetry::inject(&span, &mut headers);
     (span, stream, headers)
 }

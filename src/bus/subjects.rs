@@ -181,7 +181,8 @@ pub fn task_replay(task: &TaskId) -> String {
 }
 
 pub fn event(agent: &AgentId) -> String {
-    format!("acc.events.{agent}")
+    // Not `format!`: one per stored event.
+    ["acc.events.", agent.as_str()].concat()
 }
 
 pub fn metric_snapshot(instance: &str) -> String {

@@ -14,8 +14,10 @@
 //! forgotten, so memory is bounded by the agents with requests open plus that cap.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
+
+// aHash with keys drawn per process, as in `super::bucket`.
+use ahash::RandomState;
 
 use super::Refusal;
 
@@ -28,7 +30,7 @@ pub const TOO_MANY_IN_FLIGHT: &str =
     "This agent has too many requests in flight; wait for an answer before sending more";
 
 /// Requests in flight by agent; the name is shared with the agent's [`AgentSlot`]s.
-type Shard = Mutex<HashMap<Arc<str>, usize>>;
+type Shard = Mutex<HashMap<Arc<str>, usize, RandomState>>;
 
 /// Requests in flight per agent, at most `cap` each.
 pub struct AgentSlots {
@@ -48,7 +50,7 @@ impl AgentSlots {
     pub fn new(cap: usize) -> Self {
         Self {
             cap: cap.max(1),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
         }
     }

@@ -155,14 +155,16 @@ fn is_json(headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    // Compared without case and without a lowercased copy: every body-carrying request asks.
+    let essence = value.split(';').next().unwrap_or("").trim().as_bytes();
+    let ends_with = |suffix: &[u8]| {
+        essence.len() >= suffix.len()
+            && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    };
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() >= b"application/".len()
+            && essence[..b"application/".len()].eq_ignore_ascii_case(b"application/")
+            && ends_with(b"+json"))
 }
 
 /// The optional `Idempotency-Key` header. A header that is not text is passed on as an empty
@@ -171,4 +173,44 @@ pub fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap_or(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check before it, which lowercased a copy of the value.
+    fn lowercased(value: &str) -> bool {
+        let essence = value
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        essence == "application/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"))
+    }
+
+    #[test]
+    fn json_media_types_are_told_apart_without_case_as_before() {
+        for value in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "  application/json  ;",
+            "application/problem+json",
+            "APPLICATION/VND.API+JSON",
+            "application/+json",
+            "application+json",
+            "application/jsonx",
+            "text/json",
+            "application/",
+            "json",
+            "",
+            "é/json",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, value.parse().unwrap());
+            assert_eq!(is_json(&headers), lowercased(value), "{value:?}");
+        }
+    }
 }

@@ -141,31 +141,36 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     let route = matched.as_ref().map(MatchedPath::as_str);
     let endpoint = route.and_then(routes::endpoint_of);
     let method = request.method().clone();
-    let span = match route.and_then(|path| routes::find(&method, path)) {
-        Some((_, name)) => tracing::info_span!(
-            "http.request",
-            otel.name = name,
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = method.as_str(),
-            http.route = route.unwrap_or(""),
-            url.path = %request.uri().path(),
-            url.scheme = "http",
-            http.response.status_code = tracing::field::Empty,
-            acc.trace_id = tracing::field::Empty,
-        ),
-        // Unknown routes and methods: rare, so the name may cost an allocation.
-        None => tracing::info_span!(
-            "http.request",
-            otel.name = %format!("{method} {}", route.unwrap_or("unmatched")),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = method.as_str(),
-            url.path = %request.uri().path(),
-            url.scheme = "http",
-            http.response.status_code = tracing::field::Empty,
-            acc.trace_id = tracing::field::Empty,
-        ),
+    // Not exported: only the span's trace id is used (see `telemetry::exporting`).
+    let span = if !telemetry::exporting() {
+        tracing::info_span!("http.request", acc.trace_id = tracing::field::Empty)
+    } else {
+        match route.and_then(|path| routes::find(&method, path)) {
+            Some((_, name)) => tracing::info_span!(
+                "http.request",
+                otel.name = name,
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                http.request.method = method.as_str(),
+                http.route = route.unwrap_or(""),
+                url.path = request.uri().path(),
+                url.scheme = "http",
+                http.response.status_code = tracing::field::Empty,
+                acc.trace_id = tracing::field::Empty,
+            ),
+            // Unknown routes and methods: rare, so the name may cost an allocation.
+            None => tracing::info_span!(
+                "http.request",
+                otel.name = %format!("{method} {}", route.unwrap_or("unmatched")),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                http.request.method = method.as_str(),
+                url.path = %request.uri().path(),
+                url.scheme = "http",
+                http.response.status_code = tracing::field::Empty,
+                acc.trace_id = tracing::field::Empty,
+            ),
+        }
     };
     let mut parent = telemetry::extract(request.headers());
     // A scrape is routine: traced only when the scraper sends its own sampled `traceparent`.

@@ -6,13 +6,14 @@
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use axum::extract::{Path, State, rejection::PathRejection};
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::extract::{Authenticated, JsonObject, idempotency_key};
 use super::{AppState, routes};
-use crate::admission::Call;
+use crate::admission::{Answer, Call};
 use crate::bus::subjects;
 use crate::contract::{Code, Refusal};
 use crate::domain::{TaskId, TaskResult};
@@ -33,9 +34,9 @@ async fn register(
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, Refusal> {
+) -> Result<Json<Answer>, Refusal> {
     let key = idempotency_key(&headers);
-    let answer = state.admission.admit(Call::Register, &caller, &body, key);
+    let answer = state.admission.admit(Call::Register, &caller, body, key);
     Ok(Json(answer.await?))
 }
 
@@ -44,9 +45,9 @@ async fn heartbeat(
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, Refusal> {
+) -> Result<Json<Answer>, Refusal> {
     let key = idempotency_key(&headers);
-    let answer = state.admission.admit(Call::Heartbeat, &caller, &body, key);
+    let answer = state.admission.admit(Call::Heartbeat, &caller, body, key);
     Ok(Json(answer.await?))
 }
 
@@ -56,25 +57,24 @@ async fn task_callback(
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, Refusal> {
+) -> Result<Response, Refusal> {
     let Path(task_id) = task_id.map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
     // A task the orchestrator queued goes to the dispatcher; any other keeps Gate 1's path.
     if let Some(answer) = state.task_api.callback(&caller, &task_id, &body).await? {
-        return Ok(Json(with_trace_id(answer)));
+        return Ok(Json(with_trace_id(answer)).into_response());
     }
     let key = idempotency_key(&headers);
     let call = Call::TaskResult { task_id: &task_id };
-    Ok(Json(
-        state.admission.admit(call, &caller, &body, key).await?,
-    ))
+    let answer = state.admission.admit(call, &caller, body, key).await?;
+    Ok(Json(answer).into_response())
 }
 
 async fn event(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     JsonObject(body): JsonObject,
-) -> Result<Json<Value>, Refusal> {
-    let answer = state.admission.admit(Call::Event, &caller, &body, None);
+) -> Result<Json<Answer>, Refusal> {
+    let answer = state.admission.admit(Call::Event, &caller, body, None);
     Ok(Json(answer.await?))
 }
 

@@ -53,7 +53,7 @@ impl IngressSnapshot {
                     requests: figures.requests,
                     client_errors: figures.client_errors,
                     server_errors: figures.server_errors,
-                    latency: encode(&histogram),
+                    latency: histogram.as_ref().map_or_else(String::new, encode),
                 };
                 (endpoint.name().to_owned(), window)
             })
@@ -69,6 +69,11 @@ impl IngressSnapshot {
 
 /// The histogram's recorded buckets as base64 of varint pairs (value delta in µs, count).
 pub fn encode(histogram: &Histogram<u64>) -> String {
+    // Most endpoints see no request in a window, and `iter_recorded` walks every bucket of an
+    // empty histogram (it stops early only after the last recorded one).
+    if histogram.is_empty() {
+        return String::new();
+    }
     let mut bytes = Vec::with_capacity(64);
     let mut previous = 0;
     for bucket in histogram.iter_recorded() {
@@ -94,6 +99,10 @@ pub enum DecodeError {
 /// snapshot that turns to garbage halfway adds none of its buckets. Values are clamped into the
 /// bounds and counts saturate, so a readable snapshot cannot fail the merge.
 pub fn decode_into(into: &mut Histogram<u64>, encoded: &str) -> Result<(), DecodeError> {
+    // An empty window (most endpoints, most of the time) adds nothing: no histogram to build.
+    if encoded.is_empty() {
+        return Ok(());
+    }
     let bytes = BASE64.decode(encoded)?;
     let mut rest = bytes.as_slice();
     let mut value: u64 = 0;
@@ -197,7 +206,10 @@ pub struct FleetSnapshot {
 
 /// Merges replica snapshots into fleet figures per endpoint.
 pub fn merge(snapshots: &[IngressSnapshot]) -> BTreeMap<String, FleetEndpoint> {
-    let mut merged: BTreeMap<String, (EndpointWindow, Histogram<u64>, f64)> = BTreeMap::new();
+    // An endpoint's histogram is made only once a snapshot has latencies for it: making one
+    // zeroes every bucket, and most endpoints of most snapshots have none.
+    let mut merged: BTreeMap<String, (EndpointWindow, Option<Histogram<u64>>, f64)> =
+        BTreeMap::new();
     for snapshot in snapshots {
         for (name, window) in &snapshot.endpoints {
             let entry = merged.entry(name.clone()).or_insert_with(|| {
@@ -207,15 +219,18 @@ pub fn merge(snapshots: &[IngressSnapshot]) -> BTreeMap<String, FleetEndpoint> {
                     server_errors: 0,
                     latency: String::new(),
                 };
-                (empty, new_histogram(), 0.0)
+                (empty, None, 0.0)
             });
             // Counts come from the bus: saturate rather than overflow on a bogus one.
             entry.0.requests = entry.0.requests.saturating_add(window.requests);
             entry.0.client_errors = entry.0.client_errors.saturating_add(window.client_errors);
             entry.0.server_errors = entry.0.server_errors.saturating_add(window.server_errors);
-            if let Err(err) = decode_into(&mut entry.1, &window.latency) {
-                tracing::warn!(instance = %snapshot.instance, endpoint = %name, error = %err,
-                    "unreadable latency histogram in a snapshot; its latencies are left out");
+            if !window.latency.is_empty() {
+                let histogram = entry.1.get_or_insert_with(new_histogram);
+                if let Err(err) = decode_into(histogram, &window.latency) {
+                    tracing::warn!(instance = %snapshot.instance, endpoint = %name, error = %err,
+                        "unreadable latency histogram in a snapshot; its latencies are left out");
+                }
             }
             entry.2 = f64::max(entry.2, snapshot.window_seconds);
         }
@@ -223,12 +238,11 @@ pub fn merge(snapshots: &[IngressSnapshot]) -> BTreeMap<String, FleetEndpoint> {
     merged
         .into_iter()
         .map(|(name, (counts, histogram, window_seconds))| {
-            let ms = |q: f64| {
-                if histogram.is_empty() {
-                    0.0
-                } else {
+            let ms = |q: f64| match &histogram {
+                Some(histogram) if !histogram.is_empty() => {
                     histogram.value_at_quantile(q) as f64 / 1000.0
                 }
+                _ => 0.0,
             };
             let figures = FleetEndpoint {
                 requests: counts.requests,
@@ -341,5 +355,33 @@ mod tests {
         assert_eq!(register.requests, 2);
         assert_eq!(register.server_errors, 1);
         assert!((register.error_rate - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn empty_windows_travel_as_no_buckets_beside_busy_ones() {
+        let (a, b) = (Stats::new(), Stats::new());
+        a.record(Endpoint::Events, 200, Duration::from_millis(3));
+        let (taken_a, taken_b) = (
+            IngressSnapshot::take("a", &a),
+            IngressSnapshot::take("b", &b),
+        );
+        assert_ne!(taken_a.endpoints["events"].latency, "");
+        for snapshot in [&taken_a, &taken_b] {
+            for (name, window) in &snapshot.endpoints {
+                if !(snapshot.instance == "a" && name == "events") {
+                    assert_eq!(window.latency, "", "{} {name}", snapshot.instance);
+                }
+            }
+        }
+        let fleet = merge(&[taken_a, taken_b]);
+        assert!(
+            (fleet["events"].p99_ms - 3.0).abs() < 0.01,
+            "{:?}",
+            fleet["events"]
+        );
+        assert_eq!(fleet["register"].p99_ms, 0.0);
+        let mut histogram = new_histogram();
+        decode_into(&mut histogram, "").unwrap();
+        assert!(histogram.is_empty());
     }
 }
