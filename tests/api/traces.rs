@@ -325,6 +325,83 @@ async fn one_trace_follows_a_registration_from_http_through_nats_to_the_registry
     telemetry.shutdown();
 }
 
+/// The default: no OTLP endpoint, so nothing is exported and the hot path skips the spans'
+/// OpenTelemetry work. The client's trace must still be continued everywhere it is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_exporter_the_clients_trace_still_reaches_the_answer_the_nats_headers_and_the_logs()
+{
+    let logs = Captured::default();
+    let telemetry = install(&OtelConfig::disabled(), &logs);
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+
+    let response = app
+        .http
+        .post(app.url("/orchestrator/register"))
+        .bearer_auth(token("agent-1"))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .json(&registration("agent-1"))
+        .send()
+        .await
+        .unwrap();
+    let answered = response.headers()["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = read(response).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["trace_id"], CLIENT_TRACE);
+    let answered_span = answered
+        .strip_prefix(&format!("00-{CLIENT_TRACE}-"))
+        .unwrap_or_else(|| panic!("the answer continues the client's trace: {answered}"))
+        .to_owned();
+    assert_ne!(
+        &answered_span[..16],
+        CLIENT_SPAN,
+        "the handler has a span of its own"
+    );
+
+    // The stored message continues the trace with a span id of its own.
+    let stream = app.js.get_stream("ACC_AGENTS").await.unwrap();
+    let stored = stream.get_raw_message(1).await.unwrap();
+    let header = stored
+        .headers
+        .get("traceparent")
+        .expect("the stored message carries a traceparent")
+        .as_str()
+        .to_owned();
+    let parts: Vec<&str> = header.split('-').collect();
+    assert_eq!(parts.len(), 4, "{header}");
+    assert_eq!((parts[0], parts[1]), ("00", CLIENT_TRACE), "{header}");
+    assert_eq!(parts[2].len(), 16, "{header}");
+    assert_ne!(parts[2], CLIENT_SPAN, "{header}");
+    assert_ne!(parts[2], "0000000000000000", "{header}");
+
+    // The worker's log lines name the same trace, and the handler's name the answered span.
+    let lines = eventually(Duration::from_secs(10), "the transition logged", || {
+        let lines = logs.lines();
+        let found = lines
+            .iter()
+            .any(|l| l["message"] == "agent status changed")
+            .then_some(lines);
+        async move { found }
+    })
+    .await;
+    let registered = lines
+        .iter()
+        .find(|l| l["message"] == "agent registered")
+        .expect("the registration was logged");
+    assert_eq!(registered["trace_id"], CLIENT_TRACE);
+    assert_eq!(registered["span_id"].as_str(), Some(&answered_span[..16]));
+    let changed = lines
+        .iter()
+        .find(|l| l["message"] == "agent status changed")
+        .unwrap();
+    assert_eq!(changed["trace_id"], CLIENT_TRACE);
+    app.stop().await;
+    telemetry.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_continues_the_clients_trace_and_every_answer_names_it() {
     let (collector, addr) = Collector::start().await;
