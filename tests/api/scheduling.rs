@@ -1,5 +1,5 @@
 //! Task order (DESIGN.md §6.1 "Order"): strict priority, aging, round-robin across tenants, the
-//! per-tenant cap on queued tasks, and the same order after a dispatcher restart — over real
+//! per-tenant cap on queued tasks, and the same order after a dispatcher restart or failover — over real
 //! HTTP, against a real nats-server.
 
 use std::time::Duration;
@@ -203,5 +203,51 @@ async fn the_order_of_queued_tasks_is_the_same_after_a_dispatcher_restart() {
     assert_eq!(
         order,
         ["b1-0", "a3-0", "b3-0", "a3-1", "b3-1", "a3-2", "a5-0"]
+    );
+}
+
+#[tokio::test]
+async fn the_order_of_queued_tasks_is_the_same_after_a_dispatcher_failover() {
+    let nats = NatsServer::start();
+    let acting = TestApp::spawn(&nats).await;
+    let kv = acting.js.get_key_value("acc_tasks").await.unwrap();
+    // The first replica holds the dispatcher lease before the standby starts.
+    eventually(
+        Duration::from_secs(10),
+        "the first replica acting",
+        || async {
+            let entry = kv.get("lease.dispatcher").await.ok().flatten()?;
+            let lease: Value = serde_json::from_slice(&entry).ok()?;
+            lease["holder"]
+                .as_str()
+                .is_some_and(|h| !h.is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    let standby = TestApp::spawn(&nats).await;
+    let tasks = [
+        ("a3-0", "tenant-a", 3),
+        ("b5-0", "tenant-b", 5),
+        ("a3-1", "tenant-a", 3),
+        ("a2-0", "tenant-a", 2),
+        ("b3-0", "tenant-b", 3),
+        ("c3-0", "tenant-c", 3),
+        ("b2-0", "tenant-b", 2),
+    ];
+    for (id, tenant, priority) in tasks {
+        submit_ok(
+            &standby,
+            json!({"task_id": id, "capability": "c", "tenant": tenant, "priority": priority}),
+        )
+        .await;
+    }
+    taken_in(&standby, "b2-0").await;
+    acting.stop().await;
+    register_worker(&standby, "worker-1", &["c"], 10).await;
+    let order = ids(&claim_until(&standby, "worker-1", tasks.len(), "5s").await);
+    assert_eq!(
+        order,
+        ["a2-0", "b2-0", "a3-0", "b3-0", "c3-0", "a3-1", "b5-0"]
     );
 }
