@@ -114,6 +114,28 @@ async fn a_tenants_single_task_behind_another_tenants_1000_is_among_the_first_tw
 }
 
 #[tokio::test]
+async fn with_tenant_weights_a_tenant_gets_its_weight_of_claims_per_turn() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--tenant-weights=tenant-a=3"]).await;
+    for n in 0..4 {
+        for tenant in ["a", "b"] {
+            submit_ok(
+                &app,
+                json!({"task_id": format!("{tenant}-{n}"), "capability": "c", "tenant": format!("tenant-{tenant}")}),
+            )
+            .await;
+        }
+    }
+    taken_in(&app, "b-3").await;
+    register_worker(&app, "worker-1", &["c"], 10).await;
+    let order = ids(&claim_until(&app, "worker-1", 8, "5s").await);
+    assert_eq!(
+        order,
+        ["a-0", "a-1", "a-2", "b-0", "a-3", "b-1", "b-2", "b-3"]
+    );
+}
+
+#[tokio::test]
 async fn a_tenant_over_its_queued_cap_gets_429_queue_full_and_other_tenants_are_unaffected() {
     let nats = NatsServer::start();
     let app = TestApp::spawn_with(&nats, &["--task-max-queued-per-tenant=3"]).await;
