@@ -11,6 +11,9 @@
 //   DURATION_SCALE  multiplies every stage's duration (default 1: 30s+60s+120s+120s+30s = 6 min;
 //                   0.055 gives a ~20 s smoke run)
 //   AGENTS          size of the agent pool registered in setup() (default 200)
+//   ONLY            one endpoint name (register, heartbeat, callback or event): every iteration
+//                   calls that endpoint, to measure what one kind of request costs the bridge
+//                   (default: all four, a quarter each)
 //   STRICT          '0' drops our own latency targets (p95 < 5 ms, p99 < 15 ms) and keeps only the
 //                   plan's (p95 < 120 ms, errors < 1 %), the checks and the dropped-iterations rule
 //
@@ -32,7 +35,11 @@ const SECRET = __ENV.SHARED_SECRET || '';
 const SCALE = Number(__ENV.DURATION_SCALE || '1');
 const POOL = Number(__ENV.AGENTS || '200');
 const STRICT = __ENV.STRICT !== '0';
-const ENDPOINTS = ['register', 'heartbeat', 'callback', 'event'];
+const ALL_ENDPOINTS = ['register', 'heartbeat', 'callback', 'event'];
+const ENDPOINTS = __ENV.ONLY ? [__ENV.ONLY] : ALL_ENDPOINTS;
+if (!ALL_ENDPOINTS.includes(ENDPOINTS[0])) {
+  throw new Error(`ONLY must be one of ${ALL_ENDPOINTS.join(', ')}, got ${__ENV.ONLY}`);
+}
 
 if (SECRET.length < 32) {
   throw new Error('SHARED_SECRET must be set to the bridge secret (at least 32 bytes)');
