@@ -27,6 +27,7 @@ use crate::directory::Directory;
 use crate::door::Door;
 use crate::http::{self, AppState};
 use crate::metrics::FleetView;
+use crate::metrics::worker::AgentRecords;
 use crate::stats::Stats;
 use crate::streams::{Hub, Slots};
 use crate::workers;
@@ -149,7 +150,7 @@ impl Application {
         // Configured agents are on the bus before any role serves, whichever roles run here.
         workers::registry::preregister(&publisher, &bucket, &settings.registry.preregistered)
             .await?;
-        // The metrics and alerting roles read the agents bucket too.
+        // The metrics and alerting roles read the agents bucket too, through the view below.
         let agents_bucket = bucket.clone();
 
         if settings.runs(Role::Registry) {
@@ -167,9 +168,14 @@ impl Application {
             });
         }
 
-        // Both doors read the agents view; one follower serves them.
+        // Both doors, the dispatcher and the metrics and alerting roles read the agents view;
+        // one follower serves them.
         let directory = Directory::new(agents_stream, settings.publish_timeout);
-        if listener.is_some() || settings.runs(Role::Door) || settings.runs(Role::Dispatcher) {
+        if listener.is_some()
+            || [Role::Door, Role::Dispatcher, Role::Metrics, Role::Alerting]
+                .into_iter()
+                .any(|role| settings.runs(role))
+        {
             tasks.spawn({
                 let (directory, client, stop) = (directory.clone(), client.clone(), stop.clone());
                 async move {
@@ -182,7 +188,10 @@ impl Application {
         if settings.runs(Role::Metrics) {
             let (publisher, bucket, interval, stop) = (
                 publisher.clone(),
-                agents_bucket.clone(),
+                AgentRecords {
+                    directory: directory.clone(),
+                    bucket: agents_bucket.clone(),
+                },
                 settings.metrics.snapshot_interval,
                 stop.clone(),
             );
@@ -196,7 +205,10 @@ impl Application {
         if settings.runs(Role::Alerting) {
             let (publisher, bucket, alerting, interval, stop) = (
                 publisher.clone(),
-                agents_bucket.clone(),
+                AgentRecords {
+                    directory: directory.clone(),
+                    bucket: agents_bucket.clone(),
+                },
                 settings.alerting.clone(),
                 settings.metrics.snapshot_interval,
                 stop.clone(),

@@ -7,7 +7,7 @@
 //! registration stream, which already holds every acknowledged registration.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -39,6 +39,10 @@ pub enum LookupError {
 #[derive(Clone)]
 pub struct Directory {
     agents: Arc<RwLock<HashMap<AgentId, AgentRecord>>>,
+    /// Set once the view has caught up with the bucket for the first time (every stored record
+    /// read, or the bucket found empty); it stays set across re-watches, whose old view is
+    /// served until the fresh one replaces it.
+    synced: Arc<AtomicBool>,
     registrations: Stream,
     lookup_timeout: Duration,
 }
@@ -47,6 +51,7 @@ impl Directory {
     pub fn new(registrations: Stream, lookup_timeout: Duration) -> Self {
         Self {
             agents: Arc::default(),
+            synced: Arc::default(),
             registrations,
             lookup_timeout,
         }
@@ -58,6 +63,13 @@ impl Directory {
         let mut list: Vec<_> = agents.values().cloned().collect();
         list.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
         list
+    }
+
+    /// Every agent, sorted by id, once the view has caught up with the bucket; `None` before,
+    /// when an empty view would misreport the fleet (the metrics and alerting roles then read
+    /// the bucket themselves).
+    pub fn list_synced(&self) -> Option<Vec<AgentRecord>> {
+        self.synced.load(Ordering::Acquire).then(|| self.list())
     }
 
     /// One agent's record, as the view holds it.
@@ -117,6 +129,20 @@ impl Directory {
             match watch {
                 Ok(mut entries) => {
                     let mut fresh: Option<HashMap<AgentId, AgentRecord>> = Some(HashMap::new());
+                    // A watch of an empty bucket delivers nothing until the first write: it is
+                    // caught up at once. Asked after the watch exists, so a write in between
+                    // arrives through it.
+                    let empty = bucket
+                        .stream
+                        .clone()
+                        .info()
+                        .await
+                        .is_ok_and(|info| info.state.messages == 0);
+                    if empty {
+                        fresh = None;
+                        self.agents.write().expect("not poisoned").clear();
+                        self.synced.store(true, Ordering::Release);
+                    }
                     let statistics = client.statistics();
                     let connects = statistics.connects.load(Ordering::Relaxed);
                     let mut connection = tokio::time::interval(Duration::from_millis(200));
@@ -160,6 +186,7 @@ impl Directory {
                         if entry.delta == 0 {
                             if let Some(map) = fresh.take() {
                                 *live = map;
+                                self.synced.store(true, Ordering::Release);
                             }
                         }
                     }

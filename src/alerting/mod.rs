@@ -39,7 +39,7 @@ use crate::bus::{Publisher, subjects};
 use crate::metrics::STALE_AFTER_INTERVALS;
 use crate::metrics::snapshot::{FleetEndpoint, FleetSnapshot, merge};
 use crate::metrics::tasks::{SNAPSHOT_KEY, SNAPSHOT_STALE, TaskSnapshot};
-use crate::metrics::worker::{agent_records, replica_snapshots};
+use crate::metrics::worker::{AgentRecords, replica_snapshots};
 use alertmanager::Alertmanagers;
 use engine::{Engine, Notification, Outcome, Policy, Sample};
 use lease::Lease;
@@ -96,7 +96,7 @@ impl std::fmt::Debug for AlertingSettings {
 /// Runs the alerting role until `stop`.
 pub async fn run(
     publisher: Publisher,
-    agents: Store,
+    agents: AgentRecords,
     settings: AlertingSettings,
     snapshot_interval: Duration,
     stop: CancellationToken,
@@ -197,7 +197,7 @@ async fn evaluate(
     engine: &mut Engine,
     rules: &[CheckedRule],
     js: &async_nats::jetstream::Context,
-    agents: &Store,
+    agents: &AgentRecords,
     kv: &Store,
     notifier: &Notifier,
     lease: &Lease,
@@ -436,16 +436,19 @@ pub fn task_samples(
     samples
 }
 
-/// Samples of the agent rules, read from the agents bucket: seconds since the last heartbeat
-/// of each agent the registry marked offline.
-async fn agent_samples(rules: &[CheckedRule], agents: &Store) -> anyhow::Result<Vec<Sample>> {
+/// Samples of the agent rules, from the replica's view of the agents bucket: seconds since the
+/// last heartbeat of each agent the registry marked offline.
+async fn agent_samples(
+    rules: &[CheckedRule],
+    agents: &AgentRecords,
+) -> anyhow::Result<Vec<Sample>> {
     if rules
         .iter()
         .all(|r| r.rule.metric != Metric::AgentOfflineSeconds)
     {
         return Ok(Vec::new());
     }
-    let records = agent_records(agents).await?;
+    let records = agents.read().await?;
     let now = Utc::now();
     let mut samples = Vec::new();
     for (index, rule) in rules.iter().enumerate() {

@@ -4,8 +4,9 @@
 //! figures, adds bus figures (streams, durable consumers, agents), and publishes the result on
 //! `acc.metrics.fleet`.
 //!
-//! It holds no state: each round starts from the bus. Several replicas may run; the dedupe id
-//! (the interval's number) makes their fleet snapshots of one interval a single message.
+//! It holds no state of its own: each round starts from the bus, the agent counts from the
+//! replica's view of the agents bucket ([`AgentRecords`]). Several replicas may run; the dedupe
+//! id (the interval's number) makes their fleet snapshots of one interval a single message.
 
 use std::time::Duration;
 
@@ -23,13 +24,14 @@ use super::snapshot::{
 };
 use crate::bus::unreadable::Unreadable;
 use crate::bus::{Publisher, provision, subjects};
+use crate::directory::Directory;
 use crate::domain::{AgentCounts, AgentRecord, AgentStatus};
 use crate::telemetry;
 
 /// Runs the metrics role until `stop`.
 pub async fn run(
     publisher: Publisher,
-    agents: Store,
+    agents: AgentRecords,
     interval: Duration,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -66,7 +68,7 @@ pub async fn run(
 /// One round: the fleet snapshot as of now.
 pub async fn fleet(
     js: &jetstream::Context,
-    agents: &Store,
+    agents: &AgentRecords,
     interval: Duration,
 ) -> anyhow::Result<FleetSnapshot> {
     let snapshots = replica_snapshots(js, interval * STALE_AFTER_INTERVALS).await?;
@@ -127,7 +129,7 @@ pub async fn replica_snapshots(
 }
 
 /// Streams, durable consumers and agents.
-async fn bus_figures(js: &jetstream::Context, agents: &Store) -> anyhow::Result<BusFigures> {
+async fn bus_figures(js: &jetstream::Context, agents: &AgentRecords) -> anyhow::Result<BusFigures> {
     let mut figures = BusFigures::default();
     for name in provision::STREAMS {
         let Ok(mut stream) = js.get_stream(name).await else {
@@ -164,8 +166,10 @@ async fn bus_figures(js: &jetstream::Context, agents: &Store) -> anyhow::Result<
 }
 
 /// Agent counts by status, and the offline agents with their last heartbeat.
-pub async fn agent_figures(agents: &Store) -> anyhow::Result<(AgentCounts, Vec<OfflineAgent>)> {
-    let records = agent_records(agents).await?;
+pub async fn agent_figures(
+    agents: &AgentRecords,
+) -> anyhow::Result<(AgentCounts, Vec<OfflineAgent>)> {
+    let records = agents.read().await?;
     let counts = AgentCounts::tally(&records);
     let offline = records
         .into_iter()
@@ -180,6 +184,26 @@ pub async fn agent_figures(agents: &Store) -> anyhow::Result<(AgentCounts, Vec<O
 
 /// Agent records the fleet figures could not read.
 static UNREADABLE: Unreadable = Unreadable::new("agent record");
+
+/// Where the metrics and alerting roles read the agent records from: the replica's directory,
+/// which follows the bucket, once it has caught up with it; until then the bucket itself, a read
+/// per key (a round trip per agent, which every interval would otherwise pay for the whole
+/// fleet).
+#[derive(Clone)]
+pub struct AgentRecords {
+    pub directory: Directory,
+    pub bucket: Store,
+}
+
+impl AgentRecords {
+    /// Every agent record, sorted by id.
+    pub async fn read(&self) -> anyhow::Result<Vec<AgentRecord>> {
+        match self.directory.list_synced() {
+            Some(records) => Ok(records),
+            None => agent_records(&self.bucket).await,
+        }
+    }
+}
 
 /// Every agent record in the bucket (unreadable ones are skipped, counted and logged once).
 pub async fn agent_records(agents: &Store) -> anyhow::Result<Vec<AgentRecord>> {

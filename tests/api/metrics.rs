@@ -351,3 +351,111 @@ async fn a_slow_fleet_does_not_make_a_healthy_replica_report_503() {
     assert_eq!(health["fleet"]["p95_latency_register"], 900.0, "{health}");
     assert_eq!(health["fleet"]["error_rate_heartbeat"], 0.5, "{health}");
 }
+
+/// Subscribes to the JetStream API, to see every request that reads one agent record.
+async fn agent_record_reads(nats: &NatsServer) -> (async_nats::Client, async_nats::Subscriber) {
+    let watcher = nats.client().await;
+    let reads = watcher.subscribe("$JS.API.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    (watcher, reads)
+}
+
+/// The reads of agent records (`$JS.API.DIRECT.GET.KV_acc_agents…`, `…STREAM.MSG.GET…`) that
+/// arrived on `reads` so far.
+async fn drained(watcher: &async_nats::Client, reads: &mut async_nats::Subscriber) -> Vec<String> {
+    let bucket = format!("KV_{}", auto_com_center::bus::subjects::AGENTS_BUCKET);
+    watcher.flush().await.unwrap();
+    let mut seen = Vec::new();
+    // Until a pause, at most a second: the workers' pull requests keep arriving.
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok(Some(request))) = tokio::time::timeout_at(
+        until,
+        tokio::time::timeout(Duration::from_millis(100), futures::StreamExt::next(reads)),
+    )
+    .await
+    {
+        let subject = request.subject.as_str();
+        if subject.contains(".GET.") && subject.contains(&bucket) {
+            seen.push(subject.to_owned());
+        }
+    }
+    seen
+}
+
+/// A fleet snapshot generated after `after` that satisfies `check`.
+async fn fleet_after(
+    app: &TestApp,
+    after: chrono::DateTime<chrono::Utc>,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(Duration::from_secs(10), what, || async {
+        latest_fleet(app).await.filter(|fleet| {
+            let generated = fleet["generated_at"].as_str().unwrap_or_default();
+            chrono::DateTime::parse_from_rfc3339(generated).is_ok_and(|at| at > after)
+                && check(fleet)
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_metrics_role_counts_agents_from_its_view_of_the_bucket_with_no_read_per_agent() {
+    const AGENTS: usize = 12;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--roles=ingress,registry"]).await;
+    let (watcher, mut reads) = agent_record_reads(&nats).await;
+    let fast = "--metrics-snapshot-interval=200ms";
+
+    // Started on an empty bucket: the view is caught up at once and follows what is written.
+    let metrics = TestApp::spawn_with(&nats, &["--roles=metrics", fast]).await;
+    for i in 0..AGENTS {
+        app.register(&format!("agent-{i:02}")).await;
+    }
+    let counted = chrono::Utc::now();
+    fleet_after(&app, counted, "every agent counted", |fleet| {
+        fleet["bus"]["agents"]["online"] == AGENTS
+    })
+    .await;
+    // The registry read each new agent's key once; from here on nothing else writes.
+    drained(&watcher, &mut reads).await;
+    // A few intervals more, each counting the whole fleet.
+    let later = chrono::Utc::now() + chrono::Duration::milliseconds(600);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    fleet_after(&app, later, "later snapshots", |fleet| {
+        fleet["bus"]["agents"]["online"] == AGENTS
+    })
+    .await;
+    let seen = drained(&watcher, &mut reads).await;
+    metrics.stop().await;
+    assert!(
+        seen.is_empty(),
+        "snapshots of {AGENTS} agents over about four intervals read {} agent records: {seen:?}",
+        seen.len()
+    );
+
+    // Started on a full bucket: after its first snapshot, no snapshot reads an agent record.
+    let metrics = TestApp::spawn_with(&nats, &["--roles=metrics", fast]).await;
+    let started = chrono::Utc::now();
+    fleet_after(&app, started, "the new replica's snapshot", |fleet| {
+        fleet["bus"]["agents"]["online"] == AGENTS
+    })
+    .await;
+    drained(&watcher, &mut reads).await;
+    let from = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    app.register("agent-late").await;
+    fleet_after(&app, from, "the late agent counted", |fleet| {
+        fleet["bus"]["agents"]["online"] == AGENTS + 1
+    })
+    .await;
+    let seen = drained(&watcher, &mut reads).await;
+    metrics.stop().await;
+    assert!(
+        seen.len() <= 1,
+        "snapshots of {} agents over about five intervals read {} agent records: {seen:?}",
+        AGENTS + 1,
+        seen.len()
+    );
+    app.stop().await;
+}
