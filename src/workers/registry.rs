@@ -198,12 +198,24 @@ impl Handler for Registry {
         if subjects::matches(subjects::REGISTRATIONS, subject) {
             let registration: Registration = parse(&message.payload)?;
             let agent = registration.agent_id.clone();
+            let known = self.held.known(&agent).is_some();
             if let Some(held) = self.held.forget(&agent) {
                 self.write_heartbeat(&held, &held_id(&held)).await?;
             }
-            self.apply(&agent, &format!("status:{agent}:{seq}"), |current| {
-                Ok(on_registration(current, &registration))
-            })
+            // An agent this replica does not know is most likely new (the records stored at
+            // start were learnt): its record is created with no read first; a create the bucket
+            // refuses (the record exists after all) is followed by a read, as any lost race.
+            let unknown = if known || self.held.window.is_zero() {
+                Unknown::Read
+            } else {
+                Unknown::Create
+            };
+            self.apply(
+                &agent,
+                &format!("status:{agent}:{seq}"),
+                unknown,
+                |current| Ok(on_registration(current, &registration)),
+            )
             .await
             .map(drop)
         } else if subjects::matches(subjects::HEARTBEATS, subject) {
@@ -236,6 +248,16 @@ impl Handler for Registry {
             ))
         }
     }
+}
+
+/// What the first attempt of [`Registry::apply`] assumes of an agent this replica knows no
+/// record of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unknown {
+    /// Nothing: read the record.
+    Read,
+    /// That it has none: create it, and read it only if the bucket refuses.
+    Create,
 }
 
 /// A record as read from the bucket, with the revision to compare-and-set against.
@@ -328,9 +350,12 @@ impl Registry {
         heartbeat: &Heartbeat,
         transition_id: &str,
     ) -> Result<(), HandleError> {
-        self.apply(&heartbeat.agent_id, transition_id, |current| {
-            on_heartbeat(current, heartbeat)
-        })
+        self.apply(
+            &heartbeat.agent_id,
+            transition_id,
+            Unknown::Read,
+            |current| on_heartbeat(current, heartbeat),
+        )
         .await
     }
 
@@ -416,20 +441,29 @@ impl Registry {
     }
 
     /// Compute, compare-and-set, then announce; retried when another writer wins. The first
-    /// attempt uses the record known here, if any, with no read; the others read it afresh.
+    /// attempt uses the record known here, if any, with no read (for an agent not known here,
+    /// as `unknown` says); the others read it afresh.
     async fn apply<F>(
         &self,
         agent: &AgentId,
         transition_id: &str,
+        unknown: Unknown,
         compute: F,
     ) -> Result<(), HandleError>
     where
         F: Fn(Option<&AgentRecord>) -> Result<Outcome, HandleError> + Send + Sync,
     {
-        let mut known = self.held.known(agent).map(|(record, revision)| Loaded {
-            record: Some(record),
-            revision: Some(revision),
-        });
+        let mut known = match self.held.known(agent) {
+            Some((record, revision)) => Some(Loaded {
+                record: Some(record),
+                revision: Some(revision),
+            }),
+            None if unknown == Unknown::Create => Some(Loaded {
+                record: None,
+                revision: None,
+            }),
+            None => None,
+        };
         for _ in 0..10 {
             let loaded = match known.take() {
                 Some(loaded) => loaded,

@@ -985,3 +985,111 @@ async fn a_starting_registry_learns_the_stored_records_and_reads_none_per_heartb
     );
     second.stop().await;
 }
+
+/// Every request for one agent record (`$JS.API.DIRECT.GET.KV_acc_agents…` and the older
+/// `STREAM.MSG.GET`) seen on the API from now until `drain_reads` is called.
+async fn agent_reads(nats: &NatsServer) -> (async_nats::Client, async_nats::Subscriber) {
+    let watcher = nats.client().await;
+    let api = watcher.subscribe("$JS.API.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    (watcher, api)
+}
+
+async fn drain_reads(
+    watcher: &async_nats::Client,
+    api: &mut async_nats::Subscriber,
+) -> Vec<String> {
+    let bucket = format!("KV_{AGENTS_BUCKET}");
+    watcher.flush().await.unwrap();
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok(Some(request))) = tokio::time::timeout_at(
+        until,
+        tokio::time::timeout(Duration::from_millis(100), futures::StreamExt::next(api)),
+    )
+    .await
+    {
+        let subject = request.subject.as_str();
+        if subject.contains(".GET.") && subject.contains(&bucket) {
+            seen.push(subject.to_owned());
+        }
+    }
+    seen
+}
+
+/// Issue 18, item 4: a registration of an agent the registry knows no record of creates the
+/// record with no read first. When the record exists after all (another replica wrote it since
+/// this one started), the refused create is followed by a read and the registration applied to
+/// the record read.
+#[tokio::test]
+async fn a_new_agent_is_registered_with_no_read_of_its_record_and_an_existing_one_is_read() {
+    const AGENTS: usize = 10;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--roles=ingress,registry"]).await;
+    let (watcher, mut api) = agent_reads(&nats).await;
+    let agents: Vec<String> = (0..AGENTS).map(|i| format!("agent-{i:02}")).collect();
+    for agent in &agents {
+        app.register(agent).await;
+    }
+    for agent in &agents {
+        wait_for_status(&app, agent, "online", Duration::from_secs(5)).await;
+    }
+    registry_drained(&app).await;
+    let seen = drain_reads(&watcher, &mut api).await;
+    assert!(
+        seen.is_empty(),
+        "{} reads of agent records for {AGENTS} new registrations: {seen:?}",
+        seen.len()
+    );
+    for agent in &agents {
+        assert_eq!(
+            transitions(&app, agent).await,
+            [transition(Value::Null, "online", "registered")]
+        );
+    }
+
+    // A record this registry never wrote nor learnt: as if another replica created it.
+    let (mut record, _) = stored_record(&app, "agent-00").await;
+    record["agent_id"] = json!("agent-elsewhere");
+    record["name"] = json!("written elsewhere");
+    let kv = app.js.get_key_value(AGENTS_BUCKET).await.unwrap();
+    kv.create(
+        "agent-elsewhere",
+        serde_json::to_vec(&record).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    drain_reads(&watcher, &mut api).await;
+    let mut registration = registration("agent-elsewhere");
+    registration["name"] = json!("registered here");
+    let (status, body) = app
+        .post(
+            "/orchestrator/register",
+            Some(&token("agent-elsewhere")),
+            &registration,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(
+        Duration::from_secs(5),
+        "the registration applied to the stored record",
+        || async {
+            // From the ingress's view, not the bucket: the test's own reads are not counted.
+            listed(&app)
+                .await
+                .iter()
+                .any(|a| a["agent_id"] == "agent-elsewhere" && a["name"] == "registered here")
+                .then_some(())
+        },
+    )
+    .await;
+    let seen = drain_reads(&watcher, &mut api).await;
+    // The client's create reads the key it could not create (to tell a deleted one), then
+    // the registry reads the record to apply the registration to.
+    assert!(
+        !seen.is_empty() && seen.len() <= 2,
+        "the refused create was followed by a read: {seen:?}"
+    );
+    nothing_dead_lettered(&app, "the refused create was retried, not failed").await;
+    app.stop().await;
+}
