@@ -14,7 +14,9 @@
 //! messages costs one bus round trip per 16th of its quota; a reservation is never given back
 //! (what one replica holds unspent is not available at another until the pool refills), so the
 //! agent is held to at most its quota across replicas, never more. Within a process, one agent's
-//! draws are made one at a time, so a burst of concurrent requests makes one draw, not many.
+//! draws are made one at a time, so a burst of concurrent requests makes one draw, not many. A
+//! replica's first draw for an agent creates the key with no read first (a new agent has none);
+//! when the key exists, the refused create is followed by a read.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -129,11 +131,23 @@ impl StoreQuota {
     /// share of each), or refuses when the pool holds less.
     async fn draw(&self, agent: &AgentId, size: u64) -> Result<(u64, u64), Refusal> {
         let key = subjects::store_quota_key(agent);
+        // An agent this replica never drew for is most likely new: its first draw creates the
+        // full pool's key less the draw, with no read first; a create the bucket refuses (the
+        // pool exists: another replica, or this one before a restart) reads it as any lost race.
+        let mut unread = !self
+            .reserves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(agent.as_str());
         for _ in 0..MAX_ATTEMPTS {
-            let entry = tokio::time::timeout(self.timeout, self.store.entry(key.as_str()))
-                .await
-                .map_err(|_| Refusal::bus_unavailable("store quota read timed out"))?
-                .map_err(Refusal::bus_unavailable)?;
+            let entry = if std::mem::take(&mut unread) {
+                None
+            } else {
+                tokio::time::timeout(self.timeout, self.store.entry(key.as_str()))
+                    .await
+                    .map_err(|_| Refusal::bus_unavailable("store quota read timed out"))?
+                    .map_err(Refusal::bus_unavailable)?
+            };
             let now_ms = chrono::Utc::now().timestamp_millis();
             let full = Level {
                 bytes: self.bytes,

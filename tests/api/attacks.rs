@@ -1386,3 +1386,60 @@ async fn beat(agent: &NatsAgent) -> DoorAnswer {
         .await
         .expect("the door answers")
 }
+
+/// Issue 18, item 4: a replica's first draw on an agent's store quota creates the pool's key
+/// with no read first (a new agent has none). That the key may exist already (another replica
+/// drew first) is covered by the test above: each replica's first draw there finds it.
+#[tokio::test]
+async fn an_agents_first_message_draws_its_store_quota_with_no_read() {
+    const AGENTS: usize = 5;
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+    let watcher = nats.client().await;
+    let mut api = watcher.subscribe("$JS.API.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    for i in 0..AGENTS {
+        let agent = format!("new-{i}");
+        let (status, body) = app
+            .post(
+                "/orchestrator/events",
+                Some(&token(&agent)),
+                &event(&agent, "first"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    watcher.flush().await.unwrap();
+    let mut reads = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok(Some(request))) = tokio::time::timeout_at(
+        until,
+        tokio::time::timeout(
+            Duration::from_millis(100),
+            futures::StreamExt::next(&mut api),
+        ),
+    )
+    .await
+    {
+        let subject = request.subject.as_str();
+        if subject.contains(".GET.") && subject.contains("KV_acc_limits") {
+            reads.push(subject.to_owned());
+        }
+    }
+    assert!(
+        reads.is_empty(),
+        "{} reads of the limits bucket for {AGENTS} new agents' first events: {reads:?}",
+        reads.len()
+    );
+    let limits = app.js.get_key_value("acc_limits").await.unwrap();
+    for i in 0..AGENTS {
+        let key = auto_com_center::bus::subjects::store_quota_key(
+            &auto_com_center::domain::AgentId::parse(&format!("new-{i}")).unwrap(),
+        );
+        assert!(
+            limits.get(&key).await.unwrap().is_some(),
+            "new-{i}'s pool was created"
+        );
+    }
+    app.stop().await;
+}
