@@ -39,9 +39,9 @@ pub enum LookupError {
 #[derive(Clone)]
 pub struct Directory {
     agents: Arc<RwLock<HashMap<AgentId, AgentRecord>>>,
-    /// Set once the view has caught up with the bucket for the first time (every stored record
-    /// read, or the bucket found empty); it stays set across re-watches, whose old view is
-    /// served until the fresh one replaces it.
+    /// Set while the view follows the bucket and has caught up with it (every stored record
+    /// read, or the bucket found empty); cleared when its watch ends, until the next one has
+    /// caught up.
     synced: Arc<AtomicBool>,
     registrations: Stream,
     lookup_timeout: Duration,
@@ -65,9 +65,9 @@ impl Directory {
         list
     }
 
-    /// Every agent, sorted by id, once the view has caught up with the bucket; `None` before,
-    /// when an empty view would misreport the fleet (the metrics and alerting roles then read
-    /// the bucket themselves).
+    /// Every agent, sorted by id, while the view follows the bucket and has caught up with it;
+    /// `None` otherwise, when an empty or stale view would misreport the fleet (the metrics and
+    /// alerting roles then read the bucket themselves).
     pub fn list_synced(&self) -> Option<Vec<AgentRecord>> {
         self.synced.load(Ordering::Acquire).then(|| self.list())
     }
@@ -121,7 +121,10 @@ impl Directory {
     /// including a reconnection of `client` (the watch would otherwise notice only after its
     /// idle heartbeats went missing, seconds later).
     pub async fn follow(self, bucket: Store, client: Client, stop: CancellationToken) {
+        let statistics = client.statistics();
         loop {
+            // Counted before the watch is made: a reconnection from here on ends this watch.
+            let connects = statistics.connects.load(Ordering::Relaxed);
             let watch = tokio::select! {
                 () = stop.cancelled() => return,
                 watch = bucket.watch_with_history(">") => watch,
@@ -132,19 +135,16 @@ impl Directory {
                     // A watch of an empty bucket delivers nothing until the first write: it is
                     // caught up at once. Asked after the watch exists, so a write in between
                     // arrives through it.
-                    let empty = bucket
-                        .stream
-                        .clone()
-                        .info()
-                        .await
-                        .is_ok_and(|info| info.state.messages == 0);
+                    let mut stream = bucket.stream.clone();
+                    let empty = tokio::select! {
+                        () = stop.cancelled() => return,
+                        info = stream.info() => info.is_ok_and(|info| info.state.messages == 0),
+                    };
                     if empty {
                         fresh = None;
                         self.agents.write().expect("not poisoned").clear();
                         self.synced.store(true, Ordering::Release);
                     }
-                    let statistics = client.statistics();
-                    let connects = statistics.connects.load(Ordering::Relaxed);
                     let mut connection = tokio::time::interval(Duration::from_millis(200));
                     loop {
                         let next = tokio::select! {
@@ -166,21 +166,21 @@ impl Directory {
                             }
                             None => break,
                         };
-                        let Ok(agent) = AgentId::parse(&entry.key) else {
-                            continue;
-                        };
                         // While replaying history, build a fresh map so deleted agents vanish.
                         let mut live = self.agents.write().expect("not poisoned");
                         let target = fresh.as_mut().unwrap_or(&mut live);
-                        match entry.operation {
-                            Operation::Put => match serde_json::from_slice(&entry.value) {
-                                Ok(record) => {
-                                    target.insert(agent, record);
+                        // A key that names no agent is skipped, but may still end the replay.
+                        if let Ok(agent) = AgentId::parse(&entry.key) {
+                            match entry.operation {
+                                Operation::Put => match serde_json::from_slice(&entry.value) {
+                                    Ok(record) => {
+                                        target.insert(agent, record);
+                                    }
+                                    Err(err) => UNREADABLE.skip(&entry.key, &err),
+                                },
+                                Operation::Delete | Operation::Purge => {
+                                    target.remove(&agent);
                                 }
-                                Err(err) => UNREADABLE.skip(&entry.key, &err),
-                            },
-                            Operation::Delete | Operation::Purge => {
-                                target.remove(&agent);
                             }
                         }
                         if entry.delta == 0 {
@@ -193,6 +193,10 @@ impl Directory {
                 }
                 Err(err) => tracing::warn!(error = %err, "cannot watch the agents bucket"),
             }
+            // No longer following: the doors go on serving the last view (and `is_known` falls
+            // back to the stream), but the fleet figures read the bucket until the next watch
+            // has caught up, so a view that stopped following is never reported as the fleet.
+            self.synced.store(false, Ordering::Release);
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}

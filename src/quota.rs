@@ -15,8 +15,9 @@
 //! (what one replica holds unspent is not available at another until the pool refills), so the
 //! agent is held to at most its quota across replicas, never more. Within a process, one agent's
 //! draws are made one at a time, so a burst of concurrent requests makes one draw, not many. A
-//! replica's first draw for an agent creates the key with no read first (a new agent has none);
-//! when the key exists, the refused create is followed by a read.
+//! replica's first draw for an agent writes the key with no read first, on the condition that it
+//! holds nothing yet (a new agent has none); when it exists, the refused write is followed by a
+//! read.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -131,16 +132,22 @@ impl StoreQuota {
     /// share of each), or refuses when the pool holds less.
     async fn draw(&self, agent: &AgentId, size: u64) -> Result<(u64, u64), Refusal> {
         let key = subjects::store_quota_key(agent);
-        // An agent this replica never drew for is most likely new: its first draw creates the
-        // full pool's key less the draw, with no read first; a create the bucket refuses (the
-        // pool exists: another replica, or this one before a restart) reads it as any lost race.
-        let mut unread = !self
-            .reserves
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(agent.as_str());
+        // An agent this replica never drew for is most likely new: its first draw writes the
+        // full pool less the draw on the condition that the key holds nothing yet, with no read
+        // first. A refusal (the pool exists: another replica, or this one before a restart)
+        // reads it, as after any lost race. Only the first draw per agent is made blind, whether
+        // it succeeds or not: an agent refused for its quota is read, not guessed, from then on.
+        let mut unread = {
+            let mut reserves = self.reserves.lock().unwrap_or_else(|p| p.into_inner());
+            let first = !reserves.contains_key(agent.as_str());
+            if first {
+                reserves.insert(agent.as_str().to_owned(), Reserve::default());
+            }
+            first
+        };
         for _ in 0..MAX_ATTEMPTS {
-            let entry = if std::mem::take(&mut unread) {
+            let blind = std::mem::take(&mut unread);
+            let entry = if blind {
                 None
             } else {
                 tokio::time::timeout(self.timeout, self.store.entry(key.as_str()))
@@ -162,6 +169,9 @@ impl StoreQuota {
                     Some(entry.revision),
                 ),
                 Some(entry) => (full, Some(entry.revision)),
+                // Revision 0: written only if the key holds nothing at all (not even a delete
+                // marker, which the read after the refusal finds).
+                None if blind => (full, Some(0)),
                 None => (full, None),
             };
             let need = size as f64;

@@ -202,9 +202,12 @@ impl Handler for Registry {
             if let Some(held) = self.held.forget(&agent) {
                 self.write_heartbeat(&held, &held_id(&held)).await?;
             }
-            // An agent this replica does not know is most likely new (the records stored at
-            // start were learnt): its record is created with no read first; a create the bucket
-            // refuses (the record exists after all) is followed by a read, as any lost race.
+            // An agent this replica does not know is, in the common case, new (the records
+            // stored at start were learnt, and every record written here is known until it has
+            // been idle for the stale threshold): its record is written with no read first, on
+            // the condition that the key holds nothing; a refusal (the record exists after all:
+            // written by another replica, forgotten here, or not learnt) is followed by a read,
+            // as any lost race, which costs one round trip more than reading first would.
             let unknown = if known || self.held.window.is_zero() {
                 Unknown::Read
             } else {
@@ -256,7 +259,7 @@ impl Handler for Registry {
 enum Unknown {
     /// Nothing: read the record.
     Read,
-    /// That it has none: create it, and read it only if the bucket refuses.
+    /// That it has none: write it on that condition, and read it only if the bucket refuses.
     Create,
 }
 
@@ -458,9 +461,11 @@ impl Registry {
                 record: Some(record),
                 revision: Some(revision),
             }),
+            // Revision 0: written only if the key holds nothing at all, refused (with no read
+            // by the client, unlike `create`) when it holds a record or a delete marker.
             None if unknown == Unknown::Create => Some(Loaded {
                 record: None,
-                revision: None,
+                revision: Some(0),
             }),
             None => None,
         };

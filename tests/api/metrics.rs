@@ -417,7 +417,7 @@ async fn the_metrics_role_counts_agents_from_its_view_of_the_bucket_with_no_read
         fleet["bus"]["agents"]["online"] == AGENTS
     })
     .await;
-    // The registry read each new agent's key once; from here on nothing else writes.
+    // Whatever the registrations read is behind us; from here on nothing writes.
     drained(&watcher, &mut reads).await;
     // A few intervals more, each counting the whole fleet.
     let later = chrono::Utc::now() + chrono::Duration::milliseconds(600);
