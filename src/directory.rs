@@ -1,6 +1,7 @@
-//! The ingress's read model of the agents KV bucket: a watcher keeps an in-memory copy that
-//! `GET /orchestrator/agents`, `/health` and the heartbeat existence check read without a round
-//! trip. The registry worker is the only writer of the bucket; this side only reads.
+//! The replica's read model of the agents KV bucket: a watcher keeps an in-memory copy that
+//! `GET /orchestrator/agents`, `/health`, the heartbeat existence check, the dispatcher and the
+//! metrics and alerting roles' fleet figures read without a round trip. The registry worker is
+//! the only writer of the bucket; this side only reads.
 //!
 //! The copy trails the bucket by the time a KV update takes to arrive (milliseconds). Where that
 //! matters — a heartbeat right after its registration — [`Directory::is_known`] falls back to the
