@@ -1395,9 +1395,7 @@ async fn an_agents_first_message_draws_its_store_quota_with_no_read() {
     const AGENTS: usize = 5;
     let nats = NatsServer::start();
     let app = TestApp::spawn(&nats).await;
-    let watcher = nats.client().await;
-    let mut api = watcher.subscribe("$JS.API.>").await.unwrap();
-    watcher.flush().await.unwrap();
+    let mut api = ApiRequests::watch(&nats).await;
     for i in 0..AGENTS {
         let agent = format!("new-{i}");
         let (status, body) = app
@@ -1409,23 +1407,7 @@ async fn an_agents_first_message_draws_its_store_quota_with_no_read() {
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
-    watcher.flush().await.unwrap();
-    let mut reads = Vec::new();
-    let until = tokio::time::Instant::now() + Duration::from_secs(1);
-    while let Ok(Ok(Some(request))) = tokio::time::timeout_at(
-        until,
-        tokio::time::timeout(
-            Duration::from_millis(100),
-            futures::StreamExt::next(&mut api),
-        ),
-    )
-    .await
-    {
-        let subject = request.subject.as_str();
-        if subject.contains(".GET.") && subject.contains("KV_acc_limits") {
-            reads.push(subject.to_owned());
-        }
-    }
+    let reads = api.reads_of("acc_limits").await;
     assert!(
         reads.is_empty(),
         "{} reads of the limits bucket for {AGENTS} new agents' first events: {reads:?}",

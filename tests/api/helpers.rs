@@ -808,3 +808,44 @@ impl ServerErrors {
             .any(|e| e.to_ascii_lowercase().contains(needle))
     }
 }
+
+/// Every JetStream API request any client sends from now on, to count the reads of one bucket's
+/// keys (what a change meant to read nothing per agent must not do).
+pub struct ApiRequests {
+    client: async_nats::Client,
+    requests: async_nats::Subscriber,
+}
+
+impl ApiRequests {
+    pub async fn watch(nats: &NatsServer) -> Self {
+        let client = nats.client().await;
+        let requests = client.subscribe("$JS.API.>").await.unwrap();
+        client.flush().await.unwrap();
+        Self { client, requests }
+    }
+
+    /// The reads of a key of `bucket` (`$JS.API.DIRECT.GET.KV_<bucket>…`, and the older
+    /// `STREAM.MSG.GET`) sent since the last call: what has arrived until a pause of 100 ms,
+    /// at most a second (the workers' pull requests keep arriving).
+    pub async fn reads_of(&mut self, bucket: &str) -> Vec<String> {
+        let stream = format!("KV_{bucket}");
+        self.client.flush().await.unwrap();
+        let mut reads = Vec::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Ok(Some(request))) = tokio::time::timeout_at(
+            until,
+            tokio::time::timeout(
+                Duration::from_millis(100),
+                futures::StreamExt::next(&mut self.requests),
+            ),
+        )
+        .await
+        {
+            let subject = request.subject.as_str();
+            if subject.contains(".GET.") && subject.contains(&stream) {
+                reads.push(subject.to_owned());
+            }
+        }
+        reads
+    }
+}

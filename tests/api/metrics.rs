@@ -352,36 +352,6 @@ async fn a_slow_fleet_does_not_make_a_healthy_replica_report_503() {
     assert_eq!(health["fleet"]["error_rate_heartbeat"], 0.5, "{health}");
 }
 
-/// Subscribes to the JetStream API, to see every request that reads one agent record.
-async fn agent_record_reads(nats: &NatsServer) -> (async_nats::Client, async_nats::Subscriber) {
-    let watcher = nats.client().await;
-    let reads = watcher.subscribe("$JS.API.>").await.unwrap();
-    watcher.flush().await.unwrap();
-    (watcher, reads)
-}
-
-/// The reads of agent records (`$JS.API.DIRECT.GET.KV_acc_agents…`, `…STREAM.MSG.GET…`) that
-/// arrived on `reads` so far.
-async fn drained(watcher: &async_nats::Client, reads: &mut async_nats::Subscriber) -> Vec<String> {
-    let bucket = format!("KV_{}", auto_com_center::bus::subjects::AGENTS_BUCKET);
-    watcher.flush().await.unwrap();
-    let mut seen = Vec::new();
-    // Until a pause, at most a second: the workers' pull requests keep arriving.
-    let until = tokio::time::Instant::now() + Duration::from_secs(1);
-    while let Ok(Ok(Some(request))) = tokio::time::timeout_at(
-        until,
-        tokio::time::timeout(Duration::from_millis(100), futures::StreamExt::next(reads)),
-    )
-    .await
-    {
-        let subject = request.subject.as_str();
-        if subject.contains(".GET.") && subject.contains(&bucket) {
-            seen.push(subject.to_owned());
-        }
-    }
-    seen
-}
-
 /// A fleet snapshot generated after `after` that satisfies `check`.
 async fn fleet_after(
     app: &TestApp,
@@ -404,7 +374,8 @@ async fn the_metrics_role_counts_agents_from_its_view_of_the_bucket_with_no_read
     const AGENTS: usize = 12;
     let nats = NatsServer::start();
     let app = TestApp::spawn_with(&nats, &["--roles=ingress,registry"]).await;
-    let (watcher, mut reads) = agent_record_reads(&nats).await;
+    let mut api = ApiRequests::watch(&nats).await;
+    let bucket = auto_com_center::bus::subjects::AGENTS_BUCKET;
     let fast = "--metrics-snapshot-interval=200ms";
 
     // Started on an empty bucket: the view is caught up at once and follows what is written.
@@ -418,7 +389,7 @@ async fn the_metrics_role_counts_agents_from_its_view_of_the_bucket_with_no_read
     })
     .await;
     // Whatever the registrations read is behind us; from here on nothing writes.
-    drained(&watcher, &mut reads).await;
+    api.reads_of(bucket).await;
     // A few intervals more, each counting the whole fleet.
     let later = chrono::Utc::now() + chrono::Duration::milliseconds(600);
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -426,7 +397,7 @@ async fn the_metrics_role_counts_agents_from_its_view_of_the_bucket_with_no_read
         fleet["bus"]["agents"]["online"] == AGENTS
     })
     .await;
-    let seen = drained(&watcher, &mut reads).await;
+    let seen = api.reads_of(bucket).await;
     metrics.stop().await;
     assert!(
         seen.is_empty(),
@@ -441,7 +412,7 @@ async fn the_metrics_role_counts_agents_from_its_view_of_the_bucket_with_no_read
         fleet["bus"]["agents"]["online"] == AGENTS
     })
     .await;
-    drained(&watcher, &mut reads).await;
+    api.reads_of(bucket).await;
     let from = chrono::Utc::now();
     tokio::time::sleep(Duration::from_millis(800)).await;
     app.register("agent-late").await;
@@ -449,7 +420,7 @@ async fn the_metrics_role_counts_agents_from_its_view_of_the_bucket_with_no_read
         fleet["bus"]["agents"]["online"] == AGENTS + 1
     })
     .await;
-    let seen = drained(&watcher, &mut reads).await;
+    let seen = api.reads_of(bucket).await;
     metrics.stop().await;
     assert!(
         seen.len() <= 1,

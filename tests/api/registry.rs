@@ -930,23 +930,8 @@ async fn a_starting_registry_learns_the_stored_records_and_reads_none_per_heartb
     }
     first.stop().await;
 
-    // Every read of an agent record is a request to the server on one of these subjects.
-    let watcher = nats.client().await;
-    let mut reads = futures::stream::select_all([
-        watcher
-            .subscribe(format!("$JS.API.DIRECT.GET.KV_{AGENTS_BUCKET}.>"))
-            .await
-            .unwrap(),
-        watcher
-            .subscribe(format!("$JS.API.DIRECT.GET.KV_{AGENTS_BUCKET}"))
-            .await
-            .unwrap(),
-        watcher
-            .subscribe(format!("$JS.API.STREAM.MSG.GET.KV_{AGENTS_BUCKET}"))
-            .await
-            .unwrap(),
-    ]);
-    watcher.flush().await.unwrap();
+    // Every read of an agent record is a request to the server's JetStream API.
+    let mut api = ApiRequests::watch(&nats).await;
 
     let second = TestApp::spawn_with(&nats, &["--roles=registry"]).await;
     let mut sent = HashMap::new();
@@ -968,53 +953,13 @@ async fn a_starting_registry_learns_the_stored_records_and_reads_none_per_heartb
         )
         .await;
     }
-    watcher.flush().await.unwrap();
-    let mut seen = Vec::new();
-    while let Ok(Some(read)) = tokio::time::timeout(
-        Duration::from_millis(200),
-        futures::StreamExt::next(&mut reads),
-    )
-    .await
-    {
-        seen.push(read.subject.to_string());
-    }
+    let seen = api.reads_of(AGENTS_BUCKET).await;
     assert!(
         seen.is_empty(),
         "{} reads of agent records for {AGENTS} first heartbeats: {seen:?}",
         seen.len()
     );
     second.stop().await;
-}
-
-/// Every request for one agent record (`$JS.API.DIRECT.GET.KV_acc_agents…` and the older
-/// `STREAM.MSG.GET`) seen on the API from now until `drain_reads` is called.
-async fn agent_reads(nats: &NatsServer) -> (async_nats::Client, async_nats::Subscriber) {
-    let watcher = nats.client().await;
-    let api = watcher.subscribe("$JS.API.>").await.unwrap();
-    watcher.flush().await.unwrap();
-    (watcher, api)
-}
-
-async fn drain_reads(
-    watcher: &async_nats::Client,
-    api: &mut async_nats::Subscriber,
-) -> Vec<String> {
-    let bucket = format!("KV_{AGENTS_BUCKET}");
-    watcher.flush().await.unwrap();
-    let mut seen = Vec::new();
-    let until = tokio::time::Instant::now() + Duration::from_secs(1);
-    while let Ok(Ok(Some(request))) = tokio::time::timeout_at(
-        until,
-        tokio::time::timeout(Duration::from_millis(100), futures::StreamExt::next(api)),
-    )
-    .await
-    {
-        let subject = request.subject.as_str();
-        if subject.contains(".GET.") && subject.contains(&bucket) {
-            seen.push(subject.to_owned());
-        }
-    }
-    seen
 }
 
 /// Issue 18, item 4: a registration of an agent the registry knows no record of writes the
@@ -1026,7 +971,7 @@ async fn a_new_agent_is_registered_with_no_read_of_its_record_and_an_existing_on
     const AGENTS: usize = 10;
     let nats = NatsServer::start();
     let app = TestApp::spawn_with(&nats, &["--roles=ingress,registry"]).await;
-    let (watcher, mut api) = agent_reads(&nats).await;
+    let mut api = ApiRequests::watch(&nats).await;
     let agents: Vec<String> = (0..AGENTS).map(|i| format!("agent-{i:02}")).collect();
     for agent in &agents {
         app.register(agent).await;
@@ -1035,7 +980,7 @@ async fn a_new_agent_is_registered_with_no_read_of_its_record_and_an_existing_on
         wait_for_status(&app, agent, "online", Duration::from_secs(5)).await;
     }
     registry_drained(&app).await;
-    let seen = drain_reads(&watcher, &mut api).await;
+    let seen = api.reads_of(AGENTS_BUCKET).await;
     assert!(
         seen.is_empty(),
         "{} reads of agent records for {AGENTS} new registrations: {seen:?}",
@@ -1059,7 +1004,7 @@ async fn a_new_agent_is_registered_with_no_read_of_its_record_and_an_existing_on
     )
     .await
     .unwrap();
-    drain_reads(&watcher, &mut api).await;
+    api.reads_of(AGENTS_BUCKET).await;
     let mut registration = registration("agent-elsewhere");
     registration["name"] = json!("registered here");
     let (status, body) = app
@@ -1083,7 +1028,7 @@ async fn a_new_agent_is_registered_with_no_read_of_its_record_and_an_existing_on
         },
     )
     .await;
-    let seen = drain_reads(&watcher, &mut api).await;
+    let seen = api.reads_of(AGENTS_BUCKET).await;
     // The refused write is followed by one read, of the record the registration is applied to.
     assert_eq!(
         seen.len(),
