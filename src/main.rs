@@ -7,6 +7,9 @@ use auto_com_center::telemetry::{self, OtelConfig};
 use auto_com_center::{Application, app, auth};
 use clap::Parser as _;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

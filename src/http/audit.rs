@@ -1,13 +1,13 @@
 //! The audit trail over HTTP (admin): `GET /orchestrator/audit` lists records, oldest first,
-//! with filters and a cursor; [`record_refusals`] is the middleware that records every refused
-//! credential. (`/orchestrator/audit/stream` is in [`super::streams`].)
+//! with filters and a cursor; [`refused_credential`] records every refused credential, called by the
+//! front middleware. (`/orchestrator/audit/stream` is in [`super::streams`].)
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use axum::extract::{ConnectInfo, MatchedPath, Query, Request, State};
-use axum::middleware::Next;
+use axum::extract::{Query, State};
+use axum::http::Method;
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -131,29 +131,21 @@ async fn list(
     Ok(Json(with_trace_id(answer)))
 }
 
-/// Middleware: after each response, records a refused credential with the source address, the
-/// route and the code.
-pub async fn record_refusals(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    // Cheap to keep (an `Arc` and a method); the route is spelled out only for a refusal.
-    let matched = request.extensions().get::<MatchedPath>().cloned();
-    let method = request.method().clone();
-    let response = next.run(request).await;
+/// After each response (inside the request's span, so the record carries its trace id): a
+/// refused credential is recorded with the source address, the route and the code. The route is
+/// spelled out only for a refusal.
+pub(super) fn refused_credential(
+    state: &AppState,
+    peer: Option<IpAddr>,
+    route: Option<&str>,
+    method: &Method,
+    response: &Response,
+) {
     if let Some(&code) = response.extensions().get::<Code>() {
         if is_refused_credential(code) {
-            let route = matched.map_or_else(
-                || "unmatched".to_owned(),
-                |path| format!("{method} {}", path.as_str()),
-            );
+            let route =
+                route.map_or_else(|| "unmatched".to_owned(), |path| format!("{method} {path}"));
             state.audit.credential_refused(peer, &route, code);
         }
     }
-    response
 }

@@ -6,7 +6,7 @@
 //! - a token bucket of failed authentications per source address ([`Limits::auth_blocked`],
 //!   [`Limits::auth_failed`]): an address that keeps presenting bad tokens gets 429 for every
 //!   further bad one, while a token that verifies is still served;
-//! - a global cap on requests in flight ([`shed`]): past it, requests are refused at once with 503
+//! - a global cap on requests in flight ([`Limits::hold_in_flight`]): past it, requests are refused at once with 503
 //!   `OVERLOADED` instead of queueing without bound (memory stays flat when the bus is slow);
 //! - a cap per agent within it ([`SlotCell`], an [`AgentSlots`] shared with the NATS door): a
 //!   request whose token verified takes one of its agent's slots before any of its body is
@@ -22,12 +22,10 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::AppState;
 use crate::contract::bucket::{AgentRate, Buckets, retry_after_secs};
 use crate::contract::slots::{AgentSlot, AgentSlots};
 use crate::contract::{Code, Refusal, RefusalCounts};
@@ -141,8 +139,8 @@ impl Limits {
 }
 
 /// The agent slot a request holds: empty until its token verified, then filled once (by
-/// whichever of `observe` and the extractor verified it first), and emptied by [`shed`] when
-/// the request is answered. A clone shares the slot.
+/// whichever of `observe` and the extractor verified it first), and emptied by
+/// [`InFlight::release`] when the request is answered. A clone shares the slot.
 #[derive(Clone, Default)]
 pub struct SlotCell(Arc<Mutex<Option<AgentSlot>>>);
 
@@ -162,26 +160,48 @@ impl SlotCell {
     }
 }
 
-/// Middleware: holds one in-flight permit for the whole request, or refuses at once with 503
-/// `OVERLOADED`; gives back the agent slot the request took ([`SlotCell`]); counts refusals by
-/// code. Health probes are not counted against the cap, so an overloaded door still answers them.
-pub async fn shed(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    if request.uri().path().starts_with("/health") {
-        return next.run(request).await;
+/// What a request holds while it is handled: one in-flight permit and the cell for its agent
+/// slot ([`SlotCell`]), or nothing for a health probe, which is not counted against the cap so
+/// that an overloaded door still answers it. Taken by [`Limits::hold_in_flight`], given back
+/// by [`InFlight::release`].
+pub struct InFlight(Option<(OwnedSemaphorePermit, SlotCell)>);
+
+impl InFlight {
+    /// The request's agent slot cell, none for a health probe.
+    pub fn slot(&self) -> Option<SlotCell> {
+        self.0.as_ref().map(|(_, slot)| slot.clone())
     }
-    let response = match state.limits.in_flight.clone().try_acquire_owned() {
-        Ok(permit) => {
-            let slot = SlotCell::default();
-            request.extensions_mut().insert(slot.clone());
-            let response = next.run(request).await;
+
+    /// Gives back the permit and the agent slot the request took, and counts the refusal the
+    /// response carries, if any (health probes are not counted).
+    pub fn release(self, limits: &Limits, response: &Response) {
+        if let Some((permit, slot)) = self.0 {
             slot.release();
             drop(permit);
-            response
+            if let Some(code) = response.extensions().get::<Code>() {
+                limits.refusals.count(*code);
+            }
         }
-        Err(_) => Refusal::new(Code::Overloaded).into_response(),
-    };
-    if let Some(code) = response.extensions().get::<Code>() {
-        state.limits.refusals.count(*code);
     }
-    response
+}
+
+impl Limits {
+    /// One in-flight permit for `request` (and an empty agent slot cell in its extensions, for
+    /// whichever of the front middleware and the extractor verifies its token first), or `None`
+    /// when the door is at `MAX_IN_FLIGHT`: answer [`Limits::overloaded`].
+    pub fn hold_in_flight(&self, request: &mut Request) -> Option<InFlight> {
+        if request.uri().path().starts_with("/health") {
+            return Some(InFlight(None));
+        }
+        let permit = self.in_flight.clone().try_acquire_owned().ok()?;
+        let slot = SlotCell::default();
+        request.extensions_mut().insert(slot.clone());
+        Some(InFlight(Some((permit, slot))))
+    }
+
+    /// 503 `OVERLOADED`, counted.
+    pub fn overloaded(&self) -> Response {
+        self.refusals.count(Code::Overloaded);
+        Refusal::new(Code::Overloaded).into_response()
+    }
 }

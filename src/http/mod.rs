@@ -16,6 +16,7 @@ pub mod server;
 pub mod streams;
 pub mod tasks;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use async_nats::Client;
 use async_nats::jetstream::{self, stream::Stream};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -101,8 +102,8 @@ pub fn router(state: AppState) -> Router {
         .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // One layer of four, outermost first: the router boxes each route once for the whole
-        // stack, where a layer each boxed it (and cloned the box on every request) four times.
+        // One layer of two, outermost first: the router boxes each route once for the whole
+        // stack, where a layer each boxed it (and cloned the box on every request) each time.
         .layer(
             ServiceBuilder::new()
                 .layer(CatchPanicLayer::custom(
@@ -110,14 +111,9 @@ pub fn router(state: AppState) -> Router {
                         Refusal::internal("handler panicked").into_response()
                     },
                 ))
-                // Outside `observe`: a shed request costs no span and no body read.
-                .layer(middleware::from_fn_with_state(state.clone(), limits::shed))
-                .layer(middleware::from_fn_with_state(state.clone(), observe))
-                // Inside `observe`: a record carries the request's trace id.
-                .layer(middleware::from_fn_with_state(
-                    state.clone(),
-                    audit::record_refusals,
-                )),
+                // One middleware for the in-flight cap, the span and figures, and the audit
+                // of refused credentials: one future and one boxed call per request, not three.
+                .layer(middleware::from_fn_with_state(state.clone(), front)),
         )
         .with_state(state)
 }
@@ -130,17 +126,45 @@ async fn method_not_allowed() -> Refusal {
     Refusal::new(Code::MethodNotAllowed)
 }
 
-/// Wraps every request: one server span continuing the caller's trace (from `traceparent`, or
-/// from a W3C `trace_id` in the body when there is no header), a `traceparent` response header,
-/// and latency figures for the routes we keep them for (refusals before admission are only
-/// counted, see [`crate::stats::Stats::record_refused`]).
-async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Wraps every request, in this order:
+///
+/// 1. the in-flight cap ([`limits::Limits::hold_in_flight`]): past it, 503 `OVERLOADED` at once, with no
+///    span and no body read; health probes are not held to it;
+/// 2. [`observe`]: the span, the body's `trace_id`, the figures;
+/// 3. inside the span, the audit of a refused credential ([`audit::refused_credential`]), so
+///    that its record carries the request's trace id.
+///
+/// Every "not now" and before-admission refusal is counted by code ([`limits::Limits`]).
+async fn front(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let Some(held) = state.limits.hold_in_flight(&mut request) else {
+        return state.limits.overloaded();
+    };
+    let response = observe(&state, request, held.slot(), next).await;
+    held.release(&state.limits, &response);
+    response
+}
+
+/// One server span continuing the caller's trace (from `traceparent`, or from a W3C
+/// `trace_id` in the body when there is no header), a `traceparent` response header, and
+/// latency figures for the routes we keep them for (refusals before admission are only
+/// counted, see [`crate::stats::Stats::record_refused`]). `slot` is the agent slot the request
+/// may hold ([`limits::SlotCell`]), none for a health probe.
+async fn observe(
+    state: &AppState,
+    request: Request,
+    slot: Option<limits::SlotCell>,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     // `MatchedPath` is an `Arc<str>`: cloning it does not copy the route.
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map(MatchedPath::as_str);
     let endpoint = route.and_then(routes::endpoint_of);
     let method = request.method().clone();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
     // Not exported: only the span's trace id is used (see `telemetry::exporting`).
     let span = if !telemetry::exporting() {
         tracing::info_span!("http.request", acc.trace_id = tracing::field::Empty)
@@ -195,7 +219,7 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
             let verified = state.verifier.verify_header(authorization).await;
             let valid = verified.is_ok();
             // A verified agent takes one of its slots before its body is read.
-            let held = match (&verified, request.extensions().get::<limits::SlotCell>()) {
+            let held = match (&verified, &slot) {
                 (Ok(caller), Some(slot)) => slot.hold(&state.limits, caller.agent_id.as_str()),
                 _ => Ok(()),
             };
@@ -219,11 +243,13 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         };
     let _ = span.set_parent(parent);
     let mut response = async {
-        match (request, early) {
+        let response = match (request, early) {
             (Some(request), _) => next.run(request).await,
             (None, Some(refusal)) => refusal.into_response(),
             (None, None) => unreachable!("either a request or a refusal"),
-        }
+        };
+        audit::refused_credential(state, peer, route, &method, &response);
+        response
     }
     .instrument(span.clone())
     .await;

@@ -23,6 +23,10 @@ use bytes::Bytes;
 use clap::Parser;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 struct Args {
     /// NATS server; a file-backed stream FLOOR on `floor.>` is created there if missing.
