@@ -402,6 +402,46 @@ async fn with_no_exporter_the_clients_trace_still_reaches_the_answer_the_nats_he
     telemetry.shutdown();
 }
 
+/// A refused credential is recorded inside the request's span (the HTTP door's front
+/// middleware), so its audit record names the trace the client sent and the refusal continued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_credentials_audit_record_names_the_requests_trace() {
+    let logs = Captured::default();
+    let telemetry = install(&OtelConfig::disabled(), &logs);
+    let nats = NatsServer::start();
+    let app = TestApp::spawn(&nats).await;
+
+    let forged = "eyJhbGciOiJIUzI1NiJ9.eyJhZ2VudF9pZCI6Im1hbGxvcnkifQ.c2VjcmV0LXRva2VuLXZhbHVl";
+    let response = app
+        .http
+        .get(app.url("/orchestrator/agents"))
+        .bearer_auth(forged)
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let answered = response.headers()["traceparent"].to_str().unwrap();
+    assert!(
+        answered.starts_with(&format!("00-{CLIENT_TRACE}-")),
+        "{answered}"
+    );
+
+    let body = eventually(Duration::from_secs(5), "the credential record", || async {
+        let (status, body) = app
+            .get("/orchestrator/audit?kind=credential", Some(&admin_token()))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (body["count"] == 1).then_some(body)
+    })
+    .await;
+    let record = &body["records"][0];
+    assert_eq!(record["code"], "INVALID_TOKEN", "{record}");
+    assert_eq!(record["trace_id"], CLIENT_TRACE, "{record}");
+    app.stop().await;
+    telemetry.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_continues_the_clients_trace_and_every_answer_names_it() {
     let (collector, addr) = Collector::start().await;
