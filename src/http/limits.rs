@@ -6,8 +6,9 @@
 //! - a token bucket of failed authentications per source address ([`Limits::auth_blocked`],
 //!   [`Limits::auth_failed`]): an address that keeps presenting bad tokens gets 429 for every
 //!   further bad one, while a token that verifies is still served;
-//! - a global cap on requests in flight ([`Limits::hold_in_flight`]): past it, requests are refused at once with 503
-//!   `OVERLOADED` instead of queueing without bound (memory stays flat when the bus is slow);
+//! - a global cap on requests in flight ([`Limits::hold_in_flight`]): past it, requests are
+//!   refused at once with 503 `OVERLOADED` instead of queueing without bound (memory stays flat
+//!   when the bus is slow);
 //! - a cap per agent within it ([`SlotCell`], an [`AgentSlots`] shared with the NATS door): a
 //!   request whose token verified takes one of its agent's slots before any of its body is
 //!   read and holds it until answered; past `MAX_IN_FLIGHT_PER_AGENT`, 429 `RATE_LIMITED` at

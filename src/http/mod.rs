@@ -128,8 +128,8 @@ async fn method_not_allowed() -> Refusal {
 
 /// Wraps every request, in this order:
 ///
-/// 1. the in-flight cap ([`limits::Limits::hold_in_flight`]): past it, 503 `OVERLOADED` at once, with no
-///    span and no body read; health probes are not held to it;
+/// 1. the in-flight cap ([`limits::Limits::hold_in_flight`]): past it, 503 `OVERLOADED` at
+///    once, with no span and no body read; health probes are not held to it;
 /// 2. [`observe`]: the span, the body's `trace_id`, the figures;
 /// 3. inside the span, the audit of a refused credential ([`audit::refused_credential`]), so
 ///    that its record carries the request's trace id.
