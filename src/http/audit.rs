@@ -1,5 +1,5 @@
 //! The audit trail over HTTP (admin): `GET /orchestrator/audit` lists records, oldest first,
-//! with filters and a cursor; [`refused_credential`] records every refused credential (called
+//! with filters and a cursor; `refused_credential` records every refused credential (called
 //! by the front middleware). (`/orchestrator/audit/stream` is in [`super::streams`].)
 
 use std::net::IpAddr;
