@@ -198,7 +198,7 @@ impl Handler for Registry {
         if subjects::matches(subjects::REGISTRATIONS, subject) {
             let registration: Registration = parse(&message.payload)?;
             let agent = registration.agent_id.clone();
-            let known = self.held.known(&agent).is_some();
+            let known = self.held.knows(&agent);
             if let Some(held) = self.held.forget(&agent) {
                 self.write_heartbeat(&held, &held_id(&held)).await?;
             }
@@ -227,7 +227,7 @@ impl Handler for Registry {
             if self.held.hold(&heartbeat, Instant::now()) {
                 return Ok(());
             }
-            if !self.held.window.is_zero() && self.held.known(agent).is_none() {
+            if !self.held.window.is_zero() && !self.held.knows(agent) {
                 // Read the record once (an agent not registered yet is retried), then hold.
                 if let Some(Loaded {
                     record: Some(record),

@@ -86,6 +86,11 @@ impl Held {
         true
     }
 
+    /// Whether this replica knows a record of `agent` (without copying it, unlike [`Held::known`]).
+    pub(super) fn knows(&self, agent: &AgentId) -> bool {
+        self.lock().contains_key(agent)
+    }
+
     /// The record and revision known for `agent`, to compare-and-set against without a read.
     pub(super) fn known(&self, agent: &AgentId) -> Option<(AgentRecord, u64)> {
         let agents = self.lock();
@@ -283,7 +288,9 @@ mod tests {
         held.known_at(&record(1, AgentStatus::Online), 7, true, t0);
         assert!(held.due(Some(t0 + Duration::from_secs(9))).is_empty());
         assert!(held.known(&agent).is_some(), "touched 9 s ago: kept");
+        assert!(held.knows(&agent));
         assert!(held.due(Some(t0 + Duration::from_secs(11))).is_empty());
         assert_eq!(held.known(&agent), None, "untouched for 11 s: forgotten");
+        assert!(!held.knows(&agent));
     }
 }
