@@ -76,6 +76,14 @@ cpu_seconds() {
   awk -v tck="$tck" '{ printf "%.3f\n", ($12 + $13) / tck }' <<<"$rest"
 }
 
+# Context switches of process $1 over all its threads: "<voluntary> <involuntary>". A voluntary
+# switch is a thread going to sleep (waiting for I/O or a timer): at low rate, wake-ups per request.
+context_switches() {
+  cat "/proc/$1/task/"*/status 2>/dev/null |
+    awk '/^voluntary_ctxt_switches/ { v += $2 } /^nonvoluntary_ctxt_switches/ { n += $2 }
+         END { print v + 0, n + 0 }'
+}
+
 # Peak resident memory (VmHWM) of process $1 in KiB.
 peak_rss_kib() {
   awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"

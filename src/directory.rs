@@ -13,7 +13,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::Client;
-use async_nats::connection::State;
 use async_nats::jetstream::kv::{Operation, Store};
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use futures::StreamExt as _;
@@ -146,18 +145,13 @@ impl Directory {
                         self.agents.write().expect("not poisoned").clear();
                         self.synced.store(true, Ordering::Release);
                     }
-                    let mut connection = tokio::time::interval(Duration::from_millis(200));
+                    let reconnected = crate::bus::reconnected(&client, connects);
+                    tokio::pin!(reconnected);
                     loop {
                         let next = tokio::select! {
                             () = stop.cancelled() => return,
                             next = entries.next() => next,
-                            _ = connection.tick() => {
-                                let reconnected = statistics.connects.load(Ordering::Relaxed) != connects;
-                                if reconnected && client.connection_state() == State::Connected {
-                                    break;
-                                }
-                                continue;
-                            }
+                            () = &mut reconnected => break,
                         };
                         let entry = match next {
                             Some(Ok(entry)) => entry,

@@ -49,7 +49,10 @@ pub async fn connect(urls: &[String], auth: &NatsAuth) -> anyhow::Result<Client>
         .reconnect_delay_callback(reconnect_delay)
         .event_callback(|event| async move {
             match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Connected => {
+                    CONNECTIONS.send_modify(|n| *n += 1);
+                    tracing::info!("connected to NATS");
+                }
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
                 other => tracing::debug!(event = %other, "NATS event"),
             }
@@ -65,6 +68,39 @@ pub async fn connect(urls: &[String], auth: &NatsAuth) -> anyhow::Result<Client>
             .with_context(|| format!("NATS_CREDS: cannot read {}", path.display()))?,
     };
     options.connect(addrs).await.context("connecting to NATS")
+}
+
+/// Counts the connections made by every client [`connect`] opened in this process, so that
+/// whatever must act on a reconnection waits for one ([`reconnected`]) rather than polling.
+static CONNECTIONS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
+
+/// Completes once `client` is connected again after its `connects` statistic read `since`.
+/// Woken by the connection events of clients [`connect`] opened; for any other client it
+/// looks every few seconds.
+pub async fn reconnected(client: &Client, since: u64) {
+    const UNSIGNALLED: Duration = Duration::from_secs(5);
+    // The count moves before the event is delivered, the state a moment after it.
+    const SETTLING: Duration = Duration::from_millis(50);
+    let mut events = CONNECTIONS.subscribe();
+    let statistics = client.statistics();
+    loop {
+        let connects = statistics
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if connects != since && client.connection_state() == State::Connected {
+            return;
+        }
+        let wait = if connects != since {
+            SETTLING
+        } else {
+            UNSIGNALLED
+        };
+        tokio::select! {
+            _ = events.changed() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
 }
 
 /// 0 ms, then 50 ms doubling to at most 2 s between attempts.

@@ -91,6 +91,13 @@ impl BacklogCounts {
         self.taken_in = self.taken_in.max(seq);
     }
 
+    /// Whether the counts last written are what `queue` holds now: nothing to publish.
+    pub fn settled(&self, queue: &TaskQueue) -> bool {
+        self.written
+            .as_ref()
+            .is_some_and(|written| *written == Backlog::of(queue.per_tenant(), self.taken_in))
+    }
+
     /// Writes the counts if they changed and the last write is [`PUBLISH_EVERY`] old.
     pub async fn publish(&mut self, kv: &Store, queue: &TaskQueue, timeout: Duration) {
         let now = Instant::now();

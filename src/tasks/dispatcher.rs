@@ -246,8 +246,12 @@ impl Dispatcher {
             .await
             .context("subscribing to dispatcher requests")?;
         let mut incoming = consumer.messages().await.context("following submissions")?;
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The tick runs every TICK while it has work to move on, and otherwise sleeps until
+        // the next thing due (see `Dispatcher::quiet_until`): an idle dispatcher wakes about
+        // once a second, not 50 times.
+        let tick = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(tick);
+        let mut ticked_at = tokio::time::Instant::now();
         let mut renew_at = tokio::time::Instant::now() + renew_every;
         let mut figures_at = tokio::time::Instant::now();
         let mut waiters_at = tokio::time::Instant::now();
@@ -284,7 +288,8 @@ impl Dispatcher {
                     Some(Err(err)) => tracing::debug!(error = %err, "submissions: pull interrupted"),
                     None => anyhow::bail!("the submissions consumer ended"),
                 },
-                _ = tick.tick() => {
+                () = &mut tick => {
+                    ticked_at = tokio::time::Instant::now();
                     if self.out_of_step {
                         let _ = requests.unsubscribe().await;
                         self.land_all().await;
@@ -320,7 +325,36 @@ impl Dispatcher {
                     }
                 }
             }
+            let next = ticked_at + TICK;
+            let next = match self.quiet_until(renew_at.min(figures_at)) {
+                Some(until) => until.max(next),
+                None => next,
+            };
+            if tick.deadline() != next {
+                tick.as_mut().reset(next);
+            }
         }
+    }
+
+    /// When the tick has nothing to move on before `due` but the timers, the earlier of `due`
+    /// and the first timer: `None` while it has (tasks queued, claims waiting, messages
+    /// deferred, counts not written yet, a rebuild to start), and it runs every [`TICK`].
+    fn quiet_until(&self, due: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let state = &self.state;
+        if self.out_of_step
+            || !state.queue.is_empty()
+            || !state.waiters.is_empty()
+            || !state.deferred.is_empty()
+            || !state.backlog.settled(&state.queue)
+        {
+            return None;
+        }
+        let Some(Reverse((at, _))) = state.timers.peek() else {
+            return Some(due);
+        };
+        // Timers are wall-clock times to the millisecond: 1 ms more, so the tick finds it due.
+        let wait = (*at - now()).to_std().unwrap_or_default() + Duration::from_millis(1);
+        Some(due.min(tokio::time::Instant::now() + wait))
     }
 
     /// Forgets everything held in memory (the lease is gone; a successor rebuilds it).

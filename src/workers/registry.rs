@@ -362,7 +362,8 @@ impl Registry {
         .await
     }
 
-    /// Writes held heartbeats whose window has ended, until `stop` fires.
+    /// Writes held heartbeats whose window has ended, until `stop` fires. While none is held
+    /// it sleeps until one is, rather than ticking.
     async fn flush_forever(&self, stop: CancellationToken) {
         if self.held.window.is_zero() {
             return;
@@ -375,6 +376,13 @@ impl Registry {
                 _ = tick.tick() => {}
             }
             self.flush(Some(Instant::now())).await;
+            if !self.held.holds_any() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = self.held.held() => {}
+                }
+                tick.reset();
+            }
         }
     }
 

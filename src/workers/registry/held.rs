@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::domain::{AgentId, AgentRecord, AgentStatus, Heartbeat};
@@ -18,6 +19,10 @@ pub(super) struct Held {
     /// An agent neither heartbeating nor written for this long is forgotten.
     keep_for: Duration,
     agents: Mutex<HashMap<AgentId, Slot>>,
+    /// Poked when a heartbeat is held, for a flusher waiting while nothing is.
+    held: tokio::sync::Notify,
+    /// Whether heartbeats were still held after the last [`Held::due`].
+    holding: AtomicBool,
 }
 
 struct Slot {
@@ -47,7 +52,20 @@ impl Held {
             window,
             keep_for: keep_for.max(2 * window),
             agents: Mutex::new(HashMap::new()),
+            held: tokio::sync::Notify::new(),
+            holding: AtomicBool::new(false),
         }
+    }
+
+    /// Waits until a heartbeat is held (at once if one was held since the last wait).
+    pub(super) async fn held(&self) {
+        self.held.notified().await;
+    }
+
+    /// Whether heartbeats were still held after the last [`Held::due`]; one held since then has
+    /// poked [`Held::held`].
+    pub(super) fn holds_any(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
     }
 
     /// How often held heartbeats are looked at: a slice of the window, so that a held one is
@@ -80,8 +98,13 @@ impl Held {
         if at <= slot.record.last_seen {
             return true; // moves neither `last_seen` nor the status
         }
-        if slot.newest.as_ref().is_none_or(|n| at >= n.received_at) {
-            slot.newest = Some(heartbeat.clone());
+        match &slot.newest {
+            None => {
+                slot.newest = Some(heartbeat.clone());
+                self.held.notify_one();
+            }
+            Some(newest) if at >= newest.received_at => slot.newest = Some(heartbeat.clone()),
+            Some(_) => {}
         }
         true
     }
@@ -143,6 +166,7 @@ impl Held {
                 .is_none_or(|n| n.received_at < heartbeat.received_at)
         {
             slot.newest = Some(heartbeat);
+            self.held.notify_one();
         }
     }
 
@@ -167,6 +191,7 @@ impl Held {
             return agents.values_mut().filter_map(take).collect();
         };
         let mut due = Vec::new();
+        let mut holding = false;
         agents.retain(|_, slot| {
             let window_over = slot.written_at.is_none_or(|written| {
                 now.saturating_duration_since(written) + self.tick() >= self.window
@@ -174,8 +199,10 @@ impl Held {
             if window_over && let Some(one) = take(slot) {
                 due.push(one);
             }
+            holding |= slot.newest.is_some();
             slot.newest.is_some() || now.saturating_duration_since(slot.touched_at) < self.keep_for
         });
+        self.holding.store(holding, Ordering::Relaxed);
         due
     }
 }
