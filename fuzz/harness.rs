@@ -146,7 +146,10 @@ pub fn run(data: &[u8]) {
     let call = match selector & 0x03 {
         0 => Call::Register,
         1 => Call::Heartbeat,
-        2 => Call::TaskResult { task_id: &head },
+        2 => Call::TaskResult {
+            task_id: &head,
+            stored: None,
+        },
         _ => Call::Event,
     };
     let key = (selector & 0x40 != 0).then_some(&*head);

@@ -102,8 +102,23 @@ pub const FOREIGN_TASK: &str = "this task was reported by another agent";
 pub enum Call<'a> {
     Register,
     Heartbeat,
-    TaskResult { task_id: &'a str },
+    /// `stored`: what [`Admission::stored_result`] read for the task, when the door read it
+    /// side by side with its own look-up (whether the orchestrator queued the task); `None`
+    /// reads it here.
+    TaskResult {
+        task_id: &'a str,
+        stored: Option<&'a Result<StoredResult, Refusal>>,
+    },
     Event,
+}
+
+/// The latest result the tasks stream holds for a task, as the first-report rule reads it.
+#[derive(Debug, Clone)]
+pub enum StoredResult {
+    /// None: the task is nobody's yet.
+    Nothing,
+    /// One, stored at `seq`, reported by `owner` (`None`: unreadable, so nobody's to overwrite).
+    Reported { owner: Option<AgentId>, seq: u64 },
 }
 
 #[derive(Clone)]
@@ -182,9 +197,9 @@ impl Admission {
                     ..Answer::new("Heartbeat received", receipt.ack)
                 }
             }
-            Call::TaskResult { task_id } => {
+            Call::TaskResult { task_id, stored } => {
                 let receipt = self
-                    .task_result(caller, task_id, &body, idempotency_key)
+                    .task_result(caller, task_id, &body, idempotency_key, stored)
                     .await?;
                 tracing::info!(task_id = %receipt.id, agent_id = %caller.agent_id, seq = receipt.ack.seq, "task result stored");
                 Answer {
@@ -314,6 +329,7 @@ impl Admission {
         task_id: &str,
         body: &Map<String, Value>,
         idempotency_key: Option<&str>,
+        stored: Option<&Result<StoredResult, Refusal>>,
     ) -> Result<Receipt<TaskId>, Refusal> {
         let task_id =
             TaskId::parse(task_id).map_err(|reason| FieldError::new("task_id", reason))?;
@@ -343,7 +359,11 @@ impl Admission {
         let error = body.get("error").filter(|v| !v.is_null()).cloned();
         let trace_id = optional_string(body, "trace_id", MAX_TRACE_ID_LEN)?;
         record_trace_id(trace_id.as_deref());
-        self.bind_task(caller, &task_id).await?;
+        let stored = match stored {
+            Some(stored) => stored.clone()?,
+            None => self.stored_result(task_id.as_str()).await?,
+        };
+        self.bind_task(caller, &task_id, stored).await?;
         let now = now();
         let msg_id = dedupe_id("task", &caller.agent_id, idempotency_key, || {
             format!("{task_id}:{}", digest(&(&status, &result, &error)))
@@ -435,22 +455,47 @@ impl Admission {
     /// task's key in `acc_limits` ([`subjects::task_owner_key`]), which the server makes once
     /// and refuses to make again, so of agents reporting a new id at the same moment, on any
     /// replicas, exactly one is bound and every other is refused as above.
-    async fn bind_task(&self, caller: &Caller, task_id: &TaskId) -> Result<(), Refusal> {
+    async fn bind_task(
+        &self,
+        caller: &Caller,
+        task_id: &TaskId,
+        stored: StoredResult,
+    ) -> Result<(), Refusal> {
+        let (owner, seq) = match stored {
+            StoredResult::Nothing => return self.bind_first(caller, task_id).await,
+            StoredResult::Reported { owner, seq } => (owner, seq),
+        };
+        if owner.as_ref() == Some(&caller.agent_id) {
+            return Ok(());
+        }
+        if owner.is_none() {
+            tracing::warn!(task_id = %task_id, seq, "unreadable task result; refusing to overwrite it");
+        }
+        Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
+    }
+
+    /// The latest stored result of `task_id`, one read of the tasks stream. A door that must
+    /// also ask whether the orchestrator queued the task makes both reads at once, and hands
+    /// this one over in [`Call::TaskResult`]: a callback then waits for one round trip to the
+    /// server before its writes, not two.
+    pub async fn stored_result(&self, task_id: &str) -> Result<StoredResult, Refusal> {
         if self.publisher.client().connection_state() != async_nats::connection::State::Connected {
             return Err(Refusal::bus_unavailable("not connected"));
         }
+        let task_id =
+            TaskId::parse(task_id).map_err(|reason| FieldError::new("task_id", reason))?;
         let stream = self
             .publisher
             .jetstream()
             .get_stream_no_info(subjects::TASKS_STREAM)
             .await
             .map_err(Refusal::internal)?;
-        let subject = subjects::task_result(task_id);
+        let subject = subjects::task_result(&task_id);
         let lookup = stream.get_last_raw_message_by_subject(&subject);
         let message = match tokio::time::timeout(self.publisher.timeout(), lookup).await {
             Ok(Ok(message)) => message,
             Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                return self.bind_first(caller, task_id).await;
+                return Ok(StoredResult::Nothing);
             }
             Ok(Err(err)) => return Err(Refusal::bus_unavailable(err)),
             Err(_) => return Err(Refusal::bus_unavailable("task lookup timed out")),
@@ -458,13 +503,10 @@ impl Admission {
         let owner = serde_json::from_slice::<TaskResult>(&message.payload)
             .map(|record| record.reported_by)
             .ok();
-        if owner.as_ref() == Some(&caller.agent_id) {
-            return Ok(());
-        }
-        if owner.is_none() {
-            tracing::warn!(task_id = %task_id, seq = message.sequence, "unreadable task result; refusing to overwrite it");
-        }
-        Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
+        Ok(StoredResult::Reported {
+            owner,
+            seq: message.sequence,
+        })
     }
 
     /// Binds a task with no stored result to `caller`, unless another agent was bound first.

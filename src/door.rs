@@ -286,10 +286,28 @@ impl Door {
         if let Some(scope) = scopes_of(&message.subject).and_then(|s| caller.lacks_all(s)) {
             return Err(Refusal::insufficient_scope(scope));
         }
-        if let Some(answer) = self.task_call(message, caller, reply).await? {
+        // A result's stored-result read is made side by side with the look-up of whether the
+        // orchestrator queued its task, as over HTTP.
+        let mut call = call_of(&message.subject);
+        let stored;
+        let task_answer = match call {
+            Some(Call::TaskResult { task_id, .. }) => {
+                let (answer, read) = tokio::join!(
+                    self.task_call(message, caller, reply),
+                    self.admission.stored_result(task_id),
+                );
+                stored = read;
+                if let Some(Call::TaskResult { stored: slot, .. }) = &mut call {
+                    *slot = Some(&stored);
+                }
+                answer
+            }
+            _ => self.task_call(message, caller, reply).await,
+        };
+        if let Some(answer) = task_answer? {
             return Ok(answer);
         }
-        let Some(call) = call_of(&message.subject) else {
+        let Some(call) = call else {
             return Err(Refusal::new(Code::NotFound)
                 .with_message(format!("No route for {}", message.subject)));
         };
@@ -700,7 +718,10 @@ fn call_of(subject: &str) -> Option<Call<'_>> {
         subjects::INBOUND_EVENT => Some(Call::Event),
         _ => subject
             .strip_prefix(subjects::INBOUND_TASK_RESULT_PREFIX)
-            .map(|task_id| Call::TaskResult { task_id }),
+            .map(|task_id| Call::TaskResult {
+                task_id,
+                stored: None,
+            }),
     }
 }
 
@@ -847,7 +868,10 @@ mod tests {
         assert!(matches!(call_of("acc.in.event"), Some(Call::Event)));
         assert!(matches!(
             call_of("acc.in.task_result.t-1"),
-            Some(Call::TaskResult { task_id: "t-1" })
+            Some(Call::TaskResult {
+                task_id: "t-1",
+                stored: None
+            })
         ));
         assert!(call_of("acc.in.other").is_none());
     }

@@ -59,12 +59,20 @@ async fn task_callback(
     JsonObject(body): JsonObject,
 ) -> Result<Response, Refusal> {
     let Path(task_id) = task_id.map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
-    // A task the orchestrator queued goes to the dispatcher; any other keeps Gate 1's path.
-    if let Some(answer) = state.task_api.callback(&caller, &task_id, &body).await? {
+    // A task the orchestrator queued goes to the dispatcher; any other keeps Gate 1's path,
+    // whose stored-result read is made side by side with the dispatcher's.
+    let (queued, stored) = tokio::join!(
+        state.task_api.callback(&caller, &task_id, &body),
+        state.admission.stored_result(&task_id),
+    );
+    if let Some(answer) = queued? {
         return Ok(Json(with_trace_id(answer)).into_response());
     }
     let key = idempotency_key(&headers);
-    let call = Call::TaskResult { task_id: &task_id };
+    let call = Call::TaskResult {
+        task_id: &task_id,
+        stored: Some(&stored),
+    };
     let answer = state.admission.admit(call, &caller, body, key).await?;
     Ok(Json(answer).into_response())
 }
