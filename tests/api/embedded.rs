@@ -371,42 +371,47 @@ fn log_of(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-#[tokio::test]
-async fn sigterm_drains_and_exits_cleanly() {
-    let data = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let log = data.path().join("stderr.log");
+/// Spawns `serve` (stderr to `log`) and waits up to 15 s for `/health/ready`; returns the
+/// process and the HTTP client that asked.
+async fn serve_until_ready(data: &TempDir, addr: &str, log: &Path) -> (Running, reqwest::Client) {
     let mut running = Running(
-        serve(&data, &addr)
+        serve(data, addr)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("spawn the binary"),
     );
-    let pid = running.0.id();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-
     let ready = format!("http://{addr}/health/ready");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(status) = running.0.try_wait().unwrap() {
-            panic!("serve exited early ({status}): {}", log_of(&log));
+            panic!("serve exited early ({status}): {}", log_of(log));
         }
         if let Ok(response) = http.get(&ready).send().await {
             if response.status() == StatusCode::OK {
-                break;
+                return (running, http);
             }
         }
         assert!(
             Instant::now() < deadline,
             "not ready within 15s: {}",
-            log_of(&log)
+            log_of(log)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = data.path().join("stderr.log");
+    let (mut running, http) = serve_until_ready(&data, &addr, &log).await;
+    let pid = running.0.id();
 
     let response = http
         .post(format!("http://{addr}/orchestrator/register"))
@@ -584,36 +589,8 @@ async fn an_idle_bridge_sleeps_instead_of_ticking() {
     let data = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let log = data.path().join("stderr.log");
-    let mut running = Running(
-        serve(&data, &addr)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn the binary"),
-    );
+    let (mut running, http) = serve_until_ready(&data, &addr, &log).await;
     let pid = running.0.id();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let ready = format!("http://{addr}/health/ready");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = running.0.try_wait().unwrap() {
-            panic!("serve exited early ({status}): {}", log_of(&log));
-        }
-        if let Ok(response) = http.get(&ready).send().await {
-            if response.status() == StatusCode::OK {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready within 15s: {}",
-            log_of(&log)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     drop(http);
     // Start-up work (the first figures, leases taken, stored records learnt) settles first.
     tokio::time::sleep(Duration::from_secs(2)).await;
