@@ -60,7 +60,7 @@ async fn task_callback(
 ) -> Result<Response, Refusal> {
     let Path(task_id) = task_id.map_err(|e| Refusal::invalid_payload(format!("task_id: {e}")))?;
     // A task the orchestrator queued goes to the dispatcher; any other keeps Gate 1's path,
-    // whose stored-result read is made side by side with the dispatcher's.
+    // whose stored-result read is made side by side with the look-up of the submission.
     let (queued, stored) = tokio::join!(
         state.task_api.callback(&caller, &task_id, &body),
         state.admission.stored_result(&task_id),
