@@ -7,6 +7,8 @@
 //! replicas can share the durable consumer. A status change is first stored in the record as
 //! `pending`, then published under a dedupe id derived from its cause, then cleared: it is
 //! announced only once it really happened, and a crash in between is finished by the next writer.
+//! With coalescing on, the clear is written by the flusher at its next tick, in a batch with the
+//! due heartbeats, rather than as a round trip of its own after every announcement.
 //!
 //! Heartbeats are coalesced per agent: the registry keeps each active agent's record and KV
 //! revision as it last wrote or read it, and a heartbeat that changes nothing but `last_seen` is
@@ -394,12 +396,19 @@ impl Registry {
     /// held again for the next tick.
     async fn flush(&self, now: Option<Instant>) {
         let mut one_by_one = Vec::new();
+        let mut clears = Vec::new();
         let mut batch = Vec::new();
         for due in self.held.due(now) {
-            match on_heartbeat(Some(&due.record), &due.heartbeat) {
-                Ok((next, None)) if next == due.record => {}
+            let Some(heartbeat) = &due.heartbeat else {
+                let next = due.record.clone();
+                batch.push((due, next));
+                continue;
+            };
+            match on_heartbeat(Some(&due.record), heartbeat) {
+                Ok((next, None)) if next == due.record && !due.clear => {}
                 Ok((next, None)) => batch.push((due, next)),
-                _ => one_by_one.push(due.heartbeat),
+                // A status change is written with its own announcement, from the cleared copy.
+                _ => one_by_one.push(heartbeat.clone()),
             }
         }
         for chunk in batch.chunks(SERVER_MAX_BATCH) {
@@ -409,9 +418,19 @@ impl Registry {
                     records = chunk.len(),
                     "batch of heartbeats not written; writing them one by one"
                 );
-                one_by_one.extend(chunk.iter().map(|(due, _)| due.heartbeat.clone()));
+                for (due, _) in chunk {
+                    match &due.heartbeat {
+                        Some(heartbeat) => one_by_one.push(heartbeat.clone()),
+                        None => clears.push(due.clone()),
+                    }
+                }
             }
         }
+        futures::stream::iter(clears)
+            .for_each_concurrent(FLUSH_CONCURRENCY, |due| async move {
+                self.write_clear(&due, now.is_some()).await;
+            })
+            .await;
         futures::stream::iter(one_by_one)
             .for_each_concurrent(FLUSH_CONCURRENCY, |heartbeat| async move {
                 // A revision known here that lost is read afresh after one failed compare.
@@ -427,6 +446,39 @@ impl Registry {
                 }
             })
             .await;
+    }
+
+    /// Writes the cleared copy of a record whose announced change is still marked in the bucket,
+    /// on its own. Lost to another writer, it is left to that writer (which settles a marked
+    /// record before changing it) and forgotten here; a failure is retried at the next tick
+    /// (`again`).
+    async fn write_clear(&self, due: &Due, again: bool) {
+        let agent = &due.record.agent_id;
+        match self.store(agent, &due.record, Some(due.revision)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                if let Some(held) = self.held.forget(agent)
+                    && let Err(err) = self.write_heartbeat(&held, &held_id(&held)).await
+                {
+                    // Acknowledged already: its agent's next heartbeat restores `last_seen`.
+                    tracing::warn!(
+                        agent_id = %agent,
+                        error = %crate::telemetry::error_chain(&err),
+                        "writing a coalesced heartbeat failed"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::warn!(
+                    agent_id = %agent,
+                    error = %crate::telemetry::error_chain(&err),
+                    "clearing an announced status change failed; will retry"
+                );
+                if again {
+                    self.held.clear_again(agent, due.revision);
+                }
+            }
+        }
     }
 
     /// Stores the records of `batch` as one atomic batch: all, each at the revision after the
@@ -576,8 +628,11 @@ impl Registry {
         Ok(stored)
     }
 
-    /// Publishes the record's pending change under its dedupe id, then clears it. Returns the
-    /// cleared record and its revision, or `None` if another writer got there first.
+    /// Publishes the record's pending change under its dedupe id, then clears it: with
+    /// coalescing on, by handing the cleared copy to the flusher ([`Held::clear_later`]), which
+    /// writes it at its next tick; otherwise at once. Returns the cleared record and the revision
+    /// to write over (still the marked one when the clear is left to the flusher), or `None` if
+    /// another writer got there first.
     async fn announce(
         &self,
         agent: &AgentId,
@@ -599,6 +654,10 @@ impl Registry {
             reason = %pending.change.reason,
             "agent status changed"
         );
+        if !self.held.window.is_zero() {
+            self.held.clear_later(&record, revision, Instant::now());
+            return Ok(Some((record, revision)));
+        }
         Ok(self
             .store(agent, &record, Some(revision))
             .await?

@@ -729,6 +729,52 @@ async fn stored_record(app: &TestApp, agent: &str) -> (Value, u64) {
     )
 }
 
+/// A registration's status change is announced, then its `pending` mark is cleared by the
+/// flusher's next tick (a second with this window) rather than by a write of its own. A registry
+/// stopped before that tick writes the clears as it goes; the next one finds nothing to finish
+/// and announces nothing twice.
+#[tokio::test]
+async fn announced_registrations_are_cleared_by_the_flusher_even_when_the_registry_stops_first() {
+    let nats = NatsServer::start();
+    let ingress = TestApp::spawn_with(&nats, &["--roles=ingress"]).await;
+    let registry =
+        TestApp::spawn_with(&nats, &["--roles=registry", "--heartbeat-coalesce=8s"]).await;
+    let agents: Vec<String> = (0..10).map(|i| format!("clear-{i}")).collect();
+    futures::future::join_all(agents.iter().map(|agent| ingress.register(agent))).await;
+    registry_drained(&ingress).await;
+    registry.stop().await;
+    for agent in &agents {
+        let (record, _) = stored_record(&ingress, agent).await;
+        assert!(
+            record.get("pending").is_none(),
+            "{agent} left marked: {record}"
+        );
+        assert_eq!(record["status"], "online", "{record}");
+    }
+    let registry =
+        TestApp::spawn_with(&nats, &["--roles=registry", "--heartbeat-coalesce=8s"]).await;
+    for agent in &agents {
+        let (status, body) = heartbeat(
+            &ingress,
+            agent,
+            &json!({"agent_id": agent, "status": "online"}),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    registry_drained(&ingress).await;
+    for agent in &agents {
+        let changes = transitions(&ingress, agent).await;
+        assert_eq!(
+            changes,
+            [transition(Value::Null, "online", "registered")],
+            "{agent}: announced once"
+        );
+    }
+    registry.stop().await;
+}
+
 /// Issue 18, item 3: the registry writes a held heartbeat against the revision it wrote last,
 /// with no read. When another replica wrote the record meanwhile, that write must not be lost:
 /// the compare-and-set fails and the heartbeat is applied to the record read afresh.

@@ -6,6 +6,11 @@
 //! it costs at most one write per window, so the write rate is bounded by agents ÷ window, not by
 //! heartbeats. A held heartbeat is due when its agent's window ends, or at the next tick when that
 //! ended already; the flusher writes the due ones of many agents together.
+//!
+//! The flusher also writes the records whose announced status change is still marked `pending`
+//! in the bucket ([`Held::clear_later`]): clearing the mark is due at the next tick, with or
+//! without a heartbeat, so it shares a batch with the others instead of costing a round trip of
+//! its own.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,14 +41,21 @@ struct Slot {
     touched_at: Instant,
     /// The newest heartbeat not in `record` yet.
     newest: Option<Heartbeat>,
+    /// The bucket still holds `record` at `revision` with its status change marked `pending`
+    /// (announced since): `record` is the cleared copy, to be written at the next tick.
+    unwritten: bool,
 }
 
-/// A held heartbeat whose window is over, with the record and revision to write it against.
+/// What the flusher writes for one agent: its held heartbeat whose window is over, or its
+/// announced change to clear, or both, against the record and revision known here.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Due {
-    pub(super) heartbeat: Heartbeat,
+    pub(super) heartbeat: Option<Heartbeat>,
     pub(super) record: AgentRecord,
     pub(super) revision: u64,
+    /// `record` must be written even if the heartbeat changes nothing: the bucket holds it
+    /// with its announced change still marked `pending`.
+    pub(super) clear: bool,
 }
 
 impl Held {
@@ -137,9 +149,13 @@ impl Held {
                 written_at: None,
                 touched_at: now,
                 newest: None,
+                unwritten: false,
             });
         if revision < slot.revision {
             return; // an older read finishing late
+        }
+        if revision > slot.revision {
+            slot.unwritten = false; // whoever wrote past it settled the change
         }
         slot.record = record.clone();
         slot.revision = revision;
@@ -153,6 +169,36 @@ impl Held {
             .is_some_and(|n| n.received_at <= record.last_seen)
         {
             slot.newest = None;
+        }
+    }
+
+    /// Notes that the bucket holds `record` at `revision` with an announced status change still
+    /// marked `pending`, `record` being the copy without it: the flusher writes that copy at its
+    /// next tick (with the agent's held heartbeat, if any), as a compare-and-set against
+    /// `revision`, in a batch with the other due records. Until then the record is known here as
+    /// cleared; a registry that stops first leaves the mark, which the next writer of the agent
+    /// finishes (publishing the change again under the same dedupe id).
+    pub(super) fn clear_later(&self, record: &AgentRecord, revision: u64, now: Instant) {
+        self.known_at(record, revision, true, now);
+        let mut agents = self.lock();
+        if let Some(slot) = agents.get_mut(&record.agent_id)
+            && slot.revision == revision
+        {
+            slot.unwritten = true;
+            self.holding.store(true, Ordering::Relaxed);
+            self.held.notify_one();
+        }
+    }
+
+    /// Marks the clear of `agent`'s record at `revision` due again after a failed write, unless
+    /// the record was written past it meanwhile.
+    pub(super) fn clear_again(&self, agent: &AgentId, revision: u64) {
+        let mut agents = self.lock();
+        if let Some(slot) = agents.get_mut(agent)
+            && slot.revision == revision
+        {
+            slot.unwritten = true;
+            self.held.notify_one();
         }
     }
 
@@ -171,24 +217,36 @@ impl Held {
     }
 
     /// Forgets what this replica knows of `agent` (its record was written elsewhere, or for
-    /// another reason), handing back a held heartbeat, which must still be written.
+    /// another reason), handing back a held heartbeat, which must still be written. A clear
+    /// still to write is dropped: the next read of the record finds the mark and finishes it.
     pub(super) fn forget(&self, agent: &AgentId) -> Option<Heartbeat> {
         self.lock().remove(agent).and_then(|slot| slot.newest)
     }
 
-    /// Takes the held heartbeats whose window ends before the next tick (all of them when `now`
-    /// is `None`), and forgets agents untouched for `keep_for`.
+    /// Takes the held heartbeats whose window ends before the next tick and every clear still
+    /// to write (all of them when `now` is `None`), and forgets agents untouched for `keep_for`.
     pub(super) fn due(&self, now: Option<Instant>) -> Vec<Due> {
         let mut agents = self.lock();
-        let take = |slot: &mut Slot| {
-            slot.newest.take().map(|heartbeat| Due {
+        let take = |slot: &mut Slot, window_over: bool| {
+            // A record written anyway takes the held heartbeat along, window over or not.
+            let clear = std::mem::take(&mut slot.unwritten);
+            let heartbeat = if window_over || clear {
+                slot.newest.take()
+            } else {
+                None
+            };
+            (heartbeat.is_some() || clear).then(|| Due {
                 heartbeat,
                 record: slot.record.clone(),
                 revision: slot.revision,
+                clear,
             })
         };
         let Some(now) = now else {
-            return agents.values_mut().filter_map(take).collect();
+            return agents
+                .values_mut()
+                .filter_map(|slot| take(slot, true))
+                .collect();
         };
         let mut due = Vec::new();
         let mut holding = false;
@@ -196,7 +254,7 @@ impl Held {
             let window_over = slot.written_at.is_none_or(|written| {
                 now.saturating_duration_since(written) + self.tick() >= self.window
             });
-            if window_over && let Some(one) = take(slot) {
+            if let Some(one) = take(slot, window_over) {
                 due.push(one);
             }
             holding |= slot.newest.is_some();
@@ -237,7 +295,7 @@ mod tests {
     }
 
     fn heartbeats(due: Vec<Due>) -> Vec<Heartbeat> {
-        due.into_iter().map(|d| d.heartbeat).collect()
+        due.into_iter().filter_map(|d| d.heartbeat).collect()
     }
 
     #[test]
@@ -253,9 +311,10 @@ mod tests {
         assert_eq!(
             due,
             [Due {
-                heartbeat: beat(3),
+                heartbeat: Some(beat(3)),
                 record: record(1, AgentStatus::Online),
-                revision: 7
+                revision: 7,
+                clear: false,
             }],
             "due before the window ends, the newest only, against the known revision"
         );
@@ -319,5 +378,36 @@ mod tests {
         assert!(held.due(Some(t0 + Duration::from_secs(11))).is_empty());
         assert_eq!(held.known(&agent), None, "untouched for 11 s: forgotten");
         assert!(!held.knows(&agent));
+    }
+
+    #[test]
+    fn a_clear_is_due_at_the_next_tick_with_the_held_heartbeat_and_a_later_write_settles_it() {
+        let held = Held::new(Duration::from_secs(1), Duration::from_secs(60));
+        let t0 = Instant::now();
+        let agent = AgentId::parse("a").unwrap();
+        held.clear_later(&record(1, AgentStatus::Online), 7, t0);
+        assert!(held.holds_any(), "the flusher must not sleep on it");
+        assert!(held.hold(&beat(2), t0));
+        assert_eq!(
+            held.due(Some(t0)),
+            [Due {
+                heartbeat: Some(beat(2)),
+                record: record(1, AgentStatus::Online),
+                revision: 7,
+                clear: true,
+            }],
+            "due at once, window or not, with the heartbeat held against it"
+        );
+        assert!(held.due(Some(t0)).is_empty(), "taken once");
+        held.clear_again(&agent, 7);
+        assert_eq!(held.due(None).len(), 1, "a failed write is due again");
+        held.clear_later(&record(1, AgentStatus::Online), 8, t0);
+        held.known_at(&record(2, AgentStatus::Online), 9, true, t0);
+        assert!(
+            held.due(None).is_empty(),
+            "revision 9 was written from the cleared copy: nothing left to clear"
+        );
+        held.clear_again(&agent, 8);
+        assert!(held.due(None).is_empty(), "written past: not due again");
     }
 }
