@@ -6,7 +6,6 @@
 //! Both doors call it: the HTTP door (`http`) and the NATS door (`door`). What it refuses is a
 //! [`Refusal`], which each door renders its own way.
 
-use async_nats::jetstream::kv::{self, CreateErrorKind};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use std::sync::Arc;
 
@@ -17,7 +16,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 
 use crate::auth::Caller;
-use crate::bus::{Ack, Publisher, subjects};
+use crate::bus::{Ack, PublishFailure, Publisher, expect_subject_empty, subjects};
 use crate::contract::{Code, Refusal};
 use crate::directory::Directory;
 use crate::domain::{
@@ -128,9 +127,6 @@ pub struct Admission {
     /// Per-agent stored bytes and messages; `None` (tests, the fuzz harness) stores without a
     /// quota.
     quota: Option<Arc<StoreQuota>>,
-    /// The `acc_limits` bucket, where the first reporter of a task is bound to it; `None` (the
-    /// fuzz harness) checks the stored result only.
-    owners: Option<kv::Store>,
     /// `PUSH_ALLOWED_URLS`: a registration asking for push over HTTP must have its `base_url`
     /// under one of these.
     push_allowed: Arc<[String]>,
@@ -142,7 +138,6 @@ impl Admission {
             publisher,
             directory,
             quota: None,
-            owners: None,
             push_allowed: Arc::from(Vec::new()),
         }
     }
@@ -150,13 +145,6 @@ impl Admission {
     /// Charges what each agent stores to `quota` (shared by both doors).
     pub fn with_quota(mut self, quota: Arc<StoreQuota>) -> Self {
         self.quota = Some(quota);
-        self
-    }
-
-    /// Binds each task the orchestrator never queued to its first reporter in `owners` (the
-    /// `acc_limits` bucket), atomically across replicas.
-    pub fn with_task_owners(mut self, owners: kv::Store) -> Self {
-        self.owners = Some(owners);
         self
     }
 
@@ -363,7 +351,7 @@ impl Admission {
             Some(stored) => stored.clone()?,
             None => self.stored_result(task_id.as_str()).await?,
         };
-        self.bind_task(caller, &task_id, stored).await?;
+        let unreported = bind_task(caller, &task_id, &stored)?;
         let now = now();
         let msg_id = dedupe_id("task", &caller.agent_id, idempotency_key, || {
             format!("{task_id}:{}", digest(&(&status, &result, &error)))
@@ -377,14 +365,28 @@ impl Admission {
             reported_by: caller.agent_id.clone(),
             received_at: now,
         };
-        let ack = self
-            .publish(
-                &caller.agent_id,
-                subjects::task_result(&task_id),
-                &msg_id,
-                &record,
-            )
-            .await?;
+        let subject = subjects::task_result(&task_id);
+        let payload = self.charged(&caller.agent_id, &record).await?;
+        let condition = unreported.then(expect_subject_empty);
+        let written = self
+            .publisher
+            .publish(subject.clone(), &msg_id, payload.clone(), condition)
+            .await;
+        let ack = match written {
+            // Another report was stored since the read: it binds, as if it had been read.
+            Err(PublishFailure::Conflict(_)) => {
+                let stored = self.stored_result(task_id.as_str()).await?;
+                if bind_task(caller, &task_id, &stored)? {
+                    return Err(Refusal::bus_unavailable(
+                        "the task's stored result changed while this one was written",
+                    ));
+                }
+                self.publisher
+                    .publish(subject, &msg_id, payload, None)
+                    .await?
+            }
+            written => written?,
+        };
         Ok(Receipt {
             id: task_id,
             received_at: now,
@@ -446,34 +448,6 @@ impl Admission {
         })
     }
 
-    /// A task the orchestrator never queued belongs to the agent that first reported it: a
-    /// report from another agent is refused exactly as its read of that task is (403
-    /// `FORBIDDEN`, nothing of the task in the answer) and nothing is stored, so no agent can
-    /// overwrite another's result. A record that cannot be read is nobody's to overwrite.
-    ///
-    /// The first report binds: before a never-seen id is stored, its reporter creates the
-    /// task's key in `acc_limits` ([`subjects::task_owner_key`]), which the server makes once
-    /// and refuses to make again, so of agents reporting a new id at the same moment, on any
-    /// replicas, exactly one is bound and every other is refused as above.
-    async fn bind_task(
-        &self,
-        caller: &Caller,
-        task_id: &TaskId,
-        stored: StoredResult,
-    ) -> Result<(), Refusal> {
-        let (owner, seq) = match stored {
-            StoredResult::Nothing => return self.bind_first(caller, task_id).await,
-            StoredResult::Reported { owner, seq } => (owner, seq),
-        };
-        if owner.as_ref() == Some(&caller.agent_id) {
-            return Ok(());
-        }
-        if owner.is_none() {
-            tracing::warn!(task_id = %task_id, seq, "unreadable task result; refusing to overwrite it");
-        }
-        Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
-    }
-
     /// The latest stored result of `task_id`, one read of the tasks stream. A door that must
     /// also ask whether the orchestrator queued the task makes both reads at once, and hands
     /// this one over in [`Call::TaskResult`]: a callback then waits for one round trip to the
@@ -509,35 +483,6 @@ impl Admission {
         })
     }
 
-    /// Binds a task with no stored result to `caller`, unless another agent was bound first.
-    async fn bind_first(&self, caller: &Caller, task_id: &TaskId) -> Result<(), Refusal> {
-        let Some(owners) = &self.owners else {
-            return Ok(());
-        };
-        let key = subjects::task_owner_key(task_id);
-        let timeout = self.publisher.timeout();
-        let created = tokio::time::timeout(
-            timeout,
-            owners.create(&key, caller.agent_id.to_string().into()),
-        )
-        .await
-        .map_err(|_| Refusal::bus_unavailable("task owner write timed out"))?;
-        match created {
-            Ok(_) => return Ok(()),
-            Err(err) if err.kind() == CreateErrorKind::AlreadyExists => {}
-            Err(err) => return Err(Refusal::bus_unavailable(err)),
-        }
-        // Bound before: by this agent (a retry, or its earlier report not stored) or another.
-        let owner = tokio::time::timeout(timeout, owners.get(&key))
-            .await
-            .map_err(|_| Refusal::bus_unavailable("task owner read timed out"))?
-            .map_err(Refusal::bus_unavailable)?;
-        if owner.as_deref() == Some(caller.agent_id.as_str().as_bytes()) {
-            return Ok(());
-        }
-        Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
-    }
-
     /// Stores `message` for `agent`, charged to its quota.
     async fn publish<T: Serialize>(
         &self,
@@ -546,15 +491,45 @@ impl Admission {
         msg_id: &str,
         message: &T,
     ) -> Result<Ack, Refusal> {
-        let payload = Bytes::from(serde_json::to_vec(message).expect("domain types serialize"));
-        if let Some(quota) = &self.quota {
-            quota.charge(agent, payload.len()).await?;
-        }
+        let payload = self.charged(agent, message).await?;
         Ok(self
             .publisher
             .publish(subject, msg_id, payload, None)
             .await?)
     }
+
+    /// `message` encoded, once charged to `agent`'s quota.
+    async fn charged<T: Serialize>(&self, agent: &AgentId, message: &T) -> Result<Bytes, Refusal> {
+        let payload = Bytes::from(serde_json::to_vec(message).expect("domain types serialize"));
+        if let Some(quota) = &self.quota {
+            quota.charge(agent, payload.len()).await?;
+        }
+        Ok(payload)
+    }
+}
+
+/// A task the orchestrator never queued belongs to the agent that first reported it: a report
+/// from another agent is refused exactly as its read of that task is (403 `FORBIDDEN`, nothing
+/// of the task in the answer) and nothing is stored, so no agent can overwrite another's
+/// result. A record that cannot be read is nobody's to overwrite.
+///
+/// True when nothing is stored for the task yet, so this report would be its first. The first
+/// report binds: it is written on the condition that the task's subject still holds nothing
+/// ([`expect_subject_empty`]), which the server checks as it stores, so of agents reporting a
+/// new id at the same moment, on any replicas, exactly one is stored; each of the others reads
+/// the stored result again and is refused as above.
+fn bind_task(caller: &Caller, task_id: &TaskId, stored: &StoredResult) -> Result<bool, Refusal> {
+    let (owner, seq) = match stored {
+        StoredResult::Nothing => return Ok(true),
+        StoredResult::Reported { owner, seq } => (owner, *seq),
+    };
+    if owner.as_ref() == Some(&caller.agent_id) {
+        return Ok(false);
+    }
+    if owner.is_none() {
+        tracing::warn!(task_id = %task_id, seq, "unreadable task result; refusing to overwrite it");
+    }
+    Err(Refusal::new(Code::Forbidden).with_message(FOREIGN_TASK))
 }
 
 fn now() -> DateTime<Utc> {

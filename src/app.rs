@@ -224,14 +224,13 @@ impl Application {
         let agent_rate = Arc::new(settings.limits.agent_rate());
         // And one cap on each agent's requests in flight.
         let agent_slots = Arc::new(settings.limits.agent_slots());
-        // And one store quota per agent for both doors, kept on the bus for every replica; the
-        // same bucket binds each task to its first reporter.
+        // And one store quota per agent for both doors, kept on the bus for every replica.
         let limits_bucket = js
             .get_key_value(subjects::LIMITS_BUCKET)
             .await
             .context("opening the limits bucket")?;
         let store_quota = Arc::new(StoreQuota::new(
-            limits_bucket.clone(),
+            limits_bucket,
             settings.agent_store_quota,
             settings.agent_store_messages,
             settings.streams.max_age,
@@ -270,7 +269,6 @@ impl Application {
             let door = Door::new(
                 Admission::new(publisher.clone(), directory.clone())
                     .with_quota(store_quota.clone())
-                    .with_task_owners(limits_bucket.clone())
                     .with_push_allowed(&settings.push.allowed_urls),
                 task_api(&js, &publisher, &settings).await?,
                 authenticator.clone(),
@@ -357,7 +355,6 @@ impl Application {
             let state = AppState::new(http::Inner {
                 admission: Admission::new(publisher.clone(), directory)
                     .with_quota(store_quota)
-                    .with_task_owners(limits_bucket)
                     .with_push_allowed(&settings.push.allowed_urls),
                 verifier: authenticator.clone(),
                 stats,

@@ -152,9 +152,24 @@ pub enum PublishFailure {
     /// The stream is at its limit and refuses new messages (`discard: new`) (503).
     #[error("the stream refused the message")]
     StreamFull(#[source] Cause),
+    /// The subject no longer holds what the write was conditional on
+    /// (`Nats-Expected-Last-Subject-Sequence`, [`expect_subject_empty`]): another write came
+    /// first. Never an answer by itself: the caller reads what came first and decides.
+    #[error("the subject holds a message the write did not expect")]
+    Conflict(#[source] Cause),
     /// Any other refusal (500): a bug or a misconfigured server.
     #[error("the bus refused the message")]
     Rejected(#[source] Cause),
+}
+
+/// Headers that make a write conditional on its subject holding no message yet: the server
+/// stores it only then, and otherwise answers [`PublishFailure::Conflict`]. The check and the
+/// write are one step on the server, so of writes racing on one empty subject, from any
+/// replica, exactly one is stored (a repeat of a stored dedupe id is still `duplicate`).
+pub fn expect_subject_empty() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    headers
 }
 
 impl PublishFailure {
@@ -457,9 +472,8 @@ fn classify(err: jetstream::context::PublishError) -> PublishFailure {
         PublishErrorKind::StreamNotFound => Some("no stream answered"),
         PublishErrorKind::MaxAckPending => Some("too many acknowledgements pending"),
         PublishErrorKind::MaxPayloadExceeded => return PublishFailure::TooLarge,
-        PublishErrorKind::WrongLastMessageId
-        | PublishErrorKind::WrongLastSequence
-        | PublishErrorKind::Other => None,
+        PublishErrorKind::WrongLastSequence => return PublishFailure::Conflict(Arc::new(err)),
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::Other => None,
     };
     if let Some(reason) = unavailable {
         return PublishFailure::unavailable_by(reason, err);

@@ -137,12 +137,11 @@ pub fn tasks_bucket_config(settings: &StreamSettings) -> kv::Config {
 }
 
 /// Admission's per-agent accounting, written by every replica with create and compare-and-set:
-/// task owners and store quotas. A key lives as long as the results it guards (`max_age`).
+/// store quotas. A key lives as long as the messages it counts (`max_age`).
 pub fn limits_bucket_config(settings: &StreamSettings) -> kv::Config {
     kv::Config {
         bucket: LIMITS_BUCKET.to_owned(),
-        description: "first reporter of each task, store quota of each agent (admission)"
-            .to_owned(),
+        description: "store quota of each agent (admission)".to_owned(),
         history: 1,
         max_age: settings.max_age,
         storage: StorageType::File,

@@ -30,15 +30,9 @@ pub const AUDIT_STREAM: &str = "ACC_AUDIT";
 pub const AGENTS_BUCKET: &str = "acc_agents";
 /// KV bucket of the alerting worker: its lease, alert states, acknowledgements and silences.
 pub const ALERTING_BUCKET: &str = "acc_alerting";
-/// KV bucket of admission's per-agent accounting, shared by every replica: who reported a task
-/// first ([`task_owner_key`]) and each agent's store quota ([`store_quota_key`]).
+/// KV bucket of admission's per-agent accounting, shared by every replica: each agent's store
+/// quota ([`store_quota_key`]).
 pub const LIMITS_BUCKET: &str = "acc_limits";
-
-/// The key in [`LIMITS_BUCKET`] binding a task the orchestrator never queued to the agent that
-/// reported it first (created once, never overwritten).
-pub fn task_owner_key(task: &TaskId) -> String {
-    format!("owner.{task}")
-}
 
 /// The key in [`LIMITS_BUCKET`] holding what `agent` may still store (bytes and messages).
 pub fn store_quota_key(agent: &AgentId) -> String {

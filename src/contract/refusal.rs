@@ -193,7 +193,9 @@ impl From<PublishFailure> for Refusal {
                 return Self::new(Code::PayloadTooLarge)
                     .with_details("the stored message would exceed the bus's max payload");
             }
-            PublishFailure::Rejected(_) => Code::Internal,
+            // Only a conditional write gets it, and its caller decides first (admission's
+            // first report); one that reaches a client is a bug.
+            PublishFailure::Conflict(_) | PublishFailure::Rejected(_) => Code::Internal,
         };
         Self::new(code).with_cause(err)
     }

@@ -1259,9 +1259,10 @@ async fn stored_bytes(js: &async_nats::jetstream::Context, subject: &str) -> u64
 }
 
 /// Residual of issue 13, item 6 (first reporter): the owner check and the write were two
-/// steps, so agents reporting a new task id at the same moment could all be stored. Now the
-/// first report creates the task's owner key in `acc_limits`, which only one can: of 16 agents
-/// reporting each of 8 new task ids at once on two replicas, exactly one per task is stored.
+/// steps, so agents reporting a new task id at the same moment could all be stored. Now a
+/// first report is stored only while the task's subject holds nothing, which the server checks
+/// as it stores: of 16 agents reporting each of 8 new task ids at once on two replicas, exactly
+/// one per task is stored.
 #[tokio::test]
 async fn concurrent_first_reports_of_a_task_bind_exactly_one_agent() {
     let nats = NatsServer::start();
@@ -1335,6 +1336,59 @@ async fn concurrent_first_reports_of_a_task_bind_exactly_one_agent() {
     println!(
         "{TASKS} new task ids, each reported by {AGENTS} agents at once on 2 replicas: \
          1 stored per task (winners {winners:?}), {refused} refused 403 FORBIDDEN"
+    );
+    second.stop().await;
+    first.stop().await;
+}
+
+/// The other side of the first-report rule: reports racing on a new task id from its own agent
+/// are all the owner's. Of 8 different results one agent sends at once on two replicas, one is
+/// stored first and the other 7 find it theirs on a second read and are stored after it; a
+/// repeat of one of them is its duplicate, not an 8th write.
+#[tokio::test]
+async fn concurrent_first_reports_of_one_agent_are_all_stored() {
+    let nats = NatsServer::start();
+    let first = TestApp::spawn(&nats).await;
+    let second = TestApp::spawn_with(&nats, &["--roles=ingress"]).await;
+    let replicas = [&first, &second];
+    const REPORTS: usize = 8;
+    let task_id = "t-own-race";
+    let path = format!("/orchestrator/tasks/{task_id}/callback");
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(REPORTS));
+    let reports = (0..REPORTS).map(|i| {
+        let (barrier, app, path) = (barrier.clone(), replicas[i % 2], path.clone());
+        async move {
+            let request = app
+                .http
+                .post(app.url(&path))
+                .bearer_auth(token("agent-owner"))
+                .json(&json!({"status": "running", "result": i}));
+            barrier.wait().await;
+            read(request.send().await.unwrap()).await
+        }
+    });
+    let answers = futures::future::join_all(reports).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+        assert_eq!(body["duplicate"], false, "{body}");
+    }
+    let subject = format!("acc.tasks.result.{task_id}");
+    let stored = all_stored(&first.js, "ACC_TASKS", &subject).await;
+    assert_eq!(stored.len(), REPORTS, "{stored:?}");
+    assert!(stored.iter().all(|r| r["reported_by"] == "agent-owner"));
+
+    let (status, repeat) = second
+        .post(
+            &path,
+            Some(&token("agent-owner")),
+            &json!({"status": "running", "result": 3}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{repeat}");
+    assert_eq!(repeat["duplicate"], true, "{repeat}");
+    assert_eq!(
+        all_stored(&first.js, "ACC_TASKS", &subject).await.len(),
+        REPORTS
     );
     second.stop().await;
     first.stop().await;
