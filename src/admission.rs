@@ -366,6 +366,8 @@ impl Admission {
             received_at: now,
         };
         let subject = subjects::task_result(&task_id);
+        // Charged before the write, as every message is: a first report that loses a race
+        // (refused below after its write was) has paid for one message it did not store.
         let payload = self.charged(&caller.agent_id, &record).await?;
         let condition = unreported.then(expect_subject_empty);
         let written = self

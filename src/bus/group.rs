@@ -25,7 +25,8 @@
 //! Dedupe still holds per message. The server refuses a whole atomic batch when any of its
 //! `Nats-Msg-Id`s is already stored or appears twice in it (error 10201), so repeats within a
 //! batch are held back and sent after it as ordinary publishes (the server then answers them
-//! `duplicate` with the first copy's sequence), and a batch the server refuses for any reason
+//! `duplicate` with the first copy's sequence), as is a write conditional on its subject's last
+//! sequence behind another write to that subject, and a batch the server refuses for any reason
 //! is sent again message by message, so each request gets its own answer: its own ack, its own
 //! `duplicate`, or its own error.
 
@@ -337,12 +338,18 @@ fn fail_all(batch: Vec<Pending>, failure: PublishFailure) -> Vec<Pending> {
     Vec::new()
 }
 
-/// Separates later copies of a dedupe id from the first copy, keeping order.
+/// Separates later copies of a dedupe id from the first copy, keeping order, and a write
+/// conditional on its subject's last sequence ([`super::expect_subject_empty`]) from an earlier
+/// write to that subject in the group: in one batch the server would refuse the whole batch
+/// for it, sent after the batch it gets its own answer.
 fn split_repeats(group: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
     let mut seen = HashSet::with_capacity(group.len());
+    let mut subjects = HashSet::with_capacity(group.len());
     let (mut first, mut repeats) = (Vec::with_capacity(group.len()), Vec::new());
     for p in group {
-        if seen.insert(p.msg_id.clone()) {
+        let new_subject = subjects.insert(p.subject.clone());
+        let held_back = !new_subject && super::is_conditional(&p.headers);
+        if !held_back && seen.insert(p.msg_id.clone()) {
             first.push(p);
         } else {
             repeats.push(p);
@@ -375,6 +382,30 @@ mod tests {
         let ids = |v: &[Pending]| v.iter().map(|p| p.msg_id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&first), ["a", "b", "c"]);
         assert_eq!(ids(&repeats), ["a", "b", "a"]);
+    }
+
+    #[test]
+    fn a_conditional_write_after_another_to_its_subject_is_held_back() {
+        let at = |subject: &str, id: &str, conditional: bool| Pending {
+            subject: subject.into(),
+            headers: if conditional {
+                crate::bus::expect_subject_empty()
+            } else {
+                HeaderMap::new()
+            },
+            ..pending(id)
+        };
+        let group = vec![
+            at("acc.tasks.result.t1", "a", true),
+            at("acc.tasks.result.t2", "b", false),
+            at("acc.tasks.result.t1", "c", true),
+            at("acc.tasks.result.t2", "d", true),
+            at("acc.tasks.result.t1", "e", false),
+        ];
+        let (first, held) = split_repeats(group);
+        let ids = |v: &[Pending]| v.iter().map(|p| p.msg_id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&first), ["a", "b", "e"]);
+        assert_eq!(ids(&held), ["c", "d"]);
     }
 
     #[test]

@@ -168,8 +168,15 @@ pub enum PublishFailure {
 /// replica, exactly one is stored (a repeat of a stored dedupe id is still `duplicate`).
 pub fn expect_subject_empty() -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    headers.insert(EXPECTED_SUBJECT_SEQUENCE, "0");
     headers
+}
+
+const EXPECTED_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// True when `headers` make a write conditional on its subject's last sequence.
+pub(crate) fn is_conditional(headers: &HeaderMap) -> bool {
+    headers.get(EXPECTED_SUBJECT_SEQUENCE).is_some()
 }
 
 impl PublishFailure {
@@ -490,6 +497,11 @@ fn classify(err: jetstream::context::PublishError) -> PublishFailure {
             | ErrorCode::INSUFFICIENT_RESOURCES,
         ) => PublishFailure::StreamFull(Arc::new(err)),
         Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => PublishFailure::TooLarge,
+        // A replicated stream refuses a condition on a subject with a write still in flight:
+        // another write came first all the same.
+        Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) => {
+            PublishFailure::Conflict(Arc::new(err))
+        }
         Some(ErrorCode::CLUSTER_NOT_AVAILABLE | ErrorCode::CLUSTER_NO_PEERS) => {
             PublishFailure::unavailable_by("no cluster quorum", err)
         }

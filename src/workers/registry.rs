@@ -457,7 +457,7 @@ impl Registry {
         match self.store(agent, &due.record, Some(due.revision)).await {
             Ok(Some(_)) => {}
             Ok(None) => {
-                if let Some(held) = self.held.forget(agent)
+                if let Some(held) = self.held.forget_unless_newer(agent, due.revision)
                     && let Err(err) = self.write_heartbeat(&held, &held_id(&held)).await
                 {
                     // Acknowledged already: its agent's next heartbeat restores `last_seen`.

@@ -775,6 +775,41 @@ async fn announced_registrations_are_cleared_by_the_flusher_even_when_the_regist
     registry.stop().await;
 }
 
+/// The same clears while the registry runs: written at the flusher's next tick (a 1 s tick at
+/// an 8 s window), not at the end of the window or at stop. Each agent's record is unmarked
+/// within 3 s of its registration's announcement, and its change announced once.
+#[tokio::test]
+async fn announced_registrations_are_cleared_at_the_flushers_next_tick() {
+    let nats = NatsServer::start();
+    let app = TestApp::spawn_with(&nats, &["--heartbeat-coalesce=8s"]).await;
+    let agents: Vec<String> = (0..10).map(|i| format!("tick-{i}")).collect();
+    futures::future::join_all(agents.iter().map(|agent| app.register(agent))).await;
+    registry_drained(&app).await;
+    eventually(
+        Duration::from_secs(3),
+        "every announced registration cleared",
+        || async {
+            for agent in &agents {
+                let (record, _) = stored_record(&app, agent).await;
+                if record.get("pending").is_some() {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    for agent in &agents {
+        let changes = transitions(&app, agent).await;
+        assert_eq!(
+            changes,
+            [transition(Value::Null, "online", "registered")],
+            "{agent}: announced once"
+        );
+    }
+    app.stop().await;
+}
+
 /// Issue 18, item 3: the registry writes a held heartbeat against the revision it wrote last,
 /// with no read. When another replica wrote the record meanwhile, that write must not be lost:
 /// the compare-and-set fails and the heartbeat is applied to the record read afresh.

@@ -223,6 +223,20 @@ impl Held {
         self.lock().remove(agent).and_then(|slot| slot.newest)
     }
 
+    /// [`Self::forget`] after a write at `revision` was refused, unless this replica knows a
+    /// newer revision already: then its own later write explains the refusal, and what that
+    /// slot holds (a clear still to write, a heartbeat) stays to be written.
+    pub(super) fn forget_unless_newer(&self, agent: &AgentId, revision: u64) -> Option<Heartbeat> {
+        let mut agents = self.lock();
+        if agents
+            .get(agent)
+            .is_some_and(|slot| slot.revision > revision)
+        {
+            return None;
+        }
+        agents.remove(agent).and_then(|slot| slot.newest)
+    }
+
     /// Takes the held heartbeats whose window ends before the next tick and every clear still
     /// to write (all of them when `now` is `None`), and forgets agents untouched for `keep_for`.
     pub(super) fn due(&self, now: Option<Instant>) -> Vec<Due> {
@@ -409,5 +423,23 @@ mod tests {
         );
         held.clear_again(&agent, 8);
         assert!(held.due(None).is_empty(), "written past: not due again");
+    }
+    #[test]
+    fn a_refused_clear_forgets_the_agent_only_when_no_newer_revision_is_known() {
+        let held = Held::new(Duration::from_secs(1), Duration::from_secs(60));
+        let t0 = Instant::now();
+        let agent = AgentId::parse("a").unwrap();
+        // The clear at 7 is on its way when this replica writes revision 8 with a new mark.
+        held.clear_later(&record(1, AgentStatus::Online), 7, t0);
+        assert_eq!(held.due(Some(t0)).len(), 1);
+        held.clear_later(&record(2, AgentStatus::Online), 8, t0);
+        assert_eq!(held.forget_unless_newer(&agent, 7), None);
+        let due = held.due(Some(t0));
+        assert_eq!(due.len(), 1, "the clear of revision 8 is still to write");
+        assert_eq!((due[0].revision, due[0].clear), (8, true));
+        // Written elsewhere past 8: forgotten, its held heartbeat handed back to be written.
+        assert!(held.hold(&beat(3), t0));
+        assert_eq!(held.forget_unless_newer(&agent, 8), Some(beat(3)));
+        assert!(!held.knows(&agent));
     }
 }
