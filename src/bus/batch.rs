@@ -34,7 +34,7 @@ const BATCH_ID: &str = "Nats-Batch-Id";
 const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
 const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 /// A KV compare-and-set is a publish expecting the key's last revision (0: no revision yet).
-const EXPECTED_REVISION: &str = "Nats-Expected-Last-Subject-Sequence";
+use super::EXPECTED_SUBJECT_SEQUENCE as EXPECTED_REVISION;
 
 /// How a batch was not (or maybe not) stored.
 #[derive(Debug, thiserror::Error)]

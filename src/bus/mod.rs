@@ -172,7 +172,8 @@ pub fn expect_subject_empty() -> HeaderMap {
     headers
 }
 
-const EXPECTED_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+/// The header that makes a write conditional on its subject's last sequence (0: none yet).
+pub(crate) const EXPECTED_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
 
 /// True when `headers` make a write conditional on its subject's last sequence.
 pub(crate) fn is_conditional(headers: &HeaderMap) -> bool {
