@@ -14,8 +14,12 @@
 //   ONLY            one endpoint name (register, heartbeat, callback or event): every iteration
 //                   calls that endpoint, to measure what one kind of request costs the bridge
 //                   (default: all four, a quarter each)
-//   STRICT          '0' drops our own latency targets (p95 < 5 ms, p99 < 15 ms) and keeps only the
-//                   plan's (p95 < 120 ms, errors < 1 %), the checks and the dropped-iterations rule
+//   STRICT          '1' (default): the plan's latency target (p95 < 120 ms) and ours (p95 < 5 ms,
+//                   p99 < 15 ms) are thresholds; '0': only the plan's; 'report': no latency
+//                   threshold at all (a debug build on a shared CI machine says nothing about
+//                   speed; load-tests/run-k6 still reports the latencies against the plan's
+//                   target). Errors < 1 %, the checks and the dropped-iterations rule hold in
+//                   every mode.
 //
 // Each iteration sends exactly one request. The iteration number picks the call, so the four
 // endpoints get a quarter of the requests each:
@@ -34,7 +38,17 @@ const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '')
 const SECRET = __ENV.SHARED_SECRET || '';
 const SCALE = Number(__ENV.DURATION_SCALE || '1');
 const POOL = Number(__ENV.AGENTS || '200');
-const STRICT = __ENV.STRICT !== '0';
+const STRICT = __ENV.STRICT || '1';
+if (!['0', '1', 'report'].includes(STRICT)) {
+  throw new Error(`STRICT must be 0, 1 or report, got ${__ENV.STRICT}`);
+}
+// Per STRICT, the latency thresholds of each endpoint. 'report' keeps one that always holds: a
+// tagged sub-metric appears in the summary export only when a threshold names it.
+const LATENCY_THRESHOLDS = {
+  1: ['p(95)<120', 'p(95)<5', 'p(99)<15'],
+  0: ['p(95)<120'],
+  report: ['max>=0'],
+}[STRICT];
 const ALL_ENDPOINTS = ['register', 'heartbeat', 'callback', 'event'];
 const ENDPOINTS = __ENV.ONLY ? [__ENV.ONLY] : ALL_ENDPOINTS;
 if (!ALL_ENDPOINTS.includes(ENDPOINTS[0])) {
@@ -61,9 +75,7 @@ const thresholds = {
   dropped_iterations: ['count==0'],
 };
 for (const ep of ENDPOINTS) {
-  thresholds[`http_req_duration{endpoint:${ep}}`] = STRICT
-    ? ['p(95)<120', 'p(95)<5', 'p(99)<15']
-    : ['p(95)<120'];
+  thresholds[`http_req_duration{endpoint:${ep}}`] = LATENCY_THRESHOLDS;
   thresholds[`http_req_failed{endpoint:${ep}}`] = ['rate<0.01'];
   thresholds[`checks{endpoint:${ep}}`] = ['rate==1'];
   // Always true once the endpoint was called; it makes the per-endpoint request count and rate
