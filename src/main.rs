@@ -103,6 +103,19 @@ fn main() -> ExitCode {
                 }
             };
             let runtime = app::runtime(&settings).expect("tokio runtime");
+            // Listening for SIGINT and SIGTERM before anything else runs: a signal that comes
+            // during start-up stops the process cleanly instead of being lost (a listener made
+            // later misses a signal that arrives while it is being made).
+            let shutdown = {
+                let _runtime = runtime.enter();
+                match app::shutdown_signal() {
+                    Ok(shutdown) => shutdown,
+                    Err(err) => {
+                        eprintln!("error: cannot listen for SIGINT and SIGTERM: {err}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            };
             // The gRPC exporter needs the runtime to exist when it is built.
             let telemetry = {
                 let _runtime = runtime.enter();
@@ -116,8 +129,15 @@ fn main() -> ExitCode {
                 }
             };
             let result = runtime.block_on(async {
-                let app = Application::build(settings).await?;
-                app.run_until_stopped(app::shutdown_signal()).await
+                let mut shutdown = std::pin::pin!(shutdown);
+                let app = tokio::select! {
+                    app = Application::build(settings) => app?,
+                    () = &mut shutdown => {
+                        tracing::info!("shutdown requested during start-up; stopped");
+                        return Ok(());
+                    }
+                };
+                app.run_until_stopped(shutdown).await
             });
             if let Some(telemetry) = telemetry {
                 telemetry.shutdown();

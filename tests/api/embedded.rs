@@ -490,12 +490,100 @@ fn logs_written_to_a_pipe_carry_no_colour_codes() {
         }
     }
     signal(running.0.id(), libc::SIGTERM);
-    let _ = running.0.wait();
+    let status = wait_at_most(&mut running.0, Duration::from_secs(15));
+    assert!(
+        status.is_some(),
+        "still running 15s after SIGTERM: {output}"
+    );
     assert!(output.contains("INFO"), "{output}");
     assert!(
         !output.contains("\x1b["),
         "ANSI codes on a pipe: {output:?}"
     );
+}
+
+/// The child's exit status, or `None` if it is still running after `limit`.
+fn wait_at_most(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The running nats-server processes started with a configuration under `dir`.
+fn nats_servers_under(dir: &Path) -> Vec<u32> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            proc_stat(*pid).is_some_and(|(name, state, _)| {
+                name == "nats-server" && !matches!(state, 'Z' | 'X')
+            }) && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&dir))
+        })
+        .collect()
+}
+
+/// A SIGTERM that comes while the bridge is still starting (its first log line, before the
+/// embedded server is up) stops it cleanly, with status 0 and no nats-server left behind. The
+/// signal listeners are made before start-up: the default action used to kill it then, and a
+/// SIGTERM sent just after `listening` could be lost altogether, leaving it running.
+#[test]
+fn sigterm_during_start_up_stops_cleanly() {
+    use std::io::BufRead as _;
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut running = Running(
+        serve(&data, &addr)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the binary"),
+    );
+    let mut stderr = std::io::BufReader::new(running.0.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).expect("a first log line");
+    signal(running.0.id(), libc::SIGTERM);
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        rest
+    });
+    let status = wait_at_most(&mut running.0, Duration::from_secs(15));
+    let output = format!(
+        "{first}{}",
+        if status.is_some() {
+            rest.join().unwrap()
+        } else {
+            String::new()
+        }
+    );
+    let status = status.unwrap_or_else(|| panic!("still running 15s after SIGTERM: {output}"));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM during start-up: {status}; {output}"
+    );
+    assert!(!output.contains("ERROR"), "errors while stopping: {output}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = nats_servers_under(data.path());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nats-server {left:?} outlived the bridge: {output}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The base64 forms `text` takes inside a longer base64 stream, whatever its offset: for each of
