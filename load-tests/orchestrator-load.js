@@ -20,6 +20,8 @@
 //                   speed; load-tests/run-k6 still reports the latencies against the plan's
 //                   target). Errors < 1 %, the checks and the dropped-iterations rule hold in
 //                   every mode.
+//   TARGET          'floor': BASE_URL is load-tests' floor, which serves events only; the pool is
+//                   not registered and ONLY must be 'event' (default 'bridge')
 //
 // Each iteration sends exactly one request. The iteration number picks the call, so the four
 // endpoints get a quarter of the requests each:
@@ -53,6 +55,13 @@ const ALL_ENDPOINTS = ['register', 'heartbeat', 'callback', 'event'];
 const ENDPOINTS = __ENV.ONLY ? [__ENV.ONLY] : ALL_ENDPOINTS;
 if (!ALL_ENDPOINTS.includes(ENDPOINTS[0])) {
   throw new Error(`ONLY must be one of ${ALL_ENDPOINTS.join(', ')}, got ${__ENV.ONLY}`);
+}
+const FLOOR = (__ENV.TARGET || 'bridge') === 'floor';
+if (!['bridge', 'floor'].includes(__ENV.TARGET || 'bridge')) {
+  throw new Error(`TARGET must be bridge or floor, got ${__ENV.TARGET}`);
+}
+if (FLOOR && __ENV.ONLY !== 'event') {
+  throw new Error('TARGET=floor needs ONLY=event: the floor serves events only');
 }
 
 if (SECRET.length < 32) {
@@ -161,8 +170,9 @@ export function setup() {
     const id = `k6-${run}-a${i}`;
     agents.push({ id, token: mintToken(id) });
   }
-  // Register the pool in batches of 50; setup's requests are tagged endpoint:setup.
-  for (let start = 0; start < agents.length; start += 50) {
+  // Register the pool in batches of 50 (the floor has no registry); setup's requests are
+  // tagged endpoint:setup.
+  for (let start = 0; !FLOOR && start < agents.length; start += 50) {
     const batch = agents.slice(start, start + 50).map((a) => [
       'POST',
       `${BASE_URL}/orchestrator/register`,
