@@ -47,6 +47,19 @@ pub struct Application {
 impl Application {
     /// Starts (or connects to) NATS, provisions streams and buckets, binds the HTTP listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_unless_stopped(settings, &CancellationToken::new())
+            .await?
+            .context("start-up stopped")
+    }
+
+    /// [`Application::build`], unless `stop` fires first: `None` then, with the embedded server
+    /// (if one was started) stopped again and nothing served. `stop` ends the wait for NATS,
+    /// which has no bound, and is looked at once provisioning is done; a provisioning under way
+    /// is finished first, so no stream is left half-configured.
+    pub async fn build_unless_stopped(
+        settings: Settings,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Option<Self>> {
         let max_payload = (settings.body_limit + ENVELOPE_OVERHEAD).max(1 << 20);
         let (embedded, urls, auth) = match &settings.nats {
             NatsTarget::Embedded(embedded) => {
@@ -68,7 +81,14 @@ impl Application {
             }
         };
         let client = bus::connect(&urls, &auth).await?;
-        bus::wait_connected(&client).await;
+        tokio::select! {
+            () = bus::wait_connected(&client) => {}
+            () = stop.cancelled() => {}
+        }
+        if stop.is_cancelled() {
+            stop_starting(client, embedded).await;
+            return Ok(None);
+        }
         let server_max = client.server_info().max_payload;
         if settings.body_limit + ENVELOPE_OVERHEAD > server_max {
             anyhow::bail!(
@@ -90,6 +110,10 @@ impl Application {
             publisher = publisher.with_group_commit(group);
         }
         provision::provision(publisher.jetstream(), &settings.streams).await?;
+        if stop.is_cancelled() {
+            stop_starting(client, embedded).await;
+            return Ok(None);
+        }
         let listener = if settings.runs(Role::Ingress) {
             let listener = TcpListener::bind(settings.http_addr)
                 .await
@@ -98,13 +122,13 @@ impl Application {
         } else {
             None
         };
-        Ok(Self {
+        Ok(Some(Self {
             settings,
             listener,
             embedded,
             client,
             publisher,
-        })
+        }))
     }
 
     /// The bound HTTP address, when this process runs the ingress.
@@ -435,6 +459,14 @@ async fn task_api(
         settings.publish_timeout,
     )
     .with_queue_cap(settings.tasks.max_queued_per_tenant))
+}
+
+/// A start-up given up: the connection closed, the embedded server stopped.
+async fn stop_starting(client: Client, embedded: Option<EmbeddedNats>) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.drain()).await;
+    if let Some(server) = embedded {
+        server.stop().await;
+    }
 }
 
 async fn finish(

@@ -6,6 +6,7 @@ use auto_com_center::cli::{Cli, Command, ConfigError, RulesFormat, Settings};
 use auto_com_center::telemetry::{self, OtelConfig};
 use auto_com_center::{Application, app, auth};
 use clap::Parser as _;
+use tokio_util::sync::CancellationToken;
 
 /// mimalloc: 10-15 % less CPU per request than glibc's allocator on the hot path
 /// (docs/BENCHMARKS.md, run 6). Built with `no_thp`: with transparent huge pages its arenas held
@@ -129,15 +130,19 @@ fn main() -> ExitCode {
                 }
             };
             let result = runtime.block_on(async {
-                let mut shutdown = std::pin::pin!(shutdown);
-                let app = tokio::select! {
-                    app = Application::build(settings) => app?,
-                    () = &mut shutdown => {
-                        tracing::info!("shutdown requested during start-up; stopped");
-                        return Ok(());
+                let stop = CancellationToken::new();
+                tokio::spawn({
+                    let stop = stop.clone();
+                    async move {
+                        shutdown.await;
+                        stop.cancel();
                     }
+                });
+                let Some(app) = Application::build_unless_stopped(settings, &stop).await? else {
+                    tracing::info!("shutdown requested during start-up; stopped");
+                    return Ok(());
                 };
-                app.run_until_stopped(shutdown).await
+                app.run_until_stopped(stop.cancelled_owned()).await
             });
             if let Some(telemetry) = telemetry {
                 telemetry.shutdown();

@@ -518,7 +518,7 @@ fn wait_at_most(child: &mut Child, limit: Duration) -> Option<std::process::Exit
 
 /// The running nats-server processes started with a configuration under `dir`.
 fn nats_servers_under(dir: &Path) -> Vec<u32> {
-    let dir = dir.to_string_lossy().into_owned();
+    let dir = dir.canonicalize().unwrap().to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -531,17 +531,14 @@ fn nats_servers_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// A SIGTERM that comes while the bridge is still starting (its first log line, before the
-/// embedded server is up) stops it cleanly, with status 0 and no nats-server left behind. The
-/// signal listeners are made before start-up: the default action used to kill it then, and a
-/// SIGTERM sent just after `listening` could be lost altogether, leaving it running.
-#[test]
-fn sigterm_during_start_up_stops_cleanly() {
+/// Spawns `command` with its stderr piped, sends SIGTERM once the first line is out, and
+/// returns the exit status (within 15 s, or the test fails) and everything it logged.
+fn sigterm_after_first_line(
+    command: &mut std::process::Command,
+) -> (std::process::ExitStatus, String) {
     use std::io::BufRead as _;
-    let data = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut running = Running(
-        serve(&data, &addr)
+        command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -556,22 +553,58 @@ fn sigterm_during_start_up_stops_cleanly() {
         let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
         rest
     });
-    let status = wait_at_most(&mut running.0, Duration::from_secs(15));
-    let output = format!(
-        "{first}{}",
-        if status.is_some() {
-            rest.join().unwrap()
-        } else {
-            String::new()
-        }
+    match wait_at_most(&mut running.0, Duration::from_secs(15)) {
+        Some(status) => (status, format!("{first}{}", rest.join().unwrap())),
+        None => panic!("still running 15s after SIGTERM; its first line: {first}"),
+    }
+}
+
+/// A SIGTERM that comes while the bridge waits for a NATS server that is not there (start-up
+/// has no bound there) stops it at once, with status 0. The signal listeners are made before
+/// start-up: the default action used to kill it, and a SIGTERM sent just after `listening`
+/// could be lost altogether, leaving the bridge running.
+#[test]
+fn sigterm_while_waiting_for_nats_stops_at_once() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let nowhere = format!("nats://127.0.0.1:{}", free_port());
+    let (status, output) = sigterm_after_first_line(
+        binary()
+            .arg("serve")
+            .env("SHARED_SECRET", SECRET)
+            .env("HTTP_ADDR", &addr)
+            .env("NATS_URL", &nowhere)
+            .env("LOG_LEVEL", "info"),
     );
-    let status = status.unwrap_or_else(|| panic!("still running 15s after SIGTERM: {output}"));
     assert_eq!(
         status.code(),
         Some(0),
-        "SIGTERM during start-up: {status}; {output}"
+        "SIGTERM while waiting for NATS: {status}; {output}"
+    );
+    assert!(
+        output.contains("shutdown requested during start-up"),
+        "not stopped in start-up: {output}"
     );
     assert!(!output.contains("ERROR"), "errors while stopping: {output}");
+}
+
+/// A SIGTERM as soon as the embedded server is up (the bridge's first log line, with start-up
+/// still going) stops the bridge with status 0 and the embedded server with SIGTERM, as any
+/// stop does: whether start-up finished first or not, no nats-server is left behind.
+#[test]
+fn sigterm_as_the_embedded_server_comes_up_stops_both_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (status, output) = sigterm_after_first_line(&mut serve(&data, &addr));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM in start-up: {status}; {output}"
+    );
+    assert!(!output.contains("ERROR"), "errors while stopping: {output}");
+    assert!(
+        output.contains("embedded nats-server stopped"),
+        "the embedded server was not stopped by the bridge: {output}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let left = nats_servers_under(data.path());
