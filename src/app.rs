@@ -86,7 +86,7 @@ impl Application {
             () = stop.cancelled() => {}
         }
         if stop.is_cancelled() {
-            stop_starting(client, embedded).await;
+            close(client, embedded).await;
             return Ok(None);
         }
         let server_max = client.server_info().max_payload;
@@ -111,7 +111,7 @@ impl Application {
         }
         provision::provision(publisher.jetstream(), &settings.streams).await?;
         if stop.is_cancelled() {
-            stop_starting(client, embedded).await;
+            close(client, embedded).await;
             return Ok(None);
         }
         let listener = if settings.runs(Role::Ingress) {
@@ -461,8 +461,9 @@ async fn task_api(
     .with_queue_cap(settings.tasks.max_queued_per_tenant))
 }
 
-/// A start-up given up: the connection closed, the embedded server stopped.
-async fn stop_starting(client: Client, embedded: Option<EmbeddedNats>) {
+/// The end of every stop, and of a start-up given up: the connection drained (at most 5 s),
+/// then the embedded server stopped.
+async fn close(client: Client, embedded: Option<EmbeddedNats>) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.drain()).await;
     if let Some(server) = embedded {
         server.stop().await;
@@ -489,10 +490,7 @@ async fn finish(
         tracing::warn!("SHUTDOWN_TIMEOUT passed; abandoning unfinished work");
         tasks.abort_all();
     }
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.drain()).await;
-    if let Some(server) = embedded {
-        server.stop().await;
-    }
+    close(client, embedded).await;
     tracing::info!("stopped");
 }
 
