@@ -462,33 +462,47 @@ async fn a_flooding_agent_does_not_raise_other_agents_p99() {
     // both samples alike.
     let (mut baseline, mut flooded) = (Vec::new(), Vec::new());
     let (mut flood_ok, mut flood_limited) = (0, 0);
-    for round in 0..5 {
-        baseline.extend(measure(&app, "quiet", &format!("base{round}"), 40).await);
+    let mut rises = Vec::new();
+    for round in 0..ROUNDS {
+        let mut base = measure(&app, "quiet", &format!("base{round}"), 40).await;
         let stop = tokio_util::sync::CancellationToken::new();
         let flooder = flood(&app, stop.clone());
         tokio::time::sleep(Duration::from_millis(100)).await;
-        flooded.extend(measure(&app, "quiet", &format!("flood{round}"), 40).await);
+        let mut under = measure(&app, "quiet", &format!("flood{round}"), 40).await;
         stop.cancel();
         let (ok, limited) = flooder.await.unwrap();
         flood_ok += ok;
         flood_limited += limited;
+        let (base_p99, under_p99) = (p99(&mut base), p99(&mut under));
+        rises.push((under_p99.saturating_sub(base_p99), base_p99));
+        baseline.extend(base);
+        flooded.extend(under);
     }
     let (base, under) = (p99(&mut baseline), p99(&mut flooded));
     println!(
         "flood: quiet agent p99 {base:?} alone, {under:?} while a flooder sent {} requests \
-         ({flood_ok} accepted, {flood_limited} refused 429)",
+         ({flood_ok} accepted, {flood_limited} refused 429); per round (rise, quiet p99): {rises:?}",
         flood_ok + flood_limited
     );
     assert!(flood_limited > flood_ok, "the flooder was limited");
     // "A few milliseconds": at most 10 ms more on a quiet machine. The flooder's refused requests
     // never touch the bus but cost CPU (so does the flooding client, in this process), so on a
-    // machine already busy with other work the allowance is the quiet p99 itself.
-    let allowance = Duration::from_millis(10).max(base);
+    // machine already busy with other work the allowance is the quiet p99 itself. Read per
+    // round, quiet and flooded side by side, and judged by the median round: one stall of the
+    // test machine during one round (a p99 of 40 requests is their slowest) does not decide
+    // it, and a flood that raises the quiet agent's latency does so in most rounds.
+    rises.sort();
+    let (rise, quiet) = rises[ROUNDS / 2];
+    let allowance = Duration::from_millis(10).max(quiet);
     assert!(
-        under <= base + allowance,
-        "p99 {base:?} alone, {under:?} under flood"
+        rise <= allowance,
+        "the median round's p99 rose by {rise:?} under flood (quiet p99 {quiet:?}); \
+         pooled: {base:?} alone, {under:?} under flood"
     );
 }
+
+/// Quiet and flooded rounds of [`a_flooding_agent_does_not_raise_other_agents_p99`].
+const ROUNDS: usize = 7;
 
 /// Issue 13, item 1. An agent's NATS user publishes on an inbound subject with a protected
 /// subject as the NATS reply subject. Before the account split, JetStream's acknowledgement
