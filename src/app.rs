@@ -147,7 +147,14 @@ impl Application {
     }
 
     /// Runs until `shutdown` completes, then stops gracefully.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    /// Serves until `shutdown` completes or a role ends on its own, then drains: in-flight
+    /// requests and workers get `SHUTDOWN_TIMEOUT`, cut short when `hurry` is cancelled (a
+    /// second signal).
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+        hurry: CancellationToken,
+    ) -> anyhow::Result<()> {
         let Self {
             settings,
             listener,
@@ -428,12 +435,12 @@ impl Application {
                 stop.cancel();
                 let outcome = result.context("role task panicked").and_then(|r| r);
                 tracing::error!(error = ?outcome.as_ref().err(), "a role stopped unexpectedly");
-                finish(tasks, &settings, client, embedded).await;
+                finish(tasks, &settings, &hurry, client, embedded).await;
                 return outcome.and(Err(anyhow::anyhow!("a role stopped unexpectedly")));
             }
         }
         stop.cancel();
-        finish(tasks, &settings, client, embedded).await;
+        finish(tasks, &settings, &hurry, client, embedded).await;
         Ok(())
     }
 }
@@ -470,13 +477,16 @@ async fn close(client: Client, embedded: Option<EmbeddedNats>) {
     }
 }
 
+/// The roles' drain, bounded by `SHUTDOWN_TIMEOUT` and cut short by `hurry`; then [`close`]
+/// (which a hurried stop does not wait on for the connection's drain).
 async fn finish(
     mut tasks: JoinSet<anyhow::Result<()>>,
     settings: &Settings,
+    hurry: &CancellationToken,
     client: Client,
     embedded: Option<EmbeddedNats>,
 ) {
-    let drained = tokio::time::timeout(settings.shutdown_timeout, async {
+    let drain = tokio::time::timeout(settings.shutdown_timeout, async {
         while let Some(result) = tasks.join_next().await {
             match result {
                 Ok(Ok(())) => {}
@@ -484,13 +494,24 @@ async fn finish(
                 Err(err) => tracing::error!(error = %err, "role panicked while stopping"),
             }
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("SHUTDOWN_TIMEOUT passed; abandoning unfinished work");
-        tasks.abort_all();
+    });
+    tokio::select! {
+        drained = drain => if drained.is_err() {
+            tracing::warn!("SHUTDOWN_TIMEOUT passed; abandoning unfinished work");
+            tasks.abort_all();
+        },
+        () = hurry.cancelled() => {
+            tracing::warn!("second stop signal; abandoning unfinished work");
+            tasks.abort_all();
+        }
     }
-    close(client, embedded).await;
+    if hurry.is_cancelled() {
+        if let Some(server) = embedded {
+            server.stop().await;
+        }
+    } else {
+        close(client, embedded).await;
+    }
     tracing::info!("stopped");
 }
 
@@ -522,19 +543,30 @@ pub fn worker_threads(cores: usize, embedded: bool) -> usize {
     }
 }
 
-/// A future that completes on SIGINT or SIGTERM. The listeners are made here, not when the
-/// future is first polled, so a signal that arrives in between is not lost; call it inside the
-/// runtime, before start-up.
-pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+/// SIGINT and SIGTERM. The listeners are made here, not when they are first awaited, so a
+/// signal that arrives in between is not lost; call it inside the runtime, before start-up.
+pub fn shutdown_signals() -> std::io::Result<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
+    Ok(Signals {
+        interrupt: signal(SignalKind::interrupt())?,
+        terminate: signal(SignalKind::terminate())?,
     })
+}
+
+/// The process's stop signals: the first asks for a drain, a second for an end at once.
+pub struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Completes on the next SIGINT or SIGTERM.
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }
 
 /// Whether writes are grouped: `auto` turns it on with `fsync` durability on a server that

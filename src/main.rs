@@ -109,8 +109,8 @@ fn main() -> ExitCode {
             // later misses a signal that arrives while it is being made).
             let shutdown = {
                 let _runtime = runtime.enter();
-                match app::shutdown_signal() {
-                    Ok(shutdown) => shutdown,
+                match app::shutdown_signals() {
+                    Ok(signals) => signals,
                     Err(err) => {
                         eprintln!("error: cannot listen for SIGINT and SIGTERM: {err}");
                         return ExitCode::FAILURE;
@@ -130,19 +130,23 @@ fn main() -> ExitCode {
                 }
             };
             let result = runtime.block_on(async {
-                let stop = CancellationToken::new();
+                // The first signal stops start-up or drains; a second ends the drain at once.
+                let (stop, hurry) = (CancellationToken::new(), CancellationToken::new());
                 tokio::spawn({
-                    let stop = stop.clone();
+                    let (stop, hurry) = (stop.clone(), hurry.clone());
+                    let mut signals = shutdown;
                     async move {
-                        shutdown.await;
+                        signals.next().await;
                         stop.cancel();
+                        signals.next().await;
+                        hurry.cancel();
                     }
                 });
                 let Some(app) = Application::build_unless_stopped(settings, &stop).await? else {
                     tracing::info!("shutdown requested during start-up; stopped");
                     return Ok(());
                 };
-                app.run_until_stopped(stop.cancelled_owned()).await
+                app.run_until_stopped(stop.cancelled_owned(), hurry).await
             });
             if let Some(telemetry) = telemetry {
                 telemetry.shutdown();

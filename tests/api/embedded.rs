@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -374,8 +374,17 @@ fn log_of(path: &Path) -> String {
 /// Spawns `serve` (stderr to `log`) and waits up to 15 s for `/health/ready`; returns the
 /// process and the HTTP client that asked.
 async fn serve_until_ready(data: &TempDir, addr: &str, log: &Path) -> (Running, reqwest::Client) {
+    serve_command_until_ready(serve(data, addr), addr, log).await
+}
+
+/// [`serve_until_ready`] with a `serve` command set up by the caller.
+async fn serve_command_until_ready(
+    mut command: std::process::Command,
+    addr: &str,
+    log: &Path,
+) -> (Running, reqwest::Client) {
     let mut running = Running(
-        serve(data, addr)
+        command
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -453,6 +462,114 @@ async fn sigterm_drains_and_exits_cleanly() {
         log_of(&log)
     );
     eprintln!("stopped {:?} after SIGTERM", sent.elapsed());
+}
+
+/// Waits up to `within` for `running` to exit; its status and how long it took.
+async fn exit_within(
+    running: &mut Running,
+    within: Duration,
+    log: &Path,
+) -> (ExitStatus, Duration) {
+    let sent = Instant::now();
+    loop {
+        if let Some(status) = running.0.try_wait().unwrap() {
+            return (status, sent.elapsed());
+        }
+        assert!(
+            sent.elapsed() < within,
+            "still running {within:?} after the signal: {}",
+            log_of(log)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Opens a connection and sends an event's headers (agent-1's token) and the start of its body;
+/// the rest never comes.
+async fn hold_a_request(addr: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /orchestrator/events HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: 200\r\n\r\n{{\"event_id\":",
+        token("agent-1")
+    );
+    held.write_all(head.as_bytes()).await.unwrap();
+    held
+}
+
+/// A second SIGTERM while the drain waits on a request in flight ends the drain at once, and
+/// the embedded server still stops with the bridge. The request's body never completes, so
+/// without the second signal the drain would wait out BODY_READ_TIMEOUT (60 s here).
+#[tokio::test]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = data.path().join("stderr.log");
+    let mut command = serve(&data, &addr);
+    command
+        .env("SHUTDOWN_TIMEOUT", "60s")
+        .env("BODY_READ_TIMEOUT", "60s")
+        .env("MAX_IN_FLIGHT_PER_AGENT", "1");
+    let (mut running, http) = serve_command_until_ready(command, &addr, &log).await;
+    let pid = running.0.id();
+    let servers = nats_server_children(pid);
+    assert_eq!(
+        servers.len(),
+        1,
+        "nats-server children of {pid}: {servers:?}"
+    );
+
+    // The held request has its agent's one slot once its headers are read: the same agent's
+    // next request is then refused 429. A held request that came second to a probe was itself
+    // refused at once (its connection has an answer to read): another is sent.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = hold_a_request(&addr).await;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the held request never held its agent's slot: {}",
+            log_of(&log)
+        );
+        let probe = http
+            .post(format!("http://{addr}/orchestrator/events"))
+            .bearer_auth(token("agent-1"))
+            .json(&json!({
+                "event_id": "probe", "type": "t", "source": "agent-1", "data": {},
+                "time": "2026-12-08T00:00:00Z",
+            }))
+            .send()
+            .await;
+        if probe.is_ok_and(|r| r.status() == StatusCode::TOO_MANY_REQUESTS) {
+            break;
+        }
+        let mut byte = [0u8; 1];
+        let answered = tokio::time::timeout(Duration::from_millis(50), held.peek(&mut byte)).await;
+        if matches!(answered, Ok(Ok(n)) if n > 0) {
+            held = hold_a_request(&addr).await;
+        }
+    }
+
+    signal(pid, libc::SIGTERM);
+    // The drain waits on the held request.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        running.0.try_wait().unwrap().is_none(),
+        "the first SIGTERM did not wait for the request in flight: {}",
+        log_of(&log)
+    );
+    signal(pid, libc::SIGTERM);
+    let (status, took) = exit_within(&mut running, Duration::from_secs(10), &log).await;
+    let output = log_of(&log);
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(output.contains("second stop signal"), "{output}");
+    assert!(
+        !alive(servers[0]),
+        "nats-server {} outlived the bridge: {output}",
+        servers[0]
+    );
+    eprintln!("stopped {took:?} after the second SIGTERM");
+    drop(held);
 }
 
 #[test]

@@ -212,9 +212,12 @@ impl TestApp {
         let embedded_pid = application.embedded().map(|e| e.pid());
         let js = jetstream::new(application.nats_client());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(application.run_until_stopped(async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(application.run_until_stopped(
+            async {
+                let _ = stopped.await;
+            },
+            tokio_util::sync::CancellationToken::new(),
+        ));
         Self {
             addr,
             http: reqwest::Client::new(),
