@@ -186,9 +186,11 @@ impl Admission {
                 }
             }
             Call::TaskResult { task_id, stored } => {
-                let receipt = self
-                    .task_result(caller, task_id, &body, idempotency_key, stored)
-                    .await?;
+                // Boxed: a report's checks and conditional writes make the largest future of
+                // the four, and inline it would be moved with every call's, events included.
+                let receipt =
+                    Box::pin(self.task_result(caller, task_id, &body, idempotency_key, stored))
+                        .await?;
                 tracing::info!(task_id = %receipt.id, agent_id = %caller.agent_id, seq = receipt.ack.seq, "task result stored");
                 Answer {
                     task_id: Some(receipt.id),

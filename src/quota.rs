@@ -107,7 +107,9 @@ impl StoreQuota {
         if self.spend(agent, size) {
             return Ok(());
         }
-        let (bytes, messages) = self.draw(agent, size).await?;
+        // Boxed: the draw's reads and writes make a large future, and inline it would be moved
+        // with every request's, though nearly all are spent from the reservation above.
+        let (bytes, messages) = Box::pin(self.draw(agent, size)).await?;
         let mut reserves = self.reserves.lock().unwrap_or_else(|p| p.into_inner());
         let reserve = reserves.entry(agent.as_str().to_owned()).or_default();
         reserve.bytes += bytes - size;

@@ -500,7 +500,9 @@ impl Authenticator {
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         match self.check(token) {
             Check::Done(verdict) => verdict,
-            Check::Introspect(introspector) => introspector.verify(token).await,
+            // Boxed: the call to the authorization server makes a large future, and inline it
+            // would be moved with every request's, JWTs included.
+            Check::Introspect(introspector) => Box::pin(introspector.verify(token)).await,
         }
     }
 

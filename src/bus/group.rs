@@ -163,7 +163,9 @@ impl GroupCommit {
         if self.queue.capacity() == self.queue.max_capacity() {
             if let Ok(slot) = self.slots.try_acquire() {
                 self.counts.direct_messages.fetch_add(1, Ordering::Relaxed);
-                self.writer.write(vec![pending]).await;
+                // Boxed: a write's future is large, and inline it would be moved with every
+                // request's (the queued path never holds it).
+                Box::pin(self.writer.write(vec![pending])).await;
                 drop(slot);
                 return answered.await.unwrap_or_else(|_| {
                     Err(PublishFailure::unavailable("the write was abandoned"))
