@@ -146,7 +146,6 @@ impl Application {
         self.embedded.as_ref()
     }
 
-    /// Runs until `shutdown` completes, then stops gracefully.
     /// Serves until `shutdown` completes or a role ends on its own, then drains: in-flight
     /// requests and workers get `SHUTDOWN_TIMEOUT`, cut short when `hurry` is cancelled (a
     /// second signal).
@@ -477,8 +476,8 @@ async fn close(client: Client, embedded: Option<EmbeddedNats>) {
     }
 }
 
-/// The roles' drain, bounded by `SHUTDOWN_TIMEOUT` and cut short by `hurry`; then [`close`]
-/// (which a hurried stop does not wait on for the connection's drain).
+/// The roles' drain, bounded by `SHUTDOWN_TIMEOUT` and cut short by `hurry`; then [`close`],
+/// or after a hurried stop only the embedded server's stop (no wait for the connection's drain).
 async fn finish(
     mut tasks: JoinSet<anyhow::Result<()>>,
     settings: &Settings,

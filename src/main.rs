@@ -107,7 +107,7 @@ fn main() -> ExitCode {
             // Listening for SIGINT and SIGTERM before anything else runs: a signal that comes
             // during start-up stops the process cleanly instead of being lost (a listener made
             // later misses a signal that arrives while it is being made).
-            let shutdown = {
+            let mut signals = {
                 let _runtime = runtime.enter();
                 match app::shutdown_signals() {
                     Ok(signals) => signals,
@@ -134,7 +134,6 @@ fn main() -> ExitCode {
                 let (stop, hurry) = (CancellationToken::new(), CancellationToken::new());
                 tokio::spawn({
                     let (stop, hurry) = (stop.clone(), hurry.clone());
-                    let mut signals = shutdown;
                     async move {
                         signals.next().await;
                         stop.cancel();
