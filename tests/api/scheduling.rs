@@ -145,8 +145,9 @@ async fn with_tenant_weights_a_tenant_gets_its_weight_of_claims_per_turn() {
     register_worker(&app, "worker-1", &["c"], 10).await;
     let order = ids(&claim_until(&app, "worker-1", 8, "5s").await);
     // Three claims of tenant-a to each one of tenant-b, per turn. The tenants take turns in
-    // the order the dispatcher queued their first tasks, and the writes of two turns in flight
-    // can complete in either order: on a busy machine b's came first (seen in CI).
+    // the order the dispatcher queued their first tasks, which need not be the order they
+    // were submitted in: in one CI run b's turn came first, most likely because the writes of
+    // two turns in flight completed in the other order.
     let a_first = ["a-0", "a-1", "a-2", "b-0", "a-3", "b-1", "b-2", "b-3"];
     let b_first = ["b-0", "a-0", "a-1", "a-2", "b-1", "a-3", "b-2", "b-3"];
     assert!(
